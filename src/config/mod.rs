@@ -1,0 +1,801 @@
+//! Typed configuration, loaded once from TOML.
+//!
+//! Every section is read on its own so that one mistake does not hide the
+//! next: unknown keys, type errors and semantic problems are all collected
+//! and reported together, each with its key path (`listener[1].tls`).
+//! Durations and sizes are parsed here (see [`units`]), never later.
+
+pub mod units;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+pub use units::{Size, Span};
+
+/// The file `herald serve` reads when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/herald.toml";
+
+/// One problem in the config, tied to the key it is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A value that must never reach a log line or an error message.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: TlsConfig,
+    pub tenants: Vec<TenantConfig>,
+    pub dns: DnsConfig,
+    pub delivery: DeliveryConfig,
+    pub dkim: Vec<DkimConfig>,
+    pub bounces: BouncesConfig,
+    pub events: EventsConfig,
+    pub admin: AdminConfig,
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Name in the banner, EHLO reply, Received header and DSN Reporting-MTA.
+    pub hostname: String,
+    /// Where accepted messages are kept until every recipient is done.
+    pub spool_dir: PathBuf,
+    /// Largest message accepted (announced in EHLO SIZE).
+    pub max_message_size: Size,
+    /// Recipients per message; further RCPTs get 452 4.5.3 (RFC 5321 §4.5.3.1.8).
+    pub max_recipients: usize,
+    /// Client connections open at once, over all listeners.
+    pub max_connections: usize,
+    /// Client connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
+    /// How long to wait for a command (RFC 5321 §4.5.3.2: at least 5 minutes).
+    pub command_timeout: Span,
+    /// How long a whole DATA or BDAT transfer may take.
+    pub data_timeout: Span,
+    /// Unknown or malformed commands tolerated before 421 and disconnect.
+    pub max_bad_commands: u32,
+    /// Failed AUTH attempts from one IP before it is refused (421).
+    pub max_auth_failures: u32,
+    /// Each failed AUTH from an IP delays that IP's next AUTH reply by this much.
+    pub auth_failure_delay: Span,
+    /// How long failed AUTH attempts are remembered per IP.
+    pub auth_failure_window: Span,
+    /// How long SIGTERM waits for sessions and deliveries in flight.
+    pub shutdown_grace: Span,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: "localhost".into(),
+            spool_dir: "var/spool".into(),
+            max_message_size: Size(25 << 20),
+            max_recipients: 100,
+            max_connections: 10_000,
+            max_connections_per_ip: 500,
+            command_timeout: Span(std::time::Duration::from_secs(300)),
+            data_timeout: Span(std::time::Duration::from_secs(600)),
+            max_bad_commands: 10,
+            max_auth_failures: 10,
+            auth_failure_delay: Span(std::time::Duration::from_secs(1)),
+            auth_failure_window: Span(std::time::Duration::from_secs(900)),
+            shutdown_grace: Span(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465, RFC 8314).
+    Implicit,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Required,
+    Optional,
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub tls: TlsMode,
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Clients in these networks may relay without AUTH.
+    #[serde(default)]
+    pub trusted_networks: Vec<IpNet>,
+    /// Offer AUTH without TLS. Only allowed on a loopback address.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Generate a self-signed certificate at `cert`/`key` when they are missing.
+    pub self_signed: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: "certs/relay.crt".into(),
+            key: "certs/relay.key".into(),
+            self_signed: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TenantConfig {
+    pub name: String,
+    pub username: String,
+    /// argon2id PHC string, as printed by `herald hash-password`.
+    pub password_hash: Secret,
+    /// `*@acme.example`, `*@*.acme.example`, `billing@acme.example` or `*`.
+    #[serde(default)]
+    pub allowed_senders: Vec<String>,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub webhook_secret: Option<Secret>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct DnsConfig {
+    /// `"127.0.0.1:5353"` or `"192.0.2.1"` (port 53); empty = system resolver.
+    pub nameservers: Vec<String>,
+    /// Per query.
+    pub timeout: Span,
+    pub attempts: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Span(std::time::Duration::from_secs(5)),
+            attempts: 2,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// Nameserver addresses, port 53 where none is given.
+    pub fn nameserver_addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        self.nameservers
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| format!("{s:?} is not an IP address or IP:port"))
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StarttlsPolicy {
+    /// Use STARTTLS when offered, without certificate checks; fall back to
+    /// plaintext when the handshake fails (RFC 3207 / RFC 7435).
+    #[default]
+    Opportunistic,
+    /// Defer rather than send in plaintext.
+    Required,
+    Disabled,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct DeliveryConfig {
+    /// EHLO name; defaults to `server.hostname`.
+    pub helo_name: Option<String>,
+    /// Port of the recipients' MX hosts (25; tests and staging use sinks).
+    pub port: u16,
+    /// Local addresses to send from, used in turn; empty = the OS's choice.
+    pub source_ips: Vec<IpAddr>,
+    /// Waits between attempts; the last one repeats until the lifetime ends.
+    pub retry: Vec<Span>,
+    /// Each wait is stretched or shrunk at random by up to this fraction.
+    pub retry_jitter: f64,
+    /// After this, a recipient still not delivered expires and bounces.
+    pub max_queue_lifetime: Span,
+    pub connect_timeout: Span,
+    /// Per command (EHLO, MAIL, RCPT, ...; RFC 5321 §4.5.3.2).
+    pub command_timeout: Span,
+    /// For sending the message and getting the final reply.
+    pub data_timeout: Span,
+    /// Connections open at once to one destination domain.
+    pub max_connections_per_domain: usize,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+    /// How long an idle connection is kept for reuse.
+    pub idle_timeout: Span,
+    pub starttls: StarttlsPolicy,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        let m = |n: u64| Span(std::time::Duration::from_secs(n * 60));
+        DeliveryConfig {
+            helo_name: None,
+            port: 25,
+            source_ips: Vec::new(),
+            retry: vec![m(5), m(10), m(20), m(40), m(60), m(120), m(240)],
+            retry_jitter: 0.1,
+            max_queue_lifetime: m(5 * 24 * 60),
+            connect_timeout: Span(std::time::Duration::from_secs(30)),
+            command_timeout: m(5),
+            data_timeout: m(10),
+            max_connections_per_domain: 16,
+            max_messages_per_connection: 100,
+            idle_timeout: Span(std::time::Duration::from_secs(5)),
+            starttls: StarttlsPolicy::Opportunistic,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum DkimAlgorithm {
+    #[default]
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256", alias = "ed25519")]
+    Ed25519Sha256,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DkimConfig {
+    pub domain: String,
+    pub selector: String,
+    #[serde(default)]
+    pub algorithm: DkimAlgorithm,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct BouncesConfig {
+    /// VERP return-path domain; unset = keep the app's sender.
+    pub return_path_domain: Option<String>,
+    /// Where late bounces and complaints come in.
+    pub listener: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct EventsConfig {
+    /// JSON lines, one event per line.
+    pub log: PathBuf,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            log: "var/events.jsonl".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            token: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ClusterConfig {
+    pub redis_url: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.display().to_string(),
+                message: format!("cannot read config file: {e}"),
+            }])
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let mut msg = e.message().to_string();
+            if let Some(span) = e.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                msg = format!("line {line}: {msg}");
+            }
+            ConfigErrors(vec![ConfigError {
+                path: "(syntax)".into(),
+                message: msg,
+            }])
+        })?;
+
+        let mut errs = ConfigErrors::default();
+        const KNOWN: &[&str] = &[
+            "server", "listener", "tls", "tenant", "dns", "delivery", "dkim", "bounces", "events",
+            "admin", "cluster",
+        ];
+        for key in table.keys() {
+            if !KNOWN.contains(&key.as_str()) {
+                errs.push(
+                    key.clone(),
+                    format!("unknown section; known ones are {}", KNOWN.join(", ")),
+                );
+            }
+        }
+
+        let cfg = Config {
+            server: section(&table, "server", &mut errs).unwrap_or_default(),
+            listeners: array(&table, "listener", &mut errs),
+            tls: section(&table, "tls", &mut errs).unwrap_or_default(),
+            tenants: array(&table, "tenant", &mut errs),
+            dns: section(&table, "dns", &mut errs).unwrap_or_default(),
+            delivery: section(&table, "delivery", &mut errs).unwrap_or_default(),
+            dkim: array(&table, "dkim", &mut errs),
+            bounces: section(&table, "bounces", &mut errs).unwrap_or_default(),
+            events: section(&table, "events", &mut errs).unwrap_or_default(),
+            admin: section(&table, "admin", &mut errs).unwrap_or_default(),
+            cluster: section(&table, "cluster", &mut errs).unwrap_or_default(),
+        };
+        cfg.validate(&mut errs);
+        if errs.0.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// The name used in EHLO when delivering.
+    pub fn helo_name(&self) -> &str {
+        self.delivery
+            .helo_name
+            .as_deref()
+            .unwrap_or(&self.server.hostname)
+    }
+
+    pub fn tenant_by_username(&self, username: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.username == username)
+    }
+
+    /// Whether any listener needs a certificate.
+    pub fn needs_tls(&self) -> bool {
+        self.listeners.iter().any(|l| l.tls != TlsMode::None)
+    }
+
+    fn validate(&self, errs: &mut ConfigErrors) {
+        let host = &self.server.hostname;
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            errs.push(
+                "server.hostname",
+                "must be a host name without spaces, e.g. \"relay.example.net\"",
+            );
+        }
+        if self.server.max_message_size.0 == 0 {
+            errs.push("server.max_message_size", "must be more than 0");
+        }
+        if self.server.max_recipients == 0 {
+            errs.push("server.max_recipients", "must be at least 1");
+        }
+        if self.server.max_connections == 0 || self.server.max_connections_per_ip == 0 {
+            errs.push(
+                "server.max_connections",
+                "max_connections and max_connections_per_ip must be at least 1",
+            );
+        }
+
+        if self.listeners.is_empty() {
+            errs.push(
+                "listener",
+                "at least one [[listener]] is needed, e.g. address = \"127.0.0.1:2587\"",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let p = format!("listener[{i}]");
+            if l.address.port() != 0 && !seen.insert(l.address) {
+                errs.push(
+                    format!("{p}.address"),
+                    format!("{} is used by another listener", l.address),
+                );
+            }
+            if l.tls == TlsMode::None && l.auth != AuthMode::None && !l.allow_plaintext_auth {
+                errs.push(
+                    format!("{p}.auth"),
+                    "AUTH is only offered over TLS: set tls = \"starttls\" or \"implicit\", or auth = \"none\" with trusted_networks, or allow_plaintext_auth = true on a loopback address",
+                );
+            }
+            if l.allow_plaintext_auth && !l.address.ip().is_loopback() {
+                errs.push(
+                    format!("{p}.allow_plaintext_auth"),
+                    "allowed only on a loopback address: passwords would cross the network in clear",
+                );
+            }
+            if l.auth == AuthMode::None && l.trusted_networks.is_empty() {
+                errs.push(
+                    format!("{p}.auth"),
+                    "auth = \"none\" without trusted_networks would accept nothing; name the networks that may relay",
+                );
+            }
+        }
+
+        let mut users = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let p = format!("tenant[{i}]");
+            if !names.insert(&t.name) {
+                errs.push(format!("{p}.name"), format!("{:?} is used twice", t.name));
+            }
+            if !users.insert(&t.username) {
+                errs.push(
+                    format!("{p}.username"),
+                    format!("{:?} is used twice", t.username),
+                );
+            }
+            match argon2::PasswordHash::new(t.password_hash.expose()) {
+                Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
+                // The value itself is a secret: describe it, never echo it.
+                _ => errs.push(
+                    format!("{p}.password_hash"),
+                    "must be an argon2 PHC string ($argon2id$...); make one with `herald hash-password`",
+                ),
+            }
+            if t.allowed_senders.is_empty() {
+                errs.push(
+                    format!("{p}.allowed_senders"),
+                    "list the sender addresses this tenant may use, e.g. [\"*@acme.example\"]",
+                );
+            }
+            for (j, pat) in t.allowed_senders.iter().enumerate() {
+                if let Err(e) = crate::receive::senders::validate_pattern(pat) {
+                    errs.push(format!("{p}.allowed_senders[{j}]"), e);
+                }
+            }
+        }
+
+        if let Err(e) = self.dns.nameserver_addrs() {
+            errs.push("dns.nameservers", e);
+        }
+        if self.dns.attempts == 0 {
+            errs.push("dns.attempts", "must be at least 1");
+        }
+
+        let d = &self.delivery;
+        if d.retry.is_empty() {
+            errs.push("delivery.retry", "needs at least one wait, e.g. [\"5m\"]");
+        }
+        if d.retry.iter().any(|s| s.0.is_zero()) {
+            errs.push("delivery.retry", "waits must be longer than 0");
+        }
+        if !(0.0..=0.5).contains(&d.retry_jitter) {
+            errs.push("delivery.retry_jitter", "must be between 0.0 and 0.5");
+        }
+        if d.max_queue_lifetime.0.is_zero() {
+            errs.push("delivery.max_queue_lifetime", "must be longer than 0");
+        }
+        if d.port == 0 {
+            errs.push("delivery.port", "must be a port number from 1 to 65535");
+        }
+        if d.max_connections_per_domain == 0 {
+            errs.push("delivery.max_connections_per_domain", "must be at least 1");
+        }
+        if d.max_messages_per_connection == 0 {
+            errs.push("delivery.max_messages_per_connection", "must be at least 1");
+        }
+
+        if self.needs_tls() && !self.tls.self_signed {
+            for (key, file) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+                if !file.exists() {
+                    errs.push(
+                        key,
+                        format!(
+                            "{} does not exist (set tls.self_signed = true to generate one)",
+                            file.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Renders serde_ignored's path as `a.b[0].c`.
+fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match p {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        P::Map { parent, key } => {
+            let head = ignored_path(parent);
+            if head.is_empty() {
+                key.clone()
+            } else {
+                format!("{head}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            ignored_path(parent)
+        }
+    }
+}
+
+/// Deserializes one value, recording unknown keys and the first type error
+/// of this value under `prefix`.
+fn typed<T: DeserializeOwned>(
+    value: toml::Value,
+    prefix: &str,
+    errs: &mut ConfigErrors,
+) -> Option<T> {
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(value, &mut track);
+    let result: Result<T, _> = serde_ignored::deserialize(de, |p| unknown.push(ignored_path(&p)));
+    for key in unknown {
+        errs.push(join(prefix, &key), "unknown key");
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = track.path().to_string();
+            let path = if path == "." {
+                prefix.to_string()
+            } else {
+                join(prefix, &path)
+            };
+            errs.push(path, e.to_string());
+            None
+        }
+    }
+}
+
+fn join(prefix: &str, rest: &str) -> String {
+    if rest.is_empty() {
+        prefix.to_string()
+    } else if rest.starts_with('[') {
+        format!("{prefix}{rest}")
+    } else {
+        format!("{prefix}.{rest}")
+    }
+}
+
+fn section<T: DeserializeOwned>(
+    table: &toml::Table,
+    key: &str,
+    errs: &mut ConfigErrors,
+) -> Option<T> {
+    let value = table.get(key)?.clone();
+    if !value.is_table() {
+        errs.push(key, "must be a table: write it as [".to_string() + key + "]");
+        return None;
+    }
+    typed(value, key, errs)
+}
+
+fn array<T: DeserializeOwned>(table: &toml::Table, key: &str, errs: &mut ConfigErrors) -> Vec<T> {
+    let Some(value) = table.get(key) else {
+        return Vec::new();
+    };
+    let Some(items) = value.as_array() else {
+        errs.push(
+            key,
+            format!("must be an array of tables: write each as [[{key}]]"),
+        );
+        return Vec::new();
+    };
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| typed(v.clone(), &format!("{key}[{i}]"), errs))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M";
+
+    fn paths(text: &str) -> Vec<String> {
+        Config::from_toml_str(text)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.path)
+            .collect()
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = Config::from_toml_str(
+            r#"
+            [[listener]]
+            address = "127.0.0.1:2587"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.max_message_size, Size(25 << 20));
+        assert_eq!(c.delivery.port, 25);
+        assert_eq!(c.delivery.retry.len(), 7);
+        assert_eq!(c.listeners[0].tls, TlsMode::Starttls);
+    }
+
+    #[test]
+    fn all_problems_are_reported_with_key_paths() {
+        let p = paths(
+            r#"
+            [server]
+            hostnme = "typo"
+            max_message_size = "25 parsecs"
+
+            [[listener]]
+            address = "127.0.0.1:2587"
+            tls = "sometimes"
+
+            [[listener]]
+            address = "127.0.0.1:2588"
+            tls = "none"
+            auth = "required"
+
+            [delivery]
+            retry = ["5x"]
+
+            [bogus]
+            "#,
+        );
+        for want in [
+            "server.hostnme",
+            "server.max_message_size",
+            "listener[0].tls",
+            "listener[1].auth",
+            "delivery.retry[0]",
+            "bogus",
+        ] {
+            assert!(p.contains(&want.to_string()), "missing {want} in {p:?}");
+        }
+    }
+
+    #[test]
+    fn tenant_checks_do_not_echo_the_hash() {
+        let text = r#"
+            [[listener]]
+            address = "127.0.0.1:2587"
+            [[tenant]]
+            name = "acme"
+            username = "acme"
+            password_hash = "hunter2-not-a-hash"
+            allowed_senders = ["acme.example"]
+            "#;
+        let errs = Config::from_toml_str(text).unwrap_err();
+        let shown = errs.to_string();
+        assert!(shown.contains("tenant[0].password_hash"), "{shown}");
+        assert!(shown.contains("tenant[0].allowed_senders[0]"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn valid_tenant_loads() {
+        let text = format!(
+            r#"
+            [[listener]]
+            address = "127.0.0.1:2587"
+            [[tenant]]
+            name = "acme"
+            username = "acme"
+            password_hash = "{HASH}"
+            allowed_senders = ["*@acme.example"]
+            "#
+        );
+        let c = Config::from_toml_str(&text).unwrap();
+        assert_eq!(c.tenants[0].allowed_senders, vec!["*@acme.example"]);
+        assert!(!format!("{:?}", c.tenants[0]).contains("argon2id"));
+    }
+
+    #[test]
+    fn plaintext_auth_only_on_loopback() {
+        let p = paths(
+            r#"
+            [[listener]]
+            address = "0.0.0.0:2525"
+            tls = "none"
+            allow_plaintext_auth = true
+            "#,
+        );
+        assert_eq!(p, vec!["listener[0].allow_plaintext_auth"]);
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let errs = Config::from_toml_str("[server]\nhostname = \n").unwrap_err();
+        assert!(errs.to_string().contains("line 2"), "{errs}");
+    }
+}

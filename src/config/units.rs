@@ -1,0 +1,208 @@
+//! The small languages of the config file, parsed once at load:
+//! durations (`"30s"`, `"5m"`, `"1h30m"`, `"5d"`) and sizes (`"25MiB"`).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"5d"` or a
+/// sum of them (`"1h30m"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Span(pub Duration);
+
+impl Span {
+    pub fn parse(s: &str) -> Result<Span, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty duration; write e.g. \"30s\", \"5m\", \"1h\" or \"5d\"".into());
+        }
+        let mut total = Duration::ZERO;
+        let mut rest = s;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return Err(format!(
+                    "invalid duration {s:?}: expected a number before {rest:?}; write e.g. \"30s\", \"5m\", \"1h\" or \"5d\""
+                ));
+            }
+            let n: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
+            rest = &rest[digits..];
+            let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+            let unit = &rest[..unit_len];
+            rest = &rest[unit_len..];
+            let one = match unit {
+                "ms" => Duration::from_millis(1),
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                "h" => Duration::from_secs(3600),
+                "d" => Duration::from_secs(86400),
+                "" => {
+                    return Err(format!(
+                        "invalid duration {s:?}: a unit is required (ms, s, m, h or d)"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+                    ));
+                }
+            };
+            let n32 = u32::try_from(n).map_err(|_| format!("invalid duration {s:?}: too large"))?;
+            total += one
+                .checked_mul(n32)
+                .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
+        }
+        Ok(Span(total))
+    }
+
+    pub fn as_duration(self) -> Duration {
+        self.0
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        if self.0.subsec_millis() != 0 || secs == 0 {
+            write!(f, "{}ms", self.0.as_millis())
+        } else if secs % 86400 == 0 {
+            write!(f, "{}d", secs / 86400)
+        } else if secs % 3600 == 0 {
+            write!(f, "{}h", secs / 3600)
+        } else if secs % 60 == 0 {
+            write!(f, "{}m", secs / 60)
+        } else {
+            write!(f, "{secs}s")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Span::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A byte count written as `"25MiB"`, `"512KiB"`, `"10MB"`, `"1GiB"` or a
+/// bare integer of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(s: &str) -> Result<Size, String> {
+        let t = s.trim();
+        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "invalid size {s:?}: write e.g. \"25MiB\", \"512KiB\" or a number of bytes"
+            ));
+        }
+        let n: u64 = t[..digits]
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+        let mult: u64 = match t[digits..].trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    }
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n != 0 && n % (1 << 30) == 0 {
+            write!(f, "{}GiB", n >> 30)
+        } else if n != 0 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n != 0 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Str(s) => Size::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(Span::parse("30s").unwrap().0, Duration::from_secs(30));
+        assert_eq!(Span::parse("5m").unwrap().0, Duration::from_secs(300));
+        assert_eq!(Span::parse("1h30m").unwrap().0, Duration::from_secs(5400));
+        assert_eq!(Span::parse("5d").unwrap().0, Duration::from_secs(432_000));
+        assert_eq!(Span::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert!(Span::parse("30").unwrap_err().contains("unit is required"));
+        assert!(Span::parse("3w").unwrap_err().contains("unknown unit"));
+        assert!(Span::parse("").is_err());
+        assert!(Span::parse("h").is_err());
+        assert!(Span::parse("99999999999999999999s").is_err());
+    }
+
+    #[test]
+    fn duration_display_round_trips() {
+        for s in ["30s", "5m", "4h", "5d", "250ms"] {
+            assert_eq!(Span::parse(s).unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::parse("25MiB").unwrap().0, 25 << 20);
+        assert_eq!(Size::parse("512KiB").unwrap().0, 512 << 10);
+        assert_eq!(Size::parse("10MB").unwrap().0, 10_000_000);
+        assert_eq!(Size::parse("1024").unwrap().0, 1024);
+        assert!(Size::parse("25 parsecs").is_err());
+        assert!(Size::parse("MiB").is_err());
+        assert_eq!(Size(25 << 20).to_string(), "25MiB");
+    }
+}

@@ -1,0 +1,15 @@
+//! herald: an outbound SMTP relay for applications.
+//!
+//! The mail path, one module per stage: [`receive`] (SMTP submission) →
+//! [`policy`] → [`queue`] (durable spool, scheduler) → [`deliver`] (MX
+//! delivery) → [`report`] (events). [`config`], [`dns`] and [`reply`] serve
+//! them all.
+
+pub mod config;
+pub mod deliver;
+pub mod dns;
+pub mod policy;
+pub mod queue;
+pub mod receive;
+pub mod reply;
+pub mod report;

@@ -1,0 +1,1 @@
+//! The retry schedule: backoff steps with jitter, and expiry.

@@ -1,0 +1,3 @@
+//! Receiving: the submission SMTP server.
+
+pub mod senders;

@@ -1,0 +1,251 @@
+//! Reporting: every outcome of every recipient becomes one [`Event`], in the
+//! JSON shape of DESIGN.md. Events are appended to the events log as JSON
+//! lines by one writer task, so that sessions and deliveries never wait on
+//! that file. Webhooks, DSNs and the suppression list consume the same
+//! events (see the bounces issue).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::queue::message::{Envelope, QueueId};
+use crate::reply::Reply;
+
+/// The closed set of lifecycle events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Received,
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Rejected,
+    Complained,
+    Suppressed,
+}
+
+/// Why a delivery failed, in words an app can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classification {
+    InvalidRecipient,
+    MailboxFull,
+    MessageTooLarge,
+    SpamBlock,
+    Policy,
+    Dns,
+    Tls,
+    Network,
+    Other,
+}
+
+/// The SMTP reply in an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmtpDetail {
+    pub code: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enhanced: Option<String>,
+    pub text: String,
+}
+
+impl From<&Reply> for SmtpDetail {
+    fn from(r: &Reply) -> Self {
+        SmtpDetail {
+            code: r.code,
+            enhanced: r.enhanced.map(|e| e.to_string()),
+            text: r.text.clone(),
+        }
+    }
+}
+
+/// One event: the same JSON in the log, webhooks and the Redis stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_id: Option<QueueId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub sender: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mx: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<SmtpDetail>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<Classification>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permanent: Option<bool>,
+    /// For `received`: the recipients accepted; for `deferred`: next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// For `rejected`: the client and the rule that refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+impl Event {
+    /// An event with only the kind, sender and time set.
+    pub fn new(event: EventKind, sender: &str) -> Event {
+        Event {
+            event,
+            queue_id: None,
+            message_id: None,
+            tenant: None,
+            sender: sender.to_string(),
+            recipient: None,
+            timestamp: rfc3339_now(),
+            attempt: None,
+            mx: None,
+            tls: None,
+            smtp: None,
+            classification: None,
+            permanent: None,
+            recipients: None,
+            next_attempt: None,
+            size: None,
+            client_ip: None,
+            rule: None,
+        }
+    }
+
+    /// An event about a queued message, filled from its envelope.
+    pub fn for_message(event: EventKind, id: QueueId, env: &Envelope) -> Event {
+        let mut e = Event::new(event, &env.sender);
+        e.queue_id = Some(id);
+        e.message_id = env.message_id.clone();
+        e.tenant = env.tenant.clone();
+        e
+    }
+
+    pub fn with_reply(mut self, reply: &Reply) -> Event {
+        self.smtp = Some(reply.into());
+        self
+    }
+}
+
+/// Formats Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(unix: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+pub fn rfc3339_now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Hands events to the writer; cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Reporter {
+    /// Starts the events-log writer task appending to `path`.
+    pub async fn start(path: &Path) -> std::io::Result<(Reporter, tokio::task::JoinHandle<()>)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(write_events(file, path.to_path_buf(), rx));
+        Ok((Reporter { tx }, task))
+    }
+
+    /// A reporter that drops events (tools that need no log).
+    pub fn discard() -> Reporter {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Reporter { tx }
+    }
+
+    pub fn emit(&self, event: Event) {
+        tracing::info!(
+            event = ?event.event,
+            queue_id = event.queue_id.map(|q| q.to_string()).unwrap_or_default(),
+            recipient = event.recipient.as_deref().unwrap_or(""),
+            smtp = event.smtp.as_ref().map(|s| format!("{} {}", s.code, s.text)).unwrap_or_default(),
+            "event"
+        );
+        let _ = self.tx.send(event);
+    }
+}
+
+/// Appends each batch of queued events and flushes once per batch. The log
+/// closes when every [`Reporter`] is dropped, after writing what is left.
+async fn write_events(file: tokio::fs::File, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let mut out = tokio::io::BufWriter::new(file);
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let mut buf = Vec::with_capacity(batch.len() * 300);
+        for ev in batch.drain(..) {
+            if serde_json::to_writer(&mut buf, &ev).is_ok() {
+                buf.push(b'\n');
+            }
+        }
+        if let Err(e) = async {
+            out.write_all(&buf).await?;
+            out.flush().await
+        }
+        .await
+        {
+            tracing::error!(path = %path.display(), error = %e, "cannot write events log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_json_has_the_documented_shape() {
+        let mut e = Event::new(EventKind::Bounced, "billing@acme.example");
+        e.recipient = Some("bob@example.net".into());
+        e.smtp = Some(SmtpDetail {
+            code: 550,
+            enhanced: Some("5.1.1".into()),
+            text: "no such user".into(),
+        });
+        e.classification = Some(Classification::InvalidRecipient);
+        e.permanent = Some(true);
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "bounced");
+        assert_eq!(v["smtp"]["enhanced"], "5.1.1");
+        assert_eq!(v["classification"], "invalid_recipient");
+        assert!(v.get("mx").is_none());
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,280 @@
+//! In-process authoritative DNS server for tests (hickory-server 0.26.3).
+//!
+//! ```ignore
+//! let dns = TestDns::start(
+//!     Zone::new("test.")
+//!         .mx("example.test", 10, "mx1.example.test")
+//!         .a("mx1.example.test", Ipv4Addr::new(127, 0, 0, 2))
+//!         .null_mx("nomail.test"),
+//! )
+//! .await;
+//! let resolver = test_resolver(dns.addr, Duration::from_secs(2));
+//! ```
+//!
+//! Serve the *parent* zone (`test.`), not only `example.test.`: a name outside the served
+//! origin is answered REFUSED (a temporary error for most clients, e.g. the DMARC walk up
+//! to `_dmarc.test.`), while a name under the origin that does not exist is NXDOMAIN.
+//! A zone with origin `"."` answers NXDOMAIN for every name it does not hold.
+//!
+//! # NXDOMAIN versus NOERROR/no data in hickory-resolver 0.26.3
+//!
+//! Both come back from `resolver.mx_lookup(..)` as `Err(NetError::Dns(DnsError::NoRecordsFound(
+//! NoRecords { response_code, .. })))`. Tell them apart by `response_code`:
+//!
+//! * `ResponseCode::NXDomain`: the name does not exist at all. `NetError::is_nx_domain()` is a
+//!   shortcut for exactly this match.
+//! * `ResponseCode::NoError`: the name exists (it has other types, or names below it) but has
+//!   no record of the asked type. `err.is_no_records_found() && !err.is_nx_domain()`.
+//!
+//! Everything else (`NetError::Timeout`, `NetError::Dns(DnsError::ResponseCode(ServFail |
+//! Refused | ..))`, I/O errors) is a temporary failure. See [`classify`].
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_server::Server;
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordSet, RecordType, RrKey};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+/// TTL of every record (and the SOA minimum / negative TTL).
+const TTL: u32 = 60;
+
+/// Turns `"example.test"` or `"example.test."` into the absolute name `example.test.`;
+/// `""` and `"."` are the root.
+pub fn fqdn(name: &str) -> Name {
+    let trimmed = name.trim_end_matches('.');
+    if trimmed.is_empty() {
+        return Name::root();
+    }
+    let mut n = Name::from_ascii(trimmed).unwrap_or_else(|e| panic!("bad DNS name {name:?}: {e}"));
+    n.set_fqdn(true);
+    n
+}
+
+/// Builder for the zone a [`TestDns`] serves. Names are always absolute (a missing trailing
+/// dot is added); they must lie under the origin.
+#[derive(Clone, Debug)]
+pub struct Zone {
+    origin: Name,
+    records: Vec<Record>,
+}
+
+impl Zone {
+    /// A zone with a SOA at `origin` (e.g. `"test."`).
+    pub fn new(origin: &str) -> Self {
+        let origin = fqdn(origin);
+        let soa = SOA::new(
+            fqdn(&format!("ns.{origin}")),
+            fqdn(&format!("hostmaster.{origin}")),
+            1,
+            3600,
+            600,
+            86400,
+            TTL,
+        );
+        let records = vec![Record::from_rdata(origin.clone(), TTL, RData::SOA(soa))];
+        Zone { origin, records }
+    }
+
+    /// Any record (escape hatch for types without a helper).
+    pub fn record(mut self, name: &str, rdata: RData) -> Self {
+        let name = fqdn(name);
+        assert!(
+            self.origin.zone_of(&name),
+            "{name} is not under the zone origin {}",
+            self.origin
+        );
+        self.records.push(Record::from_rdata(name, TTL, rdata));
+        self
+    }
+
+    pub fn mx(self, name: &str, preference: u16, exchange: &str) -> Self {
+        self.record(name, RData::MX(MX::new(preference, fqdn(exchange))))
+    }
+
+    /// RFC 7505 null MX: `MX 0 .`
+    pub fn null_mx(self, name: &str) -> Self {
+        self.record(name, RData::MX(MX::new(0, Name::root())))
+    }
+
+    pub fn a(self, name: &str, ip: Ipv4Addr) -> Self {
+        self.record(name, RData::A(A(ip)))
+    }
+
+    pub fn aaaa(self, name: &str, ip: Ipv6Addr) -> Self {
+        self.record(name, RData::AAAA(AAAA(ip)))
+    }
+
+    /// One TXT record. Text longer than 255 bytes (DKIM keys) is split into several
+    /// character-strings, which DNS clients concatenate again.
+    pub fn txt(self, name: &str, text: &str) -> Self {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while rest.len() > 255 {
+            let mut cut = 255;
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            parts.push(rest[..cut].to_string());
+            rest = &rest[cut..];
+        }
+        parts.push(rest.to_string());
+        self.record(name, RData::TXT(TXT::new(parts)))
+    }
+
+    fn into_handler(self) -> InMemoryZoneHandler<TokioRuntimeProvider> {
+        let mut map: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
+        for record in self.records {
+            let key = RrKey::new(LowerName::from(&record.name), record.record_type());
+            map.entry(key)
+                .or_insert_with(|| {
+                    RecordSet::with_ttl(record.name.clone(), record.record_type(), TTL)
+                })
+                .insert(record, 0);
+        }
+        InMemoryZoneHandler::new(self.origin, map, ZoneType::Primary, AxfrPolicy::Deny)
+            .expect("building the in-memory zone")
+    }
+}
+
+/// An authoritative DNS server on 127.0.0.1 (UDP and TCP on the same port), running on the
+/// caller's tokio runtime. Stops when dropped.
+pub struct TestDns {
+    pub addr: SocketAddr,
+    origin: Name,
+    _server: Server<Catalog>,
+}
+
+impl TestDns {
+    pub async fn start(zone: Zone) -> TestDns {
+        let origin = zone.origin.clone();
+        let handler = zone.into_handler();
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::from(&origin), vec![Arc::new(handler)]);
+        let (udp, tcp) = bind_udp_and_tcp().await;
+        let addr = udp.local_addr().expect("udp local addr");
+        let mut server = Server::new(catalog);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(10), 65535);
+        TestDns {
+            addr,
+            origin,
+            _server: server,
+        }
+    }
+
+    pub fn origin(&self) -> &Name {
+        &self.origin
+    }
+
+    /// A resolver that asks only this server (see [`test_resolver`]).
+    pub fn resolver(&self) -> TokioResolver {
+        test_resolver(self.addr, Duration::from_secs(2))
+    }
+}
+
+/// Sockets on 127.0.0.1 (UDP and TCP on the same port) that never answer: queries to them
+/// time out. Closed when dropped.
+pub struct SilentDns {
+    pub addr: SocketAddr,
+    _udp: tokio::net::UdpSocket,
+    _tcp: tokio::net::TcpListener,
+}
+
+impl SilentDns {
+    pub async fn start() -> SilentDns {
+        // Nobody reads the UDP socket, nobody accepts on the listener: TCP connects still
+        // succeed (kernel backlog) but no reply ever comes.
+        let (udp, tcp) = bind_udp_and_tcp().await;
+        let addr = udp.local_addr().expect("udp local addr");
+        SilentDns {
+            addr,
+            _udp: udp,
+            _tcp: tcp,
+        }
+    }
+}
+
+async fn bind_udp_and_tcp() -> (tokio::net::UdpSocket, tokio::net::TcpListener) {
+    let mut last_err = None;
+    for _ in 0..50 {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind UDP 127.0.0.1:0");
+        let port = udp.local_addr().expect("udp local addr").port();
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(tcp) => return (udp, tcp),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    panic!("no port free for both UDP and TCP on 127.0.0.1: {last_err:?}");
+}
+
+/// hickory-resolver configuration that asks only the nameserver at `addr` (UDP and TCP on
+/// `addr.port()`), with no system configuration, no hosts file and no search domains.
+///
+/// This is how to point a `TokioResolver` at 127.0.0.1:PORT in 0.26: `NameServerConfig` is
+/// `#[non_exhaustive]`, so build it with `NameServerConfig::new(ip, trust_negative, conns)`
+/// and set `port` on each `ConnectionConfig` (its `port` field is public).
+pub fn resolver_config(addr: SocketAddr) -> ResolverConfig {
+    let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
+    udp.port = addr.port();
+    let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
+    tcp.port = addr.port();
+    ResolverConfig::from_name_servers(vec![NameServerConfig::new(
+        addr.ip(),
+        true,
+        vec![udp, tcp],
+    )])
+}
+
+/// A `TokioResolver` that asks only the nameserver at `addr`, with per-query `timeout`,
+/// a single attempt, no hosts file and no cache (so tests see every query).
+pub fn test_resolver(addr: SocketAddr, timeout: Duration) -> TokioResolver {
+    let mut builder = TokioResolver::builder_with_config(
+        resolver_config(addr),
+        TokioRuntimeProvider::default(),
+    );
+    let opts: &mut ResolverOpts = builder.options_mut();
+    opts.timeout = timeout;
+    opts.attempts = 1;
+    opts.cache_size = 0;
+    opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
+    opts.ndots = 0;
+    builder.build().expect("building the test resolver")
+}
+
+/// How a lookup failure should be treated by a mail relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupOutcome {
+    /// NXDOMAIN: the name does not exist (permanent).
+    NxDomain,
+    /// NOERROR with an empty answer: the name exists, but has no record of that type.
+    NoData,
+    /// Timeout, SERVFAIL, REFUSED, network trouble: try again later.
+    Temporary,
+}
+
+/// Classifies a hickory-resolver 0.26 lookup error (see the module documentation).
+pub fn classify(err: &NetError) -> LookupOutcome {
+    match err {
+        NetError::Dns(DnsError::NoRecordsFound(no)) if no.response_code == ResponseCode::NXDomain => {
+            LookupOutcome::NxDomain
+        }
+        NetError::Dns(DnsError::NoRecordsFound(no)) if no.response_code == ResponseCode::NoError => {
+            LookupOutcome::NoData
+        }
+        _ => LookupOutcome::Temporary,
+    }
+}
