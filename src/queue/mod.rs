@@ -6,14 +6,22 @@ pub mod message;
 pub mod schedule;
 pub mod spool;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use serde::Serialize;
+use tokio::sync::{Notify as Wake, mpsc};
+use tokio_util::sync::CancellationToken;
 
-use crate::report::Classification;
+use crate::config::Config;
 use crate::reply::Reply;
-pub use message::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
+use crate::report::{Classification, Event, EventKind, Reporter, rfc3339};
+pub use message::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret, unix_now};
+use schedule::{NextStep, RetrySchedule};
+use spool::{BodyLoc, Record, Spool};
 
 /// Recipients of one message at one domain, due for an attempt.
 #[derive(Clone, Debug)]
@@ -71,24 +79,611 @@ pub enum QueueError {
     Closed,
 }
 
+/// The queue of one node. Shared by the receive stage (enqueue), delivery
+/// (attempt outcomes) and admin (inspection).
 pub struct Queue {
-    _jobs: mpsc::UnboundedSender<DeliveryJob>,
+    spool: Spool,
+    inner: Mutex<Inner>,
+    jobs: mpsc::UnboundedSender<DeliveryJob>,
+    schedule: RetrySchedule,
+    reporter: Reporter,
+    /// Wakes the scheduler when a timer earlier than its current one appears.
+    wake: Wake,
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct Inner {
+    messages: HashMap<QueueId, Entry>,
+    /// (Unix seconds, id): when a message next has a recipient due.
+    timers: BTreeSet<(u64, QueueId)>,
+    /// Live messages per segment holding their body.
+    live: BTreeMap<u64, usize>,
+    /// Segments below this one have been handed to the spool for deletion.
+    deleted_below: u64,
+}
+
+struct Entry {
+    envelope: Arc<Envelope>,
+    recipients: Vec<Recipient>,
+    /// Recipients handed to delivery and not yet reported back.
+    in_flight: Vec<bool>,
+    body: BodyLoc,
+    /// This entry's key in `Inner::timers`, when it has one.
+    timer: Option<u64>,
+}
+
+/// A message as the admin API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MessageView {
+    pub id: QueueId,
+    pub envelope: Envelope,
+    pub recipients: Vec<Recipient>,
+    pub size: u64,
 }
 
 impl Queue {
-    /// Stores a message durably and schedules its first attempt. Returns
-    /// only once the message is on stable storage.
-    pub async fn enqueue(
-        &self,
-        _envelope: Envelope,
-        _recipients: Vec<Recipient>,
-        _body: Bytes,
-    ) -> Result<QueueId, QueueError> {
-        todo!()
+    /// Opens the spool, recovers every message that was accepted and not
+    /// finished, and schedules their recipients again. Delivery jobs go to
+    /// `jobs`; start the scheduler with [`Queue::run_scheduler`].
+    pub fn open(
+        config: &Config,
+        reporter: Reporter,
+        jobs: mpsc::UnboundedSender<DeliveryJob>,
+    ) -> Result<Arc<Queue>, QueueError> {
+        let (spool, recovered, _head) = Spool::open(&config.server.spool_dir)?;
+        let now = unix_now();
+        let mut inner = Inner::default();
+        let mut finished = Vec::new();
+        for r in recovered {
+            if r.recipients.iter().all(|x| x.status.is_final()) {
+                finished.push(r.id);
+                continue;
+            }
+            *inner.live.entry(r.body.segment).or_default() += 1;
+            let mut entry = Entry {
+                in_flight: vec![false; r.recipients.len()],
+                envelope: Arc::new(r.envelope),
+                recipients: r.recipients,
+                body: r.body,
+                timer: None,
+            };
+            let due = entry.next_due().map(|t| t.max(now));
+            set_timer(&mut inner.timers, r.id, &mut entry, due);
+            inner.messages.insert(r.id, entry);
+        }
+        if !inner.messages.is_empty() {
+            tracing::info!(
+                messages = inner.messages.len(),
+                "recovered queued messages from the spool"
+            );
+        }
+        for id in finished {
+            spool.append(Record::done(id));
+        }
+        let queue = Arc::new(Queue {
+            spool,
+            inner: Mutex::new(inner),
+            jobs,
+            schedule: RetrySchedule::from_config(&config.delivery),
+            reporter,
+            wake: Wake::new(),
+            closed: AtomicBool::new(false),
+        });
+        queue.collect_segments(&mut queue.inner.lock().expect("queue lock"));
+        Ok(queue)
     }
 
-    /// Records what an attempt did for some recipients of a message.
-    pub fn complete_attempt(&self, _id: QueueId, _outcomes: Vec<RcptOutcome>) {
-        todo!()
+    /// Stores a message durably and hands it to delivery. Returns only once
+    /// the message is on stable storage: the caller may then answer 250.
+    pub async fn enqueue(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        recipients: Vec<Recipient>,
+        body: Bytes,
+    ) -> Result<(), QueueError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
+        }
+        let record = Record::message(id, &envelope, &recipients, &body);
+        let loc = self.spool.append_durable(record).await?;
+        let envelope = Arc::new(envelope);
+        let jobs = {
+            let mut inner = self.inner.lock().expect("queue lock");
+            *inner.live.entry(loc.segment).or_default() += 1;
+            let mut entry = Entry {
+                in_flight: vec![false; recipients.len()],
+                envelope,
+                recipients,
+                body: loc,
+                timer: None,
+            };
+            let jobs = entry.take_due_jobs(id, unix_now(), &body);
+            inner.messages.insert(id, entry);
+            jobs
+        };
+        for job in jobs {
+            let _ = self.jobs.send(job);
+        }
+        Ok(())
+    }
+
+    /// Records what an attempt did for some recipients of a message: updates
+    /// their state durably, emits their events, and schedules retries.
+    pub fn complete_attempt(&self, id: QueueId, outcomes: Vec<RcptOutcome>) {
+        let now = unix_now();
+        let mut rng = rand::rng();
+        let mut events = Vec::new();
+        let mut inner = self.inner.lock().expect("queue lock");
+        let Some(entry) = inner.messages.get_mut(&id) else {
+            return;
+        };
+        for o in outcomes {
+            let Some(r) = entry.recipients.get_mut(o.index) else {
+                continue;
+            };
+            entry.in_flight[o.index] = false;
+            if r.status.is_final() {
+                continue;
+            }
+            let (kind, reply, class) = match o.result {
+                AttemptResult::NotAttempted => {
+                    // Not a failure: come back soon, without counting it.
+                    r.next_attempt = now + 1;
+                    continue;
+                }
+                AttemptResult::Delivered(reply) => {
+                    r.status = RcptStatus::Delivered;
+                    (EventKind::Delivered, reply, None)
+                }
+                AttemptResult::Bounced(reply, class) => {
+                    r.status = RcptStatus::Bounced;
+                    (EventKind::Bounced, reply, Some(class))
+                }
+                AttemptResult::Deferred(reply, class) => {
+                    match self
+                        .schedule
+                        .next(entry.envelope.received_at, now, r.attempts + 1, &mut rng)
+                    {
+                        NextStep::RetryAt(t) => {
+                            r.status = RcptStatus::Deferred;
+                            r.next_attempt = t;
+                            (EventKind::Deferred, reply, Some(class))
+                        }
+                        NextStep::Expire => {
+                            r.status = RcptStatus::Expired;
+                            (EventKind::Expired, reply, Some(class))
+                        }
+                    }
+                }
+            };
+            r.attempts += 1;
+            r.updated_at = now;
+            r.last_mx = o.mx.clone();
+            let mut ev = Event::for_message(kind, id, &entry.envelope).with_reply(&reply);
+            r.last_reply = Some(reply);
+            ev.recipient = Some(r.address.clone());
+            ev.attempt = Some(r.attempts);
+            ev.mx = o.mx;
+            ev.tls = o.tls;
+            ev.classification = class;
+            match kind {
+                EventKind::Deferred => {
+                    ev.permanent = Some(false);
+                    ev.next_attempt = Some(rfc3339(r.next_attempt));
+                }
+                EventKind::Bounced | EventKind::Expired => ev.permanent = Some(true),
+                _ => {}
+            }
+            self.spool.append(Record::update(id, o.index, r));
+            events.push(ev);
+        }
+        self.settle(&mut inner, id, now);
+        drop(inner);
+        for ev in events {
+            self.reporter.emit(ev);
+        }
+    }
+
+    /// After a change to a message: drop it when every recipient is final,
+    /// otherwise put its timer where its next due recipient says.
+    fn settle(&self, inner: &mut Inner, id: QueueId, now: u64) {
+        let Some(entry) = inner.messages.get_mut(&id) else {
+            return;
+        };
+        if entry.recipients.iter().all(|r| r.status.is_final()) {
+            let entry = inner.messages.remove(&id).expect("present");
+            if let Some(t) = entry.timer {
+                inner.timers.remove(&(t, id));
+            }
+            self.spool.append(Record::done(id));
+            if let Some(n) = inner.live.get_mut(&entry.body.segment) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.live.remove(&entry.body.segment);
+                    self.collect_segments(inner);
+                }
+            }
+            return;
+        }
+        let due = entry.next_due().map(|t| t.max(now));
+        let earlier = match (due, inner.timers.first()) {
+            (Some(d), Some(&(first, _))) => d < first,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        set_timer(&mut inner.timers, id, entry, due);
+        if earlier {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Asks the spool to delete the segments no live message needs.
+    fn collect_segments(&self, inner: &mut Inner) {
+        let below = inner.live.keys().next().copied().unwrap_or(u64::MAX);
+        if below > inner.deleted_below {
+            inner.deleted_below = below;
+            self.spool.delete_below(below);
+        }
+    }
+
+    /// Runs the scheduler until `shutdown`: hands recipients whose retry
+    /// time has come to delivery.
+    pub async fn run_scheduler(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let wait = {
+                let inner = self.inner.lock().expect("queue lock");
+                match inner.timers.first() {
+                    Some(&(t, _)) => Duration::from_secs(t.saturating_sub(unix_now())),
+                    None => Duration::from_secs(3600),
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.wake.notified() => continue,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            self.dispatch_due().await;
+        }
+    }
+
+    /// Hands every due recipient to delivery, reading bodies back from disk.
+    async fn dispatch_due(&self) {
+        let now = unix_now();
+        let due: Vec<(QueueId, BodyLoc)> = {
+            let mut inner = self.inner.lock().expect("queue lock");
+            let mut out = Vec::new();
+            while let Some(&(t, id)) = inner.timers.first() {
+                if t > now {
+                    break;
+                }
+                inner.timers.pop_first();
+                if let Some(e) = inner.messages.get_mut(&id) {
+                    e.timer = None;
+                    out.push((id, e.body));
+                }
+            }
+            out
+        };
+        for (id, loc) in due {
+            let spool = self.spool.clone();
+            let body = match tokio::task::spawn_blocking(move || spool.read_body(loc)).await {
+                Ok(Ok(b)) => Bytes::from(b),
+                Ok(Err(e)) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot read message body from the spool; retrying later");
+                    self.retry_later(id, now + 60);
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let jobs = {
+                let mut inner = self.inner.lock().expect("queue lock");
+                let Inner {
+                    messages, timers, ..
+                } = &mut *inner;
+                let Some(entry) = messages.get_mut(&id) else {
+                    continue;
+                };
+                let jobs = entry.take_due_jobs(id, now, &body);
+                let next = entry.next_due();
+                set_timer(timers, id, entry, next);
+                jobs
+            };
+            for job in jobs {
+                let _ = self.jobs.send(job);
+            }
+        }
+    }
+
+    fn retry_later(&self, id: QueueId, at: u64) {
+        let mut inner = self.inner.lock().expect("queue lock");
+        let Inner {
+            messages, timers, ..
+        } = &mut *inner;
+        if let Some(e) = messages.get_mut(&id) {
+            set_timer(timers, id, e, Some(at));
+        }
+    }
+
+    /// Stops taking messages and makes everything written durable.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.spool.close().await;
+    }
+
+    /// Messages in the queue, oldest first.
+    pub fn list(&self) -> Vec<MessageView> {
+        let inner = self.inner.lock().expect("queue lock");
+        let mut v: Vec<MessageView> = inner
+            .messages
+            .iter()
+            .map(|(id, e)| e.view(*id))
+            .collect();
+        v.sort_by_key(|m| m.id);
+        v
+    }
+
+    pub fn get(&self, id: QueueId) -> Option<MessageView> {
+        let inner = self.inner.lock().expect("queue lock");
+        inner.messages.get(&id).map(|e| e.view(id))
+    }
+
+    /// Number of messages not yet finished.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("queue lock").messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Moves a message's timer to `due` (or removes it).
+fn set_timer(timers: &mut BTreeSet<(u64, QueueId)>, id: QueueId, e: &mut Entry, due: Option<u64>) {
+    if let Some(t) = e.timer.take() {
+        timers.remove(&(t, id));
+    }
+    if let Some(t) = due {
+        timers.insert((t, id));
+        e.timer = Some(t);
+    }
+}
+
+impl Entry {
+    /// The earliest next attempt among recipients that still need one and
+    /// are not in flight.
+    fn next_due(&self) -> Option<u64> {
+        self.recipients
+            .iter()
+            .zip(&self.in_flight)
+            .filter(|(r, busy)| !r.status.is_final() && !**busy)
+            .map(|(r, _)| r.next_attempt)
+            .min()
+    }
+
+    /// Marks every due recipient in flight and groups them by domain into
+    /// delivery jobs.
+    fn take_due_jobs(&mut self, id: QueueId, now: u64, body: &Bytes) -> Vec<DeliveryJob> {
+        let mut by_domain: Vec<DeliveryJob> = Vec::new();
+        for (index, r) in self.recipients.iter().enumerate() {
+            if r.status.is_final() || self.in_flight[index] || r.next_attempt > now {
+                continue;
+            }
+            self.in_flight[index] = true;
+            let domain = r.domain();
+            let jr = JobRecipient {
+                index,
+                address: r.address.clone(),
+                orcpt: r.orcpt.clone(),
+                notify: r.notify,
+                attempt: r.attempts + 1,
+            };
+            match by_domain.iter_mut().find(|j| j.domain == domain) {
+                Some(j) => j.recipients.push(jr),
+                None => by_domain.push(DeliveryJob {
+                    id,
+                    envelope: self.envelope.clone(),
+                    body: body.clone(),
+                    domain,
+                    recipients: vec![jr],
+                }),
+            }
+        }
+        by_domain
+    }
+
+    fn view(&self, id: QueueId) -> MessageView {
+        MessageView {
+            id,
+            envelope: (*self.envelope).clone(),
+            recipients: self.recipients.clone(),
+            size: self.body.len,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::Enhanced;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let text = format!(
+            r#"
+            [server]
+            spool_dir = "{}"
+            [[listener]]
+            address = "127.0.0.1:0"
+            [delivery]
+            retry = ["1h"]
+            retry_jitter = 0.0
+            "#,
+            dir.display()
+        );
+        Config::from_toml_str(&text).unwrap()
+    }
+
+    fn envelope() -> Envelope {
+        Envelope {
+            sender: "billing@acme.example".into(),
+            tenant: Some("acme".into()),
+            message_id: Some("<1@acme.example>".into()),
+            received_at: unix_now(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            smtputf8: false,
+            body_8bit: false,
+            ret: None,
+            env_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_dispatches_per_domain_and_outcomes_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let id = QueueId::generate();
+        let rcpts = vec![
+            Recipient::new("a@one.test".into()),
+            Recipient::new("b@two.test".into()),
+            Recipient::new("c@one.test".into()),
+        ];
+        q.enqueue(id, envelope(), rcpts, Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"))
+            .await
+            .unwrap();
+        let j1 = rx.recv().await.unwrap();
+        let j2 = rx.recv().await.unwrap();
+        assert_eq!(j1.domain, "one.test");
+        assert_eq!(j1.recipients.len(), 2);
+        assert_eq!(j2.domain, "two.test");
+        assert_eq!(&j1.body[..], b"Subject: x\r\n\r\nhi\r\n");
+
+        let ok = Reply::new(250, Enhanced(2, 0, 0), "ok");
+        let later = Reply::new(451, Enhanced(4, 3, 0), "later");
+        q.complete_attempt(
+            id,
+            vec![
+                RcptOutcome {
+                    index: 0,
+                    result: AttemptResult::Delivered(ok.clone()),
+                    mx: Some("mx.one.test".into()),
+                    tls: None,
+                },
+                RcptOutcome {
+                    index: 2,
+                    result: AttemptResult::Bounced(
+                        Reply::new(550, Enhanced(5, 1, 1), "no"),
+                        Classification::InvalidRecipient,
+                    ),
+                    mx: None,
+                    tls: None,
+                },
+            ],
+        );
+        q.complete_attempt(
+            id,
+            vec![RcptOutcome {
+                index: 1,
+                result: AttemptResult::Deferred(later, Classification::Other),
+                mx: None,
+                tls: None,
+            }],
+        );
+        let view = q.get(id).unwrap();
+        let st: Vec<_> = view.recipients.iter().map(|r| r.status).collect();
+        assert_eq!(
+            st,
+            [RcptStatus::Delivered, RcptStatus::Deferred, RcptStatus::Bounced]
+        );
+        assert!(view.recipients[1].next_attempt >= unix_now() + 3500);
+        q.close().await;
+
+        // After a restart the deferred recipient is still waiting, and only it.
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let view = q.get(id).unwrap();
+        let st: Vec<_> = view.recipients.iter().map(|r| r.status).collect();
+        assert_eq!(
+            st,
+            [RcptStatus::Delivered, RcptStatus::Deferred, RcptStatus::Bounced]
+        );
+        assert_eq!(view.recipients[1].attempts, 1);
+        q.close().await;
+    }
+
+    #[tokio::test]
+    async fn finished_messages_leave_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let id = QueueId::generate();
+        q.enqueue(
+            id,
+            envelope(),
+            vec![Recipient::new("a@one.test".into())],
+            Bytes::from_static(b"x\r\n"),
+        )
+        .await
+        .unwrap();
+        let job = rx.recv().await.unwrap();
+        q.complete_attempt(
+            job.id,
+            vec![RcptOutcome {
+                index: 0,
+                result: AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
+                mx: None,
+                tls: None,
+            }],
+        );
+        assert!(q.is_empty());
+        q.close().await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        assert!(q.is_empty());
+        q.close().await;
+        // Only the newest (empty) head segment remains after collection.
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        q.close().await;
+        let segs = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(segs <= 2, "old segments should be deleted, found {segs}");
+    }
+
+    #[tokio::test]
+    async fn retry_expires_after_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.delivery.max_queue_lifetime = crate::config::Span(Duration::from_secs(60));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let id = QueueId::generate();
+        let mut env = envelope();
+        env.received_at -= 120;
+        q.enqueue(id, env, vec![Recipient::new("a@one.test".into())], Bytes::new())
+            .await
+            .unwrap();
+        rx.recv().await.unwrap();
+        q.complete_attempt(
+            id,
+            vec![RcptOutcome {
+                index: 0,
+                result: AttemptResult::Deferred(
+                    Reply::new(451, Enhanced(4, 4, 1), "refused"),
+                    Classification::Network,
+                ),
+                mx: None,
+                tls: None,
+            }],
+        );
+        assert!(q.get(id).is_none(), "expired recipient finishes the message");
+        q.close().await;
     }
 }
