@@ -43,7 +43,7 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_server::Server;
 use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
-use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordSet, RecordType, RrKey};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordSet, RrKey};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 
@@ -166,7 +166,8 @@ impl TestDns {
         let addr = udp.local_addr().expect("udp local addr");
         let mut server = Server::new(catalog);
         server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(10), 65535);
+        // 32: how many responses may queue per TCP connection.
+        server.register_listener(tcp, Duration::from_secs(10), 32);
         TestDns {
             addr,
             origin,
@@ -232,20 +233,14 @@ pub fn resolver_config(addr: SocketAddr) -> ResolverConfig {
     udp.port = addr.port();
     let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
     tcp.port = addr.port();
-    ResolverConfig::from_name_servers(vec![NameServerConfig::new(
-        addr.ip(),
-        true,
-        vec![udp, tcp],
-    )])
+    ResolverConfig::from_name_servers(vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])])
 }
 
 /// A `TokioResolver` that asks only the nameserver at `addr`, with per-query `timeout`,
 /// a single attempt, no hosts file and no cache (so tests see every query).
 pub fn test_resolver(addr: SocketAddr, timeout: Duration) -> TokioResolver {
-    let mut builder = TokioResolver::builder_with_config(
-        resolver_config(addr),
-        TokioRuntimeProvider::default(),
-    );
+    let mut builder =
+        TokioResolver::builder_with_config(resolver_config(addr), TokioRuntimeProvider::default());
     let opts: &mut ResolverOpts = builder.options_mut();
     opts.timeout = timeout;
     opts.attempts = 1;
@@ -269,10 +264,14 @@ pub enum LookupOutcome {
 /// Classifies a hickory-resolver 0.26 lookup error (see the module documentation).
 pub fn classify(err: &NetError) -> LookupOutcome {
     match err {
-        NetError::Dns(DnsError::NoRecordsFound(no)) if no.response_code == ResponseCode::NXDomain => {
+        NetError::Dns(DnsError::NoRecordsFound(no))
+            if no.response_code == ResponseCode::NXDomain =>
+        {
             LookupOutcome::NxDomain
         }
-        NetError::Dns(DnsError::NoRecordsFound(no)) if no.response_code == ResponseCode::NoError => {
+        NetError::Dns(DnsError::NoRecordsFound(no))
+            if no.response_code == ResponseCode::NoError =>
+        {
             LookupOutcome::NoData
         }
         _ => LookupOutcome::Temporary,

@@ -1,0 +1,24 @@
+#![allow(dead_code)]
+//! Shared support for herald's integration tests. Use with `mod common;` in a test file.
+//!
+//! * [`dns`]: an in-process authoritative DNS server ([`dns::TestDns`], [`dns::Zone`]), a
+//!   DNS server that never answers ([`dns::SilentDns`]) and a resolver pointed at either.
+//! * [`mx`]: scriptable recipient MX sinks on 127.0.0.x ([`mx::MxSink`], [`mx::reserve_port`]).
+//! * [`smtp`]: a wire-level async SMTP client with TLS ([`smtp::TestClient`]).
+//!
+//! Rules: loopback addresses only, no sleeps as synchronisation, every wait bounded.
+
+pub mod dns;
+pub mod mx;
+pub mod smtp;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Runs `fut` with a deadline; panics naming `what` if it does not finish in time.
+pub async fn within<T>(timeout: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
