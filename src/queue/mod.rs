@@ -411,6 +411,40 @@ impl Queue {
         }
     }
 
+    /// Makes every waiting recipient of a message due now. False when the
+    /// message is not in the queue.
+    pub fn retry_now(&self, id: QueueId) -> bool {
+        let now = unix_now();
+        let mut inner = self.inner.lock().expect("queue lock");
+        let Some(entry) = inner.messages.get_mut(&id) else {
+            return false;
+        };
+        for r in entry.recipients.iter_mut().filter(|r| !r.status.is_final()) {
+            r.next_attempt = now;
+        }
+        self.settle(&mut inner, id, now);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Removes a message from the queue without delivering it further.
+    pub fn delete(&self, id: QueueId) -> bool {
+        let mut inner = self.inner.lock().expect("queue lock");
+        let Some(entry) = inner.messages.get_mut(&id) else {
+            return false;
+        };
+        let now = unix_now();
+        for (i, r) in entry.recipients.iter_mut().enumerate() {
+            if !r.status.is_final() {
+                r.status = RcptStatus::Expired;
+                r.updated_at = now;
+                self.spool.append(Record::update(id, i, r));
+            }
+        }
+        self.settle(&mut inner, id, now);
+        true
+    }
+
     /// Stops taking messages and makes everything written durable.
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Release);
