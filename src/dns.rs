@@ -10,9 +10,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::NetError;
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError as WireError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use rand::seq::SliceRandom;
 
@@ -58,6 +59,9 @@ impl Dns {
         opts.attempts = cfg.attempts;
         // Mail routing names are always fully qualified.
         opts.ndots = 0;
+        // IPv4 first: a host whose IPv6 path silently drops packets would
+        // otherwise cost a connect timeout per MX.
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         let builder = if servers.is_empty() {
             TokioResolver::builder_tokio()
                 .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?
@@ -113,9 +117,11 @@ impl Dns {
                 order_hosts(&mut hosts);
                 Ok(MxLookup::Hosts(hosts))
             }
-            Err(e) if e.is_nx_domain() => Ok(MxLookup::NoMailServer),
-            Err(e) if e.is_no_records_found() => self.implicit_mx(domain).await,
-            Err(e) => Err(temp_error(domain, &e)),
+            Err(e) => match negative(&e) {
+                Some(Negative::NxDomain) => Ok(MxLookup::NoMailServer),
+                Some(Negative::NoData) => self.implicit_mx(domain).await,
+                None => Err(temp_error(domain, &e)),
+            },
         }
     }
 
@@ -135,12 +141,15 @@ impl Dns {
 
     /// IPv4 and IPv6 addresses of a host; empty when it has none.
     pub async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
-        if let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<IpAddr>()
+        {
             return Ok(vec![ip]);
         }
         match self.resolver.lookup_ip(fqdn(host).as_str()).await {
             Ok(l) => Ok(l.iter().collect()),
-            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) if negative(&e).is_some() => Ok(Vec::new()),
             Err(e) => Err(temp_error(host, &e)),
         }
     }
@@ -151,6 +160,27 @@ fn fqdn(name: &str) -> String {
         name.to_string()
     } else {
         format!("{name}.")
+    }
+}
+
+/// A definite negative answer, as opposed to a failure to get one.
+enum Negative {
+    /// NXDOMAIN: the name does not exist.
+    NxDomain,
+    /// NOERROR without records of the type asked for.
+    NoData,
+}
+
+/// Only NXDOMAIN and NOERROR/no-data are facts about a domain; REFUSED,
+/// SERVFAIL and timeouts say nothing about it and must stay temporary.
+fn negative(e: &NetError) -> Option<Negative> {
+    match e {
+        NetError::Dns(WireError::NoRecordsFound(no)) => match no.response_code {
+            ResponseCode::NXDomain => Some(Negative::NxDomain),
+            ResponseCode::NoError => Some(Negative::NoData),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

@@ -8,8 +8,11 @@
 pub mod config;
 pub mod deliver;
 pub mod dns;
+pub mod loadgen;
 pub mod policy;
 pub mod queue;
 pub mod receive;
 pub mod reply;
 pub mod report;
+pub mod server;
+pub mod tls;

@@ -1,1 +1,215 @@
-fn main() {}
+//! The `herald` command line: run the relay and the postmaster's tools.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use herald::config::{self, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Outbound SMTP relay for applications"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve,
+    /// Load and validate the config; print every problem with its key path.
+    CheckConfig,
+    /// Read a password on standard input and print its argon2id hash for
+    /// `password_hash`.
+    HashPassword,
+    /// Send test messages to an SMTP server and report throughput and latency.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// HOST:PORT of the SMTP server.
+    #[arg(long)]
+    target: String,
+    #[arg(long, default_value_t = 1000)]
+    messages: usize,
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Approximate message size in bytes.
+    #[arg(long, default_value_t = 2048)]
+    size: usize,
+    /// USER:PASS for AUTH PLAIN.
+    #[arg(long)]
+    auth: Option<String>,
+    /// Use STARTTLS.
+    #[arg(long, conflicts_with = "tls")]
+    starttls: bool,
+    /// Use implicit TLS (port 465 style).
+    #[arg(long)]
+    tls: bool,
+    #[arg(long, default_value = "loadgen@example.com")]
+    from: String,
+    #[arg(long, default_value = "sink@example.net")]
+    to: String,
+    /// One connection per message instead of reusing connections.
+    #[arg(long)]
+    no_reuse: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve => {
+            let Some(cfg) = load(&cli.config) else {
+                return ExitCode::FAILURE;
+            };
+            match rt.block_on(herald::server::run_until_signal(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig => match load(&cli.config) {
+            Some(cfg) => match rt.block_on(herald::server::check(&cfg)) {
+                Ok(()) => {
+                    println!(
+                        "{}: ok ({} listener(s), {} tenant(s))",
+                        cli.config.display(),
+                        cfg.listeners.len(),
+                        cfg.tenants.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errs) => {
+                    eprintln!(
+                        "{}: {} problem(s):\n{errs}",
+                        cli.config.display(),
+                        errs.0.len()
+                    );
+                    ExitCode::FAILURE
+                }
+            },
+            None => ExitCode::FAILURE,
+        },
+        Command::HashPassword => hash_password(),
+        Command::Loadgen(a) => {
+            use herald::loadgen::{LoadgenOptions, LoadgenTls};
+            let auth = match a.auth.as_deref().map(|s| s.split_once(':')) {
+                None => None,
+                Some(Some((u, p))) => Some((u.to_string(), config::Secret::new(p))),
+                Some(None) => {
+                    eprintln!("herald loadgen: --auth takes USER:PASS");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = LoadgenOptions {
+                target: a.target,
+                messages: a.messages,
+                concurrency: a.concurrency,
+                size: a.size,
+                auth,
+                tls: if a.tls {
+                    LoadgenTls::Implicit
+                } else if a.starttls {
+                    LoadgenTls::StartTls
+                } else {
+                    LoadgenTls::None
+                },
+                from: a.from,
+                to: a.to,
+                reuse: !a.no_reuse,
+                progress: std::io::stderr().is_terminal(),
+                ..LoadgenOptions::default()
+            };
+            match rt.block_on(herald::loadgen::run(opts)) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald loadgen: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
+        Err(errs) => {
+            eprintln!("{}: {} problem(s):\n{errs}", path.display(), errs.0.len());
+            None
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    use std::io::BufRead;
+    eprint!("Password (read from standard input): ");
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        eprintln!("herald: cannot read the password");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("herald: empty password");
+        return ExitCode::FAILURE;
+    }
+    eprintln!();
+    match herald::receive::auth::hash_password(password) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

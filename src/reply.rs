@@ -23,8 +23,7 @@ impl Enhanced {
         let class: u8 = parts.next()?.parse().ok()?;
         let subject: u16 = parts.next()?.parse().ok()?;
         let detail: u16 = parts.next()?.parse().ok()?;
-        if parts.next().is_some() || !matches!(class, 2 | 4 | 5) || subject > 999 || detail > 999
-        {
+        if parts.next().is_some() || !matches!(class, 2 | 4 | 5) || subject > 999 || detail > 999 {
             return None;
         }
         Some(Enhanced(class, subject, detail))
@@ -220,16 +219,32 @@ pub mod codes {
         )
     }
     pub fn local_error() -> Reply {
-        Reply::new(451, Enhanced(4, 3, 0), "Local error in processing, try again later")
+        Reply::new(
+            451,
+            Enhanced(4, 3, 0),
+            "Local error in processing, try again later",
+        )
     }
     pub fn shutting_down() -> Reply {
-        Reply::new(421, Enhanced(4, 3, 2), "Service shutting down, try again later")
+        Reply::new(
+            421,
+            Enhanced(4, 3, 2),
+            "Service shutting down, try again later",
+        )
     }
     pub fn timeout() -> Reply {
-        Reply::new(421, Enhanced(4, 4, 2), "Timeout exceeded, closing connection")
+        Reply::new(
+            421,
+            Enhanced(4, 4, 2),
+            "Timeout exceeded, closing connection",
+        )
     }
     pub fn too_many_errors() -> Reply {
-        Reply::new(421, Enhanced(4, 7, 0), "Too many errors, closing connection")
+        Reply::new(
+            421,
+            Enhanced(4, 7, 0),
+            "Too many errors, closing connection",
+        )
     }
 }
 

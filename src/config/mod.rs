@@ -415,20 +415,27 @@ impl Config {
             }
         }
 
+        // Array items keep their position, so that paths like `listener[1]`
+        // stay right when an earlier item failed to parse.
+        let listeners: Vec<Option<ListenerConfig>> = array(&table, "listener", &mut errs);
+        let tenants: Vec<Option<TenantConfig>> = array(&table, "tenant", &mut errs);
         let cfg = Config {
             server: section(&table, "server", &mut errs).unwrap_or_default(),
-            listeners: array(&table, "listener", &mut errs),
+            listeners: listeners.iter().flatten().cloned().collect(),
             tls: section(&table, "tls", &mut errs).unwrap_or_default(),
-            tenants: array(&table, "tenant", &mut errs),
+            tenants: tenants.iter().flatten().cloned().collect(),
             dns: section(&table, "dns", &mut errs).unwrap_or_default(),
             delivery: section(&table, "delivery", &mut errs).unwrap_or_default(),
-            dkim: array(&table, "dkim", &mut errs),
+            dkim: array(&table, "dkim", &mut errs)
+                .into_iter()
+                .flatten()
+                .collect(),
             bounces: section(&table, "bounces", &mut errs).unwrap_or_default(),
             events: section(&table, "events", &mut errs).unwrap_or_default(),
             admin: section(&table, "admin", &mut errs).unwrap_or_default(),
             cluster: section(&table, "cluster", &mut errs).unwrap_or_default(),
         };
-        cfg.validate(&mut errs);
+        cfg.validate(&listeners, &tenants, &mut errs);
         if errs.0.is_empty() {
             Ok(cfg)
         } else {
@@ -453,7 +460,12 @@ impl Config {
         self.listeners.iter().any(|l| l.tls != TlsMode::None)
     }
 
-    fn validate(&self, errs: &mut ConfigErrors) {
+    fn validate(
+        &self,
+        listeners: &[Option<ListenerConfig>],
+        tenants: &[Option<TenantConfig>],
+        errs: &mut ConfigErrors,
+    ) {
         let host = &self.server.hostname;
         if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
             errs.push(
@@ -474,14 +486,15 @@ impl Config {
             );
         }
 
-        if self.listeners.is_empty() {
+        if listeners.is_empty() {
             errs.push(
                 "listener",
                 "at least one [[listener]] is needed, e.g. address = \"127.0.0.1:2587\"",
             );
         }
         let mut seen = HashSet::new();
-        for (i, l) in self.listeners.iter().enumerate() {
+        for (i, l) in listeners.iter().enumerate() {
+            let Some(l) = l else { continue };
             let p = format!("listener[{i}]");
             if l.address.port() != 0 && !seen.insert(l.address) {
                 errs.push(
@@ -511,7 +524,8 @@ impl Config {
 
         let mut users = HashSet::new();
         let mut names = HashSet::new();
-        for (i, t) in self.tenants.iter().enumerate() {
+        for (i, t) in tenants.iter().enumerate() {
+            let Some(t) = t else { continue };
             let p = format!("tenant[{i}]");
             if !names.insert(&t.name) {
                 errs.push(format!("{p}.name"), format!("{:?} is used twice", t.name));
@@ -632,7 +646,9 @@ fn typed<T: DeserializeOwned>(
             } else {
                 join(prefix, &path)
             };
-            errs.push(path, e.to_string());
+            // toml appends "in `key`" on a second line; the path says that.
+            let msg = e.to_string();
+            errs.push(path, msg.lines().next().unwrap_or_default());
             None
         }
     }
@@ -655,13 +671,20 @@ fn section<T: DeserializeOwned>(
 ) -> Option<T> {
     let value = table.get(key)?.clone();
     if !value.is_table() {
-        errs.push(key, "must be a table: write it as [".to_string() + key + "]");
+        errs.push(
+            key,
+            "must be a table: write it as [".to_string() + key + "]",
+        );
         return None;
     }
     typed(value, key, errs)
 }
 
-fn array<T: DeserializeOwned>(table: &toml::Table, key: &str, errs: &mut ConfigErrors) -> Vec<T> {
+fn array<T: DeserializeOwned>(
+    table: &toml::Table,
+    key: &str,
+    errs: &mut ConfigErrors,
+) -> Vec<Option<T>> {
     let Some(value) = table.get(key) else {
         return Vec::new();
     };
@@ -675,7 +698,7 @@ fn array<T: DeserializeOwned>(table: &toml::Table, key: &str, errs: &mut ConfigE
     items
         .iter()
         .enumerate()
-        .filter_map(|(i, v)| typed(v.clone(), &format!("{key}[{i}]"), errs))
+        .map(|(i, v)| typed(v.clone(), &format!("{key}[{i}]"), errs))
         .collect()
 }
 

@@ -68,11 +68,11 @@ impl fmt::Display for Span {
         let secs = self.0.as_secs();
         if self.0.subsec_millis() != 0 || secs == 0 {
             write!(f, "{}ms", self.0.as_millis())
-        } else if secs % 86400 == 0 {
+        } else if secs.is_multiple_of(86400) {
             write!(f, "{}d", secs / 86400)
-        } else if secs % 3600 == 0 {
+        } else if secs.is_multiple_of(3600) {
             write!(f, "{}h", secs / 3600)
-        } else if secs % 60 == 0 {
+        } else if secs.is_multiple_of(60) {
             write!(f, "{}m", secs / 60)
         } else {
             write!(f, "{secs}s")
@@ -137,11 +137,11 @@ impl Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n != 0 && n % (1 << 30) == 0 {
+        if n != 0 && n.is_multiple_of(1 << 30) {
             write!(f, "{}GiB", n >> 30)
-        } else if n != 0 && n % (1 << 20) == 0 {
+        } else if n != 0 && n.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", n >> 20)
-        } else if n != 0 && n % (1 << 10) == 0 {
+        } else if n != 0 && n.is_multiple_of(1 << 10) {
             write!(f, "{}KiB", n >> 10)
         } else {
             write!(f, "{n}")

@@ -1,1 +1,1179 @@
 //! Delivery to the recipients' MX hosts.
+//!
+//! The queue hands over [`DeliveryJob`]s (one message, the recipients at one
+//! domain). The dispatcher groups them per domain in a ready queue and runs
+//! at most `delivery.max_connections_per_domain` connection tasks per
+//! domain. A connection task resolves the domain's MX hosts (RFC 5321 §5.1,
+//! null MX per RFC 7505), tries each host's addresses in turn until one
+//! greets and answers EHLO, upgrades with STARTTLS per `delivery.starttls`
+//! (RFC 3207, opportunistic per RFC 7435), and then delivers job after job
+//! over that connection: up to `max_messages_per_connection`, waiting up to
+//! `idle_timeout` for more. Every job is reported back with one outcome per
+//! recipient through [`Queue::complete_attempt`].
+//!
+//! What it trusts: the jobs (the receive stage checked addresses and the
+//! body's line ends). Nothing from DNS or the remote server: their failures
+//! become synthesized 4xx replies, and only a remote 5xx or a permanent DNS
+//! fact (null MX, no such domain) becomes a bounce. A temporary DNS or
+//! network problem is never a bounce.
+//!
+//! Reach of a failure (as Postfix's `smtp_trouble.c` decides it): a RCPT
+//! reply is per recipient; MAIL and DATA replies are per message; a DNS
+//! verdict, or no host answering at all while no other connection to the
+//! domain is up, is per destination and settles every job queued for it.
+
+pub mod classify;
+pub mod client;
+#[cfg(test)]
+pub(crate) mod fake;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, StarttlsPolicy};
+use crate::dns::{Dns, MxLookup};
+use crate::queue::{AttemptResult, DeliveryJob, Queue, RcptOutcome};
+use crate::reply::{Enhanced, Reply};
+use crate::report::Classification;
+
+pub use classify::classify;
+use client::{
+    ClientError, MailParams, RcptParams, SmtpClient, Stage, Timeouts, Tls, TransactionError,
+    TransactionReplies, TxStage,
+};
+
+/// Where attempt outcomes go: the queue in production, a recorder in tests.
+pub trait AttemptSink: Send + Sync + 'static {
+    /// Records what an attempt did for some recipients of a message.
+    fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>);
+}
+
+impl AttemptSink for Queue {
+    fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>) {
+        Queue::complete_attempt(self, id, outcomes)
+    }
+}
+
+/// Starts the delivery stage. It takes jobs from `jobs` until `shutdown`
+/// is cancelled or every sender is gone; on shutdown it finishes the
+/// transactions in flight, reports the jobs it has not started as
+/// [`AttemptResult::NotAttempted`], says QUIT, and the returned task ends.
+pub fn start(
+    config: Arc<Config>,
+    dns: Dns,
+    queue: Arc<Queue>,
+    jobs: mpsc::UnboundedReceiver<DeliveryJob>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    start_with(config, dns, queue, jobs, shutdown)
+}
+
+/// [`start`] with any [`AttemptSink`].
+pub fn start_with(
+    config: Arc<Config>,
+    dns: Dns,
+    sink: Arc<dyn AttemptSink>,
+    jobs: mpsc::UnboundedReceiver<DeliveryJob>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let ctx = Arc::new(Ctx {
+        timeouts: Timeouts::from_config(&config.delivery),
+        helo: config.helo_name().to_string(),
+        config,
+        dns,
+        sink,
+        tls: Tls::opportunistic(),
+        shutdown,
+        next_source: AtomicUsize::new(0),
+    });
+    tokio::spawn(dispatch(ctx, jobs))
+}
+
+/// What every connection task shares.
+struct Ctx {
+    config: Arc<Config>,
+    helo: String,
+    dns: Dns,
+    sink: Arc<dyn AttemptSink>,
+    /// One rustls config for all connections (session resumption, no
+    /// per-connection setup cost).
+    tls: Tls,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+    next_source: AtomicUsize,
+}
+
+impl Ctx {
+    /// The next of `delivery.source_ips` of the destination's family, in
+    /// turn; `None` lets the OS choose.
+    fn source_for(&self, dest: IpAddr) -> Option<IpAddr> {
+        let ips = &self.config.delivery.source_ips;
+        let same = ips.iter().filter(|ip| ip.is_ipv4() == dest.is_ipv4());
+        let n = same.clone().count();
+        if n == 0 {
+            return None;
+        }
+        let i = self.next_source.fetch_add(1, Ordering::Relaxed) % n;
+        same.clone().nth(i).copied()
+    }
+
+    fn report(&self, job: &DeliveryJob, outcomes: Vec<RcptOutcome>) {
+        self.sink.complete_attempt(job.id, outcomes);
+    }
+
+    /// The same result for every recipient of a job.
+    fn report_all(&self, job: &DeliveryJob, result: &AttemptResult, mx: Option<&str>) {
+        let outcomes = job
+            .recipients
+            .iter()
+            .map(|r| RcptOutcome {
+                index: r.index,
+                result: result.clone(),
+                mx: mx.map(str::to_string),
+                tls: None,
+            })
+            .collect();
+        self.report(job, outcomes);
+    }
+}
+
+/// One destination domain: its ready queue and its connection tasks.
+struct Domain {
+    name: String,
+    state: Mutex<DomainState>,
+}
+
+#[derive(Default)]
+struct DomainState {
+    /// Jobs waiting for a connection.
+    jobs: VecDeque<DeliveryJob>,
+    /// Connection tasks running (each holds at most one connection).
+    tasks: usize,
+    /// Connections established right now.
+    connected: usize,
+    /// Idle connection tasks waiting for a job. The most recently idle one
+    /// gets the next job, so that when traffic drops the others idle out.
+    idle: VecDeque<oneshot::Sender<DeliveryJob>>,
+}
+
+impl Domain {
+    fn lock(&self) -> MutexGuard<'_, DomainState> {
+        // A panic elsewhere cannot leave this state half-updated in a way
+        // that matters more than stopping delivery would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn dispatch(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<DeliveryJob>) {
+    let mut d = Dispatcher {
+        ctx: ctx.clone(),
+        domains: HashMap::new(),
+        tasks: JoinSet::new(),
+        task_domain: HashMap::new(),
+    };
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(done) = d.tasks.join_next_with_id(), if !d.tasks.is_empty() => d.reap(done),
+            n = jobs.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    break;
+                }
+                for job in batch.drain(..) {
+                    d.route(job);
+                }
+            }
+        }
+    }
+
+    // No new jobs from here on. On shutdown, what has not started is handed
+    // back; when the queue merely went away, the tasks finish what is queued.
+    jobs.close();
+    let mut drained = false;
+    loop {
+        if ctx.shutdown.is_cancelled() && !drained {
+            drained = true;
+            while let Some(job) = jobs.recv().await {
+                ctx.report_all(&job, &AttemptResult::NotAttempted, None);
+            }
+            d.drain_all();
+        }
+        tokio::select! {
+            done = d.tasks.join_next_with_id() => match done {
+                Some(done) => d.reap(done),
+                None => break,
+            },
+            _ = ctx.shutdown.cancelled(), if !drained => {}
+        }
+    }
+    d.drain_all();
+    while let Ok(job) = jobs.try_recv() {
+        ctx.report_all(&job, &AttemptResult::NotAttempted, None);
+    }
+    tracing::debug!("delivery stopped");
+}
+
+struct Dispatcher {
+    ctx: Arc<Ctx>,
+    domains: HashMap<String, Arc<Domain>>,
+    tasks: JoinSet<()>,
+    task_domain: HashMap<tokio::task::Id, Arc<Domain>>,
+}
+
+impl Dispatcher {
+    /// Hands a job to an idle connection of its domain, or queues it and
+    /// starts another connection task if the domain's limit allows.
+    fn route(&mut self, job: DeliveryJob) {
+        let domain = match self.domains.get(&job.domain) {
+            Some(d) => d.clone(),
+            None => {
+                let d = Arc::new(Domain {
+                    name: job.domain.clone(),
+                    state: Mutex::new(DomainState::default()),
+                });
+                self.domains.insert(job.domain.clone(), d.clone());
+                d
+            }
+        };
+        let spawn = {
+            let mut st = domain.lock();
+            let mut job = job;
+            loop {
+                let Some(waiter) = st.idle.pop_back() else {
+                    break;
+                };
+                match waiter.send(job) {
+                    Ok(()) => return,
+                    // That task's idle time ran out just now.
+                    Err(back) => job = back,
+                }
+            }
+            st.jobs.push_back(job);
+            let spawn = st.tasks < self.ctx.config.delivery.max_connections_per_domain;
+            if spawn {
+                st.tasks += 1;
+            }
+            spawn
+        };
+        if spawn {
+            self.spawn(domain);
+        }
+    }
+
+    fn spawn(&mut self, domain: Arc<Domain>) {
+        let handle = self
+            .tasks
+            .spawn(connection_task(self.ctx.clone(), domain.clone()));
+        self.task_domain.insert(handle.id(), domain);
+    }
+
+    /// A connection task ended: restart one if jobs were left behind (only
+    /// after a panic), forget the domain when nothing is left of it.
+    fn reap(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(domain) = self.task_domain.remove(&id) else {
+            return;
+        };
+        let spawn = {
+            let mut st = domain.lock();
+            if let Err(e) = &done {
+                // The task never got to count itself out.
+                tracing::error!(domain = %domain.name, error = %e, "delivery task failed");
+                st.tasks = st.tasks.saturating_sub(1);
+            }
+            let spawn = !st.jobs.is_empty()
+                && st.tasks < self.ctx.config.delivery.max_connections_per_domain
+                && !self.ctx.shutdown.is_cancelled();
+            if spawn {
+                st.tasks += 1;
+            } else if st.tasks == 0
+                && st.jobs.is_empty()
+                && self
+                    .domains
+                    .get(&domain.name)
+                    .is_some_and(|d| Arc::ptr_eq(d, &domain))
+            {
+                self.domains.remove(&domain.name);
+            }
+            spawn
+        };
+        if spawn {
+            self.spawn(domain);
+        }
+    }
+
+    /// Hands back every queued job as not attempted (shutdown).
+    fn drain_all(&mut self) {
+        for domain in self.domains.values() {
+            let jobs: Vec<DeliveryJob> = domain.lock().jobs.drain(..).collect();
+            for job in jobs {
+                self.ctx
+                    .report_all(&job, &AttemptResult::NotAttempted, None);
+            }
+        }
+    }
+}
+
+/// An established connection to one MX host.
+struct Session {
+    client: SmtpClient,
+    /// The MX host name, as reported in events.
+    mx: String,
+    /// Transactions completed on it.
+    sent: usize,
+    _live: Connected,
+}
+
+/// Counts the domain's open connections while it lives.
+struct Connected(Arc<Domain>);
+
+impl Connected {
+    fn new(domain: &Arc<Domain>) -> Connected {
+        domain.lock().connected += 1;
+        Connected(domain.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.connected = st.connected.saturating_sub(1);
+    }
+}
+
+/// Why no connection to a domain could be made.
+enum ConnectFailure {
+    /// Applies to the domain as a whole.
+    Site {
+        result: AttemptResult,
+        mx: Option<String>,
+    },
+    /// Shutdown began while connecting.
+    Shutdown,
+}
+
+/// One connection to one domain, reused for job after job.
+async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
+    let mut session: Option<Session> = None;
+    while let Some(job) = next_job(&ctx, &domain, session.is_some()).await {
+        if ctx.shutdown.is_cancelled() {
+            ctx.report_all(&job, &AttemptResult::NotAttempted, None);
+            continue;
+        }
+        session = deliver_job(&ctx, &domain, session, job).await;
+        if session
+            .as_ref()
+            .is_some_and(|s| s.sent >= ctx.config.delivery.max_messages_per_connection)
+            && let Some(s) = session.take()
+        {
+            s.client.quit().await;
+        }
+    }
+    if let Some(s) = session {
+        s.client.quit().await;
+    }
+}
+
+/// The next job for this connection: from the ready queue, or, when the
+/// connection is open, whatever arrives within `idle_timeout`. `None` when
+/// the task should end; the task is then no longer counted.
+async fn next_job(ctx: &Ctx, domain: &Domain, connected: bool) -> Option<DeliveryJob> {
+    loop {
+        let mut rx = {
+            let mut st = domain.lock();
+            if ctx.shutdown.is_cancelled() {
+                st.tasks = st.tasks.saturating_sub(1);
+                return None;
+            }
+            if let Some(job) = st.jobs.pop_front() {
+                return Some(job);
+            }
+            if !connected {
+                st.tasks = st.tasks.saturating_sub(1);
+                return None;
+            }
+            let (tx, rx) = oneshot::channel();
+            st.idle.push_back(tx);
+            rx
+        };
+        tokio::select! {
+            got = &mut rx => match got {
+                Ok(job) => return Some(job),
+                // Never happens (the dispatcher sends or drops on purpose);
+                // look at the queue again.
+                Err(_) => continue,
+            },
+            _ = tokio::time::sleep(ctx.config.delivery.idle_timeout.as_duration()) => {}
+            _ = ctx.shutdown.cancelled() => {}
+        }
+        // Closing first makes the hand-over race-free: either the job was
+        // sent before (and is taken here) or the dispatcher gets it back.
+        rx.close();
+        if let Ok(job) = rx.try_recv() {
+            return Some(job);
+        }
+        let mut st = domain.lock();
+        if !ctx.shutdown.is_cancelled()
+            && let Some(job) = st.jobs.pop_front()
+        {
+            return Some(job);
+        }
+        st.idle.retain(|w| !w.is_closed());
+        st.tasks = st.tasks.saturating_sub(1);
+        return None;
+    }
+}
+
+/// Delivers one job, connecting first if needed. Returns the connection if
+/// it can carry another message.
+async fn deliver_job(
+    ctx: &Ctx,
+    domain: &Arc<Domain>,
+    mut session: Option<Session>,
+    job: DeliveryJob,
+) -> Option<Session> {
+    let mut retried = false;
+    loop {
+        let mut s = match session.take() {
+            Some(s) => s,
+            None => match connect_domain(ctx, domain).await {
+                Ok(s) => s,
+                Err(ConnectFailure::Shutdown) => {
+                    ctx.report_all(&job, &AttemptResult::NotAttempted, None);
+                    return None;
+                }
+                Err(ConnectFailure::Site { result, mx }) => {
+                    ctx.report_all(&job, &result, mx.as_deref());
+                    settle_domain(ctx, domain, &result, mx.as_deref());
+                    return None;
+                }
+            },
+        };
+        let reused = s.sent > 0;
+        match transact(&mut s, &job).await {
+            Ok(outcomes) => {
+                ctx.report(&job, outcomes);
+                s.sent += 1;
+                return s.client.is_usable().then_some(s);
+            }
+            // A cached connection the server has dropped meanwhile (idle
+            // timeout, message limit): nothing was handed over, so try once
+            // more on a fresh one rather than defer.
+            Err(e) if reused && !retried && e.stage == TxStage::Envelope => {
+                tracing::debug!(domain = %domain.name, mx = %s.mx, error = %e, "reused connection failed, reconnecting");
+                retried = true;
+            }
+            Err(e) => {
+                let (reply, class) = match e.error {
+                    // The server said why it ends the session: keep its words.
+                    ClientError::Rejected { reply, .. } => {
+                        let class = classify(&reply);
+                        (reply, class)
+                    }
+                    error => synthesize(&error, &s.mx, s.client.peer()),
+                };
+                tracing::info!(domain = %domain.name, mx = %s.mx, queue_id = %job.id, reply = %reply, "transaction failed");
+                let mx = s.mx.clone();
+                let tls = s.client.tls_version().map(str::to_string);
+                let outcomes = job
+                    .recipients
+                    .iter()
+                    .map(|r| RcptOutcome {
+                        index: r.index,
+                        result: AttemptResult::Deferred(reply.clone(), class),
+                        mx: Some(mx.clone()),
+                        tls: tls.clone(),
+                    })
+                    .collect();
+                ctx.report(&job, outcomes);
+                return None;
+            }
+        }
+    }
+}
+
+/// Settles every job queued for the domain with a destination-wide result
+/// (a DNS verdict, or every host unreachable while no connection is up).
+fn settle_domain(ctx: &Ctx, domain: &Domain, result: &AttemptResult, mx: Option<&str>) {
+    let jobs: Vec<DeliveryJob> = {
+        let mut st = domain.lock();
+        if matches!(result, AttemptResult::Deferred(_, c) if *c != Classification::Dns)
+            && st.connected > 0
+        {
+            // Another connection to the domain works: the failure was ours.
+            return;
+        }
+        st.jobs.drain(..).collect()
+    };
+    for job in jobs {
+        ctx.report_all(&job, result, mx);
+    }
+}
+
+/// Finds the domain's MX hosts and connects to the first address that
+/// greets and answers EHLO (RFC 5321 §5.1: on to the next address or host
+/// on a refused connection, a timeout, or a 4xx/5xx greeting or EHLO).
+async fn connect_domain(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session, ConnectFailure> {
+    tokio::select! {
+        r = connect_domain_inner(ctx, domain) => r,
+        _ = ctx.shutdown.cancelled() => Err(ConnectFailure::Shutdown),
+    }
+}
+
+async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session, ConnectFailure> {
+    let name = &domain.name;
+    let hosts = match ctx.dns.mx(name).await {
+        Ok(MxLookup::Hosts(hosts)) => hosts,
+        Ok(MxLookup::NullMx) => {
+            return Err(ConnectFailure::Site {
+                result: AttemptResult::Bounced(
+                    Reply::new(
+                        556,
+                        Enhanced(5, 1, 10),
+                        format!(
+                            "Recipient domain {name} has a null MX record (RFC 7505): it accepts no mail"
+                        ),
+                    ),
+                    Classification::InvalidRecipient,
+                ),
+                mx: None,
+            });
+        }
+        Ok(MxLookup::NoMailServer) => {
+            return Err(ConnectFailure::Site {
+                result: AttemptResult::Bounced(
+                    Reply::new(
+                        550,
+                        Enhanced(5, 1, 2),
+                        format!(
+                            "Recipient domain {name} does not exist or has no mail server (no MX or address records)"
+                        ),
+                    ),
+                    Classification::InvalidRecipient,
+                ),
+                mx: None,
+            });
+        }
+        Err(e) => {
+            return Err(ConnectFailure::Site {
+                result: AttemptResult::Deferred(
+                    Reply::new(451, Enhanced(4, 4, 3), e.to_string()),
+                    Classification::Dns,
+                ),
+                mx: None,
+            });
+        }
+    };
+
+    let mut last: Option<(Reply, Classification, String)> = None;
+    for host in &hosts {
+        let ips = match ctx.dns.ips(&host.name).await {
+            Ok(ips) if !ips.is_empty() => ips,
+            Ok(_) => {
+                last = Some((
+                    Reply::new(
+                        451,
+                        Enhanced(4, 4, 3),
+                        format!("Mail server {} of {name} has no address", host.name),
+                    ),
+                    Classification::Dns,
+                    host.name.clone(),
+                ));
+                continue;
+            }
+            Err(e) => {
+                last = Some((
+                    Reply::new(451, Enhanced(4, 4, 3), e.to_string()),
+                    Classification::Dns,
+                    host.name.clone(),
+                ));
+                continue;
+            }
+        };
+        for ip in ips {
+            let addr = SocketAddr::new(ip, ctx.config.delivery.port);
+            match open(ctx, &host.name, addr).await {
+                Ok(client) => {
+                    return Ok(Session {
+                        client,
+                        mx: host.name.clone(),
+                        sent: 0,
+                        _live: Connected::new(domain),
+                    });
+                }
+                Err((reply, class)) => {
+                    tracing::info!(domain = %name, mx = %host.name, %addr, reply = %reply, "cannot use MX address");
+                    last = Some((reply, class, host.name.clone()));
+                }
+            }
+        }
+    }
+    let (reply, class, mx) = last.unwrap_or_else(|| {
+        (
+            Reply::new(
+                451,
+                Enhanced(4, 4, 4),
+                format!("No usable mail server for {name}"),
+            ),
+            Classification::Network,
+            String::new(),
+        )
+    });
+    Err(ConnectFailure::Site {
+        result: AttemptResult::Deferred(reply, class),
+        mx: (!mx.is_empty()).then_some(mx),
+    })
+}
+
+/// Connects to one address: greeting, EHLO, and STARTTLS per policy.
+async fn open(
+    ctx: &Ctx,
+    host: &str,
+    addr: SocketAddr,
+) -> Result<SmtpClient, (Reply, Classification)> {
+    let fail = |e: ClientError| synthesize(&e, host, addr);
+    let source = ctx.source_for(addr.ip());
+    let mut client = SmtpClient::connect(addr, source, ctx.timeouts)
+        .await
+        .map_err(fail)?;
+    client.ehlo(&ctx.helo).await.map_err(fail)?;
+    match ctx.config.delivery.starttls {
+        StarttlsPolicy::Disabled => Ok(client),
+        StarttlsPolicy::Required => {
+            client
+                .starttls(&ctx.tls, host, &ctx.helo)
+                .await
+                .map_err(fail)?;
+            Ok(client)
+        }
+        StarttlsPolicy::Opportunistic => {
+            if !client.capabilities().starttls {
+                return Ok(client);
+            }
+            match client.starttls(&ctx.tls, host, &ctx.helo).await {
+                Ok(()) => Ok(client),
+                // Refused with a 4xx/5xx: the session goes on in plaintext.
+                Err(ClientError::Rejected {
+                    stage: Stage::StartTls,
+                    ..
+                }) if client.is_usable() => Ok(client),
+                Err(e) => {
+                    // RFC 7435: without TLS beats not at all. The failed
+                    // handshake took the connection, so start over, plain.
+                    tracing::info!(mx = %host, %addr, error = %e, "STARTTLS failed, delivering without TLS");
+                    drop(client);
+                    let mut client = SmtpClient::connect(addr, source, ctx.timeouts)
+                        .await
+                        .map_err(fail)?;
+                    client.ehlo(&ctx.helo).await.map_err(fail)?;
+                    Ok(client)
+                }
+            }
+        }
+    }
+}
+
+/// One job over an open session: local checks, the transaction, and the
+/// per-recipient outcomes.
+async fn transact(
+    s: &mut Session,
+    job: &DeliveryJob,
+) -> Result<Vec<RcptOutcome>, TransactionError> {
+    let env = &job.envelope;
+    let tls = s.client.tls_version();
+    let mx = s.mx.as_str();
+    let local = |reply: Reply, class| {
+        job.recipients
+            .iter()
+            .map(|r| RcptOutcome {
+                index: r.index,
+                result: AttemptResult::Bounced(reply.clone(), class),
+                mx: Some(mx.to_string()),
+                tls: tls.map(str::to_string),
+            })
+            .collect::<Vec<_>>()
+    };
+    let caps = s.client.capabilities();
+
+    // RFC 1870 §6.1: a message over the server's fixed limit would only be
+    // refused after the whole transfer.
+    if caps.size_ext && caps.size > 0 && job.body.len() as u64 > caps.size {
+        return Ok(local(
+            Reply::new(
+                552,
+                Enhanced(5, 3, 4),
+                format!(
+                    "Message size ({} bytes) exceeds the limit of {} ({} bytes)",
+                    job.body.len(),
+                    s.mx,
+                    caps.size
+                ),
+            ),
+            Classification::MessageTooLarge,
+        ));
+    }
+    // RFC 6531 §3.2: a message that needs SMTPUTF8 must not go to a server
+    // without it.
+    if env.smtputf8 && !caps.smtputf8 && needs_utf8(job) {
+        return Ok(local(
+            Reply::new(
+                550,
+                Enhanced(5, 6, 7),
+                format!(
+                    "The message needs SMTPUTF8, which {} does not support",
+                    s.mx
+                ),
+            ),
+            Classification::Other,
+        ));
+    }
+
+    let mail = MailParams {
+        from: &env.sender,
+        body_8bit: env.body_8bit,
+        smtputf8: env.smtputf8,
+        ret: env.ret,
+        env_id: env.env_id.as_deref(),
+    };
+    let rcpts: Vec<RcptParams<'_>> = job
+        .recipients
+        .iter()
+        .map(|r| RcptParams {
+            address: &r.address,
+            notify: r.notify,
+            orcpt: r.orcpt.as_deref(),
+        })
+        .collect();
+    let tx = match s.client.send(&mail, &rcpts, &job.body).await {
+        Ok(tx) => tx,
+        Err(TransactionError {
+            error: ClientError::InvalidArgument(what),
+            ..
+        }) => {
+            // Nothing was sent; such an address can never be sent.
+            return Ok(local(
+                Reply::new(
+                    553,
+                    Enhanced(5, 1, 3),
+                    format!("{what} contains a line break and cannot be sent"),
+                ),
+                Classification::Other,
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(outcomes(job, &tx, mx, tls))
+}
+
+/// Whether the envelope or the header section holds non-ASCII.
+fn needs_utf8(job: &DeliveryJob) -> bool {
+    let header_end = job
+        .body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(job.body.len());
+    !job.envelope.sender.is_ascii()
+        || job.recipients.iter().any(|r| !r.address.is_ascii())
+        || !job.body[..header_end].is_ascii()
+}
+
+/// Per-recipient outcomes from a transaction's replies.
+fn outcomes(
+    job: &DeliveryJob,
+    tx: &TransactionReplies,
+    mx: &str,
+    tls: Option<&str>,
+) -> Vec<RcptOutcome> {
+    job.recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let result = if !tx.mail.is_positive() {
+                failure(&tx.mail)
+            } else {
+                match (tx.rcpts.get(i), &tx.data) {
+                    (Some(rr), Some(d)) if rr.is_positive() && d.is_positive() => {
+                        AttemptResult::Delivered(d.clone())
+                    }
+                    (Some(rr), Some(d)) if rr.is_positive() => failure(d),
+                    (Some(rr), _) if !rr.is_positive() => failure(rr),
+                    // Accepted but no verdict on the data, or no reply for
+                    // this recipient at all: cannot happen with a sane
+                    // server, and is never a reason to give up.
+                    _ => AttemptResult::Deferred(
+                        Reply::new(
+                            451,
+                            Enhanced(4, 5, 0),
+                            format!("{mx} gave no final reply for this recipient"),
+                        ),
+                        Classification::Other,
+                    ),
+                }
+            };
+            RcptOutcome {
+                index: r.index,
+                result,
+                mx: Some(mx.to_string()),
+                tls: tls.map(str::to_string),
+            }
+        })
+        .collect()
+}
+
+/// A negative reply as an outcome: 5xx bounces, anything else defers.
+fn failure(reply: &Reply) -> AttemptResult {
+    let class = classify(reply);
+    if (500..600).contains(&reply.code) {
+        AttemptResult::Bounced(reply.clone(), class)
+    } else {
+        AttemptResult::Deferred(reply.clone(), class)
+    }
+}
+
+/// A failure that is not an SMTP reply, described as the 4xx reply the
+/// queue records (RFC 3463 codes: 4.4.1 no answer, 4.4.2 bad connection,
+/// 4.7.5 cryptographic failure).
+fn synthesize(e: &ClientError, host: &str, addr: SocketAddr) -> (Reply, Classification) {
+    use Classification::{Network, Other, Tls};
+    let at = format!("{host} [{}]:{}", addr.ip(), addr.port());
+    let r = |enh: Enhanced, text: String| Reply::new(451, enh, text);
+    match e {
+        ClientError::Refused => (
+            r(Enhanced(4, 4, 1), format!("Connection to {at} refused")),
+            Network,
+        ),
+        ClientError::Connect(err) => (
+            r(
+                Enhanced(4, 4, 1),
+                format!("Connection to {at} failed: {err}"),
+            ),
+            Network,
+        ),
+        ClientError::Timeout(Stage::Connect) => (
+            r(Enhanced(4, 4, 1), format!("Connection to {at} timed out")),
+            Network,
+        ),
+        ClientError::Timeout(Stage::TlsHandshake) => (
+            r(
+                Enhanced(4, 7, 5),
+                format!("TLS handshake with {at} timed out"),
+            ),
+            Tls,
+        ),
+        ClientError::Timeout(stage) => (
+            r(
+                Enhanced(4, 4, 2),
+                format!("Connection to {at} timed out {stage}"),
+            ),
+            Network,
+        ),
+        ClientError::Closed(stage) => (
+            r(
+                Enhanced(4, 4, 2),
+                format!("Connection to {at} closed by the server {stage}"),
+            ),
+            Network,
+        ),
+        ClientError::Io { stage, source } => (
+            r(
+                Enhanced(4, 4, 2),
+                format!("Connection to {at} lost {stage}: {source}"),
+            ),
+            Network,
+        ),
+        ClientError::Tls(err) => (
+            r(
+                Enhanced(4, 7, 5),
+                format!("TLS handshake with {at} failed: {err}"),
+            ),
+            Tls,
+        ),
+        ClientError::Protocol { stage, what } => (
+            r(
+                Enhanced(4, 5, 0),
+                format!("{at} broke the SMTP protocol {stage}: {what}"),
+            ),
+            Network,
+        ),
+        ClientError::Rejected { stage, reply } => {
+            // The remote's refusal of the session is kept in the text, and
+            // its enhanced code (made transient) in ours: trying the next
+            // host or later is the answer to a refused greeting or EHLO.
+            let enh = reply.enhanced_or_default();
+            let what = match stage {
+                Stage::Greeting => "refused the session",
+                Stage::Ehlo | Stage::Helo => "refused EHLO and HELO",
+                Stage::StartTls => "refused STARTTLS",
+                _ => "refused",
+            };
+            let class = match stage {
+                Stage::StartTls => Tls,
+                _ => classify(reply),
+            };
+            (
+                r(Enhanced(4, enh.1, enh.2), format!("{at} {what}: {reply}")),
+                class,
+            )
+        }
+        ClientError::NoStartTls => (
+            r(
+                Enhanced(4, 7, 10),
+                format!("{at} does not offer STARTTLS, and delivery.starttls is \"required\""),
+            ),
+            Tls,
+        ),
+        ClientError::NoAuthMechanism | ClientError::InvalidArgument(_) | ClientError::NotUsable => {
+            (
+                r(
+                    Enhanced(4, 3, 0),
+                    format!("Local error talking to {at}: {e}"),
+                ),
+                Other,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(starttls: &str) -> Ctx {
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\nauth = \"none\"\n\
+             trusted_networks = [\"127.0.0.0/8\"]\n\
+             [dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"200ms\"\nattempts = 1\n\
+             [delivery]\nhelo_name = \"relay.test\"\nconnect_timeout = \"5s\"\nstarttls = \"{starttls}\"\n"
+        );
+        let config = Arc::new(Config::from_toml_str(&text).unwrap());
+        Ctx {
+            timeouts: Timeouts::from_config(&config.delivery),
+            helo: config.helo_name().to_string(),
+            dns: Dns::new(&config.dns).unwrap(),
+            sink: Arc::new(Discard),
+            tls: Tls::opportunistic(),
+            shutdown: CancellationToken::new(),
+            next_source: AtomicUsize::new(0),
+            config,
+        }
+    }
+
+    struct Discard;
+    impl AttemptSink for Discard {
+        fn complete_attempt(&self, _: crate::queue::QueueId, _: Vec<RcptOutcome>) {}
+    }
+
+    fn broken_tls() -> fake::Script {
+        fake::Script {
+            ehlo: Some("PIPELINING\nSTARTTLS"),
+            broken_tls: true,
+            ..fake::Script::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn opportunistic_tls_falls_back_to_plaintext_on_a_new_connection() {
+        let (addr, rec) = fake::start(broken_tls()).await;
+        let c = open(&ctx("opportunistic"), "mx.test", addr).await.unwrap();
+        assert_eq!(c.tls_version(), None);
+        assert!(c.is_usable());
+        assert_eq!(rec.lock().unwrap().connections, 2);
+    }
+
+    #[tokio::test]
+    async fn required_tls_defers_when_the_handshake_fails_or_tls_is_missing() {
+        let (addr, _) = fake::start(broken_tls()).await;
+        let (r, c) = open(&ctx("required"), "mx.test", addr).await.unwrap_err();
+        assert_eq!((r.code, r.enhanced), (451, Some(Enhanced(4, 7, 5))));
+        assert!(
+            r.text
+                .starts_with("TLS handshake with mx.test [127.0.0.1]:"),
+            "{r}"
+        );
+        assert_eq!(c, Classification::Tls);
+
+        let (addr, _) = fake::start(fake::Script::default()).await;
+        let (r, c) = open(&ctx("required"), "mx.test", addr).await.unwrap_err();
+        assert_eq!(r.enhanced, Some(Enhanced(4, 7, 10)));
+        assert_eq!(c, Classification::Tls);
+
+        // Disabled: STARTTLS is not even tried.
+        let (addr, rec) = fake::start(broken_tls()).await;
+        let c = open(&ctx("disabled"), "mx.test", addr).await.unwrap();
+        assert_eq!(c.tls_version(), None);
+        assert!(!rec.lock().unwrap().lines.iter().any(|l| l == "STARTTLS"));
+    }
+
+    fn job(domain: &str) -> DeliveryJob {
+        DeliveryJob {
+            id: crate::queue::QueueId::generate(),
+            envelope: Arc::new(crate::queue::Envelope {
+                sender: "app@acme.test".into(),
+                tenant: None,
+                message_id: None,
+                received_at: 0,
+                client_ip: [127, 0, 0, 1].into(),
+                smtputf8: false,
+                body_8bit: false,
+                ret: None,
+                env_id: None,
+            }),
+            body: bytes::Bytes::from_static(b"Subject: x\r\n\r\nx\r\n"),
+            domain: domain.into(),
+            recipients: vec![crate::queue::JobRecipient {
+                index: 0,
+                address: format!("a@{domain}"),
+                orcpt: None,
+                notify: crate::queue::Notify::default(),
+                attempt: 1,
+            }],
+        }
+    }
+
+    /// Records outcomes for the tests.
+    struct Outcomes(Mutex<Vec<Vec<RcptOutcome>>>);
+    impl AttemptSink for Outcomes {
+        fn complete_attempt(&self, _: crate::queue::QueueId, o: Vec<RcptOutcome>) {
+            self.0.lock().unwrap().push(o);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_reused_connection_is_retried_a_fresh_one_is_not() {
+        let (addr, _) = fake::start(fake::Script {
+            close_after: Some(1),
+            ..fake::Script::default()
+        })
+        .await;
+        let outcomes = Arc::new(Outcomes(Mutex::new(Vec::new())));
+        let mut ctx = ctx("opportunistic");
+        ctx.sink = outcomes.clone();
+        let domain = Arc::new(Domain {
+            name: "x.test".into(),
+            state: Mutex::new(DomainState::default()),
+        });
+        let session = |client| Session {
+            client,
+            mx: "mx.test".into(),
+            sent: 0,
+            _live: Connected::new(&domain),
+        };
+
+        // The first message goes through; the server then hangs up.
+        let s = session(open(&ctx, "mx.test", addr).await.unwrap());
+        let s = deliver_job(&ctx, &domain, Some(s), job("x.test")).await;
+        assert!(s.as_ref().is_some_and(|s| s.sent == 1));
+        // The second finds the connection dead before anything was handed
+        // over, and tries a fresh connection (whose DNS lookup fails here).
+        assert!(deliver_job(&ctx, &domain, s, job("x.test")).await.is_none());
+        {
+            let got = outcomes.0.lock().unwrap();
+            assert!(matches!(got[0][0].result, AttemptResult::Delivered(_)));
+            assert!(
+                matches!(
+                    &got[1][0].result,
+                    AttemptResult::Deferred(_, Classification::Dns)
+                ),
+                "{:?}",
+                got[1]
+            );
+        }
+
+        // A connection that fails on its first message is not retried.
+        let (addr, _) = fake::start(fake::Script {
+            mail: |_| "421 4.7.0 go away",
+            ..fake::Script::default()
+        })
+        .await;
+        let s = session(open(&ctx, "mx.test", addr).await.unwrap());
+        assert!(
+            deliver_job(&ctx, &domain, Some(s), job("x.test"))
+                .await
+                .is_none()
+        );
+        let got = outcomes.0.lock().unwrap();
+        match &got[2][0].result {
+            AttemptResult::Deferred(r, Classification::Policy) => assert_eq!(r.code, 421),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(got[2][0].mx.as_deref(), Some("mx.test"));
+    }
+
+    #[tokio::test]
+    async fn opportunistic_tls_is_used_when_it_works() {
+        let (addr, _) = fake::start(fake::Script {
+            ehlo: Some("STARTTLS"),
+            tls: Some(fake::tls_acceptor()),
+            ..fake::Script::default()
+        })
+        .await;
+        let c = open(&ctx("opportunistic"), "mx.test", addr).await.unwrap();
+        assert_eq!(c.tls_version(), Some("TLSv1.3"));
+    }
+
+    #[test]
+    fn synthesized_replies_say_where() {
+        let addr: SocketAddr = "127.0.0.2:25".parse().unwrap();
+        let (r, c) = synthesize(&ClientError::Refused, "mx1.example.net", addr);
+        assert_eq!(
+            r.to_string(),
+            "451 4.4.1 Connection to mx1.example.net [127.0.0.2]:25 refused"
+        );
+        assert_eq!(c, Classification::Network);
+
+        let (r, c) = synthesize(
+            &ClientError::Timeout(Stage::Greeting),
+            "mx1.example.net",
+            "[::1]:2525".parse().unwrap(),
+        );
+        assert_eq!(
+            r.to_string(),
+            "451 4.4.2 Connection to mx1.example.net [::1]:2525 timed out waiting for the greeting"
+        );
+        assert_eq!(c, Classification::Network);
+
+        let (r, c) = synthesize(&ClientError::Tls("bad record".into()), "mx", addr);
+        assert_eq!(r.enhanced, Some(Enhanced(4, 7, 5)));
+        assert_eq!(c, Classification::Tls);
+
+        let (r, c) = synthesize(
+            &ClientError::Rejected {
+                stage: Stage::Greeting,
+                reply: Reply::from_wire(554, "5.7.1 Your IP is listed at zen.spamhaus.org"),
+            },
+            "mx",
+            addr,
+        );
+        assert_eq!(r.code, 451);
+        assert_eq!(r.enhanced, Some(Enhanced(4, 7, 1)));
+        assert!(r.text.contains("554 5.7.1 Your IP"), "{r}");
+        assert_eq!(c, Classification::SpamBlock);
+    }
+
+    #[test]
+    fn failures_bounce_only_on_5xx() {
+        assert!(matches!(
+            failure(&Reply::from_wire(550, "5.1.1 no such user")),
+            AttemptResult::Bounced(_, Classification::InvalidRecipient)
+        ));
+        assert!(matches!(
+            failure(&Reply::from_wire(452, "4.2.2 mailbox full")),
+            AttemptResult::Deferred(_, Classification::MailboxFull)
+        ));
+        assert!(matches!(
+            failure(&Reply::from_wire(354, "go ahead")),
+            AttemptResult::Deferred(..)
+        ));
+    }
+}

@@ -242,10 +242,12 @@ impl Queue {
                     (EventKind::Bounced, reply, Some(class))
                 }
                 AttemptResult::Deferred(reply, class) => {
-                    match self
-                        .schedule
-                        .next(entry.envelope.received_at, now, r.attempts + 1, &mut rng)
-                    {
+                    match self.schedule.next(
+                        entry.envelope.received_at,
+                        now,
+                        r.attempts + 1,
+                        &mut rng,
+                    ) {
                         NextStep::RetryAt(t) => {
                             r.status = RcptStatus::Deferred;
                             r.next_attempt = t;
@@ -454,11 +456,7 @@ impl Queue {
     /// Messages in the queue, oldest first.
     pub fn list(&self) -> Vec<MessageView> {
         let inner = self.inner.lock().expect("queue lock");
-        let mut v: Vec<MessageView> = inner
-            .messages
-            .iter()
-            .map(|(id, e)| e.view(*id))
-            .collect();
+        let mut v: Vec<MessageView> = inner.messages.iter().map(|(id, e)| e.view(*id)).collect();
         v.sort_by_key(|m| m.id);
         v
     }
@@ -589,9 +587,14 @@ mod tests {
             Recipient::new("b@two.test".into()),
             Recipient::new("c@one.test".into()),
         ];
-        q.enqueue(id, envelope(), rcpts, Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"))
-            .await
-            .unwrap();
+        q.enqueue(
+            id,
+            envelope(),
+            rcpts,
+            Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"),
+        )
+        .await
+        .unwrap();
         let j1 = rx.recv().await.unwrap();
         let j2 = rx.recv().await.unwrap();
         assert_eq!(j1.domain, "one.test");
@@ -634,7 +637,11 @@ mod tests {
         let st: Vec<_> = view.recipients.iter().map(|r| r.status).collect();
         assert_eq!(
             st,
-            [RcptStatus::Delivered, RcptStatus::Deferred, RcptStatus::Bounced]
+            [
+                RcptStatus::Delivered,
+                RcptStatus::Deferred,
+                RcptStatus::Bounced
+            ]
         );
         assert!(view.recipients[1].next_attempt >= unix_now() + 3500);
         q.close().await;
@@ -646,7 +653,11 @@ mod tests {
         let st: Vec<_> = view.recipients.iter().map(|r| r.status).collect();
         assert_eq!(
             st,
-            [RcptStatus::Delivered, RcptStatus::Deferred, RcptStatus::Bounced]
+            [
+                RcptStatus::Delivered,
+                RcptStatus::Deferred,
+                RcptStatus::Bounced
+            ]
         );
         assert_eq!(view.recipients[1].attempts, 1);
         q.close().await;
@@ -701,9 +712,14 @@ mod tests {
         let id = QueueId::generate();
         let mut env = envelope();
         env.received_at -= 120;
-        q.enqueue(id, env, vec![Recipient::new("a@one.test".into())], Bytes::new())
-            .await
-            .unwrap();
+        q.enqueue(
+            id,
+            env,
+            vec![Recipient::new("a@one.test".into())],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
         rx.recv().await.unwrap();
         q.complete_attempt(
             id,
@@ -717,7 +733,10 @@ mod tests {
                 tls: None,
             }],
         );
-        assert!(q.get(id).is_none(), "expired recipient finishes the message");
+        assert!(
+            q.get(id).is_none(),
+            "expired recipient finishes the message"
+        );
         q.close().await;
     }
 }

@@ -124,7 +124,10 @@ mod tests {
         let s = RetrySchedule::new(vec![m(60)], 0.0, Duration::from_secs(7200));
         let mut rng = StdRng::seed_from_u64(1);
         let t0 = 1_000_000;
-        assert_eq!(s.next(t0, t0 + 10, 1, &mut rng), NextStep::RetryAt(t0 + 3610));
+        assert_eq!(
+            s.next(t0, t0 + 10, 1, &mut rng),
+            NextStep::RetryAt(t0 + 3610)
+        );
         assert_eq!(
             s.next(t0, t0 + 5000, 2, &mut rng),
             NextStep::RetryAt(t0 + 7200)

@@ -18,8 +18,8 @@
 //! Record layout: `len: u32 LE | crc32(kind ‖ payload): u32 LE | kind: u8 |
 //! payload[len]`.
 
-use std::fs::{self, File, OpenOptions};
 use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -454,7 +454,9 @@ impl Writer {
             match req {
                 Request::Append { record, ack } => {
                     if self.len + buf.len() as u64 > SEGMENT_TARGET_SIZE && self.len > 8 {
-                        result = result.and_then(|_| self.write(buf)).and_then(|_| self.rotate());
+                        result = result
+                            .and_then(|_| self.write(buf))
+                            .and_then(|_| self.rotate());
                         buf.clear();
                     }
                     let loc = BodyLoc {

@@ -1,3 +1,274 @@
-//! Receiving: the submission SMTP server.
+//! Receiving: the submission SMTP server (RFC 5321, RFC 6409) where apps
+//! hand herald their mail.
+//!
+//! [`start`] binds every `[[listener]]` and runs one accept loop per
+//! listener; each accepted connection becomes a session task (`session.rs`)
+//! that handles the whole SMTP dialogue on that task. Checks that can be
+//! made at once are made at once, so that the app gets a clear SMTP error
+//! instead of a bounce later: AUTH (`auth.rs`), the sender against the
+//! tenant's patterns (`mail.rs`, `senders.rs`), recipient syntax and domain
+//! (`rcpt.rs`), size, bare LF/CR and policy (`data.rs`). A message is
+//! answered with 250 only after the queue has stored it durably.
+//!
+//! Trust: every byte from a client is untrusted; trusted networks may relay
+//! without AUTH but get the same protocol checks.
+//!
+//! Shutdown: when [`ReceiveContext::shutdown`] is cancelled, listeners stop
+//! accepting; idle sessions get `421 4.3.2` at once; sessions inside a
+//! transaction may finish it within `server.shutdown_grace`, after which they
+//! get `421 4.3.2` too. The handle returned by [`start`] ends when every
+//! session has.
 
+pub mod auth;
+mod data;
+pub mod limits;
+mod mail;
+pub mod message;
+mod rcpt;
 pub mod senders;
+mod session;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::{Config, TlsMode};
+use crate::dns::Dns;
+use crate::queue::Queue;
+use crate::reply::{Enhanced, Reply};
+use crate::report::Reporter;
+use auth::Authenticator;
+use limits::{ConnLimits, LimitHit};
+use session::Session;
+
+/// How long sessions still running after the grace period get to say 421
+/// and close before they are aborted.
+const HARD_STOP_WAIT: Duration = Duration::from_secs(5);
+/// Connections refused over implicit TLS at once: each costs a handshake.
+const TLS_REFUSALS_AT_ONCE: usize = 32;
+
+/// Everything the receive stage shares between its listeners and sessions.
+pub struct ReceiveContext {
+    pub config: Arc<Config>,
+    pub queue: Arc<Queue>,
+    pub dns: Dns,
+    pub reporter: Reporter,
+    /// Needed by STARTTLS and implicit-TLS listeners.
+    pub tls: Option<TlsAcceptor>,
+    /// Cancel to shut the stage down gracefully.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the grace period is over: sessions still open close.
+    hard_stop: CancellationToken,
+    limits: Arc<ConnLimits>,
+    auth: Authenticator,
+    tls_refusals: Arc<Semaphore>,
+    /// Unix second of the last "connection refused" warning (rate limit).
+    last_refusal_log: AtomicU64,
+    refusals_unlogged: AtomicU64,
+}
+
+impl ReceiveContext {
+    pub fn new(
+        config: Arc<Config>,
+        queue: Arc<Queue>,
+        dns: Dns,
+        reporter: Reporter,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) -> ReceiveContext {
+        let server = &config.server;
+        ReceiveContext {
+            limits: ConnLimits::new(server.max_connections, server.max_connections_per_ip),
+            auth: Authenticator::new(server.auth_failure_window.as_duration()),
+            config: Arc::clone(&config),
+            queue,
+            dns,
+            reporter,
+            tls,
+            shutdown,
+            hard_stop: CancellationToken::new(),
+            tls_refusals: Arc::new(Semaphore::new(TLS_REFUSALS_AT_ONCE)),
+            last_refusal_log: AtomicU64::new(0),
+            refusals_unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Client connections open now, over all listeners.
+    pub fn open_connections(&self) -> usize {
+        self.limits.open()
+    }
+}
+
+/// Binds every `[[listener]]` and starts accepting. Returns the bound
+/// addresses in config order (a port 0 in the config becomes the port the
+/// OS chose) and a handle that ends once, after shutdown, every session has
+/// finished.
+pub async fn start(ctx: Arc<ReceiveContext>) -> io::Result<(Vec<SocketAddr>, JoinHandle<()>)> {
+    let mut bound = Vec::with_capacity(ctx.config.listeners.len());
+    let mut sockets = Vec::with_capacity(ctx.config.listeners.len());
+    for (i, l) in ctx.config.listeners.iter().enumerate() {
+        if l.tls != TlsMode::None && ctx.tls.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "listener[{i}] ({}) uses TLS but no certificate is loaded",
+                    l.address
+                ),
+            ));
+        }
+        let socket = TcpListener::bind(l.address).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("listener[{i}]: cannot listen on {}: {e}", l.address),
+            )
+        })?;
+        bound.push(socket.local_addr()?);
+        sockets.push(socket);
+    }
+    let mut loops = JoinSet::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let span = tracing::info_span!("listener", index = i, address = %bound[i]);
+        loops.spawn(accept_loop(Arc::clone(&ctx), i, socket).instrument(span));
+    }
+    let handle = tokio::spawn(async move { while loops.join_next().await.is_some() {} });
+    Ok((bound, handle))
+}
+
+/// Accepts connections on one listener until shutdown, then waits for its
+/// sessions (the hickory-dns `ServerFuture` pattern).
+async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener) {
+    let mode = ctx.config.listeners[index].tls;
+    tracing::info!(tls = ?mode, "accepting SMTP connections");
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Err(e) = done && e.is_panic() {
+                    tracing::error!(error = %e, "SMTP session panicked");
+                }
+            }
+            accepted = socket.accept() => match accepted {
+                Ok((tcp, peer)) => connection(&ctx, index, tcp, peer, &mut sessions),
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little
+                    // rather than spin on the error.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(socket);
+    let grace = ctx.config.server.shutdown_grace.as_duration();
+    tracing::info!(
+        sessions = sessions.len(),
+        "listener closed; waiting for sessions"
+    );
+    if tokio::time::timeout(grace, drain(&mut sessions))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = sessions.len(),
+            "grace period over; closing sessions"
+        );
+        ctx.hard_stop.cancel();
+        if tokio::time::timeout(HARD_STOP_WAIT, drain(&mut sessions))
+            .await
+            .is_err()
+        {
+            sessions.abort_all();
+            drain(&mut sessions).await;
+        }
+    }
+}
+
+async fn drain(sessions: &mut JoinSet<()>) {
+    while sessions.join_next().await.is_some() {}
+}
+
+/// Starts a session for a new connection, or refuses it over a limit.
+fn connection(
+    ctx: &Arc<ReceiveContext>,
+    index: usize,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    sessions: &mut JoinSet<()>,
+) {
+    // Replies are small and pipelined: Nagle would hold each one back for
+    // a delayed ACK (~40 ms) on the client's side.
+    let _ = tcp.set_nodelay(true);
+    let ip = peer.ip().to_canonical();
+    match ctx.limits.acquire(ip) {
+        Ok(slot) => {
+            let session = Session::new(Arc::clone(ctx), index, peer);
+            let span = tracing::debug_span!("smtp", client = %peer);
+            sessions.spawn(session.run(tcp, slot).instrument(span));
+        }
+        Err(hit) => refuse(ctx, index, tcp, peer, hit, sessions),
+    }
+}
+
+/// `421 4.7.0` naming the limit, then close.
+fn refuse(
+    ctx: &Arc<ReceiveContext>,
+    index: usize,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    hit: LimitHit,
+    sessions: &mut JoinSet<()>,
+) {
+    log_refusal(ctx, peer, hit);
+    let reply = Reply::new(421, Enhanced(4, 7, 0), hit.reply_text()).to_wire();
+    if ctx.config.listeners[index].tls != TlsMode::Implicit {
+        // A fresh socket's send buffer is empty: this write does not block.
+        let _ = tcp.try_write(&reply);
+        return;
+    }
+    // Implicit TLS: the reply means something only inside TLS. Bounded, so a
+    // flood of refused connections cannot make us do unbounded handshakes.
+    let (Ok(permit), Some(acceptor)) = (
+        Arc::clone(&ctx.tls_refusals).try_acquire_owned(),
+        ctx.tls.clone(),
+    ) else {
+        return;
+    };
+    sessions.spawn(async move {
+        let _permit = permit;
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            use tokio::io::AsyncWriteExt as _;
+            let mut tls = acceptor.accept(tcp).await?;
+            tls.write_all(&reply).await?;
+            tls.shutdown().await
+        })
+        .await;
+    });
+}
+
+/// Warns about refused connections at most once per 10 seconds, with the
+/// number refused since the last warning, so a flood does not flood the log.
+fn log_refusal(ctx: &ReceiveContext, peer: SocketAddr, hit: LimitHit) {
+    let now = crate::queue::message::unix_now();
+    let unlogged = ctx.refusals_unlogged.fetch_add(1, Ordering::Relaxed) + 1;
+    let last = ctx.last_refusal_log.load(Ordering::Relaxed);
+    if now >= last + 10
+        && ctx
+            .last_refusal_log
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        ctx.refusals_unlogged.store(0, Ordering::Relaxed);
+        tracing::warn!(client = %peer, limit = ?hit, refused = unlogged, "connection limit reached, refusing connections");
+    }
+}

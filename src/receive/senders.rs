@@ -38,9 +38,13 @@ pub fn matches(pattern: &str, address: &str) -> bool {
     let ad = ad.trim_end_matches('.');
     let domain_ok = match pd.strip_prefix("*.") {
         Some(suffix) => {
+            // Compared as bytes: the address comes from the network and may
+            // be UTF-8 (SMTPUTF8), where a str slice at a byte offset could
+            // fall inside a character and panic.
+            let (ad, suffix) = (ad.as_bytes(), suffix.as_bytes());
             ad.len() > suffix.len() + 1
                 && ad[ad.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                && ad.as_bytes()[ad.len() - suffix.len() - 1] == b'.'
+                && ad[ad.len() - suffix.len() - 1] == b'.'
         }
         None => ad.eq_ignore_ascii_case(pd),
     };
@@ -68,6 +72,9 @@ mod tests {
         assert!(!matches("billing@acme.example", "sales@acme.example"));
         assert!(matches("*", "anyone@anywhere.example"));
         assert!(!matches("*@acme.example", ""));
+        // Non-ASCII domains (SMTPUTF8) are compared without panicking.
+        assert!(!matches("*@*.acme.example", "x@a\u{e9}bbbbbbbbbbb"));
+        assert!(matches("*@*.acme.example", "x@b\u{fc}cher.acme.example"));
     }
 
     #[test]

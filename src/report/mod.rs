@@ -152,7 +152,9 @@ pub fn rfc3339(unix: u64) -> String {
 
 pub fn rfc3339_now() -> String {
     let t = time::OffsetDateTime::now_utc();
-    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    let t = t
+        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+        .unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -199,7 +201,11 @@ impl Reporter {
 
 /// Appends each batch of queued events and flushes once per batch. The log
 /// closes when every [`Reporter`] is dropped, after writing what is left.
-async fn write_events(file: tokio::fs::File, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Event>) {
+async fn write_events(
+    file: tokio::fs::File,
+    path: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) {
     let mut out = tokio::io::BufWriter::new(file);
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, 256).await > 0 {

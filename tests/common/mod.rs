@@ -10,6 +10,7 @@
 
 pub mod dns;
 pub mod mx;
+pub mod relay;
 pub mod smtp;
 
 use std::future::Future;

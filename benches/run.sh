@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The core relay benchmark (issue 2), all scenarios in one session so that
+# ratios compare like with like:
+#   (a) smtp-source -d -> smtp-sink directly: the ceiling
+#   (b) smtp-source -d -> herald (trusted listener) -> smtp-sink
+#   (c) smtp-source    -> herald (one connection per message) -> smtp-sink
+#   (d) herald loadgen (STARTTLS + AUTH) -> herald -> smtp-sink
+# Needs Debian's postfix package (smtp-source, smtp-sink) and python3.
+# Results: JSON lines in $OUT; summarise with benches/summarise.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benches/results.jsonl}
+SIZES=${SIZES:-2048,102400}
+CONCS=${CONCS:-10,50}
+REPS=${REPS:-3}
+COUNTS=${COUNTS:-2048=20000,102400=2000}
+SCENARIOS=${SCENARIOS:-a b c d}
+BENCH=../shared/bench/smtpbench.py
+
+command -v smtp-source >/dev/null || { echo "install postfix (smtp-source, smtp-sink): apt-get install postfix" >&2; exit 1; }
+cargo build --release --bin herald --example bench_dns
+mkdir -p var/bench
+rm -rf var/bench/spool var/bench/events.jsonl
+
+target/release/examples/bench_dns dest.example=127.0.0.2 > var/bench/dns.addr &
+DNS_PID=$!
+HERALD_PID=
+cleanup() {
+  [ -n "$HERALD_PID" ] && kill "$HERALD_PID" 2>/dev/null || true
+  kill "$DNS_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 100); do [ -s var/bench/dns.addr ] && break; sleep 0.1; done
+sed "s/@DNS@/$(cat var/bench/dns.addr)/" benches/herald-bench.toml > var/bench/herald.toml
+
+ulimit -n 65536 || true
+RUST_LOG=warn target/release/herald --config var/bench/herald.toml serve 2> var/bench/herald.log &
+HERALD_PID=$!
+echo "$HERALD_PID" > var/bench/herald.pid
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
+
+common=(--sizes "$SIZES" --concs "$CONCS" --reps "$REPS" --counts "$COUNTS" --rcpt rcpt@dest.example --out "$OUT")
+for s in $SCENARIOS; do
+  case $s in
+    a) python3 $BENCH --scenario a-direct-reuse --target 127.0.0.2:2526 --sink 127.0.0.2:2526 --reuse "${common[@]}" ;;
+    b) python3 $BENCH --scenario b-herald-reuse --target 127.0.0.1:2525 --sink 127.0.0.2:2526 --reuse \
+         --sut-pidfile var/bench/herald.pid "${common[@]}" ;;
+    c) python3 $BENCH --scenario c-herald-noreuse --target 127.0.0.1:2525 --sink 127.0.0.2:2526 \
+         --sut-pidfile var/bench/herald.pid "${common[@]}" ;;
+    d) python3 benches/loadgen_bench.py --sut-pidfile var/bench/herald.pid --sizes "$SIZES" --concs "$CONCS" \
+         --reps "$REPS" --counts "$COUNTS" --out "$OUT" ;;
+  esac
+done

@@ -1,0 +1,284 @@
+//! DATA (RFC 5321 §4.1.1.4) and BDAT (RFC 3030 CHUNKING): taking in the
+//! message, then turning it into what the queue stores, and the 250 that
+//! carries its queue id only once the queue has it on disk.
+//!
+//! DATA content is un-dot-stuffed by smtp-proto's `DataReceiver`, which ends
+//! a message only at CRLF.CRLF; `\n.\r\n`, `\r\n.\n` and the like stay
+//! content. Any bare LF or CR then refuses the whole message (SMTP
+//! smuggling defence). BDAT chunks are counted bytes; the same check holds,
+//! since herald offers no BINARYMIME and every body is text.
+//!
+//! A message over `server.max_message_size` is read to its end and dropped
+//! (552 5.3.4), so the session stays in step with the client.
+//!
+//! The stored message is built in one buffer: the Received: field is written
+//! first, the content is appended as it arrives, and a missing Message-ID:
+//! or Date: is inserted after the Received: field at the end.
+
+use bytes::Bytes;
+use smtp_proto::request::receiver::DataReceiver;
+use tokio::time::Instant;
+
+use super::mail::too_big;
+use super::message::{self, Protocol, TraceInfo};
+use super::session::{Body, ChunkFate, Mode, Session, Step};
+use crate::policy::{self, Verdict};
+use crate::queue::QueueId;
+use crate::queue::message::unix_now;
+use crate::reply::{Enhanced, Reply, codes};
+use crate::report::{Event, EventKind};
+
+/// Room for the Received: field and any header fields herald adds.
+const HEADER_ROOM: usize = 512;
+/// First allocation for a message of unknown size.
+const INITIAL_BODY: usize = 8 * 1024;
+
+/// The refusal of a message with a line end other than CRLF.
+pub fn bare_line_end() -> Reply {
+    Reply::new(
+        550,
+        Enhanced(5, 5, 2),
+        "Message refused: it contains a bare LF or CR; every line must end with CRLF (SMTP smuggling protection)",
+    )
+}
+
+fn no_valid_recipients() -> Reply {
+    Reply::new(554, Enhanced(5, 5, 1), "No valid recipients")
+}
+
+impl Session {
+    /// Why no message may start now, if so; `None` when one may.
+    fn message_refusal(&self) -> Option<Reply> {
+        let Some(txn) = &self.txn else {
+            return Some(codes::bad_sequence("Send MAIL first"));
+        };
+        if txn.recipients.is_empty() {
+            return Some(if txn.rcpt_attempts > 0 {
+                no_valid_recipients()
+            } else {
+                codes::bad_sequence("Send RCPT first")
+            });
+        }
+        None
+    }
+
+    pub(super) fn data(&mut self) -> Step {
+        if let Some(reply) = self.message_refusal() {
+            return self.error(reply);
+        }
+        if self.txn.as_ref().is_some_and(|t| t.body.is_some()) {
+            return self.error(codes::bad_sequence(
+                "DATA cannot follow BDAT in the same transaction",
+            ));
+        }
+        let body = self.new_body(false);
+        let mut rx = DataReceiver::new();
+        let Some(txn) = self.txn.as_mut() else {
+            return Step::Continue;
+        };
+        let body = txn.body.insert(body);
+        // smtp-proto only sees ".CRLF" as the end after a CRLF: feed it the
+        // CRLF that ended the DATA command, then drop that from the body, so
+        // that an empty message (DATA, then ".") ends where it should.
+        rx.ingest(&mut b"\r\n".iter(), &mut body.buf);
+        body.buf.truncate(body.prefix_len);
+        self.mode = Mode::Data { rx, discard: None };
+        self.reply(&codes::start_data());
+        Step::Continue
+    }
+
+    pub(super) fn bdat(&mut self, size: usize, last: bool) -> Step {
+        let max = self.ctx.config.server.max_message_size.0;
+        let fate = if let Some(reply) = self.message_refusal() {
+            ChunkFate::Discard(reply)
+        } else {
+            if self.txn.as_ref().is_some_and(|t| t.body.is_none()) {
+                let body = self.new_body(true);
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.body = Some(body);
+                }
+            }
+            let received = self
+                .txn
+                .as_ref()
+                .and_then(|t| t.body.as_ref())
+                .map_or(0, |b| b.buf.len() - b.prefix_len);
+            if (received as u64).saturating_add(size as u64) > max {
+                // RFC 3030 §2: after a refused chunk the transaction has
+                // failed; later chunks already in the pipeline are read and
+                // refused (no transaction).
+                let reply = too_big(max);
+                if let Some(txn) = self.txn.take() {
+                    self.reject_event("message_too_large", &reply, &txn.envelope.sender, None);
+                }
+                ChunkFate::Discard(reply)
+            } else {
+                if let Some(b) = self.txn.as_mut().and_then(|t| t.body.as_mut()) {
+                    b.buf.reserve(size);
+                }
+                ChunkFate::Store
+            }
+        };
+        self.mode = Mode::Bdat {
+            size,
+            remaining: size,
+            last,
+            fate,
+        };
+        Step::Continue
+    }
+
+    /// Starts the message buffer with its Received: field.
+    fn new_body(&self, bdat: bool) -> Body {
+        let id = QueueId::generate();
+        let server = &self.ctx.config.server;
+        let (envelope, recipients, declared) = match &self.txn {
+            Some(t) => (Some(&t.envelope), t.recipients.as_slice(), t.declared_size),
+            None => (None, &[][..], 0),
+        };
+        // SIZE= is the client's estimate: allocate it once (within the
+        // limit) rather than grow the buffer step by step.
+        let expected = if declared > 0 { declared } else { INITIAL_BODY }
+            .min(server.max_message_size.0 as usize);
+        let mut buf = Vec::with_capacity(expected + HEADER_ROOM);
+        let id_text = id.to_string();
+        let date = message::rfc5322_now();
+        message::write_received(
+            &mut buf,
+            &TraceInfo {
+                helo: self.helo.as_ref().map_or("", |h| h.name.as_str()),
+                client_ip: self.ip,
+                hostname: &server.hostname,
+                protocol: Protocol {
+                    esmtp: self.helo.as_ref().is_some_and(|h| h.esmtp),
+                    tls: self.tls.is_some(),
+                    authenticated: self.tenant.is_some(),
+                    utf8: envelope.is_some_and(|e| e.smtputf8),
+                },
+                tls: self.tls.as_ref().map(|t| (t.version, t.cipher.as_str())),
+                queue_id: &id_text,
+                single_recipient: match recipients {
+                    [one] => Some(one.address.as_str()),
+                    _ => None,
+                },
+                date: &date,
+            },
+        );
+        Body {
+            id,
+            prefix_len: buf.len(),
+            buf,
+            too_big: false,
+            bdat,
+            deadline: Instant::now() + server.data_timeout.as_duration(),
+        }
+    }
+
+    /// The message is complete (end of DATA, or BDAT LAST): check it, store
+    /// it, reply. The transaction ends here whatever the outcome.
+    pub(super) async fn finish_message(&mut self) -> Step {
+        let Some(mut txn) = self.txn.take() else {
+            self.reply(&codes::local_error());
+            return Step::Continue;
+        };
+        let Some(body) = txn.body.take() else {
+            self.reply(&codes::local_error());
+            return Step::Continue;
+        };
+        let Body {
+            id,
+            mut buf,
+            prefix_len,
+            too_big: over,
+            bdat,
+            ..
+        } = body;
+        let sender = txn.envelope.sender.clone();
+
+        if over {
+            let reply = too_big(self.ctx.config.server.max_message_size.0);
+            tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: too large");
+            self.reject_event("message_too_large", &reply, &sender, None);
+            self.reply(&reply);
+            return Step::Continue;
+        }
+        if let Some(at) = message::find_bare_line_end(&buf[prefix_len..]) {
+            let reply = bare_line_end();
+            tracing::info!(client_ip = %self.ip, queue_id = %id, offset = at, "message refused: bare LF or CR");
+            self.reject_event("bare_line_end", &reply, &sender, None);
+            self.reply(&reply);
+            return Step::Continue;
+        }
+        // A BDAT body need not end with a line end; the queue stores what
+        // goes on the wire after DATA, which must.
+        if bdat && buf.len() > prefix_len && !buf.ends_with(b"\r\n") {
+            buf.extend_from_slice(b"\r\n");
+        }
+
+        let info = message::inspect_headers(&buf[prefix_len..]);
+        let id_text = id.to_string();
+        let (added, message_id) = message::missing_fields(
+            &info,
+            &id_text,
+            &self.ctx.config.server.hostname,
+            &message::rfc5322_now(),
+        );
+        if !added.is_empty() {
+            buf.splice(prefix_len..prefix_len, added);
+        }
+        txn.envelope.message_id = Some(message_id);
+        txn.envelope.received_at = unix_now();
+
+        match policy::check(&txn.envelope, &buf) {
+            Verdict::Accept => {}
+            Verdict::Tempfail { reply, rule } | Verdict::Reject { reply, rule } => {
+                tracing::info!(client_ip = %self.ip, queue_id = %id, rule, reply = %reply, "message refused by policy");
+                let mut e = Event::new(EventKind::Rejected, &sender).with_reply(&reply);
+                e.message_id = txn.envelope.message_id.clone();
+                e.tenant = txn.envelope.tenant.clone();
+                e.client_ip = Some(self.ip.to_string());
+                e.rule = Some(rule.to_string());
+                e.permanent = Some(reply.is_permanent());
+                self.ctx.reporter.emit(e);
+                self.reply(&reply);
+                return Step::Continue;
+            }
+        }
+
+        // The queue may keep the body in memory until it is delivered: do
+        // not let it carry a mostly empty allocation along.
+        if buf.capacity() - buf.len() > buf.len() / 4 + HEADER_ROOM {
+            buf.shrink_to_fit();
+        }
+        let size = buf.len() as u64;
+        let mut event = Event::for_message(EventKind::Received, id, &txn.envelope);
+        event.recipients = Some(txn.recipients.iter().map(|r| r.address.clone()).collect());
+        event.size = Some(size);
+        event.client_ip = Some(self.ip.to_string());
+        // Boxed: the spool's future is large and alive only here.
+        let stored = Box::pin(self.ctx.queue.enqueue(
+            id,
+            txn.envelope,
+            txn.recipients,
+            Bytes::from(buf),
+        ))
+        .await;
+        match stored {
+            Ok(()) => {
+                self.ctx.reporter.emit(event);
+                self.reply(&Reply::new(
+                    250,
+                    Enhanced(2, 0, 0),
+                    format!("Ok: queued as {id}"),
+                ));
+            }
+            Err(e) => {
+                // Nothing was promised: the client keeps the message and
+                // tries again.
+                tracing::error!(queue_id = %id, error = %e, "cannot queue message");
+                self.reply(&codes::local_error());
+            }
+        }
+        Step::Continue
+    }
+}

@@ -1,0 +1,282 @@
+//! MAIL FROM (RFC 5321 §4.1.1.2): who may start a transaction, and with
+//! which envelope sender. The first check an app's mis-set SMTP settings
+//! meet, so the refusals name the address and the account's allowed
+//! patterns ("my SMTP settings fail" is the most common support question).
+//!
+//! Parameters kept: SIZE (RFC 1870), BODY=8BITMIME (RFC 6152), SMTPUTF8
+//! (RFC 6531), RET and ENVID (RFC 3461), AUTH= (RFC 4954, ignored). Others
+//! that smtp-proto parses but herald does not advertise are refused with 555
+//! rather than silently dropped.
+//!
+//! Input: a parsed MAIL command from a client; the address is still the
+//! client's text.
+
+use smtp_proto::MailFrom;
+
+use super::senders;
+use super::session::{Session, Step, Transaction};
+use crate::config::{AuthMode, TenantConfig};
+use crate::queue::message::unix_now;
+use crate::queue::{Envelope, Ret};
+use crate::reply::{Enhanced, Reply, codes};
+use crate::report::{Event, EventKind};
+
+/// Refusal of a SIZE= or a message over the limit (RFC 1870 §6.1).
+pub fn too_big(max: u64) -> Reply {
+    Reply::new(
+        552,
+        Enhanced(5, 3, 4),
+        format!("Message size exceeds fixed maximum message size of {max} bytes"),
+    )
+}
+
+/// Checks the parameters of MAIL; the reply when one is refused.
+pub fn check_parameters(from: &MailFrom<String>, max_size: u64) -> Result<(), Reply> {
+    use smtp_proto::*;
+    let unsupported = |name: &str| {
+        Err(Reply::new(
+            555,
+            Enhanced(5, 5, 4),
+            format!("The {name} parameter is not supported"),
+        ))
+    };
+    if from.flags & MAIL_BODY_BINARYMIME != 0 {
+        return unsupported("BODY=BINARYMIME");
+    }
+    if from.flags & MAIL_REQUIRETLS != 0 {
+        return unsupported("REQUIRETLS");
+    }
+    if from.flags & (MAIL_BY_NOTIFY | MAIL_BY_RETURN | MAIL_BY_TRACE) != 0 {
+        return unsupported("BY");
+    }
+    if from.flags & MAIL_CONPERM != 0 {
+        return unsupported("CONPERM");
+    }
+    if from.hold_for != 0 || from.hold_until != 0 {
+        return unsupported("HOLDFOR/HOLDUNTIL");
+    }
+    if from.mt_priority != 0 {
+        return unsupported("MT-PRIORITY");
+    }
+    if from.mtrk.is_some() {
+        return unsupported("MTRK");
+    }
+    if from.solicit.is_some() {
+        return unsupported("SOLICIT");
+    }
+    if from.trans_id.is_some() {
+        return unsupported("TRANSID");
+    }
+    if from.size as u64 > max_size {
+        return Err(too_big(max_size));
+    }
+    check_sender_syntax(&from.address, from.flags & MAIL_SMTPUTF8 != 0)
+}
+
+/// The reverse path must be empty or `local@domain`, and ASCII unless the
+/// client said SMTPUTF8 (RFC 6531 §3.4).
+pub fn check_sender_syntax(address: &str, smtputf8: bool) -> Result<(), Reply> {
+    if address.is_empty() {
+        return Ok(());
+    }
+    if !smtputf8 && !address.is_ascii() {
+        return Err(Reply::new(
+            553,
+            Enhanced(5, 6, 7),
+            format!(
+                "The sender address <{address}> has non-ASCII characters: send MAIL FROM with the SMTPUTF8 parameter"
+            ),
+        ));
+    }
+    match address.rsplit_once('@') {
+        Some((local, domain)) if !local.is_empty() && !domain.is_empty() => Ok(()),
+        _ => Err(Reply::new(
+            501,
+            Enhanced(5, 1, 7),
+            format!("The sender address <{address}> is not valid: write MAIL FROM:<user@domain>"),
+        )),
+    }
+}
+
+/// The refusal of a sender the tenant may not use: names the address, the
+/// account and the patterns, so the fix is obvious from the app's log.
+pub fn sender_not_allowed(address: &str, tenant: &TenantConfig) -> Reply {
+    Reply::new(
+        553,
+        Enhanced(5, 7, 1),
+        format!(
+            "Sender address <{address}> is not allowed for account \"{}\"; allowed: {}",
+            tenant.name,
+            tenant.allowed_senders.join(", ")
+        ),
+    )
+}
+
+impl Session {
+    pub(super) async fn mail_from(&mut self, from: MailFrom<String>) -> Step {
+        if self.ctx.shutdown.is_cancelled() {
+            self.reply(&codes::shutting_down());
+            return Step::Close;
+        }
+        if self.helo.is_none() {
+            return self.error(codes::bad_sequence("Send EHLO or HELO first"));
+        }
+        if self.txn.is_some() {
+            return self.error(codes::bad_sequence(
+                "A transaction is already open: send RSET to start another",
+            ));
+        }
+        // No open relay: AUTH, or a network the listener trusts.
+        if self.tenant.is_none() && !self.trusted {
+            let reply = if self.auth_offered() {
+                codes::auth_required()
+            } else if self.listener_cfg().auth == AuthMode::None {
+                Reply::new(
+                    530,
+                    Enhanced(5, 7, 0),
+                    "Authentication required: this port accepts mail only from its trusted networks",
+                )
+            } else {
+                // AUTH becomes possible after STARTTLS.
+                codes::tls_required()
+            };
+            return self.error(reply);
+        }
+        let max = self.ctx.config.server.max_message_size.0;
+        if let Err(reply) = check_parameters(&from, max) {
+            self.reply(&reply);
+            return Step::Continue;
+        }
+        if let Some(t) = self.tenant_cfg()
+            && !from.address.is_empty()
+            && !senders::allowed(&t.allowed_senders, &from.address)
+        {
+            let reply = sender_not_allowed(&from.address, t);
+            tracing::info!(
+                client_ip = %self.ip,
+                tenant = %t.name,
+                sender = %from.address,
+                "sender not allowed"
+            );
+            self.reject_event("sender_not_allowed", &reply, &from.address, None);
+            self.reply(&reply);
+            return Step::Continue;
+        }
+
+        let declared_size = from.size;
+        let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some(Ret::Full)
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some(Ret::Hdrs)
+        } else {
+            None
+        };
+        self.txn = Some(Transaction {
+            envelope: Envelope {
+                sender: from.address,
+                tenant: self.tenant_name(),
+                message_id: None,
+                received_at: unix_now(),
+                client_ip: self.ip,
+                smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
+                body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+                ret,
+                env_id: from.env_id,
+            },
+            recipients: Vec::new(),
+            rcpt_attempts: 0,
+            declared_size,
+            body: None,
+        });
+        self.reply(&codes::sender_ok());
+        Step::Continue
+    }
+
+    /// Emits a `rejected` event for a refusal an app wants to hear about.
+    pub(super) fn reject_event(
+        &self,
+        rule: &str,
+        reply: &Reply,
+        sender: &str,
+        recipient: Option<&str>,
+    ) {
+        let mut e = Event::new(EventKind::Rejected, sender).with_reply(reply);
+        e.tenant = self.tenant_name();
+        e.recipient = recipient.map(str::to_string);
+        e.client_ip = Some(self.ip.to_string());
+        e.rule = Some(rule.to_string());
+        e.permanent = Some(reply.is_permanent());
+        self.ctx.reporter.emit(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn mail(address: &str) -> MailFrom<String> {
+        MailFrom {
+            address: address.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn size_over_the_limit_is_552() {
+        let mut m = mail("a@b.example");
+        m.size = 1001;
+        let r = check_parameters(&m, 1000).unwrap_err();
+        assert_eq!((r.code, r.enhanced), (552, Some(Enhanced(5, 3, 4))));
+        m.size = 1000;
+        assert!(check_parameters(&m, 1000).is_ok());
+    }
+
+    #[test]
+    fn unadvertised_parameters_are_refused() {
+        let mut m = mail("a@b.example");
+        m.flags = smtp_proto::MAIL_BODY_BINARYMIME;
+        assert_eq!(check_parameters(&m, 1000).unwrap_err().code, 555);
+        let mut m = mail("a@b.example");
+        m.hold_for = 10;
+        assert_eq!(check_parameters(&m, 1000).unwrap_err().code, 555);
+        let mut m = mail("a@b.example");
+        m.flags = smtp_proto::MAIL_BODY_8BITMIME | smtp_proto::MAIL_RET_HDRS;
+        m.env_id = Some("abc".into());
+        assert!(check_parameters(&m, 1000).is_ok());
+    }
+
+    #[test]
+    fn sender_syntax() {
+        assert!(check_sender_syntax("", false).is_ok());
+        assert!(check_sender_syntax("a@b.example", false).is_ok());
+        assert_eq!(
+            check_sender_syntax("nodomain", false).unwrap_err().code,
+            501
+        );
+        assert_eq!(
+            check_sender_syntax("@b.example", false).unwrap_err().code,
+            501
+        );
+        let r = check_sender_syntax("jö@b.example", false).unwrap_err();
+        assert_eq!(r.enhanced, Some(Enhanced(5, 6, 7)));
+        assert!(check_sender_syntax("jö@b.example", true).is_ok());
+    }
+
+    #[test]
+    fn refusal_names_address_account_and_patterns() {
+        let t = TenantConfig {
+            name: "acme".into(),
+            username: "acme".into(),
+            password_hash: Secret::new("x"),
+            allowed_senders: vec!["*@acme.example".into(), "billing@acme.test".into()],
+            webhook_url: None,
+            webhook_secret: None,
+        };
+        let r = sender_not_allowed("x@other.example", &t);
+        assert_eq!(
+            r.to_string(),
+            "553 5.7.1 Sender address <x@other.example> is not allowed for account \"acme\"; allowed: *@acme.example, billing@acme.test"
+        );
+    }
+}

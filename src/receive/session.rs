@@ -1,0 +1,711 @@
+//! One SMTP session, from greeting to close, on one task: reading, framing
+//! commands, pipelining (RFC 2920), timeouts, limits, STARTTLS (RFC 3207)
+//! and the commands that need no file of their own (EHLO, HELO, RSET, NOOP,
+//! QUIT, VRFY, HELP). MAIL, RCPT, DATA/BDAT and AUTH live in `mail.rs`,
+//! `rcpt.rs`, `data.rs` and `auth.rs`.
+//!
+//! Input: bytes from an untrusted client. Commands are framed here, one LF-
+//! terminated line at a time, never longer than [`MAX_LINE`]; only complete
+//! lines reach smtp-proto's parser, so an over-long line is refused as a
+//! whole and its tail is never read as a command. Everything the client
+//! sent after STARTTLS in the same packet is discarded (CVE-2011-0411).
+//!
+//! Pipelining: every complete command in the input is handled in order and
+//! its reply appended to one output buffer, which is written in one go when
+//! the input runs dry, so a pipelined MAIL/RCPT/DATA group costs one write.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use smtp_proto::Request;
+use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+
+use super::ReceiveContext;
+use super::auth::SaslState;
+use super::limits::ConnSlot;
+use crate::config::{AuthMode, ListenerConfig, TenantConfig, TlsMode};
+use crate::queue::{Envelope, QueueId, Recipient};
+use crate::reply::{Enhanced, Reply, codes};
+
+/// Longest command line accepted, CRLF included: smtp-proto's limit, well
+/// above RFC 5321's 512 octets to leave room for extension parameters.
+pub const MAX_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
+
+/// Read size while waiting for commands: small, because thousands of idle
+/// sessions each hold one.
+const COMMAND_READ: usize = 4096;
+/// Read size during DATA and BDAT, where bigger reads mean fewer wakeups.
+const DATA_READ: usize = 64 * 1024;
+/// Output buffer capacity kept between replies.
+const OUT_KEEP: usize = 1024;
+
+/// The client's connection, before or after TLS.
+pub(super) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only while STARTTLS swaps one for the other.
+    Gone,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// What the client said in EHLO or HELO.
+pub(super) struct Helo {
+    pub name: String,
+    pub esmtp: bool,
+}
+
+/// The negotiated TLS parameters, for the Received: field and logs.
+pub(super) struct TlsInfo {
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: &'static str,
+    pub cipher: String,
+}
+
+impl TlsInfo {
+    fn of(s: &TlsStream<TcpStream>) -> TlsInfo {
+        let conn = s.get_ref().1;
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLS",
+        };
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown")
+            .to_string();
+        TlsInfo { version, cipher }
+    }
+}
+
+/// The message being received, from DATA or the first BDAT on.
+pub(super) struct Body {
+    pub id: QueueId,
+    /// The Received: field followed by the message as it arrives.
+    pub buf: Vec<u8>,
+    /// Length of the Received: field at the start of `buf`.
+    pub prefix_len: usize,
+    /// The message went over `server.max_message_size`: what follows is
+    /// read and thrown away, and the end gets 552.
+    pub too_big: bool,
+    pub bdat: bool,
+    /// End of the whole transfer (`server.data_timeout`).
+    pub deadline: Instant,
+}
+
+/// One mail transaction: MAIL, RCPTs and the message.
+pub(super) struct Transaction {
+    pub envelope: Envelope,
+    pub recipients: Vec<Recipient>,
+    /// RCPT commands tried, accepted or not: tells "no valid recipients"
+    /// from "no RCPT yet".
+    pub rcpt_attempts: u32,
+    /// MAIL's SIZE= parameter (RFC 1870), 0 when not given.
+    pub declared_size: usize,
+    pub body: Option<Body>,
+}
+
+/// What the next input bytes are.
+pub(super) enum Mode {
+    Command,
+    /// A SASL response line (after a 334).
+    Auth(SaslState),
+    /// DATA content up to CRLF.CRLF; `discard` takes over when the message
+    /// is over the size limit.
+    Data {
+        rx: DataReceiver,
+        discard: Option<DummyDataReceiver>,
+    },
+    /// `remaining` bytes of a BDAT chunk of `size` bytes.
+    Bdat {
+        size: usize,
+        remaining: usize,
+        last: bool,
+        fate: ChunkFate,
+    },
+}
+
+/// What becomes of a BDAT chunk's bytes.
+pub(super) enum ChunkFate {
+    Store,
+    /// Read and drop them, then send this reply (RFC 3030 §2: a refused
+    /// BDAT's data is still on the wire and must not be taken as commands).
+    Discard(Reply),
+}
+
+/// What the session does after a piece of input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    Continue,
+    Close,
+    StartTls,
+}
+
+enum ReadOutcome {
+    Data,
+    Eof,
+    Timeout,
+    Shutdown,
+    Error(io::Error),
+}
+
+pub(super) struct Session {
+    pub ctx: Arc<ReceiveContext>,
+    pub listener: usize,
+    /// The client's address; IPv4-mapped IPv6 addresses in IPv4 form.
+    pub ip: IpAddr,
+    /// The client is in the listener's `trusted_networks`.
+    pub trusted: bool,
+    pub helo: Option<Helo>,
+    pub tls: Option<TlsInfo>,
+    /// Index into `config.tenants` after a successful AUTH.
+    pub tenant: Option<usize>,
+    pub txn: Option<Transaction>,
+    pub mode: Mode,
+    pub bad_commands: u32,
+    /// Replies not yet written.
+    pub out: Vec<u8>,
+    /// Inside an over-long line: drop input up to its LF.
+    skipping_line: bool,
+}
+
+impl Session {
+    pub(super) fn new(ctx: Arc<ReceiveContext>, listener: usize, peer: SocketAddr) -> Session {
+        let ip = peer.ip().to_canonical();
+        let trusted = ctx.config.listeners[listener]
+            .trusted_networks
+            .iter()
+            .any(|n| n.contains(&ip));
+        Session {
+            ctx,
+            listener,
+            ip,
+            trusted,
+            helo: None,
+            tls: None,
+            tenant: None,
+            txn: None,
+            mode: Mode::Command,
+            bad_commands: 0,
+            out: Vec::new(),
+            skipping_line: false,
+        }
+    }
+
+    pub(super) fn listener_cfg(&self) -> &ListenerConfig {
+        &self.ctx.config.listeners[self.listener]
+    }
+
+    pub(super) fn tenant_cfg(&self) -> Option<&TenantConfig> {
+        self.tenant.and_then(|i| self.ctx.config.tenants.get(i))
+    }
+
+    pub(super) fn tenant_name(&self) -> Option<String> {
+        self.tenant_cfg().map(|t| t.name.clone())
+    }
+
+    /// Queues a reply for the next write.
+    pub(super) fn reply(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.out);
+    }
+
+    /// Queues the reply to a protocol error and counts it; past
+    /// `server.max_bad_commands` the session ends with 421 instead.
+    pub(super) fn error(&mut self, reply: Reply) -> Step {
+        self.bad_commands += 1;
+        if self.bad_commands > self.ctx.config.server.max_bad_commands {
+            tracing::info!(client_ip = %self.ip, "too many bad commands, closing");
+            self.reply(&codes::too_many_errors());
+            return Step::Close;
+        }
+        self.reply(&reply);
+        Step::Continue
+    }
+
+    /// Runs the session to its end. `slot` is this connection's place in
+    /// the connection limits, given back when the session ends.
+    pub(super) async fn run(mut self, tcp: TcpStream, slot: ConnSlot) {
+        let _slot = slot;
+        let command_timeout = self.ctx.config.server.command_timeout.as_duration();
+        let mut stream = if self.listener_cfg().tls == TlsMode::Implicit {
+            match self.handshake(tcp, command_timeout).await {
+                Some(s) => s,
+                None => return,
+            }
+        } else {
+            Stream::Plain(tcp)
+        };
+        let greeting = format!("220 {} ESMTP herald\r\n", self.ctx.config.server.hostname);
+        self.out.extend_from_slice(greeting.as_bytes());
+
+        let mut inbuf: Vec<u8> = Vec::new();
+        loop {
+            let (used, step) = self.process(&inbuf).await;
+            inbuf.drain(..used);
+            match step {
+                Step::Continue => {}
+                Step::Close => {
+                    let _ = self.flush(&mut stream).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+                    return;
+                }
+                Step::StartTls => {
+                    if self.flush(&mut stream).await.is_err() {
+                        return;
+                    }
+                    if !inbuf.is_empty() {
+                        // Plaintext pipelined after STARTTLS could be an
+                        // injection by a man in the middle: drop it.
+                        tracing::info!(
+                            client_ip = %self.ip,
+                            bytes = inbuf.len(),
+                            "discarding input pipelined after STARTTLS"
+                        );
+                        inbuf = Vec::new();
+                    }
+                    let Stream::Plain(tcp) = std::mem::replace(&mut stream, Stream::Gone) else {
+                        return;
+                    };
+                    match self.handshake(tcp, command_timeout).await {
+                        Some(s) => stream = s,
+                        None => return,
+                    }
+                    // RFC 3207 §4.2: forget everything learnt before TLS.
+                    self.helo = None;
+                    self.tenant = None;
+                    self.txn = None;
+                    self.mode = Mode::Command;
+                    continue;
+                }
+            }
+            if self.flush(&mut stream).await.is_err() {
+                return;
+            }
+            // An idle session keeps only a small buffer.
+            if inbuf.is_empty() && inbuf.capacity() > 2 * COMMAND_READ {
+                inbuf = Vec::new();
+            }
+            match self.read_more(&mut stream, &mut inbuf).await {
+                ReadOutcome::Data => {}
+                ReadOutcome::Eof => {
+                    tracing::debug!(client_ip = %self.ip, "client closed the connection");
+                    return;
+                }
+                ReadOutcome::Error(e) => {
+                    tracing::debug!(client_ip = %self.ip, error = %e, "read failed");
+                    return;
+                }
+                ReadOutcome::Timeout => {
+                    tracing::info!(client_ip = %self.ip, "timeout, closing");
+                    self.reply(&codes::timeout());
+                    let _ = self.flush(&mut stream).await;
+                    return;
+                }
+                ReadOutcome::Shutdown => {
+                    self.reply(&codes::shutting_down());
+                    let _ = self.flush(&mut stream).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// TLS handshake within `limit`; `None` when it fails (logged).
+    async fn handshake(&mut self, tcp: TcpStream, limit: Duration) -> Option<Stream> {
+        let acceptor = self.ctx.tls.clone()?;
+        // Boxed: the handshake state is large and would otherwise sit in
+        // every session's future, idle or not.
+        match tokio::time::timeout(limit, Box::pin(acceptor.accept(tcp))).await {
+            Ok(Ok(tls)) => {
+                let info = TlsInfo::of(&tls);
+                tracing::debug!(client_ip = %self.ip, version = info.version, cipher = %info.cipher, "TLS established");
+                self.tls = Some(info);
+                Some(Stream::Tls(Box::new(tls)))
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client_ip = %self.ip, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::info!(client_ip = %self.ip, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    /// Writes the queued replies in one go.
+    async fn flush(&mut self, stream: &mut Stream) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let limit = self.ctx.config.server.command_timeout.as_duration();
+        let result = tokio::time::timeout(limit, async {
+            stream.write_all(&self.out).await?;
+            stream.flush().await
+        })
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+        self.out.clear();
+        self.out.shrink_to(OUT_KEEP);
+        result
+    }
+
+    /// Waits for more input within the deadline of the current mode.
+    async fn read_more(&mut self, stream: &mut Stream, inbuf: &mut Vec<u8>) -> ReadOutcome {
+        let server = &self.ctx.config.server;
+        let now = Instant::now();
+        let mut deadline = now + server.command_timeout.as_duration();
+        let in_data = matches!(self.mode, Mode::Data { .. } | Mode::Bdat { .. });
+        if in_data && let Some(body) = self.txn.as_ref().and_then(|t| t.body.as_ref()) {
+            deadline = deadline.min(body.deadline);
+        }
+        let want = if in_data { DATA_READ } else { COMMAND_READ };
+        if inbuf.capacity() - inbuf.len() < want / 2 {
+            inbuf.reserve(want);
+        }
+        // Shutdown lets a transaction in progress finish; an idle session
+        // is told at once.
+        let idle = matches!(self.mode, Mode::Command) && self.txn.is_none();
+        let ctx = Arc::clone(&self.ctx);
+        tokio::select! {
+            biased;
+            _ = ctx.hard_stop.cancelled() => ReadOutcome::Shutdown,
+            _ = ctx.shutdown.cancelled(), if idle => ReadOutcome::Shutdown,
+            r = tokio::time::timeout_at(deadline, stream.read_buf(inbuf)) => match r {
+                Err(_) => ReadOutcome::Timeout,
+                Ok(Ok(0)) => ReadOutcome::Eof,
+                Ok(Ok(_)) => ReadOutcome::Data,
+                Ok(Err(e)) => ReadOutcome::Error(e),
+            },
+        }
+    }
+
+    /// Handles as much of `input` as forms complete units (command lines,
+    /// SASL lines, message data). Returns the bytes used and what next.
+    async fn process(&mut self, input: &[u8]) -> (usize, Step) {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            let step = match &mut self.mode {
+                Mode::Command | Mode::Auth(_) => {
+                    let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() >= MAX_LINE {
+                            // Keep nothing of an over-long line; its end
+                            // gets the reply.
+                            self.skipping_line = true;
+                            return (input.len(), Step::Continue);
+                        }
+                        return (pos, Step::Continue);
+                    };
+                    let line = &rest[..=lf];
+                    pos += lf + 1;
+                    if self.skipping_line || line.len() > MAX_LINE {
+                        self.skipping_line = false;
+                        self.mode = Mode::Command;
+                        self.error(codes::line_too_long())
+                    } else if let Mode::Auth(state) = &self.mode {
+                        let state = state.clone();
+                        self.mode = Mode::Command;
+                        self.sasl_line(state, line).await
+                    } else {
+                        self.command(line).await
+                    }
+                }
+                Mode::Data { rx, discard } => {
+                    let Some(body) = self.txn.as_mut().and_then(|t| t.body.as_mut()) else {
+                        // Cannot happen: DATA mode is entered with a body.
+                        self.mode = Mode::Command;
+                        self.reply(&codes::local_error());
+                        continue;
+                    };
+                    let mut it = rest.iter();
+                    let done = match discard {
+                        Some(d) => d.ingest(&mut it),
+                        None => {
+                            let done = rx.ingest(&mut it, &mut body.buf);
+                            if body.buf.len() - body.prefix_len
+                                > self.ctx.config.server.max_message_size.0 as usize
+                            {
+                                // Over the limit: read on to the end, keep nothing.
+                                body.too_big = true;
+                                body.buf.truncate(body.prefix_len);
+                                body.buf.shrink_to_fit();
+                                *discard = Some(DummyDataReceiver::new_data(rx));
+                            }
+                            done
+                        }
+                    };
+                    pos += rest.len() - it.as_slice().len();
+                    if !done {
+                        return (pos, Step::Continue);
+                    }
+                    self.mode = Mode::Command;
+                    self.finish_message().await
+                }
+                Mode::Bdat {
+                    size,
+                    remaining,
+                    last,
+                    fate,
+                } => {
+                    let n = (*remaining).min(rest.len());
+                    if let ChunkFate::Store = fate
+                        && let Some(body) = self.txn.as_mut().and_then(|t| t.body.as_mut())
+                    {
+                        body.buf.extend_from_slice(&rest[..n]);
+                    }
+                    pos += n;
+                    *remaining -= n;
+                    if *remaining > 0 {
+                        return (pos, Step::Continue);
+                    }
+                    let (size, last) = (*size, *last);
+                    let Mode::Bdat { fate, .. } = std::mem::replace(&mut self.mode, Mode::Command)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    match fate {
+                        ChunkFate::Discard(reply) => {
+                            self.reply(&reply);
+                            Step::Continue
+                        }
+                        ChunkFate::Store if last => self.finish_message().await,
+                        ChunkFate::Store => {
+                            self.reply(&Reply::new(
+                                250,
+                                Enhanced(2, 0, 0),
+                                format!("Ok: {size} octets received"),
+                            ));
+                            Step::Continue
+                        }
+                    }
+                }
+            };
+            if step != Step::Continue {
+                return (pos, step);
+            }
+        }
+    }
+
+    /// One command line, LF included.
+    async fn command(&mut self, line: &[u8]) -> Step {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => return self.parse_error(e),
+        };
+        match request {
+            Request::Ehlo { host } => self.ehlo(host, true),
+            Request::Helo { host } => self.ehlo(host, false),
+            Request::Mail { from } => self.mail_from(from).await,
+            Request::Rcpt { to } => self.rcpt_to(to).await,
+            Request::Data => self.data(),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response).await,
+            Request::StartTls => self.starttls(),
+            Request::Rset => {
+                self.txn = None;
+                self.reply(&codes::reset_ok());
+                Step::Continue
+            }
+            Request::Noop { .. } => {
+                self.reply(&codes::ok());
+                Step::Continue
+            }
+            Request::Quit => {
+                self.reply(&codes::bye());
+                Step::Close
+            }
+            // RFC 5321 §3.5.3: 252 when we will not say whether a mailbox
+            // exists, which for a relay is always.
+            Request::Vrfy { .. } => {
+                self.reply(&Reply::new(
+                    252,
+                    Enhanced(2, 5, 0),
+                    "Cannot verify the address, but will accept the message and attempt delivery",
+                ));
+                Step::Continue
+            }
+            Request::Help { .. } => {
+                self.reply(&Reply::new(
+                    214,
+                    Enhanced(2, 0, 0),
+                    "herald: EHLO HELO AUTH STARTTLS MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT",
+                ));
+                Step::Continue
+            }
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Lhlo { .. } => self.error(codes::not_implemented(&format!(
+                "{} is not implemented",
+                request.name()
+            ))),
+        }
+    }
+
+    /// The reply to a line smtp-proto could not parse.
+    fn parse_error(&mut self, e: smtp_proto::Error) -> Step {
+        use smtp_proto::Error as E;
+        let reply = match e {
+            E::UnknownCommand => codes::unknown_command(),
+            E::InvalidSenderAddress => Reply::new(
+                501,
+                Enhanced(5, 1, 7),
+                "The sender address is not valid: write MAIL FROM:<user@domain>",
+            ),
+            E::InvalidRecipientAddress => Reply::new(
+                501,
+                Enhanced(5, 1, 3),
+                "The recipient address is not valid: write RCPT TO:<user@domain>",
+            ),
+            E::SyntaxError { syntax } => Reply::new(
+                501,
+                Enhanced(5, 5, 4),
+                format!("Syntax error: expected {syntax}"),
+            ),
+            E::InvalidParameter { param } => Reply::new(
+                501,
+                Enhanced(5, 5, 4),
+                format!("The value of the {param} parameter is not valid"),
+            ),
+            // RFC 5321 §4.1.1.11: 555 for an unrecognized MAIL/RCPT parameter.
+            E::UnsupportedParameter { param } => Reply::new(
+                555,
+                Enhanced(5, 5, 4),
+                format!("The {param} parameter is not supported"),
+            ),
+            E::ResponseTooLong => codes::line_too_long(),
+            E::NeedsMoreData { .. } | E::InvalidResponse { .. } => {
+                codes::syntax("Syntax error in command")
+            }
+        };
+        self.error(reply)
+    }
+
+    fn ehlo(&mut self, host: String, esmtp: bool) -> Step {
+        // RFC 5321 §4.1.4: EHLO/HELO in a session resets the transaction.
+        self.txn = None;
+        let hostname = &self.ctx.config.server.hostname;
+        let mut text = format!("{hostname} Hello {}", host.escape_default());
+        if esmtp {
+            for cap in self.capabilities() {
+                text.push('\n');
+                text.push_str(&cap);
+            }
+        }
+        // RFC 2034 §3: EHLO and HELO replies carry no enhanced code.
+        self.reply(&Reply {
+            code: 250,
+            enhanced: None,
+            text,
+        });
+        self.helo = Some(Helo { name: host, esmtp });
+        Step::Continue
+    }
+
+    /// The EHLO keywords for this session's state.
+    pub(super) fn capabilities(&self) -> Vec<String> {
+        let l = self.listener_cfg();
+        let mut caps = vec![
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.ctx.config.server.max_message_size.0),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "DSN".into(),
+            "CHUNKING".into(),
+        ];
+        if l.tls == TlsMode::Starttls && self.tls.is_none() && self.ctx.tls.is_some() {
+            caps.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            caps.push("AUTH PLAIN LOGIN".into());
+        }
+        caps
+    }
+
+    /// AUTH is offered over TLS, or in clear where the listener allows it.
+    pub(super) fn auth_offered(&self) -> bool {
+        let l = self.listener_cfg();
+        l.auth != AuthMode::None && (self.tls.is_some() || l.allow_plaintext_auth)
+    }
+
+    fn starttls(&mut self) -> Step {
+        if self.tls.is_some() {
+            return self.error(codes::bad_sequence("TLS is already active"));
+        }
+        if self.listener_cfg().tls != TlsMode::Starttls {
+            return self.error(codes::not_implemented(
+                "STARTTLS is not offered on this port",
+            ));
+        }
+        if self.ctx.tls.is_none() {
+            self.reply(&Reply::new(
+                454,
+                Enhanced(4, 7, 0),
+                "TLS not available due to temporary reason",
+            ));
+            return Step::Continue;
+        }
+        self.reply(&codes::ready_tls());
+        Step::StartTls
+    }
+}

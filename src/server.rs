@@ -1,0 +1,180 @@
+//! Wires the stages together: events → DNS → queue (+ scheduler) → delivery
+//! → submission listeners, and takes them down in the reverse order so that
+//! nothing accepted is lost: stop accepting, let sessions finish, let
+//! deliveries in flight finish, then sync the spool.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigErrors};
+use crate::dns::Dns;
+use crate::queue::Queue;
+use crate::receive::{self, ReceiveContext};
+use crate::report::Reporter;
+use crate::{deliver, tls};
+
+/// A running relay.
+pub struct Running {
+    /// Bound submission addresses, in `[[listener]]` order.
+    pub smtp_addrs: Vec<SocketAddr>,
+    pub queue: Arc<Queue>,
+    grace: Duration,
+    stop_receiving: CancellationToken,
+    stop_delivering: CancellationToken,
+    receive_task: JoinHandle<()>,
+    deliver_task: JoinHandle<()>,
+    scheduler_task: JoinHandle<()>,
+    events_task: JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot open the events log {path}: {source}")]
+    Events {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the spool: {0}")]
+    Spool(#[from] crate::queue::QueueError),
+    #[error("cannot listen: {0}")]
+    Listen(std::io::Error),
+}
+
+/// Starts every stage. Listeners bound to port 0 get a free port; the
+/// bound addresses are in [`Running::smtp_addrs`].
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let tls = if config.needs_tls() {
+        Some(tls::acceptor(&config).map_err(|e| StartError::Config(e.to_string()))?)
+    } else {
+        None
+    };
+    let dns = Dns::new(&config.dns).map_err(StartError::Config)?;
+    let (reporter, events_task) = Reporter::start(&config.events.log)
+        .await
+        .map_err(|source| StartError::Events {
+            path: config.events.log.display().to_string(),
+            source,
+        })?;
+
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+    let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;
+    let stop_delivering = CancellationToken::new();
+    let scheduler_task = tokio::spawn(queue.clone().run_scheduler(stop_delivering.clone()));
+    let deliver_task = deliver::start(
+        config.clone(),
+        dns.clone(),
+        queue.clone(),
+        jobs_rx,
+        stop_delivering.clone(),
+    );
+
+    let stop_receiving = CancellationToken::new();
+    let ctx = Arc::new(ReceiveContext::new(
+        config.clone(),
+        queue.clone(),
+        dns,
+        reporter,
+        tls,
+        stop_receiving.clone(),
+    ));
+    let (smtp_addrs, receive_task) = receive::start(ctx).await.map_err(StartError::Listen)?;
+    tracing::info!(listeners = ?smtp_addrs, hostname = %config.server.hostname, "herald is running");
+    Ok(Running {
+        smtp_addrs,
+        queue,
+        grace: config.server.shutdown_grace.as_duration(),
+        stop_receiving,
+        stop_delivering,
+        receive_task,
+        deliver_task,
+        scheduler_task,
+        events_task,
+    })
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, let sessions and deliveries in
+    /// flight finish within the grace period, leave the rest queued.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new connections");
+        self.stop_receiving.cancel();
+        // Sessions get the grace period, then 421 and a few seconds to close.
+        let receive_limit = self.grace + Duration::from_secs(10);
+        if tokio::time::timeout(receive_limit, self.receive_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions still open after the grace period; closing them");
+        }
+        self.stop_delivering.cancel();
+        let mut deliver_task = self.deliver_task;
+        if tokio::time::timeout(self.grace, &mut deliver_task)
+            .await
+            .is_err()
+        {
+            // Their recipients are still pending on disk: retried after restart.
+            tracing::warn!("deliveries still running after the grace period; they stay queued");
+            deliver_task.abort();
+        }
+        let _ = self.scheduler_task.await;
+        self.queue.close().await;
+        // The events writer ends when the last reporter is gone.
+        drop(self.queue);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.events_task).await;
+        tracing::info!("stopped");
+    }
+}
+
+/// `herald serve`: runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
+    let running = start(config).await?;
+    wait_for_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// `herald check-config`: the checks that need more than the file itself
+/// (certificate and key readable, resolver configurable).
+pub async fn check(config: &Config) -> Result<(), ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if config.needs_tls()
+        && config.tls.cert.exists()
+        && let Err(e) = tls::load(&config.tls.cert, &config.tls.key)
+    {
+        errs.0.push(crate::config::ConfigError {
+            path: "tls".into(),
+            message: e.to_string(),
+        });
+    }
+    if let Err(e) = Dns::new(&config.dns) {
+        errs.0.push(crate::config::ConfigError {
+            path: "dns".into(),
+            message: e,
+        });
+    }
+    if errs.0.is_empty() { Ok(()) } else { Err(errs) }
+}

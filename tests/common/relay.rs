@@ -1,0 +1,242 @@
+//! A herald relay running in the test process: a temp directory holding its
+//! config, spool, certificate and events log, three listeners on loopback
+//! (STARTTLS+AUTH, implicit TLS+AUTH, trusted network without AUTH), DNS
+//! pointed at the test's server and delivery to the test's MX port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use herald::config::Config;
+use herald::server::{self, Running};
+use serde_json::Value;
+
+use super::smtp::{Reply, TestClient};
+
+pub const USER: &str = "acme";
+pub const PASSWORD: &str = "secret";
+/// argon2id of PASSWORD with small parameters, so tests stay fast.
+pub const PASSWORD_HASH: &str = "$argon2id$v=19$m=1024,t=1,p=1$B6L8QT2wCAPY51s0DWRqFQ$NNVWFBUvhPRSg6faKHKflje/Y7dsH5sVf70a5Hhp2pw";
+
+/// What a test may change in the relay's config.
+pub struct Setup {
+    pub dns: SocketAddr,
+    pub mx_port: u16,
+    /// `[delivery] retry`, as TOML array text.
+    pub retry: &'static str,
+    pub lifetime: &'static str,
+    /// Extra lines for `[server]` and `[delivery]`.
+    pub server_extra: String,
+    pub delivery_extra: String,
+}
+
+impl Setup {
+    pub fn new(dns: SocketAddr, mx_port: u16) -> Setup {
+        Setup {
+            dns,
+            mx_port,
+            retry: r#"["1s"]"#,
+            lifetime: "1h",
+            server_extra: String::new(),
+            delivery_extra: String::new(),
+        }
+    }
+}
+
+pub struct TestRelay {
+    pub dir: tempfile::TempDir,
+    pub config_text: String,
+    /// STARTTLS, AUTH required.
+    pub submission: SocketAddr,
+    /// Implicit TLS, AUTH required.
+    pub implicit: SocketAddr,
+    /// Plain, no AUTH, 127.0.0.0/8 trusted.
+    pub trusted: SocketAddr,
+    running: Option<Running>,
+}
+
+impl TestRelay {
+    pub async fn start(setup: Setup) -> TestRelay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().display();
+        let config_text = format!(
+            r#"
+[server]
+hostname = "relay.test"
+spool_dir = "{d}/spool"
+shutdown_grace = "5s"
+command_timeout = "30s"
+{server_extra}
+
+[[listener]]
+address = "127.0.0.1:0"
+tls = "starttls"
+auth = "required"
+
+[[listener]]
+address = "127.0.0.1:0"
+tls = "implicit"
+auth = "required"
+
+[[listener]]
+address = "127.0.0.1:0"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.0/8"]
+
+[tls]
+cert = "{d}/relay.crt"
+key = "{d}/relay.key"
+
+[[tenant]]
+name = "acme"
+username = "{USER}"
+password_hash = "{PASSWORD_HASH}"
+allowed_senders = ["*@acme.test"]
+
+[dns]
+nameservers = ["{dns}"]
+timeout = "1s"
+attempts = 1
+
+[delivery]
+helo_name = "relay.test"
+port = {port}
+retry = {retry}
+retry_jitter = 0.0
+max_queue_lifetime = "{lifetime}"
+connect_timeout = "2s"
+command_timeout = "10s"
+data_timeout = "10s"
+idle_timeout = "1s"
+{delivery_extra}
+
+[events]
+log = "{d}/events.jsonl"
+"#,
+            server_extra = setup.server_extra,
+            dns = setup.dns,
+            port = setup.mx_port,
+            retry = setup.retry,
+            lifetime = setup.lifetime,
+            delivery_extra = setup.delivery_extra,
+        );
+        std::fs::write(dir.path().join("herald.toml"), &config_text).expect("write config");
+        let mut relay = TestRelay {
+            dir,
+            config_text,
+            submission: "0.0.0.0:0".parse().unwrap(),
+            implicit: "0.0.0.0:0".parse().unwrap(),
+            trusted: "0.0.0.0:0".parse().unwrap(),
+            running: None,
+        };
+        relay.boot().await;
+        relay
+    }
+
+    async fn boot(&mut self) {
+        let config = Config::from_toml_str(&self.config_text).expect("test config is valid");
+        let running = server::start(config).await.expect("relay starts");
+        self.submission = running.smtp_addrs[0];
+        self.implicit = running.smtp_addrs[1];
+        self.trusted = running.smtp_addrs[2];
+        self.running = Some(running);
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("herald.toml")
+    }
+
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("relay is running")
+    }
+
+    /// Graceful shutdown (as on SIGTERM).
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(30), r.shutdown())
+                .await
+                .expect("relay shuts down within 30s");
+        }
+    }
+
+    /// Stops and starts again on the same spool (listeners get new ports).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.boot().await;
+    }
+
+    /// A client on the submission port after EHLO, STARTTLS, EHLO, AUTH.
+    pub async fn client(&self) -> TestClient {
+        let mut c = TestClient::connect(self.submission).await;
+        c.ehlo("app.test").await.assert_code(250);
+        c.starttls().await.assert_code(220);
+        c.ehlo("app.test").await.assert_code(250);
+        c.auth_plain(USER, PASSWORD).await.assert_code(235);
+        c
+    }
+
+    /// Sends one message through an authenticated session; returns the
+    /// final reply.
+    pub async fn submit(&self, from: &str, rcpts: &[&str], body: &[u8]) -> Reply {
+        let mut c = self.client().await;
+        let r = c.send_mail(from, rcpts, body).await;
+        let _ = c.cmd("QUIT").await;
+        r
+    }
+
+    /// Every event logged so far.
+    pub fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.events_path()).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("event lines are JSON"))
+            .collect()
+    }
+
+    /// Waits until `n` logged events match `pred`; panics with the log
+    /// after `timeout`.
+    pub async fn wait_events(
+        &self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let hits: Vec<Value> = self.events().into_iter().filter(|e| pred(e)).collect();
+            if hits.len() >= n {
+                return hits;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {n} event(s): {what}; log:\n{}",
+                    std::fs::read_to_string(self.events_path()).unwrap_or_default()
+                );
+            }
+            // The log is written by another task: re-read it shortly.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The queue id out of `250 2.0.0 Ok: queued as <id>`.
+pub fn queue_id(reply: &Reply) -> String {
+    reply.assert_code(250);
+    reply
+        .text()
+        .rsplit(' ')
+        .next()
+        .expect("queue id in reply")
+        .to_string()
+}
+
+/// An event's field as a string ("" when absent).
+pub fn field<'a>(e: &'a Value, key: &str) -> &'a str {
+    e.get(key).and_then(Value::as_str).unwrap_or("")
+}
