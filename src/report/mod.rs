@@ -188,7 +188,9 @@ impl Reporter {
     }
 
     pub fn emit(&self, event: Event) {
-        tracing::info!(
+        // The events log is the record; this line is for debugging only, so
+        // that the hot path does not format and write a line per event.
+        tracing::debug!(
             event = ?event.event,
             queue_id = event.queue_id.map(|q| q.to_string()).unwrap_or_default(),
             recipient = event.recipient.as_deref().unwrap_or(""),
@@ -199,29 +201,48 @@ impl Reporter {
     }
 }
 
-/// Appends each batch of queued events and flushes once per batch. The log
-/// closes when every [`Reporter`] is dropped, after writing what is left.
+/// How often the writer collects queued events. Polling on a tick instead of
+/// waiting on the channel means an event costs its sender no wake-up of
+/// another thread (see PERFORMANCE.md: cross-core wake-ups are expensive).
+const WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Appends the queued events every [`WRITE_TICK`] and flushes once per
+/// batch. The log closes when every [`Reporter`] is dropped, after writing
+/// what is left.
 async fn write_events(
     file: tokio::fs::File,
     path: PathBuf,
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
     let mut out = tokio::io::BufWriter::new(file);
-    let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        let mut buf = Vec::with_capacity(batch.len() * 300);
-        for ev in batch.drain(..) {
-            if serde_json::to_writer(&mut buf, &ev).is_ok() {
-                buf.push(b'\n');
+    let mut buf = Vec::new();
+    let mut tick = tokio::time::interval(WRITE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        buf.clear();
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(ev) => {
+                    if serde_json::to_writer(&mut buf, &ev).is_ok() {
+                        buf.push(b'\n');
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break false,
+                Err(mpsc::error::TryRecvError::Disconnected) => break true,
             }
-        }
-        if let Err(e) = async {
-            out.write_all(&buf).await?;
-            out.flush().await
-        }
-        .await
+        };
+        if !buf.is_empty()
+            && let Err(e) = async {
+                out.write_all(&buf).await?;
+                out.flush().await
+            }
+            .await
         {
             tracing::error!(path = %path.display(), error = %e, "cannot write events log");
+        }
+        if closed {
+            return;
         }
     }
 }
