@@ -33,7 +33,7 @@ trap cleanup EXIT
 for _ in $(seq 100); do [ -s var/bench/dns.addr ] && break; sleep 0.1; done
 sed "s/@DNS@/$(cat var/bench/dns.addr)/" benches/herald-bench.toml > var/bench/herald.toml
 
-ulimit -n 65536 || true
+ulimit -n "$(ulimit -Hn)" || true
 RUST_LOG=warn target/release/herald --config var/bench/herald.toml serve 2> var/bench/herald.log &
 HERALD_PID=$!
 echo "$HERALD_PID" > var/bench/herald.pid
