@@ -3,8 +3,9 @@
 //! The mail path, one module per stage: [`receive`] (SMTP submission) →
 //! [`policy`] → [`queue`] (durable spool, scheduler) → [`deliver`] (MX
 //! delivery) → [`report`] (events). [`config`], [`dns`] and [`reply`] serve
-//! them all.
+//! them all; [`admin`] is the postmaster's HTTP API, metrics and CLI.
 
+pub mod admin;
 pub mod config;
 pub mod deliver;
 pub mod dns;

@@ -42,6 +42,11 @@ enum Command {
     HashPassword,
     /// Send test messages to an SMTP server and report throughput and latency.
     Loadgen(LoadgenArgs),
+    /// Inspect and steer the queue of the running relay (through its admin API).
+    Queue {
+        #[command(subcommand)]
+        command: herald::admin::cli::QueueCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -123,6 +128,21 @@ fn main() -> ExitCode {
             None => ExitCode::FAILURE,
         },
         Command::HashPassword => hash_password(),
+        Command::Queue { command } => {
+            let Some(cfg) = load(&cli.config) else {
+                return ExitCode::FAILURE;
+            };
+            match rt.block_on(herald::admin::cli::run(&cfg.admin, command)) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald queue: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Loadgen(a) => {
             use herald::loadgen::{LoadgenOptions, LoadgenTls};
             let auth = match a.auth.as_deref().map(|s| s.split_once(':')) {

@@ -1,5 +1,6 @@
 //! Wires the stages together: events → DNS → queue (+ scheduler) → delivery
-//! → submission listeners, and takes them down in the reverse order so that
+//! → submission listeners → admin API (its port is bound first, so that a
+//! taken port fails the start), and takes them down in the reverse order so that
 //! nothing accepted is lost: stop accepting, let sessions finish, let
 //! deliveries in flight finish, then sync the spool.
 
@@ -11,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminServer, AdminState};
 use crate::config::{Config, ConfigErrors};
 use crate::dns::Dns;
 use crate::queue::Queue;
@@ -22,7 +24,10 @@ use crate::{deliver, tls};
 pub struct Running {
     /// Bound submission addresses, in `[[listener]]` order.
     pub smtp_addrs: Vec<SocketAddr>,
+    /// Bound admin API address (`[admin] address`; port 0 gets a free port).
+    pub admin_addr: Option<SocketAddr>,
     pub queue: Arc<Queue>,
+    admin: Option<AdminServer>,
     grace: Duration,
     stop_receiving: CancellationToken,
     stop_delivering: CancellationToken,
@@ -57,6 +62,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None
     };
     let dns = Dns::new(&config.dns).map_err(StartError::Config)?;
+    let admin_listener = admin::bind(&config.admin)
+        .await
+        .map_err(StartError::Listen)?;
     let (reporter, events_task) = Reporter::start(&config.events.log)
         .await
         .map_err(|source| StartError::Events {
@@ -77,6 +85,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
 
     let stop_receiving = CancellationToken::new();
+    let metrics = reporter.metrics().clone();
     let ctx = Arc::new(ReceiveContext::new(
         config.clone(),
         queue.clone(),
@@ -85,11 +94,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tls,
         stop_receiving.clone(),
     ));
+    let receive_ctx = ctx.clone();
     let (smtp_addrs, receive_task) = receive::start(ctx).await.map_err(StartError::Listen)?;
+    let admin_state = AdminState::new(
+        &config.admin,
+        queue.clone(),
+        metrics,
+        Box::new(move || receive_ctx.open_connections()),
+    );
+    let admin = admin::serve(admin_listener, Arc::new(admin_state)).map_err(StartError::Listen)?;
     tracing::info!(listeners = ?smtp_addrs, hostname = %config.server.hostname, "herald is running");
     Ok(Running {
         smtp_addrs,
+        admin_addr: Some(admin.addr),
         queue,
+        admin: Some(admin),
         grace: config.server.shutdown_grace.as_duration(),
         stop_receiving,
         stop_delivering,
@@ -105,6 +124,11 @@ impl Running {
     /// flight finish within the grace period, leave the rest queued.
     pub async fn shutdown(self) {
         tracing::info!("shutting down: no new connections");
+        // The admin API first: it holds the queue (and so the events
+        // writer) and has nothing to do once the relay stops.
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
         self.stop_receiving.cancel();
         // Sessions get the grace period, then 421 and a few seconds to close.
         let receive_limit = self.grace + Duration::from_secs(10);

@@ -110,6 +110,8 @@ connect_timeout = "2s"
 idle_timeout = "1s"
 [events]
 log = "{d}/events.jsonl"
+[admin]
+address = "127.0.0.1:0"
 "#,
             dns = dns.addr
         ),

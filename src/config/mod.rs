@@ -103,6 +103,8 @@ pub struct ServerConfig {
     pub hostname: String,
     /// Where accepted messages are kept until every recipient is done.
     pub spool_dir: PathBuf,
+    /// Size at which a spool segment file is closed and the next started.
+    pub spool_segment_size: Size,
     /// Largest message accepted (announced in EHLO SIZE).
     pub max_message_size: Size,
     /// Recipients per message; further RCPTs get 452 4.5.3 (RFC 5321 §4.5.3.1.8).
@@ -132,6 +134,7 @@ impl Default for ServerConfig {
         ServerConfig {
             hostname: "localhost".into(),
             spool_dir: "var/spool".into(),
+            spool_segment_size: Size(64 << 20),
             max_message_size: Size(25 << 20),
             max_recipients: 100,
             max_connections: 10_000,

@@ -843,7 +843,20 @@ impl SmtpClient {
             // DATA refused: the server may still hold the envelope.
             self.need_rset = true;
             if tx.accepted() > 0 {
-                tx.data = Some(data_reply);
+                tx.data = Some(if data_reply.is_positive() {
+                    // A 2xx here would read as "delivered" although no
+                    // byte of the message was sent: a broken server.
+                    Reply::new(
+                        451,
+                        Enhanced(4, 5, 0),
+                        format!(
+                            "server answered DATA with {} instead of 354: {}",
+                            data_reply.code, data_reply.text
+                        ),
+                    )
+                } else {
+                    data_reply
+                });
             }
             return Ok(tx);
         }
@@ -994,7 +1007,7 @@ impl SmtpClient {
     fn push_mail(&mut self, mail: &MailParams<'_>, size: usize) {
         let w = &mut self.wbuf;
         w.extend_from_slice(b"MAIL FROM:<");
-        w.extend_from_slice(mail.from.as_bytes());
+        push_path(w, mail.from);
         w.push(b'>');
         if self.caps.size_ext {
             w.extend_from_slice(b" SIZE=");
@@ -1023,7 +1036,7 @@ impl SmtpClient {
     fn push_rcpt(&mut self, r: &RcptParams<'_>) {
         let w = &mut self.wbuf;
         w.extend_from_slice(b"RCPT TO:<");
-        w.extend_from_slice(r.address.as_bytes());
+        push_path(w, r.address);
         w.push(b'>');
         if self.caps.dsn {
             let n = r.notify;
@@ -1383,6 +1396,44 @@ impl<'a> Iterator for Stuffer<'a> {
             }
         }
     }
+}
+
+/// Writes an address for MAIL/RCPT. The receive stage keeps local parts
+/// unquoted (`john smith@x`), so one that is not a dot-atom is quoted again
+/// here (RFC 5321 §4.1.2), escaping `"` and `\`.
+fn push_path(w: &mut Vec<u8>, address: &str) {
+    let (local, domain) = match address.rsplit_once('@') {
+        Some(parts) => parts,
+        None => {
+            w.extend_from_slice(address.as_bytes());
+            return;
+        }
+    };
+    if is_dot_atom(local) {
+        w.extend_from_slice(address.as_bytes());
+        return;
+    }
+    w.push(b'"');
+    for b in local.bytes() {
+        if b == b'"' || b == b'\\' {
+            w.push(b'\\');
+        }
+        w.push(b);
+    }
+    w.push(b'"');
+    w.push(b'@');
+    w.extend_from_slice(domain.as_bytes());
+}
+
+/// RFC 5322 dot-atom, with any non-ASCII byte allowed (RFC 6531 UTF-8).
+fn is_dot_atom(local: &str) -> bool {
+    !local.is_empty()
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .bytes()
+            .all(|b| b >= 0x80 || b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b))
 }
 
 #[cfg(test)]
@@ -1976,5 +2027,20 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, ClientError::Refused), "{e}");
+    }
+
+    #[test]
+    fn local_parts_that_need_quotes_get_them() {
+        let path = |a: &str| {
+            let mut w = Vec::new();
+            push_path(&mut w, a);
+            String::from_utf8(w).unwrap()
+        };
+        assert_eq!(path("bob.smith+tag@x.test"), "bob.smith+tag@x.test");
+        assert_eq!(path("john smith@x.test"), "\"john smith\"@x.test");
+        assert_eq!(path("a>b@x.test"), "\"a>b\"@x.test");
+        assert_eq!(path("q\"t@x.test"), r#""q\"t"@x.test"#);
+        assert_eq!(path("jörg@x.test"), "jörg@x.test");
+        assert_eq!(path(""), "");
     }
 }

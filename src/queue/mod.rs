@@ -17,7 +17,7 @@ use tokio::sync::{Notify as Wake, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::reply::Reply;
+use crate::reply::{Enhanced, Reply};
 use crate::report::{Classification, Event, EventKind, Reporter, rfc3339};
 pub use message::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret, unix_now};
 use schedule::{NextStep, RetrySchedule};
@@ -79,6 +79,9 @@ pub enum QueueError {
     Closed,
 }
 
+/// How often the compactor looks for old segments held by few messages.
+const COMPACT_EVERY: Duration = Duration::from_secs(30);
+
 /// The queue of one node. Shared by the receive stage (enqueue), delivery
 /// (attempt outcomes) and admin (inspection).
 pub struct Queue {
@@ -101,6 +104,11 @@ struct Inner {
     live: BTreeMap<u64, usize>,
     /// Segments below this one have been handed to the spool for deletion.
     deleted_below: u64,
+    /// The newest segment a message body went to (or the head at start).
+    newest_segment: u64,
+    /// Enqueues whose record is being written: their segment is not yet in
+    /// `live`, so no segment may be deleted meanwhile.
+    pending_enqueues: usize,
 }
 
 struct Entry {
@@ -131,9 +139,15 @@ impl Queue {
         reporter: Reporter,
         jobs: mpsc::UnboundedSender<DeliveryJob>,
     ) -> Result<Arc<Queue>, QueueError> {
-        let (spool, recovered, _head) = Spool::open(&config.server.spool_dir)?;
+        let (spool, recovered, head) = Spool::open_with(
+            &config.server.spool_dir,
+            config.server.spool_segment_size.bytes(),
+        )?;
         let now = unix_now();
-        let mut inner = Inner::default();
+        let mut inner = Inner {
+            newest_segment: head,
+            ..Inner::default()
+        };
         let mut finished = Vec::new();
         for r in recovered {
             if r.recipients.iter().all(|x| x.status.is_final()) {
@@ -187,11 +201,25 @@ impl Queue {
             return Err(QueueError::Closed);
         }
         let record = Record::message(id, &envelope, &recipients, &body);
-        let loc = self.spool.append_durable(record).await?;
+        let started = std::time::Instant::now();
+        self.inner.lock().expect("queue lock").pending_enqueues += 1;
+        let loc = match self.spool.append_durable(record).await {
+            Ok(loc) => loc,
+            Err(e) => {
+                let mut inner = self.inner.lock().expect("queue lock");
+                inner.pending_enqueues -= 1;
+                self.collect_segments(&mut inner);
+                return Err(e.into());
+            }
+        };
+        let metrics = self.reporter.metrics();
+        metrics.enqueue_latency.observe(started.elapsed());
         let envelope = Arc::new(envelope);
         let jobs = {
             let mut inner = self.inner.lock().expect("queue lock");
             *inner.live.entry(loc.segment).or_default() += 1;
+            inner.pending_enqueues -= 1;
+            inner.newest_segment = inner.newest_segment.max(loc.segment);
             let mut entry = Entry {
                 in_flight: vec![false; recipients.len()],
                 envelope,
@@ -201,6 +229,7 @@ impl Queue {
             };
             let jobs = entry.take_due_jobs(id, unix_now(), &body);
             inner.messages.insert(id, entry);
+            self.collect_segments(&mut inner);
             jobs
         };
         for job in jobs {
@@ -235,6 +264,11 @@ impl Queue {
                 }
                 AttemptResult::Delivered(reply) => {
                     r.status = RcptStatus::Delivered;
+                    let waited = now.saturating_sub(entry.envelope.received_at);
+                    let metrics = self.reporter.metrics();
+                    metrics
+                        .delivery_latency
+                        .observe(Duration::from_secs(waited));
                     (EventKind::Delivered, reply, None)
                 }
                 AttemptResult::Bounced(reply, class) => {
@@ -322,8 +356,19 @@ impl Queue {
     }
 
     /// Asks the spool to delete the segments no live message needs.
+    /// Deletion goes oldest first, up to the oldest segment holding a live
+    /// body (or the newest one written to, when nothing is live), and waits
+    /// while an enqueue's segment is not yet counted.
     fn collect_segments(&self, inner: &mut Inner) {
-        let below = inner.live.keys().next().copied().unwrap_or(u64::MAX);
+        if inner.pending_enqueues > 0 {
+            return;
+        }
+        let below = inner
+            .live
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(inner.newest_segment);
         if below > inner.deleted_below {
             inner.deleted_below = below;
             self.spool.delete_below(below);
@@ -333,6 +378,7 @@ impl Queue {
     /// Runs the scheduler until `shutdown`: hands recipients whose retry
     /// time has come to delivery.
     pub async fn run_scheduler(self: Arc<Self>, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().run_compactor(shutdown.clone()));
         loop {
             let wait = {
                 let inner = self.inner.lock().expect("queue lock");
@@ -353,6 +399,89 @@ impl Queue {
             }
             self.dispatch_due().await;
         }
+    }
+
+    /// Every [`COMPACT_EVERY`], moves long-waiting messages out of old
+    /// segments so those can be deleted (see [`Queue::compact_once`]).
+    async fn run_compactor(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(COMPACT_EVERY) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            self.compact_once().await;
+        }
+    }
+
+    /// Segments are deleted oldest first, so one deferred message would keep
+    /// every later segment on disk for up to the queue lifetime. When the
+    /// oldest segment with a live body is at least two segments behind the
+    /// newest, its live messages are written again at the head (their
+    /// current state and body) and it becomes deletable. Returns how many
+    /// messages moved.
+    pub async fn compact_once(&self) -> usize {
+        let (segment, ids) = {
+            let inner = self.inner.lock().expect("queue lock");
+            let Some(&segment) = inner.live.keys().next() else {
+                return 0;
+            };
+            if segment + 2 > inner.newest_segment {
+                return 0;
+            }
+            let ids: Vec<(QueueId, BodyLoc)> = inner
+                .messages
+                .iter()
+                .filter(|(_, e)| e.body.segment == segment)
+                .map(|(id, e)| (*id, e.body))
+                .collect();
+            (segment, ids)
+        };
+        let mut moved = 0;
+        for (id, loc) in ids {
+            let spool = self.spool.clone();
+            let Ok(Ok(body)) = tokio::task::spawn_blocking(move || spool.read_body(loc)).await
+            else {
+                tracing::warn!(queue_id = %id, "cannot read a body for compaction; segment kept");
+                continue;
+            };
+            // The snapshot and its place in the log are taken under the lock,
+            // so no update of this message can fall between them.
+            let written = {
+                let inner = self.inner.lock().expect("queue lock");
+                let Some(e) = inner.messages.get(&id).filter(|e| e.body == loc) else {
+                    continue;
+                };
+                self.spool
+                    .append_acked(Record::message(id, &e.envelope, &e.recipients, &body))
+            };
+            let new_loc = match written.await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, "compaction write failed; segment kept");
+                    return moved;
+                }
+            };
+            let mut inner = self.inner.lock().expect("queue lock");
+            inner.newest_segment = inner.newest_segment.max(new_loc.segment);
+            // Finished meanwhile: its Done record follows the copy in the log.
+            let Some(e) = inner.messages.get_mut(&id) else {
+                continue;
+            };
+            e.body = new_loc;
+            *inner.live.entry(new_loc.segment).or_default() += 1;
+            if let Some(n) = inner.live.get_mut(&segment) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.live.remove(&segment);
+                }
+            }
+            moved += 1;
+            self.collect_segments(&mut inner);
+        }
+        if moved > 0 {
+            tracing::info!(segment, moved, "compacted spool segment");
+        }
+        moved
     }
 
     /// Hands every due recipient to delivery, reading bodies back from disk.
@@ -429,6 +558,40 @@ impl Queue {
         true
     }
 
+    /// Makes every waiting recipient of every message due now. Returns the
+    /// number of messages in the queue.
+    pub fn flush(&self) -> usize {
+        let now = unix_now();
+        let mut inner = self.inner.lock().expect("queue lock");
+        let ids: Vec<QueueId> = inner.messages.keys().copied().collect();
+        for &id in &ids {
+            if let Some(entry) = inner.messages.get_mut(&id) {
+                for r in entry.recipients.iter_mut().filter(|r| !r.status.is_final()) {
+                    r.next_attempt = now;
+                }
+            }
+            self.settle(&mut inner, id, now);
+        }
+        self.wake.notify_one();
+        ids.len()
+    }
+
+    /// Per recipient domain with unfinished recipients: their number and
+    /// the arrival (Unix seconds) of the oldest message among them. For
+    /// metrics; walks the whole queue under its lock.
+    pub fn waiting_by_domain(&self) -> HashMap<String, (u64, u64)> {
+        let inner = self.inner.lock().expect("queue lock");
+        let mut out: HashMap<String, (u64, u64)> = HashMap::new();
+        for e in inner.messages.values() {
+            for r in e.recipients.iter().filter(|r| !r.status.is_final()) {
+                let slot = out.entry(r.domain()).or_insert((0, u64::MAX));
+                slot.0 += 1;
+                slot.1 = slot.1.min(e.envelope.received_at);
+            }
+        }
+        out
+    }
+
     /// Removes a message from the queue without delivering it further.
     pub fn delete(&self, id: QueueId) -> bool {
         let mut inner = self.inner.lock().expect("queue lock");
@@ -436,14 +599,34 @@ impl Queue {
             return false;
         };
         let now = unix_now();
+        // The app hears of every recipient: a deleted one is "expired"
+        // with a reply that says who gave up on it.
+        let reply = Reply::new(
+            554,
+            Enhanced(5, 0, 0),
+            "Deleted from the queue by the postmaster; not delivered",
+        );
+        let mut events = Vec::new();
         for (i, r) in entry.recipients.iter_mut().enumerate() {
             if !r.status.is_final() {
                 r.status = RcptStatus::Expired;
                 r.updated_at = now;
+                r.last_reply = Some(reply.clone());
                 self.spool.append(Record::update(id, i, r));
+                let mut ev =
+                    Event::for_message(EventKind::Expired, id, &entry.envelope).with_reply(&reply);
+                ev.recipient = Some(r.address.clone());
+                ev.attempt = Some(r.attempts);
+                ev.classification = Some(Classification::Policy);
+                ev.permanent = Some(true);
+                events.push(ev);
             }
         }
         self.settle(&mut inner, id, now);
+        drop(inner);
+        for ev in events {
+            self.reporter.emit(ev);
+        }
         true
     }
 
@@ -543,7 +726,6 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reply::Enhanced;
 
     fn config(dir: &std::path::Path) -> Config {
         let text = format!(
@@ -700,6 +882,148 @@ mod tests {
         q.close().await;
         let segs = std::fs::read_dir(dir.path()).unwrap().count();
         assert!(segs <= 2, "old segments should be deleted, found {segs}");
+    }
+
+    #[tokio::test]
+    async fn segments_are_deleted_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.server.spool_segment_size = crate::config::Size(1024);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        for round in 0..3 {
+            for _ in 0..4 {
+                let id = QueueId::generate();
+                let body = Bytes::from(vec![b'x'; 700]);
+                q.enqueue(
+                    id,
+                    envelope(),
+                    vec![Recipient::new("a@one.test".into())],
+                    body,
+                )
+                .await
+                .unwrap();
+            }
+            for _ in 0..4 {
+                let job = rx.recv().await.unwrap();
+                q.complete_attempt(
+                    job.id,
+                    vec![RcptOutcome {
+                        index: 0,
+                        result: AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
+                        mx: None,
+                        tls: None,
+                    }],
+                );
+            }
+            assert!(q.is_empty());
+            // Let the writer act on the deletions: a durable append is
+            // processed after every request queued before it.
+            let probe = QueueId::generate();
+            q.enqueue(
+                probe,
+                envelope(),
+                vec![Recipient::new("a@one.test".into())],
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+            let job = rx.recv().await.unwrap();
+            q.complete_attempt(
+                job.id,
+                vec![RcptOutcome {
+                    index: 0,
+                    result: AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
+                    mx: None,
+                    tls: None,
+                }],
+            );
+            let files = std::fs::read_dir(dir.path()).unwrap().count();
+            assert!(files <= 3, "round {round}: {files} segment files kept");
+        }
+        q.close().await;
+    }
+
+    #[tokio::test]
+    async fn compaction_frees_old_segments_and_keeps_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.server.spool_segment_size = crate::config::Size(1024);
+        let ok = || AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok"));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        // One message stays deferred: it pins its segment.
+        let keep = QueueId::generate();
+        let body = Bytes::from(vec![b'k'; 700]);
+        q.enqueue(
+            keep,
+            envelope(),
+            vec![Recipient::new("a@one.test".into())],
+            body.clone(),
+        )
+        .await
+        .unwrap();
+        rx.recv().await.unwrap();
+        q.complete_attempt(
+            keep,
+            vec![RcptOutcome {
+                index: 0,
+                result: AttemptResult::Deferred(
+                    Reply::new(451, Enhanced(4, 0, 0), "later"),
+                    Classification::Other,
+                ),
+                mx: None,
+                tls: None,
+            }],
+        );
+        // Traffic after it fills several more segments and is delivered.
+        for _ in 0..8 {
+            let id = QueueId::generate();
+            q.enqueue(
+                id,
+                envelope(),
+                vec![Recipient::new("b@one.test".into())],
+                Bytes::from(vec![b'x'; 700]),
+            )
+            .await
+            .unwrap();
+            let job = rx.recv().await.unwrap();
+            q.complete_attempt(
+                job.id,
+                vec![RcptOutcome {
+                    index: 0,
+                    result: ok(),
+                    mx: None,
+                    tls: None,
+                }],
+            );
+        }
+        let before = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(before >= 4, "the deferred message pins {before} segments");
+        assert_eq!(q.compact_once().await, 1);
+        assert_eq!(q.compact_once().await, 0, "nothing left to move");
+        // A durable write orders the writer after the deletions.
+        let probe = QueueId::generate();
+        q.enqueue(
+            probe,
+            envelope(),
+            vec![Recipient::new("c@one.test".into())],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        let after = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(after <= 2, "old segments deleted: {before} -> {after}");
+        q.close().await;
+
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let v = q.get(keep).expect("compacted message recovered");
+        assert_eq!(v.recipients[0].status, RcptStatus::Deferred);
+        assert_eq!(v.recipients[0].attempts, 1);
+        let loc = q.inner.lock().unwrap().messages[&keep].body;
+        assert_eq!(q.spool.read_body(loc).unwrap(), &body[..]);
+        q.close().await;
     }
 
     #[tokio::test]

@@ -203,14 +203,24 @@ impl Spool {
 
     /// Appends a record and waits until it is on stable storage.
     pub async fn append_durable(&self, record: Record) -> io::Result<BodyLoc> {
+        self.append_acked(record).await
+    }
+
+    /// Queues a record now (its place in the log is fixed by this call) and
+    /// returns a future that resolves once it is on stable storage.
+    pub fn append_acked(
+        &self,
+        record: Record,
+    ) -> impl std::future::Future<Output = io::Result<BodyLoc>> + use<> {
         let (ack, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Append {
-                record,
-                ack: Some(ack),
-            })
-            .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        let sent = self.tx.send(Request::Append {
+            record,
+            ack: Some(ack),
+        });
+        async move {
+            sent.map_err(|_| closed())?;
+            rx.await.map_err(|_| closed())?
+        }
     }
 
     /// Appends a record without waiting; it becomes durable with the next
@@ -402,6 +412,10 @@ struct Writer {
     zeroed: u64,
     /// A segment past this size is closed and the next one started.
     segment_size: u64,
+    /// A sync or write failed: what is on disk after `len` is unknown (Linux
+    /// reports a failed writeback only once), so nothing more may be
+    /// acknowledged from this segment. The next batch starts a new one.
+    poisoned: bool,
     dirty: bool,
     /// Every segment on disk, the head included.
     segments: BTreeSet<u64>,
@@ -409,6 +423,15 @@ struct Writer {
 
 impl Writer {
     fn create(dir: PathBuf, seq: u64, segment_size: u64) -> io::Result<Writer> {
+        let path = segment_path(&dir, seq);
+        Writer::create_at(dir, seq, segment_size).inspect_err(|_| {
+            // A half-made segment (disk full while zero-filling) would make
+            // every later attempt fail with "exists".
+            let _ = fs::remove_file(&path);
+        })
+    }
+
+    fn create_at(dir: PathBuf, seq: u64, segment_size: u64) -> io::Result<Writer> {
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
@@ -421,6 +444,7 @@ impl Writer {
             len: SEGMENT_MAGIC.len() as u64,
             zeroed: SEGMENT_MAGIC.len() as u64,
             segment_size,
+            poisoned: false,
             dirty: false,
             segments: BTreeSet::from([seq]),
         };
@@ -486,7 +510,7 @@ impl Writer {
         let mut close = None;
         let mut wait = false;
         buf.clear();
-        let mut result: io::Result<()> = Ok(());
+        let mut result: io::Result<()> = if self.poisoned { self.rotate() } else { Ok(()) };
         for req in batch.drain(..) {
             match req {
                 Request::Append { record, ack } => {
@@ -519,16 +543,22 @@ impl Writer {
         if result.is_ok() && (wait || delete_below.is_some() || close.is_some()) {
             result = self.sync();
         }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, segment = self.seq, "spool write or sync failed; this batch is refused and a new segment is started");
+            self.poisoned = true;
+        }
+        // Deletions first: whoever waits for a later record may rely on
+        // every earlier request having been carried out.
+        if result.is_ok()
+            && let Some(below) = delete_below
+        {
+            self.delete_below(below);
+        }
         for (ack, loc) in acks {
             let _ = ack.send(match &result {
                 Ok(()) => Ok(loc),
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
             });
-        }
-        if result.is_ok()
-            && let Some(below) = delete_below
-        {
-            self.delete_below(below);
         }
         if let Some(tx) = close {
             let _ = tx.send(());
@@ -563,14 +593,19 @@ impl Writer {
 
     fn sync(&mut self) -> io::Result<()> {
         if self.dirty {
-            self.file.sync_data()?;
+            if let Err(e) = self.file.sync_data() {
+                self.poisoned = true;
+                return Err(e);
+            }
             self.dirty = false;
         }
         Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.sync()?;
+        if !self.poisoned {
+            self.sync()?;
+        }
         let mut next = Writer::create(self.dir.clone(), self.seq + 1, self.segment_size)?;
         next.segments.append(&mut self.segments);
         *self = next;

@@ -207,7 +207,10 @@ impl Session {
             tracing::info!(client_ip = %self.ip, queue_id = %id, offset = at, "message refused: bare LF or CR");
             self.reject_event("bare_line_end", &reply, &sender, None);
             self.reply(&reply);
-            return Step::Continue;
+            // What follows may be a smuggled transaction (a sender that
+            // ended DATA at "\n.\r\n" or "\r\n.\r\r\n"): never read it
+            // as commands. Postfix's smtpd_forbid_bare_newline does the same.
+            return Step::Close;
         }
         // A BDAT body need not end with a line end; the queue stores what
         // goes on the wire after DATA, which must.

@@ -163,6 +163,8 @@ pub fn rfc3339_now() -> String {
 #[derive(Clone)]
 pub struct Reporter {
     tx: mpsc::UnboundedSender<Event>,
+    /// Counters fed by every event: relaxed atomics, so emit stays cheap.
+    metrics: std::sync::Arc<crate::admin::Metrics>,
 }
 
 impl Reporter {
@@ -178,13 +180,27 @@ impl Reporter {
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(write_events(file, path.to_path_buf(), rx));
-        Ok((Reporter { tx }, task))
+        Ok((
+            Reporter {
+                tx,
+                metrics: Default::default(),
+            },
+            task,
+        ))
     }
 
     /// A reporter that drops events (tools that need no log).
     pub fn discard() -> Reporter {
         let (tx, _rx) = mpsc::unbounded_channel();
-        Reporter { tx }
+        Reporter {
+            tx,
+            metrics: Default::default(),
+        }
+    }
+
+    /// The metrics this reporter's events are counted in.
+    pub fn metrics(&self) -> &std::sync::Arc<crate::admin::Metrics> {
+        &self.metrics
     }
 
     pub fn emit(&self, event: Event) {
@@ -197,6 +213,7 @@ impl Reporter {
             smtp = event.smtp.as_ref().map(|s| format!("{} {}", s.code, s.text)).unwrap_or_default(),
             "event"
         );
+        self.metrics.observe(&event);
         let _ = self.tx.send(event);
     }
 }

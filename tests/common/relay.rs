@@ -15,6 +15,8 @@ use super::smtp::{Reply, TestClient};
 
 pub const USER: &str = "acme";
 pub const PASSWORD: &str = "secret";
+/// `[admin] token` of every test relay.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// argon2id of PASSWORD with small parameters, so tests stay fast.
 pub const PASSWORD_HASH: &str = "$argon2id$v=19$m=1024,t=1,p=1$B6L8QT2wCAPY51s0DWRqFQ$NNVWFBUvhPRSg6faKHKflje/Y7dsH5sVf70a5Hhp2pw";
 
@@ -52,6 +54,9 @@ pub struct TestRelay {
     pub implicit: SocketAddr,
     /// Plain, no AUTH, 127.0.0.0/8 trusted.
     pub trusted: SocketAddr,
+    /// The admin API (`[admin]` on 127.0.0.1:0, token [`ADMIN_TOKEN`]).
+    pub admin: SocketAddr,
+    pub admin_token: &'static str,
     running: Option<Running>,
 }
 
@@ -113,6 +118,10 @@ idle_timeout = "1s"
 
 [events]
 log = "{d}/events.jsonl"
+
+[admin]
+address = "127.0.0.1:0"
+token = "{ADMIN_TOKEN}"
 "#,
             server_extra = setup.server_extra,
             dns = setup.dns,
@@ -128,6 +137,8 @@ log = "{d}/events.jsonl"
             submission: "0.0.0.0:0".parse().unwrap(),
             implicit: "0.0.0.0:0".parse().unwrap(),
             trusted: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+            admin_token: ADMIN_TOKEN,
             running: None,
         };
         relay.boot().await;
@@ -140,6 +151,7 @@ log = "{d}/events.jsonl"
         self.submission = running.smtp_addrs[0];
         self.implicit = running.smtp_addrs[1];
         self.trusted = running.smtp_addrs[2];
+        self.admin = running.admin_addr.expect("admin API is running");
         self.running = Some(running);
     }
 

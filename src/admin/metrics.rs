@@ -1,0 +1,469 @@
+//! Prometheus metrics: a small registry of atomics, rendered in the
+//! Prometheus text exposition format (version 0.0.4).
+//!
+//! Counters derived from events are fed by [`Metrics::observe`], which
+//! [`crate::report::Reporter::emit`] calls for every event: a few relaxed
+//! atomic additions indexed by closed enums, no lock and no allocation on
+//! that path. The one exception is the per-rule rejection count, whose label
+//! set is open; it takes a mutex, on rejections only. Gauges (queue size,
+//! connections) are read from their owners at scrape time.
+//!
+//! Why not the `prometheus-client` crate: its labelled `Family` hashes the
+//! label set and takes a `RwLock` on every increment, and it brings four more
+//! crates; the closed label sets here make fixed arrays of atomics simpler
+//! and cheaper, and the text format is a few lines of code.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::report::{Classification, Event, EventKind};
+
+/// Every [`Classification`], in the order of [`class_index`].
+const CLASSES: [Classification; 9] = [
+    Classification::InvalidRecipient,
+    Classification::MailboxFull,
+    Classification::MessageTooLarge,
+    Classification::SpamBlock,
+    Classification::Policy,
+    Classification::Dns,
+    Classification::Tls,
+    Classification::Network,
+    Classification::Other,
+];
+
+fn class_index(c: Classification) -> usize {
+    match c {
+        Classification::InvalidRecipient => 0,
+        Classification::MailboxFull => 1,
+        Classification::MessageTooLarge => 2,
+        Classification::SpamBlock => 3,
+        Classification::Policy => 4,
+        Classification::Dns => 5,
+        Classification::Tls => 6,
+        Classification::Network => 7,
+        Classification::Other => 8,
+    }
+}
+
+/// The label value of a classification: its name in events.
+fn class_name(c: Classification) -> &'static str {
+    match c {
+        Classification::InvalidRecipient => "invalid_recipient",
+        Classification::MailboxFull => "mailbox_full",
+        Classification::MessageTooLarge => "message_too_large",
+        Classification::SpamBlock => "spam_block",
+        Classification::Policy => "policy",
+        Classification::Dns => "dns",
+        Classification::Tls => "tls",
+        Classification::Network => "network",
+        Classification::Other => "other",
+    }
+}
+
+/// One counter per [`Classification`].
+#[derive(Default)]
+struct ByClass([AtomicU64; 9]);
+
+impl ByClass {
+    fn inc(&self, c: Option<Classification>) {
+        let i = class_index(c.unwrap_or(Classification::Other));
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(&self, c: Classification) -> u64 {
+        self.0[class_index(c)].load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram with fixed bucket bounds (in seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations per bucket, not cumulative; the last one is `+Inf`.
+    buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Time from acceptance to delivery: seconds to days.
+const DELIVERY_BOUNDS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+/// Durable write of an accepted message (the bulk of the time before 250).
+const ENQUEUE_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Counters and histograms of one node.
+pub struct Metrics {
+    received: AtomicU64,
+    received_rcpts: AtomicU64,
+    received_bytes: AtomicU64,
+    /// Rejections by rule (open label set: locked, on rejections only).
+    rejected: Mutex<BTreeMap<String, u64>>,
+    delivered: AtomicU64,
+    delivered_tls: AtomicU64,
+    deferred: ByClass,
+    bounced: ByClass,
+    expired: AtomicU64,
+    complained: AtomicU64,
+    suppressed: AtomicU64,
+    /// From acceptance to the delivering 250 of each recipient.
+    pub delivery_latency: Histogram,
+    /// The queue's durable write of each accepted message.
+    pub enqueue_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            received: AtomicU64::new(0),
+            received_rcpts: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
+            rejected: Mutex::new(BTreeMap::new()),
+            delivered: AtomicU64::new(0),
+            delivered_tls: AtomicU64::new(0),
+            deferred: ByClass::default(),
+            bounced: ByClass::default(),
+            expired: AtomicU64::new(0),
+            complained: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            delivery_latency: Histogram::new(DELIVERY_BOUNDS),
+            enqueue_latency: Histogram::new(ENQUEUE_BOUNDS),
+        }
+    }
+}
+
+/// Values read from their owners when metrics are scraped.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Messages not yet finished.
+    pub queue_messages: u64,
+    /// Per recipient domain: (unfinished recipients, age in seconds of the
+    /// oldest message waiting for it). Rendered for the largest domains only.
+    pub queue_domains: Vec<(String, u64, u64)>,
+    /// SMTP client connections open on the submission listeners.
+    pub connections_open: u64,
+}
+
+/// Domains shown with their own queue gauges; the rest only count in the
+/// totals (a label per recipient domain would be unbounded).
+pub const TOP_DOMAINS: usize = 20;
+
+impl Metrics {
+    /// Counts one event. Called for every event, on the hot path.
+    pub fn observe(&self, e: &Event) {
+        let one = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        match e.event {
+            EventKind::Received => {
+                one(&self.received);
+                let n = e.recipients.as_ref().map_or(0, Vec::len) as u64;
+                self.received_rcpts.fetch_add(n, Ordering::Relaxed);
+                self.received_bytes
+                    .fetch_add(e.size.unwrap_or(0), Ordering::Relaxed);
+            }
+            EventKind::Rejected => {
+                let rule = e.rule.as_deref().unwrap_or("unknown");
+                let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get_mut(rule) {
+                    Some(n) => *n += 1,
+                    None => {
+                        map.insert(rule.to_string(), 1);
+                    }
+                }
+            }
+            EventKind::Delivered => {
+                one(&self.delivered);
+                if e.tls.is_some() {
+                    one(&self.delivered_tls);
+                }
+            }
+            EventKind::Deferred => self.deferred.inc(e.classification),
+            EventKind::Bounced => self.bounced.inc(e.classification),
+            EventKind::Expired => one(&self.expired),
+            EventKind::Complained => one(&self.complained),
+            EventKind::Suppressed => one(&self.suppressed),
+        }
+    }
+
+    /// The text exposition of every metric, with the gauges given.
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+
+        counter(
+            &mut out,
+            "herald_messages_received_total",
+            "Messages accepted and queued (250 after DATA).",
+            load(&self.received),
+        );
+        counter(
+            &mut out,
+            "herald_recipients_received_total",
+            "Recipients of the messages accepted.",
+            load(&self.received_rcpts),
+        );
+        counter(
+            &mut out,
+            "herald_received_bytes_total",
+            "Size of the messages accepted, in bytes.",
+            load(&self.received_bytes),
+        );
+
+        header(
+            &mut out,
+            "herald_rejected_total",
+            "Refusals reported to the client, by the rule that refused.",
+            "counter",
+        );
+        {
+            let map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+            for (rule, n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "herald_rejected_total{{rule=\"{}\"}} {n}",
+                    escape(rule)
+                );
+            }
+        }
+
+        header(
+            &mut out,
+            "herald_recipients_delivered_total",
+            "Recipients delivered (the MX answered 2xx), by whether the connection used TLS.",
+            "counter",
+        );
+        let tls = load(&self.delivered_tls);
+        let all = load(&self.delivered);
+        let _ = writeln!(
+            out,
+            "herald_recipients_delivered_total{{tls=\"yes\"}} {tls}"
+        );
+        let _ = writeln!(
+            out,
+            "herald_recipients_delivered_total{{tls=\"no\"}} {}",
+            all.saturating_sub(tls)
+        );
+
+        by_class(
+            &mut out,
+            "herald_recipients_deferred_total",
+            "Delivery attempts that failed temporarily, by classification.",
+            &self.deferred,
+        );
+        by_class(
+            &mut out,
+            "herald_recipients_bounced_total",
+            "Recipients that failed permanently, by classification.",
+            &self.bounced,
+        );
+        counter(
+            &mut out,
+            "herald_recipients_expired_total",
+            "Recipients given up after the maximum queue lifetime (or deleted by the postmaster).",
+            load(&self.expired),
+        );
+        counter(
+            &mut out,
+            "herald_complaints_total",
+            "Complaints (ARF reports) received.",
+            load(&self.complained),
+        );
+        counter(
+            &mut out,
+            "herald_suppressed_total",
+            "Recipients refused because they are on the suppression list.",
+            load(&self.suppressed),
+        );
+
+        gauge(
+            &mut out,
+            "herald_queue_messages",
+            "Messages in the queue (not yet finished).",
+            g.queue_messages,
+        );
+        header(
+            &mut out,
+            "herald_queue_recipients",
+            "Unfinished recipients in the queue, for the largest recipient domains.",
+            "gauge",
+        );
+        for (d, n, _) in &g.queue_domains {
+            let _ = writeln!(
+                out,
+                "herald_queue_recipients{{domain=\"{}\"}} {n}",
+                escape(d)
+            );
+        }
+        header(
+            &mut out,
+            "herald_queue_oldest_age_seconds",
+            "Age of the oldest message waiting, for the largest recipient domains.",
+            "gauge",
+        );
+        for (d, _, age) in &g.queue_domains {
+            let _ = writeln!(
+                out,
+                "herald_queue_oldest_age_seconds{{domain=\"{}\"}} {age}",
+                escape(d)
+            );
+        }
+        gauge(
+            &mut out,
+            "herald_connections_open",
+            "SMTP client connections open on the submission listeners.",
+            g.connections_open,
+        );
+
+        self.delivery_latency.render(
+            &mut out,
+            "herald_delivery_latency_seconds",
+            "Time from acceptance to delivery of each recipient (1 s resolution).",
+        );
+        self.enqueue_latency.render(
+            &mut out,
+            "herald_enqueue_latency_seconds",
+            "Time to store an accepted message durably, before the 250 reply.",
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn by_class(out: &mut String, name: &str, help: &str, c: &ByClass) {
+    header(out, name, help, "counter");
+    for class in CLASSES {
+        let _ = writeln!(
+            out,
+            "{name}{{classification=\"{}\"}} {}",
+            class_name(class),
+            c.get(class)
+        );
+    }
+}
+
+/// A label value in the text format: backslash, quote and line feed escaped.
+fn escape(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for ch in v.chars() {
+        match ch {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no line {prefix} in\n{text}"))
+    }
+
+    #[test]
+    fn events_are_counted_by_kind_and_label() {
+        let m = Metrics::default();
+        let mut e = Event::new(EventKind::Bounced, "a@b.test");
+        e.classification = Some(Classification::InvalidRecipient);
+        m.observe(&e);
+        m.observe(&e);
+        let mut d = Event::new(EventKind::Delivered, "a@b.test");
+        m.observe(&d);
+        d.tls = Some("TLSv1.3".into());
+        m.observe(&d);
+        let mut r = Event::new(EventKind::Rejected, "a@b.test");
+        r.rule = Some("sender_not_allowed".into());
+        m.observe(&r);
+        let text = m.render(&Gauges::default());
+        assert_eq!(
+            line(
+                &text,
+                "herald_recipients_bounced_total{classification=\"invalid_recipient\"}"
+            ),
+            "herald_recipients_bounced_total{classification=\"invalid_recipient\"} 2"
+        );
+        assert!(text.contains("herald_recipients_delivered_total{tls=\"yes\"} 1\n"));
+        assert!(text.contains("herald_recipients_delivered_total{tls=\"no\"} 1\n"));
+        assert!(text.contains("herald_rejected_total{rule=\"sender_not_allowed\"} 1\n"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.enqueue_latency.observe(Duration::from_micros(300));
+        m.enqueue_latency.observe(Duration::from_millis(3));
+        m.enqueue_latency.observe(Duration::from_secs(5));
+        let text = m.render(&Gauges::default());
+        assert!(text.contains("herald_enqueue_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("herald_enqueue_latency_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("herald_enqueue_latency_seconds_bucket{le=\"1\"} 2\n"));
+        assert!(text.contains("herald_enqueue_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("herald_enqueue_latency_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

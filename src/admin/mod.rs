@@ -1,0 +1,132 @@
+//! Admin: the postmaster's HTTP API, Prometheus metrics, and the `herald
+//! queue` commands that call the API.
+//!
+//! The API listens on `[admin] address` (loopback by default) and speaks
+//! JSON over HTTP/1.1 (`api.rs`):
+//!
+//! | method and path | what it does |
+//! | --- | --- |
+//! | `GET /healthz` | liveness, no token |
+//! | `GET /metrics` | Prometheus text format, no token (`metrics.rs`) |
+//! | `GET /api/queue` | list, filters `domain`, `tenant`, `state`, `min_age` |
+//! | `GET /api/queue/{id}` | one message with its recipients |
+//! | `POST /api/queue/{id}/retry` | make its waiting recipients due now |
+//! | `DELETE /api/queue/{id}` | drop it from the queue |
+//! | `POST /api/queue/flush` | retry every waiting recipient now |
+//! | `GET /api/messages/{id}` | per-recipient status of a queued message |
+//!
+//! Trust: every `/api` request must carry `Authorization: Bearer <token>`
+//! with `[admin] token`, compared in constant time; without a configured
+//! token the API refuses everything with 401. `/healthz` and `/metrics` are
+//! open so that probes and scrapers need no secret: they expose aggregate
+//! counts only, no addresses or tenants. The token never reaches a log line
+//! or an error message.
+
+pub mod api;
+pub mod cli;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AdminConfig, Secret};
+use crate::queue::Queue;
+pub use metrics::Metrics;
+
+/// What the handlers read and steer.
+pub struct AdminState {
+    pub queue: Arc<Queue>,
+    pub metrics: Arc<Metrics>,
+    /// SMTP client connections open now (read at scrape time).
+    pub open_connections: Box<dyn Fn() -> usize + Send + Sync>,
+    token: Option<Secret>,
+}
+
+impl AdminState {
+    pub fn new(
+        config: &AdminConfig,
+        queue: Arc<Queue>,
+        metrics: Arc<Metrics>,
+        open_connections: Box<dyn Fn() -> usize + Send + Sync>,
+    ) -> AdminState {
+        AdminState {
+            queue,
+            metrics,
+            open_connections,
+            token: config.token.clone(),
+        }
+    }
+}
+
+/// The routes of the admin API.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/api/queue", get(api::list))
+        .route("/api/queue/flush", post(api::flush))
+        .route("/api/queue/{id}", get(api::show).delete(api::delete))
+        .route("/api/queue/{id}/retry", post(api::retry))
+        .route("/api/messages/{id}", get(api::show))
+        .fallback(api::not_found)
+        .with_state(state)
+}
+
+/// Binds `[admin] address`. Done before the other stages start, so that a
+/// taken port stops the relay before it accepts anything.
+pub async fn bind(config: &AdminConfig) -> std::io::Result<TcpListener> {
+    TcpListener::bind(config.address).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("admin: cannot listen on {}: {e}", config.address),
+        )
+    })
+}
+
+/// The running admin server.
+pub struct AdminServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Serves the API on `listener` until [`AdminServer::shutdown`].
+pub fn serve(listener: TcpListener, state: Arc<AdminState>) -> std::io::Result<AdminServer> {
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let app = router(state);
+    let signal = stop.clone().cancelled_owned();
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+        {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    tracing::info!(address = %addr, "admin API listening");
+    Ok(AdminServer { addr, stop, task })
+}
+
+impl AdminServer {
+    /// Stops accepting, lets requests in progress finish for a moment, then
+    /// closes what is left.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! The admin API, metrics and `herald queue` commands against a running
+//! relay whose queue holds messages: the only MX of `dead.test` refuses
+//! connections, so its recipients stay deferred (retry every hour);
+//! `one.test` has a sink that accepts everyone but `nobody@`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::dns::{TestDns, Zone};
+use common::mx::{MxSink, SinkReply, ip, reserve_port};
+use common::relay::{ADMIN_TOKEN, Setup, TestRelay, field, queue_id};
+use common::smtp::TestClient;
+use common::within;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct World {
+    _dns: TestDns,
+    _sink: MxSink,
+    relay: TestRelay,
+}
+
+async fn world() -> World {
+    let dns = TestDns::start(
+        Zone::new("test.")
+            .mx("one.test", 10, "mx.one.test")
+            .a("mx.one.test", ip(2))
+            .mx("dead.test", 10, "mx.dead.test")
+            .a("mx.dead.test", ip(4)),
+    )
+    .await;
+    let (port, mut listeners) = reserve_port(&[ip(2), ip(4)]);
+    drop(listeners.pop()); // 127.0.0.4: refuses connections
+    let sink = MxSink::start_on(listeners.pop().unwrap(), |rcpt: &str, _| {
+        if rcpt.starts_with("nobody") {
+            SinkReply::Reply(550, "5.1.1 no such user")
+        } else {
+            SinkReply::Accept
+        }
+    })
+    .unwrap();
+    let mut setup = Setup::new(dns.addr, port);
+    setup.retry = r#"["1h"]"#;
+    let relay = TestRelay::start(setup).await;
+    World {
+        _dns: dns,
+        _sink: sink,
+        relay,
+    }
+}
+
+fn message(to: &str) -> Vec<u8> {
+    format!(
+        "From: <billing@acme.test>\r\nTo: <{to}>\r\nSubject: invoice\r\n\
+         Date: Sun, 29 Nov 2026 10:00:00 +0000\r\n\r\nInvoice attached.\r\n"
+    )
+    .into_bytes()
+}
+
+/// A response: status code, headers (lower-case names) and body.
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
+async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp {
+    within(WAIT, &format!("{method} {path}"), async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("end of headers");
+        let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+        {
+            body = dechunk(&body);
+        }
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    })
+    .await
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size_text = std::str::from_utf8(&b[..eol]).unwrap();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+async fn api(relay: &TestRelay, method: &str, path: &str) -> Resp {
+    http(relay.admin, method, path, Some(relay.admin_token)).await
+}
+
+/// The queue ids listed for a query, in order.
+async fn listed(relay: &TestRelay, query: &str) -> Vec<String> {
+    let r = api(relay, "GET", &format!("/api/queue{query}")).await;
+    assert_eq!(r.status, 200, "{query}: {}", r.text());
+    r.json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits for a `deferred` event of message `id` with attempt `n`.
+async fn wait_deferred(relay: &TestRelay, id: &str, n: u64) {
+    relay
+        .wait_events(&format!("deferred {id} attempt {n}"), 1, WAIT, |e| {
+            field(e, "event") == "deferred" && field(e, "queue_id") == id && e["attempt"] == n
+        })
+        .await;
+}
+
+/// Three messages waiting: A (acme, dead.test), B (acme, dead.test and a
+/// delivered one.test recipient), C (trusted network, no tenant, dead.test).
+async fn queued(w: &World) -> (String, String, String) {
+    let r = &w.relay;
+    let a = queue_id(
+        &r.submit(
+            "billing@acme.test",
+            &["x@dead.test"],
+            &message("x@dead.test"),
+        )
+        .await,
+    );
+    let b = queue_id(
+        &r.submit(
+            "billing@acme.test",
+            &["y@dead.test", "z@one.test"],
+            &message("y@dead.test"),
+        )
+        .await,
+    );
+    let mut t = TestClient::connect(r.trusted).await;
+    t.ehlo("app.test").await.assert_code(250);
+    let c = queue_id(
+        &t.send_mail(
+            "ops@elsewhere.test",
+            &["w@dead.test"],
+            &message("w@dead.test"),
+        )
+        .await,
+    );
+    for id in [&a, &b, &c] {
+        wait_deferred(r, id, 1).await;
+    }
+    r.wait_events("z delivered", 1, WAIT, |e| {
+        field(e, "event") == "delivered" && field(e, "recipient") == "z@one.test"
+    })
+    .await;
+    (a, b, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requires_the_bearer_token() {
+    let w = world().await;
+    let r = &w.relay;
+    let health = http(r.admin, "GET", "/healthz", None).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+
+    let none = http(r.admin, "GET", "/api/queue", None).await;
+    assert_eq!(none.status, 401);
+    assert!(none.header("www-authenticate").is_some());
+    assert!(none.json()["error"].as_str().unwrap().contains("bearer"));
+
+    let wrong = http(r.admin, "GET", "/api/queue", Some("not-the-token")).await;
+    assert_eq!(wrong.status, 401);
+    let wrong_long = http(
+        r.admin,
+        "POST",
+        "/api/queue/flush",
+        Some(&format!("{ADMIN_TOKEN}x")),
+    )
+    .await;
+    assert_eq!(wrong_long.status, 401);
+    for resp in [&none, &wrong, &wrong_long] {
+        assert!(
+            !resp.text().contains(ADMIN_TOKEN),
+            "token leaked: {}",
+            resp.text()
+        );
+    }
+    let right = api(r, "GET", "/api/queue").await;
+    assert_eq!(right.status, 200, "{}", right.text());
+    assert_eq!(right.json()["total"], 0);
+
+    // Unknown endpoints and bad ids answer JSON errors.
+    let nope = api(r, "GET", "/api/nothing").await;
+    assert_eq!(nope.status, 404);
+    assert_eq!(nope.json()["error"], "no such endpoint");
+    let bad = api(r, "GET", "/api/queue/not-an-id").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].as_str().unwrap().contains("queue id"));
+    let unknown = api(r, "GET", "/api/queue/0000000000000000ABCD").await;
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in the queue")
+    );
+    for (m, p) in [
+        ("POST", "/api/queue/0000000000000000ABCD/retry"),
+        ("DELETE", "/api/queue/0000000000000000ABCD"),
+        ("GET", "/api/messages/0000000000000000ABCD"),
+    ] {
+        assert_eq!(api(r, m, p).await.status, 404, "{m} {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_list_filters_show_retry_flush_delete() {
+    let w = world().await;
+    let r = &w.relay;
+    let (a, b, c) = queued(&w).await;
+
+    // List, oldest first, and each filter.
+    assert_eq!(listed(r, "").await, [a.as_str(), &b, &c]);
+    assert_eq!(listed(r, "?domain=dead.test").await, [a.as_str(), &b, &c]);
+    assert_eq!(listed(r, "?domain=DEAD.test").await, [a.as_str(), &b, &c]);
+    assert!(
+        listed(r, "?domain=one.test").await.is_empty(),
+        "one.test's recipient is delivered, nothing waits for it"
+    );
+    assert_eq!(listed(r, "?tenant=acme").await, [a.as_str(), &b]);
+    assert_eq!(listed(r, "?state=delivered").await, [b.as_str()]);
+    assert_eq!(
+        listed(r, "?state=deferred&tenant=acme").await,
+        [a.as_str(), &b]
+    );
+    assert_eq!(listed(r, "?min_age=0s").await.len(), 3);
+    assert!(listed(r, "?min_age=1h").await.is_empty());
+    for bad in ["?state=lost", "?min_age=soon", "?colour=red"] {
+        let resp = api(r, "GET", &format!("/api/queue{bad}")).await;
+        assert_eq!(resp.status, 400, "{bad}: {}", resp.text());
+        assert!(resp.json()["error"].is_string());
+    }
+    let all = api(r, "GET", "/api/queue").await.json();
+    assert_eq!(all["total"], 3);
+    let mb = &all["messages"][1];
+    assert_eq!(mb["tenant"], "acme");
+    assert_eq!(mb["sender"], "billing@acme.test");
+    assert_eq!(mb["recipients"]["deferred"], 1);
+    assert_eq!(mb["recipients"]["delivered"], 1);
+    assert_eq!(mb["domains"], serde_json::json!(["dead.test"]));
+    assert!(mb["next_attempt"].is_string());
+    assert!(mb["last_reply"].as_str().unwrap().starts_with('4'), "{mb}");
+
+    // Show one message, and its per-recipient status.
+    let shown = api(r, "GET", &format!("/api/queue/{b}")).await;
+    assert_eq!(shown.status, 200);
+    let m = shown.json();
+    assert_eq!(m["id"], b.as_str());
+    assert_eq!(m["tenant"], "acme");
+    assert!(m["size"].as_u64().unwrap() > 0);
+    let status = api(r, "GET", &format!("/api/messages/{b}")).await.json();
+    let rcpts = status["recipients"].as_array().unwrap();
+    assert_eq!(rcpts.len(), 2);
+    assert_eq!(rcpts[0]["address"], "y@dead.test");
+    assert_eq!(rcpts[0]["status"], "deferred");
+    assert_eq!(rcpts[0]["attempts"], 1);
+    assert!(rcpts[0]["next_attempt"].is_string());
+    assert!(rcpts[0]["updated_at"].is_string());
+    assert_eq!(rcpts[0]["last_reply"]["code"].as_u64().unwrap() / 100, 4);
+    assert_eq!(rcpts[1]["address"], "z@one.test");
+    assert_eq!(rcpts[1]["status"], "delivered");
+    assert_eq!(rcpts[1]["last_reply"]["code"], 250);
+    assert_eq!(rcpts[1]["last_mx"], "mx.one.test");
+    assert!(rcpts[1]["next_attempt"].is_null());
+
+    // Retry one: its recipient is tried again at once (the next retry was an hour away).
+    let retried = api(r, "POST", &format!("/api/queue/{a}/retry")).await;
+    assert_eq!(retried.status, 200, "{}", retried.text());
+    assert_eq!(retried.json()["action"], "retry");
+    wait_deferred(r, &a, 2).await;
+
+    // Flush: every waiting recipient is tried again.
+    let flushed = api(r, "POST", "/api/queue/flush").await;
+    assert_eq!(flushed.status, 200);
+    assert_eq!(flushed.json()["messages"], 3);
+    wait_deferred(r, &a, 3).await;
+    wait_deferred(r, &b, 2).await;
+    wait_deferred(r, &c, 2).await;
+
+    // Delete one.
+    let deleted = api(r, "DELETE", &format!("/api/queue/{c}")).await;
+    assert_eq!(deleted.status, 200);
+    assert_eq!(deleted.json()["id"], c.as_str());
+    assert_eq!(api(r, "GET", &format!("/api/queue/{c}")).await.status, 404);
+    assert_eq!(
+        api(r, "DELETE", &format!("/api/queue/{c}")).await.status,
+        404
+    );
+    assert_eq!(listed(r, "").await, [a.as_str(), &b]);
+}
+
+/// Reads `name{labels} value` (or `name value`) from a metrics page.
+fn metric(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .trim()
+        .parse::<f64>()
+        .unwrap() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_sequence() {
+    let w = world().await;
+    let r = &w.relay;
+    // 2 delivered + 1 bounced in one message, 1 deferred in another.
+    queue_id(
+        &r.submit(
+            "billing@acme.test",
+            &["ok1@one.test", "ok2@one.test", "nobody@one.test"],
+            &message("ok1@one.test"),
+        )
+        .await,
+    );
+    let waiting = queue_id(
+        &r.submit(
+            "billing@acme.test",
+            &["x@dead.test"],
+            &message("x@dead.test"),
+        )
+        .await,
+    );
+    // One refusal: another company's sender.
+    let mut c = r.client().await;
+    c.cmd("MAIL FROM:<ceo@other.test>").await.assert_code(553);
+    r.wait_events("2 delivered", 2, WAIT, |e| field(e, "event") == "delivered")
+        .await;
+    r.wait_events("bounced", 1, WAIT, |e| field(e, "event") == "bounced")
+        .await;
+    wait_deferred(r, &waiting, 1).await;
+    r.wait_events("rejected", 1, WAIT, |e| field(e, "event") == "rejected")
+        .await;
+
+    // Scraped without a token; `c` is still connected.
+    let resp = http(r.admin, "GET", "/metrics", None).await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.header("content-type")
+            .unwrap()
+            .starts_with("text/plain"),
+        "{:?}",
+        resp.header("content-type")
+    );
+    let page = resp.text();
+    assert_eq!(metric(&page, "herald_messages_received_total"), 2);
+    assert_eq!(metric(&page, "herald_recipients_received_total"), 4);
+    let delivered = metric(&page, "herald_recipients_delivered_total{tls=\"yes\"}")
+        + metric(&page, "herald_recipients_delivered_total{tls=\"no\"}");
+    assert_eq!(delivered, 2);
+    assert_eq!(
+        metric(
+            &page,
+            "herald_recipients_bounced_total{classification=\"invalid_recipient\"}"
+        ),
+        1
+    );
+    let bounced_other: u64 = page
+        .lines()
+        .filter(|l| l.starts_with("herald_recipients_bounced_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(bounced_other, 1, "exactly one bounce in all classes");
+    let deferred: u64 = page
+        .lines()
+        .filter(|l| l.starts_with("herald_recipients_deferred_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(deferred, 1);
+    assert_eq!(metric(&page, "herald_recipients_expired_total"), 0);
+    assert_eq!(
+        metric(&page, "herald_rejected_total{rule=\"sender_not_allowed\"}"),
+        1
+    );
+    assert_eq!(metric(&page, "herald_queue_messages"), 1);
+    assert_eq!(
+        metric(&page, "herald_queue_recipients{domain=\"dead.test\"}"),
+        1
+    );
+    assert!(page.contains("herald_queue_oldest_age_seconds{domain=\"dead.test\"} "));
+    assert!(metric(&page, "herald_connections_open") >= 1);
+    assert_eq!(metric(&page, "herald_delivery_latency_seconds_count"), 2);
+    assert_eq!(metric(&page, "herald_enqueue_latency_seconds_count"), 2);
+    assert_eq!(
+        metric(&page, "herald_enqueue_latency_seconds_bucket{le=\"+Inf\"}"),
+        2
+    );
+    let _ = c.cmd("QUIT").await;
+}
+
+/// The relay's config with the admin port it actually bound (the test
+/// config asks for port 0).
+fn cli_config(relay: &TestRelay) -> std::path::PathBuf {
+    let text = relay.config_text.replace(
+        "[admin]\naddress = \"127.0.0.1:0\"",
+        &format!("[admin]\naddress = \"{}\"", relay.admin),
+    );
+    assert_ne!(text, relay.config_text, "admin section found");
+    let path = relay.dir.path().join("herald-cli.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `herald --config CONFIG ARGS...`; (success, stdout, stderr).
+async fn herald(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = within(
+        WAIT,
+        &format!("herald {}", args.join(" ")),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run herald");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_cli_calls_the_api() {
+    let w = world().await;
+    let r = &w.relay;
+    let id = queue_id(
+        &r.submit(
+            "billing@acme.test",
+            &["x@dead.test", "z@one.test"],
+            &message("x@dead.test"),
+        )
+        .await,
+    );
+    wait_deferred(r, &id, 1).await;
+    let cfg = cli_config(r);
+
+    let (ok, out, err) = herald(&cfg, &["queue", "list"]).await;
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("QUEUE ID") && header.contains("NEXT ATTEMPT"),
+        "{out}"
+    );
+    let row = out.lines().nth(1).unwrap();
+    assert!(row.starts_with(&id), "{out}");
+    assert!(
+        row.contains("acme") && row.contains("billing@acme.test"),
+        "{out}"
+    );
+    assert!(
+        row.contains("1 deferred") && row.contains("dead.test"),
+        "{out}"
+    );
+    assert!(out.contains("1 of 1 message(s)"), "{out}");
+
+    let (ok, out, _) = herald(&cfg, &["queue", "list", "--domain", "other.test"]).await;
+    assert!(ok);
+    assert!(
+        out.contains("no matching messages (1 in the queue)"),
+        "{out}"
+    );
+
+    let (ok, out, _) = herald(&cfg, &["queue", "list", "--domain", "dead.test", "--json"]).await;
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(v["messages"][0]["id"], id.as_str());
+
+    let (ok, out, err) = herald(&cfg, &["queue", "show", &id]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("Queue ID:    {id}")), "{out}");
+    let x = out
+        .lines()
+        .find(|l| l.starts_with("x@dead.test"))
+        .expect(&out);
+    assert!(x.contains("deferred"), "{out}");
+    let z = out
+        .lines()
+        .find(|l| l.starts_with("z@one.test"))
+        .expect(&out);
+    assert!(
+        z.contains("delivered") && z.contains("(from mx.one.test)"),
+        "{out}"
+    );
+
+    let (ok, out, _) = herald(&cfg, &["queue", "show", &id, "--json"]).await;
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["recipients"][0]["status"], "deferred");
+
+    let (ok, out, err) = herald(&cfg, &["queue", "retry", &id]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("tried now"), "{out}");
+    wait_deferred(r, &id, 2).await;
+
+    let (ok, out, err) = herald(&cfg, &["queue", "flush"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("1 message(s)"), "{out}");
+    wait_deferred(r, &id, 3).await;
+
+    let (ok, out, err) = herald(&cfg, &["queue", "delete", &id]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted"), "{out}");
+    assert!(r.running().queue.is_empty());
+
+    // Failures: exit status non-zero and the API's reason on stderr.
+    let (ok, _, err) = herald(&cfg, &["queue", "show", &id]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("404") && err.contains("not in the queue"),
+        "{err}"
+    );
+    let (ok, _, err) = herald(&cfg, &["queue", "show", "xyz"]).await;
+    assert!(!ok);
+    assert!(err.contains("400"), "{err}");
+
+    let wrong = r.dir.path().join("herald-wrong-token.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(ADMIN_TOKEN, "guess");
+    std::fs::write(&wrong, text).unwrap();
+    let (ok, _, err) = herald(&wrong, &["queue", "list"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("wrong bearer token"),
+        "{err}"
+    );
+    assert!(!err.contains("guess"), "the token is never printed: {err}");
+}
