@@ -290,6 +290,9 @@ pub struct DeliveryConfig {
     pub max_messages_per_connection: usize,
     /// How long an idle connection is kept for reuse.
     pub idle_timeout: Span,
+    /// Bodies of queued messages read back into memory for delivery at
+    /// once; retries wait beyond that (a backlog after a restart or flush).
+    pub max_bytes_in_flight: Size,
     pub starttls: StarttlsPolicy,
 }
 
@@ -309,6 +312,7 @@ impl Default for DeliveryConfig {
             max_connections_per_domain: 16,
             max_messages_per_connection: 100,
             idle_timeout: Span(std::time::Duration::from_secs(5)),
+            max_bytes_in_flight: Size(256 << 20),
             starttls: StarttlsPolicy::Opportunistic,
         }
     }

@@ -371,7 +371,13 @@ async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
             ctx.report_all(&job, &AttemptResult::NotAttempted, None);
             continue;
         }
+        let guard = PanicGuard {
+            ctx: &ctx,
+            id: job.id,
+            indices: job.recipients.iter().map(|r| r.index).collect(),
+        };
         session = deliver_job(&ctx, &domain, session, job).await;
+        std::mem::forget(guard);
         if session
             .as_ref()
             .is_some_and(|s| s.sent >= ctx.config.delivery.max_messages_per_connection)
@@ -382,6 +388,38 @@ async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
     }
     if let Some(s) = session {
         s.client.quit().await;
+    }
+}
+
+/// Reports the job in hand as deferred if its task panics, so that its
+/// recipients do not stay "in flight" (and unscheduled) until a restart.
+struct PanicGuard<'a> {
+    ctx: &'a Ctx,
+    id: crate::queue::QueueId,
+    indices: Vec<usize>,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let reply = Reply::new(
+            451,
+            Enhanced(4, 3, 0),
+            "Local error during delivery; will retry",
+        );
+        let outcomes = self
+            .indices
+            .iter()
+            .map(|&index| RcptOutcome {
+                index,
+                result: AttemptResult::Deferred(reply.clone(), Classification::Other),
+                mx: None,
+                tls: None,
+            })
+            .collect();
+        self.ctx.sink.complete_attempt(self.id, outcomes);
     }
 }
 

@@ -93,6 +93,8 @@ pub struct Queue {
     /// Wakes the scheduler when a timer earlier than its current one appears.
     wake: Wake,
     closed: AtomicBool,
+    /// See `Inner::bytes_in_flight`.
+    max_bytes_in_flight: u64,
 }
 
 #[derive(Default)]
@@ -109,6 +111,11 @@ struct Inner {
     /// Enqueues whose record is being written: their segment is not yet in
     /// `live`, so no segment may be deleted meanwhile.
     pending_enqueues: usize,
+    /// Body bytes of messages with recipients handed to delivery: what the
+    /// scheduler may not push past `max_bytes_in_flight`, so a large backlog
+    /// (after a restart, a flush, a slow destination) is not read into
+    /// memory all at once.
+    bytes_in_flight: u64,
 }
 
 struct Entry {
@@ -183,6 +190,7 @@ impl Queue {
             reporter,
             wake: Wake::new(),
             closed: AtomicBool::new(false),
+            max_bytes_in_flight: config.delivery.max_bytes_in_flight.bytes(),
         });
         queue.collect_segments(&mut queue.inner.lock().expect("queue lock"));
         Ok(queue)
@@ -228,6 +236,9 @@ impl Queue {
                 timer: None,
             };
             let jobs = entry.take_due_jobs(id, unix_now(), &body);
+            if entry.busy() {
+                inner.bytes_in_flight += entry.body.len;
+            }
             inner.messages.insert(id, entry);
             self.collect_segments(&mut inner);
             jobs
@@ -248,6 +259,7 @@ impl Queue {
         let Some(entry) = inner.messages.get_mut(&id) else {
             return;
         };
+        let was_busy = entry.busy();
         for o in outcomes {
             let Some(r) = entry.recipients.get_mut(o.index) else {
                 continue;
@@ -314,6 +326,11 @@ impl Queue {
             }
             self.spool.append(Record::update(id, o.index, r));
             events.push(ev);
+        }
+        if was_busy && !entry.busy() {
+            let len = entry.body.len;
+            inner.bytes_in_flight = inner.bytes_in_flight.saturating_sub(len);
+            self.wake.notify_one();
         }
         self.settle(&mut inner, id, now);
         drop(inner);
@@ -397,7 +414,14 @@ impl Queue {
             if shutdown.is_cancelled() {
                 return;
             }
-            self.dispatch_due().await;
+            if !self.dispatch_due().await {
+                // At the in-flight limit: wait for deliveries to finish.
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
         }
     }
 
@@ -485,15 +509,29 @@ impl Queue {
     }
 
     /// Hands every due recipient to delivery, reading bodies back from disk.
-    async fn dispatch_due(&self) {
+    /// Returns false when it stopped at the in-flight limit with recipients
+    /// still due.
+    async fn dispatch_due(&self) -> bool {
         let now = unix_now();
+        let mut complete = true;
         let due: Vec<(QueueId, BodyLoc)> = {
             let mut inner = self.inner.lock().expect("queue lock");
             let mut out = Vec::new();
+            let mut budget = self
+                .max_bytes_in_flight
+                .saturating_sub(inner.bytes_in_flight);
             while let Some(&(t, id)) = inner.timers.first() {
                 if t > now {
                     break;
                 }
+                let len = inner.messages.get(&id).map_or(0, |e| e.body.len);
+                if len > budget && budget < self.max_bytes_in_flight {
+                    // Over the limit (a single huge message may still go
+                    // when nothing else is in flight).
+                    complete = false;
+                    break;
+                }
+                budget = budget.saturating_sub(len);
                 inner.timers.pop_first();
                 if let Some(e) = inner.messages.get_mut(&id) {
                     e.timer = None;
@@ -516,12 +554,19 @@ impl Queue {
             let jobs = {
                 let mut inner = self.inner.lock().expect("queue lock");
                 let Inner {
-                    messages, timers, ..
+                    messages,
+                    timers,
+                    bytes_in_flight,
+                    ..
                 } = &mut *inner;
                 let Some(entry) = messages.get_mut(&id) else {
                     continue;
                 };
+                let was_busy = entry.busy();
                 let jobs = entry.take_due_jobs(id, now, &body);
+                if !was_busy && entry.busy() {
+                    *bytes_in_flight += entry.body.len;
+                }
                 let next = entry.next_due();
                 set_timer(timers, id, entry, next);
                 jobs
@@ -530,6 +575,7 @@ impl Queue {
                 let _ = self.jobs.send(job);
             }
         }
+        complete
     }
 
     fn retry_later(&self, id: QueueId, at: u64) {
@@ -607,6 +653,9 @@ impl Queue {
             "Deleted from the queue by the postmaster; not delivered",
         );
         let mut events = Vec::new();
+        // Replies for recipients in flight will find no message: count its
+        // body out now.
+        let busy_len = if entry.busy() { entry.body.len } else { 0 };
         for (i, r) in entry.recipients.iter_mut().enumerate() {
             if !r.status.is_final() {
                 r.status = RcptStatus::Expired;
@@ -622,6 +671,7 @@ impl Queue {
                 events.push(ev);
             }
         }
+        inner.bytes_in_flight = inner.bytes_in_flight.saturating_sub(busy_len);
         self.settle(&mut inner, id, now);
         drop(inner);
         for ev in events {
@@ -671,6 +721,10 @@ fn set_timer(timers: &mut BTreeSet<(u64, QueueId)>, id: QueueId, e: &mut Entry, 
 }
 
 impl Entry {
+    fn busy(&self) -> bool {
+        self.in_flight.iter().any(|b| *b)
+    }
+
     /// The earliest next attempt among recipients that still need one and
     /// are not in flight.
     fn next_due(&self) -> Option<u64> {
@@ -1023,6 +1077,66 @@ mod tests {
         assert_eq!(v.recipients[0].attempts, 1);
         let loc = q.inner.lock().unwrap().messages[&keep].body;
         assert_eq!(q.spool.read_body(loc).unwrap(), &body[..]);
+        q.close().await;
+    }
+
+    #[tokio::test]
+    async fn backlog_is_read_into_memory_only_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let later = || {
+            AttemptResult::Deferred(
+                Reply::new(451, Enhanced(4, 0, 0), "later"),
+                Classification::Other,
+            )
+        };
+        for _ in 0..3 {
+            let id = QueueId::generate();
+            q.enqueue(
+                id,
+                envelope(),
+                vec![Recipient::new("a@one.test".into())],
+                Bytes::from(vec![b'x'; 600]),
+            )
+            .await
+            .unwrap();
+            rx.recv().await.unwrap();
+            q.complete_attempt(
+                id,
+                vec![RcptOutcome {
+                    index: 0,
+                    result: later(),
+                    mx: None,
+                    tls: None,
+                }],
+            );
+        }
+        q.close().await;
+
+        cfg.delivery.max_bytes_in_flight = crate::config::Size(1000);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        for m in q.list() {
+            q.retry_now(m.id);
+        }
+        assert!(!q.dispatch_due().await, "limit reached with recipients due");
+        let first = rx.try_recv().expect("one job within the limit");
+        assert!(rx.try_recv().is_err(), "the second would pass the limit");
+        q.complete_attempt(
+            first.id,
+            vec![RcptOutcome {
+                index: 0,
+                result: later(),
+                mx: None,
+                tls: None,
+            }],
+        );
+        assert!(!q.dispatch_due().await);
+        let second = rx.try_recv().expect("room again after a reply");
+        assert_ne!(second.id, first.id);
+        assert!(rx.try_recv().is_err());
         q.close().await;
     }
 
