@@ -2,12 +2,14 @@
 //!
 //! The mail path, one module per stage: [`receive`] (SMTP submission) →
 //! [`policy`] → [`queue`] (durable spool, scheduler) → [`deliver`] (MX
-//! delivery) → [`report`] (events). [`config`], [`dns`] and [`reply`] serve
-//! them all; [`admin`] is the postmaster's HTTP API, metrics and CLI.
+//! delivery) → [`report`] (events, and the [`suppression`] list they
+//! feed). [`config`], [`dns`] and [`reply`] serve them all; [`admin`] is the
+//! postmaster's HTTP API, metrics and CLI.
 
 pub mod admin;
 pub mod config;
 pub mod deliver;
+pub mod diagnose;
 pub mod dns;
 pub mod loadgen;
 pub mod policy;
@@ -16,4 +18,5 @@ pub mod receive;
 pub mod reply;
 pub mod report;
 pub mod server;
+pub mod suppression;
 pub mod tls;

@@ -42,10 +42,19 @@ enum Command {
     HashPassword,
     /// Send test messages to an SMTP server and report throughput and latency.
     Loadgen(LoadgenArgs),
+    /// Diagnose an SMTP server a tenant wants to send through: each step ok,
+    /// or its likely cause and fix. Sends no message.
+    SmtpTest(herald::diagnose::smtp_test::Args),
     /// Inspect and steer the queue of the running relay (through its admin API).
     Queue {
         #[command(subcommand)]
         command: herald::admin::cli::QueueCommand,
+    },
+    /// The per-tenant suppression list of the running relay (through its
+    /// admin API).
+    Suppression {
+        #[command(subcommand)]
+        command: herald::admin::suppressions::SuppressionCommand,
     },
 }
 
@@ -143,6 +152,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Suppression { command } => {
+            let Some(cfg) = load(&cli.config) else {
+                return ExitCode::FAILURE;
+            };
+            match rt.block_on(herald::admin::suppressions::run(&cfg.admin, command)) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald suppression: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::SmtpTest(a) => herald::diagnose::smtp_test::cli(a, &rt),
         Command::Loadgen(a) => {
             use herald::loadgen::{LoadgenOptions, LoadgenTls};
             let auth = match a.auth.as_deref().map(|s| s.split_once(':')) {

@@ -18,6 +18,7 @@ use crate::dns::Dns;
 use crate::queue::Queue;
 use crate::receive::{self, ReceiveContext};
 use crate::report::Reporter;
+use crate::suppression::Suppressions;
 use crate::{deliver, tls};
 
 /// A running relay.
@@ -35,6 +36,7 @@ pub struct Running {
     deliver_task: JoinHandle<()>,
     scheduler_task: JoinHandle<()>,
     events_task: JoinHandle<()>,
+    suppressions: Suppressions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,11 @@ pub enum StartError {
     Config(String),
     #[error("cannot open the events log {path}: {source}")]
     Events {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the suppression list {path}: {source}")]
+    Suppressions {
         path: String,
         source: std::io::Error,
     },
@@ -65,12 +72,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_listener = admin::bind(&config.admin)
         .await
         .map_err(StartError::Listen)?;
+    let suppressions =
+        Suppressions::open(&config)
+            .await
+            .map_err(|source| StartError::Suppressions {
+                path: config.suppression_file().display().to_string(),
+                source,
+            })?;
     let (reporter, events_task) = Reporter::start(&config.events.log)
         .await
         .map_err(|source| StartError::Events {
             path: config.events.log.display().to_string(),
             source,
         })?;
+    // Before any clone: every clone then feeds the list.
+    let reporter = reporter.with_suppressions(suppressions.clone());
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;
@@ -86,14 +102,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let stop_receiving = CancellationToken::new();
     let metrics = reporter.metrics().clone();
-    let ctx = Arc::new(ReceiveContext::new(
-        config.clone(),
-        queue.clone(),
-        dns,
-        reporter,
-        tls,
-        stop_receiving.clone(),
-    ));
+    let ctx = Arc::new(
+        ReceiveContext::new(
+            config.clone(),
+            queue.clone(),
+            dns,
+            reporter,
+            tls,
+            stop_receiving.clone(),
+        )
+        .with_suppressions(suppressions.clone()),
+    );
     let receive_ctx = ctx.clone();
     let (smtp_addrs, receive_task) = receive::start(ctx).await.map_err(StartError::Listen)?;
     let admin_state = AdminState::new(
@@ -101,7 +120,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         queue.clone(),
         metrics,
         Box::new(move || receive_ctx.open_connections()),
-    );
+    )
+    .with_suppressions(suppressions.clone());
     let admin = admin::serve(admin_listener, Arc::new(admin_state)).map_err(StartError::Listen)?;
     tracing::info!(listeners = ?smtp_addrs, hostname = %config.server.hostname, "herald is running");
     Ok(Running {
@@ -116,6 +136,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         deliver_task,
         scheduler_task,
         events_task,
+        suppressions,
     })
 }
 
@@ -150,6 +171,12 @@ impl Running {
         }
         let _ = self.scheduler_task.await;
         self.queue.close().await;
+        // Entries added by the last bounces are written in the background.
+        if let Ok(Err(e)) =
+            tokio::time::timeout(Duration::from_secs(5), self.suppressions.flush()).await
+        {
+            tracing::error!(error = %e, "suppression list not saved");
+        }
         // The events writer ends when the last reporter is gone.
         drop(self.queue);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.events_task).await;

@@ -44,6 +44,12 @@ fn zone() -> Zone {
         .mx("backup.test", 20, "alive.backup.test")
         .a("dead.backup.test", ip(4))
         .a("alive.backup.test", ip(5))
+        .mx("many.test", 10, "dead1.many.test")
+        .mx("many.test", 20, "dead2.many.test")
+        .mx("many.test", 30, "alive.many.test")
+        .a("dead1.many.test", ip(4))
+        .a("dead2.many.test", ip(4))
+        .a("alive.many.test", ip(5))
         .null_mx("nomail.test")
         .a("www.nomx.test", ip(9))
 }
@@ -246,6 +252,30 @@ async fn dead_first_mx_falls_back_to_second() {
         .wait_events("delivered", 1, WAIT, |e| field(e, "event") == "delivered")
         .await;
     assert_eq!(field(&ev[0], "mx"), "alive.backup.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_addresses_tried_per_attempt_are_limited() {
+    let w = world(accept, |s| {
+        s.delivery_extra = "max_mx_addresses = 2".into();
+    })
+    .await;
+    queue_id(
+        &w.relay
+            .submit(
+                "billing@acme.test",
+                &["x@many.test"],
+                &invoice("x@many.test", 11),
+            )
+            .await,
+    );
+    let ev = w
+        .relay
+        .wait_events("deferred", 1, WAIT, |e| field(e, "event") == "deferred")
+        .await;
+    assert_eq!(ev[0]["permanent"], false);
+    assert_eq!(field(&ev[0], "mx"), "dead2.many.test", "{}", ev[0]);
+    w.sinks[2].assert_no_message_within(Duration::from_millis(300));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

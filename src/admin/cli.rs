@@ -145,14 +145,14 @@ pub async fn run(admin: &AdminConfig, cmd: QueueCommand) -> Result<String, Strin
     }
 }
 
-struct Client {
+pub(super) struct Client {
     addr: SocketAddr,
     /// `Bearer <token>`; never printed.
     authorization: String,
 }
 
 impl Client {
-    fn new(admin: &AdminConfig) -> Result<Client, String> {
+    pub(super) fn new(admin: &AdminConfig) -> Result<Client, String> {
         let Some(token) = &admin.token else {
             return Err(
                 "no [admin] token in the config: the admin API refuses every request without one"
@@ -174,8 +174,18 @@ impl Client {
     }
 
     /// One request; the body of a 2xx answer, or the API's error text.
-    async fn call(&self, method: Method, path: &str) -> Result<Vec<u8>, String> {
-        let (status, body) = tokio::time::timeout(TIMEOUT, self.send(method, path))
+    pub(super) async fn call(&self, method: Method, path: &str) -> Result<Vec<u8>, String> {
+        self.call_with_body(method, path, Vec::new()).await
+    }
+
+    /// [`Client::call`] with a JSON request body (none when empty).
+    pub(super) async fn call_with_body(
+        &self,
+        method: Method,
+        path: &str,
+        json: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let (status, body) = tokio::time::timeout(TIMEOUT, self.send(method, path, json))
             .await
             .map_err(|_| {
                 format!(
@@ -193,7 +203,12 @@ impl Client {
         Err(format!("{status}: {text}"))
     }
 
-    async fn send(&self, method: Method, path: &str) -> Result<(StatusCode, Vec<u8>), String> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        json: Vec<u8>,
+    ) -> Result<(StatusCode, Vec<u8>), String> {
         let addr = self.addr;
         let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
             format!("cannot reach the admin API at {addr}: {e} (is `herald serve` running with this config?)")
@@ -202,13 +217,17 @@ impl Client {
             .await
             .map_err(|e| format!("admin API at {addr}: {e}"))?;
         let conn = tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string())
             .header(header::AUTHORIZATION, &self.authorization)
-            .header(header::ACCEPT, "application/json")
-            .body(Body::empty())
+            .header(header::ACCEPT, "application/json");
+        if !json.is_empty() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Body::from(json))
             .map_err(|e| format!("bad request: {e}"))?;
         let resp = sender
             .send_request(req)
@@ -224,18 +243,18 @@ impl Client {
     }
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("unexpected answer from the admin API: {e}"))
 }
 
-fn pretty(body: &[u8]) -> String {
+pub(super) fn pretty(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .and_then(|v| serde_json::to_string_pretty(&v))
         .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
+pub(super) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -248,7 +267,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// `3d4h`, `2h5m`, `4m10s`, `45s`.
-fn age(secs: u64) -> String {
+pub(super) fn age(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     if d > 0 {
         format!("{d}d{h}h")
@@ -262,7 +281,7 @@ fn age(secs: u64) -> String {
 }
 
 /// Columns padded to their widest cell; the last column is not padded.
-fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in width.iter_mut().zip(row) {

@@ -1,5 +1,5 @@
 //! Admin: the postmaster's HTTP API, Prometheus metrics, and the `herald
-//! queue` commands that call the API.
+//! queue` and `herald suppression` commands that call the API.
 //!
 //! The API listens on `[admin] address` (loopback by default) and speaks
 //! JSON over HTTP/1.1 (`api.rs`):
@@ -14,6 +14,9 @@
 //! | `DELETE /api/queue/{id}` | drop it from the queue |
 //! | `POST /api/queue/flush` | retry every waiting recipient now |
 //! | `GET /api/messages/{id}` | per-recipient status of a queued message |
+//! | `GET /api/suppressions` | the suppression list (`suppressions.rs`) |
+//! | `POST /api/suppressions` | add an address to a tenant's list |
+//! | `DELETE /api/suppressions/{address}` | remove it (`?tenant=`) |
 //!
 //! Trust: every `/api` request must carry `Authorization: Bearer <token>`
 //! with `[admin] token`, compared in constant time; without a configured
@@ -25,6 +28,7 @@
 pub mod api;
 pub mod cli;
 pub mod metrics;
+pub mod suppressions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminConfig, Secret};
 use crate::queue::Queue;
+use crate::suppression::Suppressions;
 pub use metrics::Metrics;
 
 /// What the handlers read and steer.
@@ -46,6 +51,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// SMTP client connections open now (read at scrape time).
     pub open_connections: Box<dyn Fn() -> usize + Send + Sync>,
+    /// Empty unless set with [`AdminState::with_suppressions`].
+    pub suppressions: Suppressions,
     token: Option<Secret>,
 }
 
@@ -60,8 +67,15 @@ impl AdminState {
             queue,
             metrics,
             open_connections,
+            suppressions: Suppressions::in_memory(),
             token: config.token.clone(),
         }
+    }
+
+    /// The suppression list the `/api/suppressions` routes manage.
+    pub fn with_suppressions(mut self, suppressions: Suppressions) -> AdminState {
+        self.suppressions = suppressions;
+        self
     }
 }
 
@@ -75,6 +89,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/queue/{id}", get(api::show).delete(api::delete))
         .route("/api/queue/{id}/retry", post(api::retry))
         .route("/api/messages/{id}", get(api::show))
+        .route(
+            "/api/suppressions",
+            get(suppressions::list).post(suppressions::add),
+        )
+        .route(
+            "/api/suppressions/{address}",
+            axum::routing::delete(suppressions::remove),
+        )
         .fallback(api::not_found)
         .with_state(state)
 }

@@ -94,6 +94,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
+    pub suppression: SuppressionConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -286,6 +287,8 @@ pub struct DeliveryConfig {
     pub data_timeout: Span,
     /// Connections open at once to one destination domain.
     pub max_connections_per_domain: usize,
+    /// MX addresses tried per attempt before giving up until the next retry.
+    pub max_mx_addresses: usize,
     /// Messages sent over one connection before it is closed.
     pub max_messages_per_connection: usize,
     /// How long an idle connection is kept for reuse.
@@ -310,6 +313,7 @@ impl Default for DeliveryConfig {
             command_timeout: m(5),
             data_timeout: m(10),
             max_connections_per_domain: 16,
+            max_mx_addresses: 5,
             max_messages_per_connection: 100,
             idle_timeout: Span(std::time::Duration::from_secs(5)),
             max_bytes_in_flight: Size(256 << 20),
@@ -376,6 +380,18 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[suppression]`: the per-tenant list of addresses not to send to
+/// (see [`crate::suppression`]).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SuppressionConfig {
+    /// How long a new entry lasts; none (the default) = until removed.
+    pub expire_after: Option<Span>,
+    /// The list's JSON-lines log; default `suppressions.jsonl` in
+    /// `server.spool_dir`.
+    pub file: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ClusterConfig {
@@ -410,8 +426,18 @@ impl Config {
 
         let mut errs = ConfigErrors::default();
         const KNOWN: &[&str] = &[
-            "server", "listener", "tls", "tenant", "dns", "delivery", "dkim", "bounces", "events",
-            "admin", "cluster",
+            "server",
+            "listener",
+            "tls",
+            "tenant",
+            "dns",
+            "delivery",
+            "dkim",
+            "bounces",
+            "events",
+            "admin",
+            "cluster",
+            "suppression",
         ];
         for key in table.keys() {
             if !KNOWN.contains(&key.as_str()) {
@@ -441,6 +467,7 @@ impl Config {
             events: section(&table, "events", &mut errs).unwrap_or_default(),
             admin: section(&table, "admin", &mut errs).unwrap_or_default(),
             cluster: section(&table, "cluster", &mut errs).unwrap_or_default(),
+            suppression: section(&table, "suppression", &mut errs).unwrap_or_default(),
         };
         cfg.validate(&listeners, &tenants, &mut errs);
         if errs.0.is_empty() {
@@ -460,6 +487,14 @@ impl Config {
 
     pub fn tenant_by_username(&self, username: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.username == username)
+    }
+
+    /// Where the suppression list is kept (`[suppression] file`).
+    pub fn suppression_file(&self) -> PathBuf {
+        self.suppression
+            .file
+            .clone()
+            .unwrap_or_else(|| self.server.spool_dir.join("suppressions.jsonl"))
     }
 
     /// Whether any listener needs a certificate.
@@ -570,6 +605,12 @@ impl Config {
         if self.dns.attempts == 0 {
             errs.push("dns.attempts", "must be at least 1");
         }
+        if self.suppression.expire_after.is_some_and(|s| s.0.is_zero()) {
+            errs.push(
+                "suppression.expire_after",
+                "must be longer than 0; leave it unset for entries that never expire",
+            );
+        }
 
         let d = &self.delivery;
         if d.retry.is_empty() {
@@ -586,6 +627,9 @@ impl Config {
         }
         if d.port == 0 {
             errs.push("delivery.port", "must be a port number from 1 to 65535");
+        }
+        if d.max_mx_addresses == 0 {
+            errs.push("delivery.max_mx_addresses", "must be at least 1");
         }
         if d.max_connections_per_domain == 0 {
             errs.push("delivery.max_connections_per_domain", "must be at least 1");

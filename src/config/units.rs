@@ -33,12 +33,12 @@ impl Span {
             let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
-            let one = match unit {
-                "ms" => Duration::from_millis(1),
-                "s" => Duration::from_secs(1),
-                "m" => Duration::from_secs(60),
-                "h" => Duration::from_secs(3600),
-                "d" => Duration::from_secs(86400),
+            let one_ms: u64 = match unit {
+                "ms" => 1,
+                "s" => 1000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "d" => 86_400_000,
                 "" => {
                     return Err(format!(
                         "invalid duration {s:?}: a unit is required (ms, s, m, h or d)"
@@ -50,9 +50,11 @@ impl Span {
                     ));
                 }
             };
-            let n32 = u32::try_from(n).map_err(|_| format!("invalid duration {s:?}: too large"))?;
-            total += one
-                .checked_mul(n32)
+            // In u64 milliseconds, so that every value Display writes
+            // (e.g. "4320000001ms" for "50d1ms") parses back.
+            total = n
+                .checked_mul(one_ms)
+                .and_then(|ms| total.checked_add(Duration::from_millis(ms)))
                 .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
         }
         Ok(Span(total))

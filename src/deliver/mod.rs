@@ -615,7 +615,10 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     };
 
     let mut last: Option<(Reply, Classification, String)> = None;
-    for host in &hosts {
+    // Like Postfix's smtp_mx_address_limit: a domain with many dead hosts
+    // must not hold a connection slot for connect_timeout × every address.
+    let mut budget = ctx.config.delivery.max_mx_addresses;
+    'hosts: for host in &hosts {
         let ips = match ctx.dns.ips(&host.name).await {
             Ok(ips) if !ips.is_empty() => ips,
             Ok(_) => {
@@ -640,6 +643,25 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             }
         };
         for ip in ips {
+            if budget == 0 {
+                break 'hosts;
+            }
+            if ip.is_unspecified() || ip.is_multicast() {
+                last = Some((
+                    Reply::new(
+                        451,
+                        Enhanced(4, 4, 4),
+                        format!(
+                            "Mail server {} of {name} has an unusable address {ip}",
+                            host.name
+                        ),
+                    ),
+                    Classification::Dns,
+                    host.name.clone(),
+                ));
+                continue;
+            }
+            budget -= 1;
             let addr = SocketAddr::new(ip, ctx.config.delivery.port);
             match open(ctx, &host.name, addr).await {
                 Ok(client) => {

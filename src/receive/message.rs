@@ -37,6 +37,9 @@ pub fn find_bare_line_end(body: &[u8]) -> Option<usize> {
 pub struct HeaderInfo {
     /// The first Message-ID: field's value, unfolded and trimmed.
     pub message_id: Option<String>,
+    /// A non-empty Message-ID: field is present, usable or not (then it is
+    /// kept as it is rather than doubled).
+    pub has_message_id: bool,
     pub has_date: bool,
     pub has_from: bool,
     /// Length of the header block, including the empty line that ends it
@@ -52,6 +55,7 @@ pub fn inspect_headers(message: &[u8]) -> HeaderInfo {
     let mut info = HeaderInfo::default();
     // The field being read when it is one whose value we keep.
     let mut collecting_id: Option<Vec<u8>> = None;
+    let mut seen_message_id = false;
     let mut pos = 0;
     while pos < message.len() {
         let rest = &message[pos..];
@@ -67,12 +71,15 @@ pub fn inspect_headers(message: &[u8]) -> HeaderInfo {
             break;
         }
         if matches!(content[0], b' ' | b'\t') {
-            if let Some(v) = collecting_id.as_mut() {
+            if let Some(v) = collecting_id.as_mut()
+                && v.len() <= MAX_MESSAGE_ID
+            {
                 v.extend_from_slice(content);
             }
             continue;
         }
         if let Some(v) = collecting_id.take() {
+            info.has_message_id = !v.trim_ascii().is_empty();
             info.message_id = clean_message_id(&v);
         }
         let Some(colon) = content.iter().position(|&b| b == b':') else {
@@ -85,11 +92,13 @@ pub fn inspect_headers(message: &[u8]) -> HeaderInfo {
             info.has_date = true;
         } else if name.eq_ignore_ascii_case(b"from") {
             info.has_from = true;
-        } else if name.eq_ignore_ascii_case(b"message-id") && info.message_id.is_none() {
+        } else if name.eq_ignore_ascii_case(b"message-id") && !seen_message_id {
+            seen_message_id = true;
             collecting_id = Some(value.to_vec());
         }
     }
     if let Some(v) = collecting_id.take() {
+        info.has_message_id = !v.trim_ascii().is_empty();
         info.message_id = clean_message_id(&v);
     }
     info.header_len = pos;
@@ -105,8 +114,15 @@ fn trim_ascii(s: &[u8]) -> &[u8] {
     s.trim_ascii()
 }
 
-/// The unfolded value, trimmed; `None` when empty or not text.
+/// Longest Message-ID kept (RFC 5322 §2.1.1's line limit): it is copied
+/// into the spool and every event, so a folded monster is treated as absent.
+const MAX_MESSAGE_ID: usize = 998;
+
+/// The unfolded value, trimmed; `None` when empty, too long or not text.
 fn clean_message_id(raw: &[u8]) -> Option<String> {
+    if raw.len() > MAX_MESSAGE_ID {
+        return None;
+    }
     let s = std::str::from_utf8(raw).ok()?;
     let s: String = s.split_ascii_whitespace().collect::<Vec<_>>().join("");
     (!s.is_empty() && !s.chars().any(char::is_control)).then_some(s)
@@ -253,10 +269,14 @@ pub fn missing_fields(
     let message_id = match &info.message_id {
         Some(id) => id.clone(),
         None => {
+            // Events need an id; the message gets one only if it has none
+            // at all (an unusable one is left alone rather than doubled).
             let id = format!("<{queue_id}@{hostname}>");
-            add.extend_from_slice(b"Message-ID: ");
-            add.extend_from_slice(id.as_bytes());
-            add.extend_from_slice(b"\r\n");
+            if !info.has_message_id {
+                add.extend_from_slice(b"Message-ID: ");
+                add.extend_from_slice(id.as_bytes());
+                add.extend_from_slice(b"\r\n");
+            }
             id
         }
     };
@@ -442,5 +462,22 @@ mod tests {
         let d = rfc5322_now();
         assert!(d.ends_with("+0000"), "{d}");
         assert_eq!(d.as_bytes()[3], b',');
+    }
+
+    #[test]
+    fn an_overlong_message_id_counts_as_missing() {
+        let mut msg = b"From: a@b.test\r\nMessage-ID: <x".to_vec();
+        for _ in 0..200 {
+            msg.extend_from_slice(b"\r\n aaaaaaaaaa");
+        }
+        msg.extend_from_slice(b"@b.test>\r\n\r\nbody\r\n");
+        let info = inspect_headers(&msg);
+        assert_eq!(info.message_id, None);
+        assert!(info.has_message_id);
+        let (added, _) = missing_fields(&info, "Q", "relay.test", "date");
+        assert!(
+            !String::from_utf8(added).unwrap().contains("Message-ID"),
+            "never a second Message-ID"
+        );
     }
 }

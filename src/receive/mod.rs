@@ -6,9 +6,10 @@
 //! that handles the whole SMTP dialogue on that task. Checks that can be
 //! made at once are made at once, so that the app gets a clear SMTP error
 //! instead of a bounce later: AUTH (`auth.rs`), the sender against the
-//! tenant's patterns (`mail.rs`, `senders.rs`), recipient syntax and domain
-//! (`rcpt.rs`), size, bare LF/CR and policy (`data.rs`). A message is
-//! answered with 250 only after the queue has stored it durably.
+//! tenant's patterns (`mail.rs`, `senders.rs`), recipient syntax, the
+//! suppression list and the domain (`rcpt.rs`), size, bare LF/CR and policy
+//! (`data.rs`). A message is answered with 250 only after the queue has
+//! stored it durably.
 //!
 //! Trust: every byte from a client is untrusted; trusted networks may relay
 //! without AUTH but get the same protocol checks.
@@ -46,6 +47,7 @@ use crate::dns::Dns;
 use crate::queue::Queue;
 use crate::reply::{Enhanced, Reply};
 use crate::report::Reporter;
+use crate::suppression::Suppressions;
 use auth::Authenticator;
 use limits::{ConnLimits, LimitHit};
 use session::Session;
@@ -62,6 +64,9 @@ pub struct ReceiveContext {
     pub queue: Arc<Queue>,
     pub dns: Dns,
     pub reporter: Reporter,
+    /// Checked at RCPT TO; empty unless set with
+    /// [`ReceiveContext::with_suppressions`].
+    pub suppressions: Suppressions,
     /// Needed by STARTTLS and implicit-TLS listeners.
     pub tls: Option<TlsAcceptor>,
     /// Cancel to shut the stage down gracefully.
@@ -93,6 +98,7 @@ impl ReceiveContext {
             queue,
             dns,
             reporter,
+            suppressions: Suppressions::in_memory(),
             tls,
             shutdown,
             hard_stop: CancellationToken::new(),
@@ -100,6 +106,12 @@ impl ReceiveContext {
             last_refusal_log: AtomicU64::new(0),
             refusals_unlogged: AtomicU64::new(0),
         }
+    }
+
+    /// Refuse recipients on this suppression list at RCPT TO.
+    pub fn with_suppressions(mut self, suppressions: Suppressions) -> ReceiveContext {
+        self.suppressions = suppressions;
+        self
     }
 
     /// Client connections open now, over all listeners.

@@ -1,6 +1,7 @@
 //! RCPT TO (RFC 5321 §4.1.1.3): the checks herald can make at once, so an
 //! app learns during the SMTP session, not from a bounce days later, that an
 //! address cannot work: syntax, the recipient limit (RFC 5321 §4.5.3.1.8),
+//! the tenant's suppression list (`550 5.1.1`, see [`crate::suppression`]),
 //! and whether the domain has a mail server at all (MX, or A/AAAA as
 //! implicit MX; null MX per RFC 7505). DSN parameters NOTIFY and ORCPT
 //! (RFC 3461) are kept with the recipient.
@@ -171,6 +172,25 @@ impl Session {
             return Step::Continue;
         }
         let sender = txn.envelope.sender.clone();
+
+        // Before DNS: a suppressed address is known bad whatever its domain
+        // says. Only this session's tenant's list is consulted.
+        let tenant = self.tenant_name();
+        let key = tenant.as_deref().unwrap_or(crate::suppression::NO_TENANT);
+        if let Some(entry) = self.ctx.suppressions.lookup(key, &to.address) {
+            let reply = crate::suppression::refusal(&to.address, &entry);
+            tracing::info!(client_ip = %self.ip, recipient = %to.address, "recipient refused: on the suppression list");
+            self.ctx.reporter.emit(crate::suppression::suppressed_event(
+                tenant,
+                &sender,
+                &to.address,
+                self.ip.to_string(),
+                &reply,
+                &entry,
+            ));
+            self.reply(&reply);
+            return Step::Continue;
+        }
 
         // Boxed: the resolver's future is large and rarely alive.
         let lookup = Box::pin(self.ctx.dns.mx(&domain)).await;

@@ -100,6 +100,9 @@ pub struct Event {
     pub client_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// For `suppressed`: why the address is on the suppression list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Event {
@@ -124,6 +127,7 @@ impl Event {
             size: None,
             client_ip: None,
             rule: None,
+            reason: None,
         }
     }
 
@@ -165,6 +169,9 @@ pub struct Reporter {
     tx: mpsc::UnboundedSender<Event>,
     /// Counters fed by every event: relaxed atomics, so emit stays cheap.
     metrics: std::sync::Arc<crate::admin::Metrics>,
+    /// Adds hard-bounced and complaining recipients (see
+    /// [`crate::suppression::Suppressions::observe`]).
+    suppressions: Option<crate::suppression::Suppressions>,
 }
 
 impl Reporter {
@@ -184,6 +191,7 @@ impl Reporter {
             Reporter {
                 tx,
                 metrics: Default::default(),
+                suppressions: None,
             },
             task,
         ))
@@ -195,7 +203,15 @@ impl Reporter {
         Reporter {
             tx,
             metrics: Default::default(),
+            suppressions: None,
         }
+    }
+
+    /// Feeds every event to the suppression list as well. Call before the
+    /// reporter is cloned: clones made earlier do not feed it.
+    pub fn with_suppressions(mut self, s: crate::suppression::Suppressions) -> Reporter {
+        self.suppressions = Some(s);
+        self
     }
 
     /// The metrics this reporter's events are counted in.
@@ -214,6 +230,9 @@ impl Reporter {
             "event"
         );
         self.metrics.observe(&event);
+        if let Some(s) = &self.suppressions {
+            s.observe(&event);
+        }
         let _ = self.tx.send(event);
     }
 }

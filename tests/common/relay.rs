@@ -30,6 +30,8 @@ pub struct Setup {
     /// Extra lines for `[server]` and `[delivery]`.
     pub server_extra: String,
     pub delivery_extra: String,
+    /// Whole sections appended at the end (e.g. `[suppression]`, more `[[tenant]]`s).
+    pub extra: String,
 }
 
 impl Setup {
@@ -41,6 +43,7 @@ impl Setup {
             lifetime: "1h",
             server_extra: String::new(),
             delivery_extra: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -122,6 +125,8 @@ log = "{d}/events.jsonl"
 [admin]
 address = "127.0.0.1:0"
 token = "{ADMIN_TOKEN}"
+
+{extra}
 "#,
             server_extra = setup.server_extra,
             dns = setup.dns,
@@ -129,6 +134,7 @@ token = "{ADMIN_TOKEN}"
             retry = setup.retry,
             lifetime = setup.lifetime,
             delivery_extra = setup.delivery_extra,
+            extra = setup.extra,
         );
         std::fs::write(dir.path().join("herald.toml"), &config_text).expect("write config");
         let mut relay = TestRelay {

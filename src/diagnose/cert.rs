@@ -1,0 +1,242 @@
+//! Certificate checking for diagnosis: verify the server's certificate
+//! against the system's trust store, but *record* a failure instead of
+//! aborting the handshake, so `herald smtp-test` can name the problem
+//! precisely (expired, wrong host name, self-signed, unknown issuer) and
+//! still look at what the server offers after TLS.
+//!
+//! Whoever uses a connection through a [`RecordingVerifier`] must read
+//! [`RecordingVerifier::outcome`] before trusting it: smtp-test sends no
+//! password over a connection whose certificate did not verify.
+//!
+//! The trust store is the operating system's (rustls-native-certs: on Linux
+//! /etc/ssl/certs, or the files named by `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+//! Handshake signatures are always checked against the certificate shown.
+
+use std::sync::{Arc, Mutex};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+
+use crate::deliver::client::Tls;
+
+/// What became of the certificate check.
+#[derive(Clone, Debug)]
+pub enum CertOutcome {
+    /// The chain leads to a trusted root and names the host.
+    Verified,
+    /// The check failed; the handshake went on regardless.
+    Failed {
+        error: CertificateError,
+        /// The server's certificate is its own issuer.
+        self_signed: bool,
+    },
+    /// Some other verification error (not a certificate problem).
+    Error(String),
+    /// This machine has no trusted CA certificates to check against.
+    NoTrustStore,
+}
+
+/// A rustls verifier that checks like a browser but records instead of failing.
+#[derive(Debug)]
+pub struct RecordingVerifier {
+    provider: Arc<CryptoProvider>,
+    inner: Option<Arc<WebPkiServerVerifier>>,
+    outcome: Mutex<Option<CertOutcome>>,
+}
+
+impl RecordingVerifier {
+    /// Loads the system's trust store. Problems reading single files are
+    /// ignored as long as some certificates load.
+    pub fn from_system() -> Arc<RecordingVerifier> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let loaded = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(loaded.certs);
+        let inner = if roots.is_empty() {
+            None
+        } else {
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .ok()
+        };
+        Arc::new(RecordingVerifier {
+            provider,
+            inner,
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// A [`Tls`] for herald's SMTP client that verifies through `self`.
+    pub fn tls(self: &Arc<Self>) -> Tls {
+        Tls::with_verifier(self.provider.clone(), self.clone())
+    }
+
+    /// The result of the last certificate check; `None` when no handshake
+    /// got that far.
+    pub fn outcome(&self) -> Option<CertOutcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record(&self, outcome: CertOutcome) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let outcome = match &self.inner {
+            None => CertOutcome::NoTrustStore,
+            Some(v) => {
+                match v.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                ) {
+                    Ok(_) => CertOutcome::Verified,
+                    Err(rustls::Error::InvalidCertificate(error)) => CertOutcome::Failed {
+                        error,
+                        self_signed: is_self_signed(end_entity),
+                    },
+                    Err(e) => CertOutcome::Error(e.to_string()),
+                }
+            }
+        };
+        self.record(outcome);
+        // Go on: the caller reads the outcome and decides (no password is
+        // sent unless it is `Verified`).
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Whether a certificate's issuer and subject are the same name (RFC 5280
+/// §4.1: Certificate → tbsCertificate → [version], serialNumber, signature,
+/// issuer, validity, subject). Only the DER structure is walked; anything
+/// unexpected answers false.
+pub fn is_self_signed(cert: &[u8]) -> bool {
+    fn inner(cert: &[u8]) -> Option<bool> {
+        let (tag, certificate, _) = der_next(cert)?;
+        if tag != 0x30 {
+            return None;
+        }
+        let (tag, tbs, _) = der_next(certificate)?;
+        if tag != 0x30 {
+            return None;
+        }
+        let (mut tag, _, mut rest) = der_next(tbs)?;
+        if tag == 0xa0 {
+            // [0] EXPLICIT version; the serial number follows.
+            (tag, _, rest) = der_next(rest)?;
+        }
+        if tag != 0x02 {
+            return None;
+        }
+        let (_, _, rest) = der_next(rest)?; // signature algorithm
+        let (tag, issuer, rest) = der_next(rest)?;
+        let (_, _, rest) = der_next(rest)?; // validity
+        let (tag2, subject, _) = der_next(rest)?;
+        (tag == 0x30 && tag2 == 0x30).then_some(issuer == subject)
+    }
+    inner(cert).unwrap_or(false)
+}
+
+/// One DER element: (tag, contents, what follows). Single-byte tags only,
+/// which is all an X.509 certificate's top levels use.
+fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_is_told_from_ca_issued() {
+        let own = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        assert!(is_self_signed(own.cert.der()));
+
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["b.test".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        assert!(!is_self_signed(leaf.der()));
+        assert!(is_self_signed(ca.der()));
+
+        assert!(!is_self_signed(b""));
+        assert!(!is_self_signed(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]));
+        assert!(!is_self_signed(&own.cert.der()[..40]));
+    }
+}
