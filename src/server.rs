@@ -169,7 +169,8 @@ impl Running {
             tracing::warn!("deliveries still running after the grace period; they stay queued");
             deliver_task.abort();
         }
-        let _ = self.scheduler_task.await;
+        // The scheduler may be reading a backlog of bodies: bounded wait.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.scheduler_task).await;
         self.queue.close().await;
         // Entries added by the last bounces are written in the background.
         if let Ok(Err(e)) =

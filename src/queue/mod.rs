@@ -549,7 +549,10 @@ impl Queue {
                     self.retry_later(id, now + 60);
                     continue;
                 }
-                Err(_) => continue,
+                Err(_) => {
+                    self.retry_later(id, now + 60);
+                    continue;
+                }
             };
             let jobs = {
                 let mut inner = self.inner.lock().expect("queue lock");

@@ -431,6 +431,7 @@ struct Writer {
     /// A segment past this size is closed and the next one started.
     segment_size: u64,
     syncs: Arc<AtomicU64>,
+    last_sync: std::time::Instant,
     /// A sync or write failed: what is on disk after `len` is unknown (Linux
     /// reports a failed writeback only once), so nothing more may be
     /// acknowledged from this segment. The next batch starts a new one.
@@ -464,6 +465,7 @@ impl Writer {
             zeroed: SEGMENT_MAGIC.len() as u64,
             segment_size,
             syncs: Arc::new(AtomicU64::new(0)),
+            last_sync: std::time::Instant::now(),
             poisoned: false,
             dirty: false,
             segments: BTreeSet::from([seq]),
@@ -560,7 +562,10 @@ impl Writer {
             }
         }
         result = result.and_then(|_| self.write(buf));
-        if result.is_ok() && (wait || delete_below.is_some() || close.is_some()) {
+        // Records nobody waits for are synced at least every
+        // BACKGROUND_SYNC even when the writer is never idle.
+        let overdue = self.dirty && self.last_sync.elapsed() >= BACKGROUND_SYNC;
+        if result.is_ok() && (wait || overdue || delete_below.is_some() || close.is_some()) {
             result = self.sync();
         }
         if let Err(e) = &result {
@@ -618,6 +623,7 @@ impl Writer {
                 return Err(e);
             }
             self.syncs.fetch_add(1, Ordering::Relaxed);
+            self.last_sync = std::time::Instant::now();
             self.dirty = false;
         }
         Ok(())
