@@ -81,8 +81,19 @@ impl Dns {
                 TokioRuntimeProvider::default(),
             )
         };
+        // The resolver never uses DNS over TLS, but with the TLS feature on
+        // (mail-auth enables it) it would otherwise load the platform's CA
+        // certificates at build time and fail on a machine without them.
+        let no_roots = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot build the DNS resolver: {e}"))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
         let resolver = builder
             .with_options(opts)
+            .with_tls_config(no_roots)
             .build()
             .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
         Ok(Dns {
@@ -151,6 +162,28 @@ impl Dns {
             Ok(l) => Ok(l.iter().collect()),
             Err(e) if negative(&e).is_some() => Ok(Vec::new()),
             Err(e) => Err(temp_error(host, &e)),
+        }
+    }
+
+    /// The TXT records at `name`, each with its character-strings joined
+    /// (RFC 6376 §3.6.2.2, RFC 7208 §3.3); empty when there are none.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        match self.resolver.txt_lookup(fqdn(name).as_str()).await {
+            Ok(l) => Ok(l
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if negative(&e).is_some() => Ok(Vec::new()),
+            Err(e) => Err(temp_error(name, &e)),
         }
     }
 }

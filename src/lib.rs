@@ -11,6 +11,7 @@ pub mod config;
 pub mod deliver;
 pub mod diagnose;
 pub mod dns;
+pub mod limits;
 pub mod loadgen;
 pub mod policy;
 pub mod queue;

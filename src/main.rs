@@ -56,6 +56,12 @@ enum Command {
         #[command(subcommand)]
         command: herald::admin::suppressions::SuppressionCommand,
     },
+    /// DKIM keys: `dkim keygen --domain D --selector S` writes a key under
+    /// certs/dkim/ and prints the DNS TXT record to publish.
+    Dkim {
+        #[command(subcommand)]
+        command: herald::policy::dkim::DkimCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -168,6 +174,7 @@ fn main() -> ExitCode {
             }
         }
         Command::SmtpTest(a) => herald::diagnose::smtp_test::cli(a, &rt),
+        Command::Dkim { command } => herald::policy::dkim::cli(command),
         Command::Loadgen(a) => {
             use herald::loadgen::{LoadgenOptions, LoadgenTls};
             let auth = match a.auth.as_deref().map(|s| s.split_once(':')) {

@@ -37,6 +37,7 @@ pub struct Running {
     scheduler_task: JoinHandle<()>,
     events_task: JoinHandle<()>,
     suppressions: Suppressions,
+    webhooks: Option<crate::report::webhook::Webhooks>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,11 @@ pub enum StartError {
     },
     #[error("cannot open the suppression list {path}: {source}")]
     Suppressions {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the webhook outbox {path}: {source}")]
+    Webhooks {
         path: String,
         source: std::io::Error,
     },
@@ -69,6 +75,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None
     };
     let dns = Dns::new(&config.dns).map_err(StartError::Config)?;
+    let dkim = Arc::new(
+        crate::policy::dkim::Signer::load(&config)
+            .map_err(|errs| StartError::Config(errs.to_string()))?,
+    );
+    if !dkim.is_empty() {
+        // A warning only: DNS may lag behind a new key, and a lookup must
+        // never hold up the start.
+        let (dkim, dns) = (dkim.clone(), dns.clone());
+        tokio::spawn(async move { crate::policy::dkim::warn_unpublished(&dkim, &dns).await });
+    }
     let admin_listener = admin::bind(&config.admin)
         .await
         .map_err(StartError::Listen)?;
@@ -87,6 +103,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     // Before any clone: every clone then feeds the list.
     let reporter = reporter.with_suppressions(suppressions.clone());
+    let webhooks = crate::report::webhook::Webhooks::start(&config, reporter.metrics().clone())
+        .await
+        .map_err(|source| StartError::Webhooks {
+            path: config.webhook_outbox().display().to_string(),
+            source,
+        })?;
+    let reporter = match &webhooks {
+        Some(w) => reporter.with_webhooks(w.outbox()),
+        None => reporter,
+    };
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;
@@ -111,7 +137,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tls,
             stop_receiving.clone(),
         )
-        .with_suppressions(suppressions.clone()),
+        .with_suppressions(suppressions.clone())
+        .with_dkim(dkim),
     );
     let receive_ctx = ctx.clone();
     let (smtp_addrs, receive_task) = receive::start(ctx).await.map_err(StartError::Listen)?;
@@ -137,6 +164,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         scheduler_task,
         events_task,
         suppressions,
+        webhooks,
     })
 }
 
@@ -181,6 +209,10 @@ impl Running {
         // The events writer ends when the last reporter is gone.
         drop(self.queue);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.events_task).await;
+        // Last: every event offered to the webhook outbox is then on disk.
+        if let Some(w) = self.webhooks {
+            w.shutdown().await;
+        }
         tracing::info!("stopped");
     }
 }
@@ -222,11 +254,25 @@ pub async fn check(config: &Config) -> Result<(), ConfigErrors> {
             message: e.to_string(),
         });
     }
-    if let Err(e) = Dns::new(&config.dns) {
-        errs.0.push(crate::config::ConfigError {
-            path: "dns".into(),
-            message: e,
-        });
+    let dns = match Dns::new(&config.dns) {
+        Ok(dns) => Some(dns),
+        Err(e) => {
+            errs.0.push(crate::config::ConfigError {
+                path: "dns".into(),
+                message: e,
+            });
+            None
+        }
+    };
+    // DKIM keys readable, parseable, long enough; then (a warning, not an
+    // error) published in DNS as they are.
+    match crate::policy::dkim::Signer::load(config) {
+        Ok(dkim) => {
+            if let Some(dns) = dns {
+                crate::policy::dkim::warn_unpublished(&dkim, &dns).await;
+            }
+        }
+        Err(e) => errs.0.extend(e.0),
     }
     if errs.0.is_empty() { Ok(()) } else { Err(errs) }
 }

@@ -147,6 +147,12 @@ pub struct Metrics {
     expired: AtomicU64,
     complained: AtomicU64,
     suppressed: AtomicU64,
+    /// Webhook requests answered 2xx (see [`crate::report::webhook`]).
+    pub webhooks_delivered: AtomicU64,
+    /// Webhook events given up (no 2xx within `retry_for`) or not stored.
+    pub webhooks_failed: AtomicU64,
+    /// Webhook events not yet delivered nor given up (set by the sender).
+    pub webhooks_backlog: AtomicU64,
     /// From acceptance to the delivering 250 of each recipient.
     pub delivery_latency: Histogram,
     /// The queue's durable write of each accepted message.
@@ -167,6 +173,9 @@ impl Default for Metrics {
             expired: AtomicU64::new(0),
             complained: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            webhooks_delivered: AtomicU64::new(0),
+            webhooks_failed: AtomicU64::new(0),
+            webhooks_backlog: AtomicU64::new(0),
             delivery_latency: Histogram::new(DELIVERY_BOUNDS),
             enqueue_latency: Histogram::new(ENQUEUE_BOUNDS),
         }
@@ -317,6 +326,30 @@ impl Metrics {
             load(&self.suppressed),
         );
 
+        counter(
+            &mut out,
+            "herald_webhooks_delivered_total",
+            "Webhook requests the receiver answered with 2xx.",
+            load(&self.webhooks_delivered),
+        );
+        counter(
+            &mut out,
+            "herald_webhooks_failed_total",
+            "Webhook events given up after webhooks.retry_for (or not stored in the outbox).",
+            load(&self.webhooks_failed),
+        );
+        counter(
+            &mut out,
+            "herald_ratelimit_redis_fallbacks_total",
+            "Rate-limit checks answered by local limits because Redis did not answer.",
+            crate::limits::redis_fallbacks(),
+        );
+        gauge(
+            &mut out,
+            "herald_webhooks_backlog",
+            "Webhook events waiting to be delivered (including retries and requests in flight).",
+            load(&self.webhooks_backlog),
+        );
         gauge(
             &mut out,
             "herald_queue_messages",

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-pub use units::{Size, Span};
+pub use units::{Rate, Size, Span};
 
 /// The file `herald serve` reads when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/herald.toml";
@@ -95,6 +95,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
     pub suppression: SuppressionConfig,
+    pub limits: LimitsConfig,
+    pub webhooks: WebhooksConfig,
+    pub dsn: DsnConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -217,6 +220,39 @@ pub struct TenantConfig {
     pub webhook_url: Option<String>,
     #[serde(default)]
     pub webhook_secret: Option<Secret>,
+    /// Send RFC 3464 bounce reports (DSNs) to this tenant's senders; off
+    /// for an app that relies on webhooks alone.
+    #[serde(default = "yes")]
+    pub dsn: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[dsn]`: bounce reports to the envelope sender (see
+/// [`crate::report::dsn`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct DsnConfig {
+    /// Off = no DSN for anyone (tenants' `dsn` is then moot).
+    pub enabled: bool,
+    /// A recipient that asked for NOTIFY=DELAY and is still not delivered
+    /// after this long gets one "delayed" report.
+    pub delay_after: Span,
+    /// With RET=FULL the whole message goes back up to this size; larger
+    /// ones (and 8-bit ones) get their header only.
+    pub max_full_size: Size,
+}
+
+impl Default for DsnConfig {
+    fn default() -> Self {
+        DsnConfig {
+            enabled: true,
+            delay_after: Span(std::time::Duration::from_secs(4 * 3600)),
+            max_full_size: Size(256 << 10),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -333,11 +369,19 @@ pub enum DkimAlgorithm {
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct DkimConfig {
+    /// Signing domain (`d=`); signs mail whose From: is in this domain or
+    /// below it.
     pub domain: String,
+    /// Selector (`s=`): the key is published at `selector._domainkey.domain`.
     pub selector: String,
     #[serde(default)]
     pub algorithm: DkimAlgorithm,
+    /// PEM private key: RSA (PKCS#1 or PKCS#8, 2048+ bits) or Ed25519 (PKCS#8).
     pub key: PathBuf,
+    /// Also sign messages whose From: domain has no key of its own (the
+    /// relay's own domain). Default false.
+    #[serde(default)]
+    pub fallback: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -392,10 +436,89 @@ pub struct SuppressionConfig {
     pub file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[webhooks]`: how events are POSTed to each tenant's `webhook_url`
+/// (see [`crate::report::webhook`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct WebhooksConfig {
+    /// How long an event is retried before it is given up.
+    pub retry_for: Span,
+    /// For one whole request: connect, TLS, send, answer.
+    pub timeout: Span,
+    /// Requests in flight at once, over all tenants.
+    pub max_concurrency: usize,
+    /// Wait after the first failure; doubled after each further one.
+    pub backoff_min: Span,
+    /// Longest wait between two attempts.
+    pub backoff_max: Span,
+    /// The durable outbox (JSON lines); default `webhooks.jsonl` in
+    /// `server.spool_dir`.
+    pub outbox: Option<PathBuf>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        let s = |n: u64| Span(std::time::Duration::from_secs(n));
+        WebhooksConfig {
+            retry_for: s(3 * 24 * 3600),
+            timeout: s(10),
+            max_concurrency: 8,
+            backoff_min: s(10),
+            backoff_max: s(3600),
+            outbox: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct ClusterConfig {
     pub redis_url: Option<String>,
+    /// Prefix of every key herald writes to Redis (`<prefix>:rl:...`), so
+    /// that several installations can share one Redis.
+    pub key_prefix: String,
+    /// How long one shared rate-limit check may take in Redis; past it (or
+    /// on any Redis error) herald uses its local limits for a while.
+    pub redis_timeout: Span,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: None,
+            key_prefix: "herald".into(),
+            redis_timeout: Span(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `[limits]`: rate limits (see [`crate::limits`]). Every limit
+/// is unset by default: no limit.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Messages per tenant (checked at MAIL FROM; 451 4.7.1 over it).
+    pub tenant_messages: Option<Rate>,
+    /// Accepted recipients per tenant (checked at RCPT TO; 451 4.7.1).
+    pub tenant_recipients: Option<Rate>,
+    /// New connections per client IP (421 4.7.0 at connect).
+    pub ip_connections: Option<Rate>,
+    /// Delivery: messages per recipient domain without an entry in
+    /// `domains` (traffic shaping; over it, mail waits in the queue).
+    pub domain_default: Option<Rate>,
+    /// Delivery: messages per recipient domain, e.g. `"gmail.com" = "3000/h"`.
+    pub domains: std::collections::BTreeMap<String, Rate>,
+    /// Per-tenant overrides of `tenant_messages` / `tenant_recipients`,
+    /// keyed by tenant name.
+    pub tenants: std::collections::BTreeMap<String, TenantLimits>,
+}
+
+/// `[limits.tenants.<name>]`: this tenant's own limits.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct TenantLimits {
+    pub messages: Option<Rate>,
+    pub recipients: Option<Rate>,
 }
 
 impl Config {
@@ -438,6 +561,9 @@ impl Config {
             "admin",
             "cluster",
             "suppression",
+            "limits",
+            "webhooks",
+            "dsn",
         ];
         for key in table.keys() {
             if !KNOWN.contains(&key.as_str()) {
@@ -468,6 +594,9 @@ impl Config {
             admin: section(&table, "admin", &mut errs).unwrap_or_default(),
             cluster: section(&table, "cluster", &mut errs).unwrap_or_default(),
             suppression: section(&table, "suppression", &mut errs).unwrap_or_default(),
+            limits: section(&table, "limits", &mut errs).unwrap_or_default(),
+            webhooks: section(&table, "webhooks", &mut errs).unwrap_or_default(),
+            dsn: section(&table, "dsn", &mut errs).unwrap_or_default(),
         };
         cfg.validate(&listeners, &tenants, &mut errs);
         if errs.0.is_empty() {
@@ -495,6 +624,14 @@ impl Config {
             .file
             .clone()
             .unwrap_or_else(|| self.server.spool_dir.join("suppressions.jsonl"))
+    }
+
+    /// Where the webhook outbox is kept (`[webhooks] outbox`).
+    pub fn webhook_outbox(&self) -> PathBuf {
+        self.webhooks
+            .outbox
+            .clone()
+            .unwrap_or_else(|| self.server.spool_dir.join("webhooks.jsonl"))
     }
 
     /// Whether any listener needs a certificate.
@@ -597,6 +734,49 @@ impl Config {
                     errs.push(format!("{p}.allowed_senders[{j}]"), e);
                 }
             }
+            if let Some(url) = &t.webhook_url {
+                if let Err(e) = crate::report::webhook::Target::parse(url) {
+                    errs.push(format!("{p}.webhook_url"), e);
+                }
+                if t.webhook_secret
+                    .as_ref()
+                    .is_none_or(|s| s.expose().is_empty())
+                {
+                    errs.push(
+                        format!("{p}.webhook_secret"),
+                        "needed with webhook_url: the app checks each request's signature with it",
+                    );
+                }
+            }
+        }
+        for name in self.limits.tenants.keys() {
+            if !self.tenants.iter().any(|t| &t.name == name) {
+                errs.push(
+                    format!("limits.tenants.{name}"),
+                    "no [[tenant]] has this name",
+                );
+            }
+        }
+        if let Some(url) = &self.cluster.redis_url
+            && let Err(e) = redis::Client::open(url.as_str())
+        {
+            errs.push("cluster.redis_url", format!("invalid Redis URL: {e}"));
+        }
+        let w = &self.webhooks;
+        if w.max_concurrency == 0 {
+            errs.push("webhooks.max_concurrency", "must be at least 1");
+        }
+        for (key, span) in [
+            ("webhooks.retry_for", w.retry_for),
+            ("webhooks.timeout", w.timeout),
+            ("webhooks.backoff_min", w.backoff_min),
+        ] {
+            if span.0.is_zero() {
+                errs.push(key, "must be longer than 0");
+            }
+        }
+        if w.backoff_max.0 < w.backoff_min.0 {
+            errs.push("webhooks.backoff_max", "must be at least backoff_min");
         }
 
         if let Err(e) = self.dns.nameserver_addrs() {

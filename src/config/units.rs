@@ -1,5 +1,6 @@
 //! The small languages of the config file, parsed once at load:
-//! durations (`"30s"`, `"5m"`, `"1h30m"`, `"5d"`) and sizes (`"25MiB"`).
+//! durations (`"30s"`, `"5m"`, `"1h30m"`, `"5d"`), sizes (`"25MiB"`) and
+//! rates (`"500/h"`, `"20/s burst 40"`).
 
 use std::fmt;
 use std::time::Duration;
@@ -172,6 +173,118 @@ impl Serialize for Size {
     }
 }
 
+/// A rate limit written as `"<count>/<unit>"` with an optional burst:
+/// `"500/h"`, `"20/s"`, `"3000/h"`, `"20/s burst 40"`. Units: `s`, `m`
+/// (or `min`), `h`, `d`. The burst is how many may pass at once after a
+/// quiet spell; without one it is the count (`"500/h"` lets 500 through at
+/// once, then one every 7.2 s), as in KumoMTA's throttles and governor.
+/// Enforced as GCRA: one unit of the limit every `period / count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rate {
+    /// How many per `per`.
+    pub count: u32,
+    pub per: Duration,
+    /// At most this many at once (>= 1).
+    pub burst: u32,
+}
+
+impl Rate {
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let hint = "write e.g. \"500/h\", \"20/s\" or \"20/s burst 40\"";
+        let t = s.trim();
+        let (rate, burst) = match t.split_once("burst") {
+            Some((r, b)) => (r.trim(), Some(b.trim())),
+            None => (t, None),
+        };
+        let Some((n, unit)) = rate.split_once('/') else {
+            return Err(format!("invalid rate {s:?}: {hint}"));
+        };
+        let count: u32 = n.trim().parse().map_err(|_| {
+            format!(
+                "invalid rate {s:?}: {:?} is not a whole number; {hint}",
+                n.trim()
+            )
+        })?;
+        if count == 0 {
+            return Err(format!(
+                "invalid rate {s:?}: the count must be at least 1 (leave the key out for no limit)"
+            ));
+        }
+        let per = match unit.trim() {
+            "s" | "sec" => Duration::from_secs(1),
+            "m" | "min" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86400),
+            other => {
+                return Err(format!(
+                    "invalid rate {s:?}: unknown unit {other:?} (use s, m, h or d)"
+                ));
+            }
+        };
+        let burst = match burst {
+            None => count,
+            Some(b) => match b.parse::<u32>() {
+                Ok(0) => return Err(format!("invalid rate {s:?}: the burst must be at least 1")),
+                Ok(b) => b,
+                Err(_) => {
+                    return Err(format!(
+                        "invalid rate {s:?}: the burst {b:?} is not a whole number; {hint}"
+                    ));
+                }
+            },
+        };
+        Ok(Rate { count, per, burst })
+    }
+
+    /// The time one unit of the limit takes to replenish (GCRA's emission
+    /// interval `T`).
+    pub fn interval(&self) -> Duration {
+        self.per / self.count
+    }
+
+    /// The unit as a word: `"second"`, `"minute"`, `"hour"`, `"day"`.
+    pub fn unit_name(&self) -> &'static str {
+        match self.per.as_secs() {
+            1 => "second",
+            60 => "minute",
+            3600 => "hour",
+            _ => "day",
+        }
+    }
+
+    fn unit_symbol(&self) -> &'static str {
+        match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            3600 => "h",
+            _ => "d",
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, self.unit_symbol())?;
+        if self.burst != self.count {
+            write!(f, " burst {}", self.burst)?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Rate::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +319,42 @@ mod tests {
         assert!(Size::parse("25 parsecs").is_err());
         assert!(Size::parse("MiB").is_err());
         assert_eq!(Size(25 << 20).to_string(), "25MiB");
+    }
+
+    #[test]
+    fn rates() {
+        let r = Rate::parse("500/h").unwrap();
+        assert_eq!(
+            (r.count, r.per, r.burst),
+            (500, Duration::from_secs(3600), 500)
+        );
+        assert_eq!(r.interval(), Duration::from_millis(7200));
+        let r = Rate::parse(" 20/s burst 40 ").unwrap();
+        assert_eq!((r.count, r.per, r.burst), (20, Duration::from_secs(1), 40));
+        assert_eq!(r.interval(), Duration::from_millis(50));
+        assert_eq!(Rate::parse("3/min").unwrap().per, Duration::from_secs(60));
+        assert_eq!(Rate::parse("1/d burst 1").unwrap().burst, 1);
+        assert!(Rate::parse("500").unwrap_err().contains("write e.g."));
+        assert!(Rate::parse("0/h").unwrap_err().contains("at least 1"));
+        assert!(Rate::parse("5/w").unwrap_err().contains("unknown unit"));
+        assert!(
+            Rate::parse("x/s")
+                .unwrap_err()
+                .contains("not a whole number")
+        );
+        assert!(
+            Rate::parse("5/s burst 0")
+                .unwrap_err()
+                .contains("burst must be")
+        );
+        assert!(Rate::parse("5/s burst lots").unwrap_err().contains("burst"));
+        assert!(Rate::parse("-5/s").is_err());
+    }
+
+    #[test]
+    fn rate_display_round_trips() {
+        for s in ["500/h", "20/s", "20/s burst 40", "3/m", "7/d burst 1"] {
+            assert_eq!(Rate::parse(s).unwrap().to_string(), s);
+        }
     }
 }

@@ -85,6 +85,7 @@ pub fn start_with(
     let ctx = Arc::new(Ctx {
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
+        rate_limits: crate::limits::RateLimits::new(&config),
         config,
         dns,
         sink,
@@ -107,6 +108,8 @@ struct Ctx {
     timeouts: Timeouts,
     shutdown: CancellationToken,
     next_source: AtomicUsize,
+    /// `[limits] domains` / `domain_default` (traffic shaping).
+    rate_limits: crate::limits::RateLimits,
 }
 
 impl Ctx {
@@ -367,6 +370,29 @@ enum ConnectFailure {
 async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
     let mut session: Option<Session> = None;
     while let Some(job) = next_job(&ctx, &domain, session.is_some()).await {
+        // Traffic shaping: over the domain's rate, the job waits here, in
+        // hand and unattempted; this task sleeps exactly as long as the
+        // limiter says (no spinning), and other domains' tasks go on. On
+        // shutdown the job goes back as not attempted.
+        if ctx.rate_limits.shapes_delivery()
+            && let Err(e) = ctx.rate_limits.domain_message(&domain.name).await
+        {
+            // A wait longer than an idle connection is kept: close it
+            // rather than hold it open against the server's timeout.
+            if e.retry_after > ctx.config.delivery.idle_timeout.as_duration()
+                && let Some(s) = session.take()
+            {
+                s.client.quit().await;
+            }
+            if !ctx
+                .rate_limits
+                .domain_ready(&domain.name, &ctx.shutdown)
+                .await
+            {
+                ctx.report_all(&job, &AttemptResult::NotAttempted, None);
+                continue;
+            }
+        }
         if ctx.shutdown.is_cancelled() {
             ctx.report_all(&job, &AttemptResult::NotAttempted, None);
             continue;
@@ -1025,6 +1051,7 @@ mod tests {
             tls: Tls::opportunistic(),
             shutdown: CancellationToken::new(),
             next_source: AtomicUsize::new(0),
+            rate_limits: crate::limits::RateLimits::new(&config),
             config,
         }
     }

@@ -2,7 +2,10 @@
 //! check returns a [`Verdict`]; a check that could not decide (timeout, DNS
 //! error) never rejects. DKIM, SPF/DMARC alignment, DNSBL, rate limits and
 //! spam scoring plug in here (see the policy issue); for now the header
-//! sanity checks that every relay needs.
+//! sanity checks that every relay needs, and [`dkim`] signing, which the
+//! receive stage runs last, on a message every check accepted.
+
+pub mod dkim;
 
 use crate::reply::{Enhanced, Reply};
 

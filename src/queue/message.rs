@@ -155,6 +155,9 @@ pub struct Recipient {
     /// Unix seconds of the last status change.
     #[serde(default)]
     pub updated_at: u64,
+    /// A "delayed" DSN went out for it (NOTIFY=DELAY): only one is sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_reported: bool,
 }
 
 impl Recipient {
@@ -169,6 +172,7 @@ impl Recipient {
             last_reply: None,
             last_mx: None,
             updated_at: 0,
+            delay_reported: false,
         }
     }
 

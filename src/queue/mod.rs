@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::reply::{Enhanced, Reply};
+use crate::report::dsn::{self, DsnRecipient, DsnSettings};
 use crate::report::{Classification, Event, EventKind, Reporter, rfc3339};
 pub use message::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret, unix_now};
 use schedule::{NextStep, RetrySchedule};
@@ -95,6 +96,10 @@ pub struct Queue {
     closed: AtomicBool,
     /// See `Inner::bytes_in_flight`.
     max_bytes_in_flight: u64,
+    /// Bounce reports (RFC 3464); `None` when `[dsn] enabled = false`.
+    dsn: Option<DsnSettings>,
+    /// This queue, for the tasks that enqueue DSNs.
+    me: std::sync::Weak<Queue>,
 }
 
 #[derive(Default)]
@@ -182,7 +187,7 @@ impl Queue {
         for id in finished {
             spool.append(Record::done(id));
         }
-        let queue = Arc::new(Queue {
+        let queue = Arc::new_cyclic(|me| Queue {
             spool,
             inner: Mutex::new(inner),
             jobs,
@@ -191,6 +196,8 @@ impl Queue {
             wake: Wake::new(),
             closed: AtomicBool::new(false),
             max_bytes_in_flight: config.delivery.max_bytes_in_flight.bytes(),
+            dsn: DsnSettings::from_config(config),
+            me: me.clone(),
         });
         queue.collect_segments(&mut queue.inner.lock().expect("queue lock"));
         Ok(queue)
@@ -255,6 +262,7 @@ impl Queue {
         let now = unix_now();
         let mut rng = rand::rng();
         let mut events = Vec::new();
+        let mut reports: Vec<DsnRecipient> = Vec::new();
         let mut inner = self.inner.lock().expect("queue lock");
         let Some(entry) = inner.messages.get_mut(&id) else {
             return;
@@ -310,6 +318,12 @@ impl Queue {
             r.updated_at = now;
             r.last_mx = o.mx.clone();
             let mut ev = Event::for_message(kind, id, &entry.envelope).with_reply(&reply);
+            if let Some(d) = &self.dsn
+                && let Some(x) =
+                    dsn::on_outcome(d, &entry.envelope, r, kind, &reply, o.mx.as_deref(), now)
+            {
+                reports.push(x);
+            }
             r.last_reply = Some(reply);
             ev.recipient = Some(r.address.clone());
             ev.attempt = Some(r.attempts);
@@ -327,15 +341,98 @@ impl Queue {
             self.spool.append(Record::update(id, o.index, r));
             events.push(ev);
         }
+        let report = (!reports.is_empty()).then(|| (entry.envelope.clone(), entry.body, reports));
         if was_busy && !entry.busy() {
             let len = entry.body.len;
             inner.bytes_in_flight = inner.bytes_in_flight.saturating_sub(len);
             self.wake.notify_one();
         }
+        // The body is read back off the lock; its segment stays pinned
+        // until then, even if this message finishes now.
+        if let Some((_, loc, _)) = &report {
+            *inner.live.entry(loc.segment).or_default() += 1;
+        }
         self.settle(&mut inner, id, now);
         drop(inner);
+        if let Some((env, loc, reports)) = report {
+            self.send_dsn(id, env, loc, reports);
+        }
         for ev in events {
             self.reporter.emit(ev);
+        }
+    }
+
+    /// Builds one DSN for `reports` and enqueues it, with the null sender,
+    /// to the message's sender: in a task, since the original is read back
+    /// from the spool (its segment was pinned by the caller). The report is
+    /// then as durable as any message; one still being built when the
+    /// process stops is lost.
+    fn send_dsn(
+        &self,
+        id: QueueId,
+        envelope: Arc<Envelope>,
+        loc: BodyLoc,
+        reports: Vec<DsnRecipient>,
+    ) {
+        let (Some(me), Ok(rt), Some(settings)) = (
+            self.me.upgrade(),
+            tokio::runtime::Handle::try_current(),
+            self.dsn.clone(),
+        ) else {
+            self.unpin(loc.segment);
+            return;
+        };
+        rt.spawn(async move {
+            let spool = me.spool.clone();
+            let original = match tokio::task::spawn_blocking(move || spool.read_body(loc)).await {
+                Ok(Ok(b)) => b,
+                _ => {
+                    tracing::warn!(queue_id = %id, "cannot read the message back for its DSN; sending the report without it");
+                    Vec::new()
+                }
+            };
+            me.unpin(loc.segment);
+            let dsn_id = QueueId::generate();
+            let (token, qid) = (dsn_id.to_string(), id.to_string());
+            let report = dsn::Report {
+                reporting_mta: &settings.hostname,
+                queue_id: &qid,
+                envelope: &envelope,
+                recipients: &reports,
+                original: &original,
+                date: unix_now(),
+                token: &token,
+                max_full: settings.max_full,
+            };
+            let bytes = dsn::build(&report);
+            let dsn_env = Envelope {
+                sender: String::new(),
+                tenant: None,
+                message_id: Some(report.message_id()),
+                received_at: unix_now(),
+                client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                smtputf8: !envelope.sender.is_ascii(),
+                body_8bit: false,
+                ret: None,
+                env_id: None,
+            };
+            let to = vec![Recipient::new(envelope.sender.clone())];
+            match me.enqueue(dsn_id, dsn_env, to, Bytes::from(bytes)).await {
+                Ok(()) => tracing::info!(queue_id = %id, dsn = %dsn_id, "DSN queued for the sender"),
+                Err(e) => tracing::warn!(queue_id = %id, error = %e, "cannot queue the DSN"),
+            }
+        });
+    }
+
+    /// Releases a segment pinned by [`Queue::send_dsn`]'s caller.
+    fn unpin(&self, segment: u64) {
+        let mut inner = self.inner.lock().expect("queue lock");
+        if let Some(n) = inner.live.get_mut(&segment) {
+            *n -= 1;
+            if *n == 0 {
+                inner.live.remove(&segment);
+                self.collect_segments(&mut inner);
+            }
         }
     }
 

@@ -520,6 +520,7 @@ mod tests {
             allowed_senders: vec![format!("*@{name}.example")],
             webhook_url: None,
             webhook_secret: None,
+            dsn: true,
         }
     }
 

@@ -232,7 +232,25 @@ impl Session {
         txn.envelope.message_id = Some(message_id);
         txn.envelope.received_at = unix_now();
 
-        match policy::check(&txn.envelope, &buf) {
+        let mut verdict = policy::check(&txn.envelope, &buf);
+        if verdict == Verdict::Accept {
+            // DKIM signing comes last, over the message exactly as it will be
+            // queued (herald's Message-ID:/Date: included); RSA runs off
+            // this I/O thread (policy::dkim).
+            match self
+                .ctx
+                .dkim
+                .sign(&txn.envelope, std::mem::take(&mut buf))
+                .await
+            {
+                Ok(signed) => buf = signed,
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot DKIM-sign message");
+                    verdict = policy::dkim::sign_failed();
+                }
+            }
+        }
+        match verdict {
             Verdict::Accept => {}
             Verdict::Tempfail { reply, rule } | Verdict::Reject { reply, rule } => {
                 tracing::info!(client_ip = %self.ip, queue_id = %id, rule, reply = %reply, "message refused by policy");

@@ -162,6 +162,14 @@ impl Session {
             self.reply(&reply);
             return Step::Continue;
         }
+        // `limits.tenant_messages`: counted when a transaction starts.
+        if let Some(t) = self.tenant
+            && let Err(e) = self.ctx.rate_limits.tenant_message(t).await
+        {
+            tracing::info!(client_ip = %self.ip, limit = %e, "MAIL refused: rate limit");
+            self.reply(&e.reply());
+            return Step::Continue;
+        }
 
         let declared_size = from.size;
         let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
@@ -272,6 +280,7 @@ mod tests {
             allowed_senders: vec!["*@acme.example".into(), "billing@acme.test".into()],
             webhook_url: None,
             webhook_secret: None,
+            dsn: true,
         };
         let r = sender_not_allowed("x@other.example", &t);
         assert_eq!(

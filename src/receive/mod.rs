@@ -67,6 +67,9 @@ pub struct ReceiveContext {
     /// Checked at RCPT TO; empty unless set with
     /// [`ReceiveContext::with_suppressions`].
     pub suppressions: Suppressions,
+    /// Signs each accepted message; no keys unless set with
+    /// [`ReceiveContext::with_dkim`].
+    pub dkim: Arc<crate::policy::dkim::Signer>,
     /// Needed by STARTTLS and implicit-TLS listeners.
     pub tls: Option<TlsAcceptor>,
     /// Cancel to shut the stage down gracefully.
@@ -74,6 +77,8 @@ pub struct ReceiveContext {
     /// Cancelled when the grace period is over: sessions still open close.
     hard_stop: CancellationToken,
     limits: Arc<ConnLimits>,
+    /// `[limits]`: tenant message/recipient rates, connections per IP.
+    pub(crate) rate_limits: crate::limits::RateLimits,
     auth: Authenticator,
     tls_refusals: Arc<Semaphore>,
     /// Unix second of the last "connection refused" warning (rate limit).
@@ -93,12 +98,14 @@ impl ReceiveContext {
         let server = &config.server;
         ReceiveContext {
             limits: ConnLimits::new(server.max_connections, server.max_connections_per_ip),
+            rate_limits: crate::limits::RateLimits::new(&config),
             auth: Authenticator::new(server.auth_failure_window.as_duration()),
             config: Arc::clone(&config),
             queue,
             dns,
             reporter,
             suppressions: Suppressions::in_memory(),
+            dkim: Arc::new(crate::policy::dkim::Signer::empty()),
             tls,
             shutdown,
             hard_stop: CancellationToken::new(),
@@ -111,6 +118,12 @@ impl ReceiveContext {
     /// Refuse recipients on this suppression list at RCPT TO.
     pub fn with_suppressions(mut self, suppressions: Suppressions) -> ReceiveContext {
         self.suppressions = suppressions;
+        self
+    }
+
+    /// Sign accepted messages with these DKIM keys.
+    pub fn with_dkim(mut self, dkim: Arc<crate::policy::dkim::Signer>) -> ReceiveContext {
+        self.dkim = dkim;
         self
     }
 

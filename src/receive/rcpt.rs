@@ -196,6 +196,14 @@ impl Session {
         let lookup = Box::pin(self.ctx.dns.mx(&domain)).await;
         let (reply, rule) = match lookup {
             Ok(MxLookup::Hosts(_)) => {
+                // `limits.tenant_recipients`: counts recipients accepted.
+                if let Some(t) = self.tenant
+                    && let Err(e) = self.ctx.rate_limits.tenant_recipient(t).await
+                {
+                    tracing::info!(client_ip = %self.ip, limit = %e, "RCPT refused: rate limit");
+                    self.reply(&e.reply());
+                    return Step::Continue;
+                }
                 let mut r = Recipient::new(to.address);
                 r.orcpt = to.orcpt.map(|o| format!("rfc822;{o}"));
                 r.notify = notify(to.flags);

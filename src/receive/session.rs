@@ -286,6 +286,15 @@ impl Session {
         } else {
             Stream::Plain(tcp)
         };
+        // `limits.ip_connections`: refused in the protocol (inside TLS on
+        // an implicit-TLS port), then closed.
+        if let Err(e) = self.ctx.rate_limits.ip_connection(self.ip).await {
+            tracing::info!(client_ip = %self.ip, limit = %e, "connection refused: rate limit");
+            self.reply(&e.connect_reply());
+            let _ = self.flush(&mut stream).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+            return;
+        }
         let greeting = format!("220 {} ESMTP herald\r\n", self.ctx.config.server.hostname);
         self.out.extend_from_slice(greeting.as_bytes());
 

@@ -4,6 +4,9 @@
 //! that file. Webhooks, DSNs and the suppression list consume the same
 //! events (see the bounces issue).
 
+pub mod dsn;
+pub mod webhook;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +68,10 @@ impl From<&Reply> for SmtpDetail {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub event: EventKind,
+    /// Unique per event (128 random bits, hex): webhooks are delivered at
+    /// least once, so the app deduplicates on this.
+    #[serde(default)]
+    pub event_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_id: Option<QueueId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +117,7 @@ impl Event {
     pub fn new(event: EventKind, sender: &str) -> Event {
         Event {
             event,
+            event_id: format!("{:032x}", rand::random::<u128>()),
             queue_id: None,
             message_id: None,
             tenant: None,
@@ -172,6 +180,8 @@ pub struct Reporter {
     /// Adds hard-bounced and complaining recipients (see
     /// [`crate::suppression::Suppressions::observe`]).
     suppressions: Option<crate::suppression::Suppressions>,
+    /// Events of tenants with a `webhook_url` go to the webhook outbox.
+    webhooks: Option<webhook::Outbox>,
 }
 
 impl Reporter {
@@ -192,6 +202,7 @@ impl Reporter {
                 tx,
                 metrics: Default::default(),
                 suppressions: None,
+                webhooks: None,
             },
             task,
         ))
@@ -204,6 +215,7 @@ impl Reporter {
             tx,
             metrics: Default::default(),
             suppressions: None,
+            webhooks: None,
         }
     }
 
@@ -211,6 +223,13 @@ impl Reporter {
     /// reporter is cloned: clones made earlier do not feed it.
     pub fn with_suppressions(mut self, s: crate::suppression::Suppressions) -> Reporter {
         self.suppressions = Some(s);
+        self
+    }
+
+    /// Feeds every event to the webhook outbox as well. Call before the
+    /// reporter is cloned, like [`Reporter::with_suppressions`].
+    pub fn with_webhooks(mut self, w: webhook::Outbox) -> Reporter {
+        self.webhooks = Some(w);
         self
     }
 
@@ -230,8 +249,16 @@ impl Reporter {
             "event"
         );
         self.metrics.observe(&event);
-        if let Some(s) = &self.suppressions {
+        // Not for herald's own DSNs (null sender, no tenant): a report that
+        // cannot reach a tenant's sender says nothing about the app's
+        // recipients, and would land on the no-tenant list.
+        if let Some(s) = &self.suppressions
+            && !(event.sender.is_empty() && event.tenant.is_none())
+        {
             s.observe(&event);
+        }
+        if let Some(w) = &self.webhooks {
+            w.offer(&event);
         }
         let _ = self.tx.send(event);
     }

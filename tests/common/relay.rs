@@ -30,6 +30,8 @@ pub struct Setup {
     /// Extra lines for `[server]` and `[delivery]`.
     pub server_extra: String,
     pub delivery_extra: String,
+    /// Extra lines for the `acme` `[[tenant]]` (e.g. `webhook_url`).
+    pub tenant_extra: String,
     /// Whole sections appended at the end (e.g. `[suppression]`, more `[[tenant]]`s).
     pub extra: String,
 }
@@ -43,6 +45,7 @@ impl Setup {
             lifetime: "1h",
             server_extra: String::new(),
             delivery_extra: String::new(),
+            tenant_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -101,6 +104,7 @@ name = "acme"
 username = "{USER}"
 password_hash = "{PASSWORD_HASH}"
 allowed_senders = ["*@acme.test"]
+{tenant_extra}
 
 [dns]
 nameservers = ["{dns}"]
@@ -134,6 +138,7 @@ token = "{ADMIN_TOKEN}"
             retry = setup.retry,
             lifetime = setup.lifetime,
             delivery_extra = setup.delivery_extra,
+            tenant_extra = setup.tenant_extra,
             extra = setup.extra,
         );
         std::fs::write(dir.path().join("herald.toml"), &config_text).expect("write config");

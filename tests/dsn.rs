@@ -1,0 +1,456 @@
+//! Bounce reports end to end: an app submits through herald, the recipient's
+//! MX (a mailin sink on 127.0.0.2) refuses or defers, and herald mails a DSN
+//! with the null sender to the sender's own MX — a small tokio sink on
+//! 127.0.0.3 written here, because the mailin sink answers `MAIL FROM:<>`
+//! with 500. The DSN is parsed back with mail-parser.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::dns::{TestDns, Zone};
+use common::mx::{MxSink, SinkReply, ip, reserve_port};
+use common::relay::{Setup, TestRelay, field, queue_id};
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Notify;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A message the null-sender sink accepted.
+#[derive(Clone, Debug)]
+struct Got {
+    from: String,
+    rcpts: Vec<String>,
+    data: Vec<u8>,
+}
+
+/// The sender's MX: a minimal SMTP server that accepts everything,
+/// including the null reverse path, and keeps what it got.
+struct NullSenderSink {
+    got: Arc<Mutex<Vec<Got>>>,
+    changed: Arc<Notify>,
+}
+
+impl NullSenderSink {
+    fn start(listener: std::net::TcpListener) -> NullSenderSink {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let changed = Arc::new(Notify::new());
+        let (g, c) = (got.clone(), changed.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (g, c) = (g.clone(), c.clone());
+                tokio::spawn(async move {
+                    let _ = session(sock, g, c).await;
+                });
+            }
+        });
+        NullSenderSink { got, changed }
+    }
+
+    fn messages(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Got> {
+        common::within(timeout, &format!("{n} DSN(s) at the sender's MX"), async {
+            loop {
+                let wait = self.changed.notified();
+                let got = self.messages();
+                if got.len() >= n {
+                    return got;
+                }
+                wait.await;
+            }
+        })
+        .await
+    }
+}
+
+async fn session(
+    sock: tokio::net::TcpStream,
+    got: Arc<Mutex<Vec<Got>>>,
+    changed: Arc<Notify>,
+) -> std::io::Result<()> {
+    let (r, mut w) = sock.into_split();
+    let mut r = BufReader::new(r);
+    w.write_all(b"220 sender-mx.test ESMTP\r\n").await?;
+    let mut cur = Got {
+        from: String::new(),
+        rcpts: Vec::new(),
+        data: Vec::new(),
+    };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let cmd = line.trim_end().to_string();
+        let upper = cmd.to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            b"250 sender-mx.test\r\n"
+        } else if let Some(rest) = upper.strip_prefix("MAIL FROM:<") {
+            let end = rest.find('>').unwrap_or(0);
+            cur = Got {
+                from: cmd["MAIL FROM:<".len().."MAIL FROM:<".len() + end].to_string(),
+                rcpts: Vec::new(),
+                data: Vec::new(),
+            };
+            b"250 2.1.0 ok\r\n"
+        } else if upper.starts_with("RCPT TO:<") {
+            let rest = &cmd["RCPT TO:<".len()..];
+            cur.rcpts
+                .push(rest[..rest.find('>').unwrap_or(0)].to_string());
+            b"250 2.1.5 ok\r\n"
+        } else if upper == "DATA" {
+            w.write_all(b"354 go ahead\r\n").await?;
+            let mut data = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if r.read_until(b'\n', &mut l).await? == 0 {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                let l = l.strip_prefix(b".").unwrap_or(&l);
+                data.extend_from_slice(l);
+            }
+            cur.data = data;
+            got.lock().unwrap().push(cur.clone());
+            changed.notify_waiters();
+            b"250 2.0.0 ok\r\n"
+        } else if upper == "QUIT" {
+            w.write_all(b"221 bye\r\n").await?;
+            return Ok(());
+        } else {
+            b"250 ok\r\n"
+        };
+        w.write_all(reply).await?;
+    }
+}
+
+struct World {
+    _dns: TestDns,
+    mx: MxSink,
+    sender_mx: NullSenderSink,
+    relay: TestRelay,
+}
+
+async fn world(
+    policy: impl Fn(&str, u32) -> SinkReply + Send + Sync + 'static,
+    tweak: impl FnOnce(&mut Setup),
+) -> World {
+    let zone = Zone::new("test.")
+        .mx("one.test", 10, "mx.one.test")
+        .a("mx.one.test", ip(2))
+        .mx("acme.test", 10, "mx.acme.test")
+        .a("mx.acme.test", ip(3));
+    let dns = TestDns::start(zone).await;
+    let (port, mut listeners) = reserve_port(&[ip(2), ip(3)]);
+    let sender_mx = NullSenderSink::start(listeners.pop().unwrap());
+    let mx = MxSink::start_on(listeners.pop().unwrap(), policy).unwrap();
+    let mut setup = Setup::new(dns.addr, port);
+    tweak(&mut setup);
+    let relay = TestRelay::start(setup).await;
+    World {
+        _dns: dns,
+        mx,
+        sender_mx,
+        relay,
+    }
+}
+
+fn invoice(to: &str) -> Vec<u8> {
+    format!(
+        "From: Acme Billing <billing@acme.test>\r\n\
+         To: <{to}>\r\n\
+         Subject: Invoice 42\r\n\
+         Date: Sun, 29 Nov 2026 10:00:00 +0000\r\n\
+         Message-ID: <invoice-42@acme.test>\r\n\
+         \r\n\
+         Dear customer, please find invoice 42.\r\n"
+    )
+    .into_bytes()
+}
+
+/// Submits with raw MAIL/RCPT lines so that DSN parameters can be given.
+async fn submit(relay: &TestRelay, mail: &str, rcpt: &str, to: &str) -> String {
+    let mut c = relay.client().await;
+    c.cmd(mail).await.assert_code(250);
+    c.cmd(rcpt).await.assert_code(250);
+    let id = queue_id(&c.data(&invoice(to)).await);
+    let _ = c.cmd("QUIT").await;
+    id
+}
+
+/// The delivery-status fields, per block: [per-message, recipient...].
+fn status_blocks(data: &[u8]) -> Vec<Vec<(String, String)>> {
+    let msg = MessageParser::default().parse(data).expect("DSN parses");
+    let ct = msg.content_type().expect("content type");
+    assert_eq!(ct.ctype(), "multipart");
+    assert_eq!(ct.subtype(), Some("report"));
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+    let part = msg
+        .parts
+        .iter()
+        .find(|p| {
+            p.content_type()
+                .is_some_and(|c| c.subtype() == Some("delivery-status"))
+        })
+        .expect("a message/delivery-status part");
+    let text = match &part.body {
+        PartType::Text(t) => t.to_string(),
+        PartType::Binary(b) | PartType::InlineBinary(b) => String::from_utf8_lossy(b).into(),
+        other => panic!("delivery-status body: {other:?}"),
+    };
+    text.split("\r\n\r\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let mut fields: Vec<(String, String)> = Vec::new();
+            for l in b.split("\r\n") {
+                if l.starts_with(['\t', ' ']) {
+                    if let Some(last) = fields.last_mut() {
+                        last.1 = format!("{} {}", last.1, l.trim());
+                    }
+                } else if let Some((n, v)) = l.split_once(':') {
+                    fields.push((n.to_ascii_lowercase(), v.trim().to_string()));
+                }
+            }
+            fields
+        })
+        .collect()
+}
+
+fn get<'a>(b: &'a [(String, String)], name: &str) -> &'a str {
+    b.iter()
+        .find(|(n, _)| n == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_recipient_gets_a_dsn_at_the_senders_mx() {
+    let w = world(
+        |rcpt: &str, _| {
+            if rcpt.starts_with("nobody") {
+                SinkReply::Reply(550, "5.1.1 <nobody@one.test>: user unknown")
+            } else {
+                SinkReply::Accept
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let id = submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test> ENVID=inv-42",
+        "RCPT TO:<nobody@one.test> NOTIFY=FAILURE ORCPT=rfc822;Nobody@one.test",
+        "nobody@one.test",
+    )
+    .await;
+    w.relay
+        .wait_events("bounced", 1, WAIT, |e| field(e, "event") == "bounced")
+        .await;
+
+    let got = w.sender_mx.wait_for(1, WAIT).await;
+    assert_eq!(got[0].from, "", "a DSN has the null sender");
+    assert_eq!(got[0].rcpts, ["billing@acme.test"]);
+    let data = &got[0].data;
+    assert!(data.is_ascii(), "7-bit");
+    let msg = MessageParser::default().parse(&data[..]).unwrap();
+    assert_eq!(msg.subject(), Some("Undelivered Mail Returned to Sender"));
+    assert_eq!(
+        msg.header_raw("Auto-Submitted").map(str::trim),
+        Some("auto-replied")
+    );
+    let blocks = status_blocks(data);
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    assert_eq!(get(&blocks[0], "reporting-mta"), "dns; relay.test");
+    assert_eq!(get(&blocks[0], "original-envelope-id"), "inv-42");
+    assert_eq!(get(&blocks[0], "x-herald-queue-id"), id);
+    let r = &blocks[1];
+    assert_eq!(get(r, "final-recipient"), "rfc822; nobody@one.test");
+    assert_eq!(get(r, "original-recipient"), "rfc822;Nobody@one.test");
+    assert_eq!(get(r, "action"), "failed");
+    assert_eq!(get(r, "status"), "5.1.1");
+    assert_eq!(get(r, "remote-mta"), "dns; mx.one.test");
+    assert!(
+        get(r, "diagnostic-code").starts_with("smtp; 550 5.1.1"),
+        "{r:?}"
+    );
+    // Headers only (no RET): the original's Subject, not its body.
+    let text = String::from_utf8_lossy(data);
+    assert!(text.contains("text/rfc822-headers"));
+    assert!(text.contains("Subject: Invoice 42"));
+    assert!(!text.contains("Dear customer"));
+    // The DSN itself went out as a message of its own, and was delivered.
+    w.relay
+        .wait_events("DSN delivered", 1, WAIT, |e| {
+            field(e, "event") == "delivered" && field(e, "recipient") == "billing@acme.test"
+        })
+        .await;
+    assert_eq!(w.mx.messages().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_never_gets_no_dsn() {
+    let w = world(|_, _| SinkReply::Reply(550, "5.1.1 user unknown"), |_| {}).await;
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<quiet@one.test> NOTIFY=NEVER",
+        "quiet@one.test",
+    )
+    .await;
+    w.relay
+        .wait_events("first bounce", 1, WAIT, |e| field(e, "event") == "bounced")
+        .await;
+    // A second bounce that does want a report: once it is in, the first
+    // one would have been too.
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<loud@one.test>",
+        "loud@one.test",
+    )
+    .await;
+    let got = w.sender_mx.wait_for(1, WAIT).await;
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert!(text.contains("loud@one.test"), "{text}");
+    w.relay
+        .wait_events("DSN delivered", 1, WAIT, |e| {
+            field(e, "event") == "delivered" && field(e, "sender").is_empty()
+        })
+        .await;
+    let all = w.sender_mx.messages();
+    assert_eq!(all.len(), 1, "no DSN for NOTIFY=NEVER: {all:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_disabled_in_config_sends_none() {
+    let w = world(
+        |_, _| SinkReply::Reply(550, "5.1.1 user unknown"),
+        |s| s.extra = "[dsn]\nenabled = false\n".into(),
+    )
+    .await;
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<gone@one.test>",
+        "gone@one.test",
+    )
+    .await;
+    w.relay
+        .wait_events("bounce", 1, WAIT, |e| field(e, "event") == "bounced")
+        .await;
+    // Nothing is queued for the sender: the queue empties.
+    common::within(WAIT, "queue to empty", async {
+        while !w.relay.running().queue.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(w.sender_mx.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_with_dsn_off_gets_none() {
+    let w = world(
+        |_, _| SinkReply::Reply(550, "5.1.1 user unknown"),
+        |s| {
+            s.extra = format!(
+                "[[tenant]]\nname = \"hooks\"\nusername = \"hooks\"\n\
+                 password_hash = \"{}\"\nallowed_senders = [\"*@acme.test\"]\ndsn = false\n",
+                common::relay::PASSWORD_HASH
+            )
+        },
+    )
+    .await;
+    let mut c = common::smtp::TestClient::connect(w.relay.submission).await;
+    c.ehlo("app.test").await.assert_code(250);
+    c.starttls().await.assert_code(220);
+    c.ehlo("app.test").await.assert_code(250);
+    c.auth_plain("hooks", common::relay::PASSWORD)
+        .await
+        .assert_code(235);
+    let r = c
+        .send_mail(
+            "billing@acme.test",
+            &["gone@one.test"],
+            &invoice("gone@one.test"),
+        )
+        .await;
+    queue_id(&r);
+    let _ = c.cmd("QUIT").await;
+    w.relay
+        .wait_events("bounce", 1, WAIT, |e| field(e, "event") == "bounced")
+        .await;
+    // The acme tenant still gets its reports: once that one is in, the
+    // other tenant's would have been too.
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<loud@one.test>",
+        "loud@one.test",
+    )
+    .await;
+    let got = w.sender_mx.wait_for(1, WAIT).await;
+    assert!(String::from_utf8_lossy(&got[0].data).contains("loud@one.test"));
+    w.relay
+        .wait_events("DSN delivered", 1, WAIT, |e| {
+            field(e, "event") == "delivered" && field(e, "sender").is_empty()
+        })
+        .await;
+    assert_eq!(w.sender_mx.messages().len(), 1, "none for tenant hooks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_sends_a_failed_dsn_and_delay_one_delayed() {
+    let w = world(
+        |_, _| SinkReply::Reply(451, "4.2.1 mailbox busy, try later"),
+        |s| {
+            s.retry = r#"["1s"]"#;
+            s.lifetime = "3s";
+            s.extra = "[dsn]\ndelay_after = \"1s\"\n".into();
+        },
+    )
+    .await;
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<busy@one.test> NOTIFY=DELAY,FAILURE",
+        "busy@one.test",
+    )
+    .await;
+    w.relay
+        .wait_events("expired", 1, WAIT, |e| field(e, "event") == "expired")
+        .await;
+    let got = w.sender_mx.wait_for(2, WAIT).await;
+    let actions: Vec<(String, String)> = got
+        .iter()
+        .map(|g| {
+            let b = status_blocks(&g.data);
+            (
+                get(&b[1], "action").to_string(),
+                get(&b[1], "status").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("delayed".to_string(), "4.2.1".to_string()),
+            ("failed".to_string(), "5.4.7".to_string())
+        ],
+        "one delayed report, then the failure"
+    );
+    let delayed = status_blocks(&got[0].data);
+    assert!(!get(&delayed[1], "will-retry-until").is_empty());
+    let failed = String::from_utf8_lossy(&got[1].data).to_string();
+    assert!(failed.contains("451 4.2.1 mailbox busy"), "{failed}");
+    assert_eq!(w.sender_mx.messages().len(), 2, "one delayed report only");
+}
