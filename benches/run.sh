@@ -32,6 +32,18 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 100); do [ -s var/bench/dns.addr ] && break; sleep 0.1; done
 sed "s/@DNS@/$(cat var/bench/dns.addr)/" benches/herald-bench.toml > var/bench/herald.toml
+# DKIM=rsa-sha256 or DKIM=ed25519: sign every message (smtp-source's From:
+# is sender@bench.example) to measure the relay with signing on.
+LABEL=
+if [ -n "${DKIM:-}" ]; then
+  rm -rf var/bench/dkim
+  target/release/herald dkim keygen --domain bench.example --selector bench \
+    --algorithm "$DKIM" --dir var/bench/dkim > /dev/null 2>&1
+  printf '\n[[dkim]]\ndomain = "bench.example"\nselector = "bench"\nalgorithm = "%s"\nkey = "%s"\n' \
+    "$([ "$DKIM" = ed25519 ] && echo ed25519-sha256 || echo rsa-sha256)" \
+    "$(ls var/bench/dkim/*.key)" >> var/bench/herald.toml
+  LABEL="-dkim-$DKIM"
+fi
 
 ulimit -n "$(ulimit -Hn)" || true
 RUST_LOG=warn target/release/herald --config var/bench/herald.toml serve 2> var/bench/herald.log &
@@ -43,9 +55,9 @@ common=(--sizes "$SIZES" --concs "$CONCS" --reps "$REPS" --counts "$COUNTS" --rc
 for s in $SCENARIOS; do
   case $s in
     a) python3 $BENCH --scenario a-direct-reuse --target 127.0.0.2:2526 --sink 127.0.0.2:2526 --reuse "${common[@]}" ;;
-    b) python3 $BENCH --scenario b-herald-reuse --target 127.0.0.1:2525 --sink 127.0.0.2:2526 --reuse \
+    b) python3 $BENCH --scenario b-herald-reuse$LABEL --target 127.0.0.1:2525 --sink 127.0.0.2:2526 --reuse \
          --sut-pidfile var/bench/herald.pid "${common[@]}" ;;
-    c) python3 $BENCH --scenario c-herald-noreuse --target 127.0.0.1:2525 --sink 127.0.0.2:2526 \
+    c) python3 $BENCH --scenario c-herald-noreuse$LABEL --target 127.0.0.1:2525 --sink 127.0.0.2:2526 \
          --sut-pidfile var/bench/herald.pid "${common[@]}" ;;
     d) python3 benches/loadgen_bench.py --sut-pidfile var/bench/herald.pid --sizes "$SIZES" --concs "$CONCS" \
          --reps "$REPS" --counts "$COUNTS" --out "$OUT" ;;
