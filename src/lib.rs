@@ -13,6 +13,7 @@ pub mod diagnose;
 pub mod dns;
 pub mod limits;
 pub mod loadgen;
+pub mod net;
 pub mod policy;
 pub mod queue;
 pub mod receive;
