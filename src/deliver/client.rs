@@ -29,10 +29,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, ProtocolVersion, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ProtocolVersion};
 use smtp_proto::response::parser::ResponseReceiver;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -327,7 +327,10 @@ impl Tls {
     /// still verified, so the server must hold the key of what it shows.
     pub fn opportunistic() -> Tls {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        Tls::with_verifier(provider.clone(), Arc::new(AcceptAnyCert(provider)))
+        Tls::with_verifier(
+            provider.clone(),
+            Arc::new(crate::net::AcceptAnyCert(provider)),
+        )
     }
 
     /// Verifies the server with any rustls verifier (DANE, MTA-STS, a
@@ -382,56 +385,6 @@ impl Tls {
 fn server_name(host: &str, ip: IpAddr) -> ServerName<'static> {
     ServerName::try_from(host.trim_end_matches('.').to_string())
         .unwrap_or_else(|_| ServerName::IpAddress(ip.into()))
-}
-
-/// Accepts any certificate for any name, but still checks the handshake
-/// signatures against the certificate presented.
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// The socket, plain or wrapped in TLS.

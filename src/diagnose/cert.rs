@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 use crate::deliver::client::Tls;
+use crate::net::AcceptAnyCert;
 
 /// What became of the certificate check.
 #[derive(Clone, Debug)]
@@ -42,7 +42,8 @@ pub enum CertOutcome {
 /// A rustls verifier that checks like a browser but records instead of failing.
 #[derive(Debug)]
 pub struct RecordingVerifier {
-    provider: Arc<CryptoProvider>,
+    /// Checks the handshake signatures whatever the certificate's verdict.
+    signatures: AcceptAnyCert,
     inner: Option<Arc<WebPkiServerVerifier>>,
     outcome: Mutex<Option<CertOutcome>>,
 }
@@ -63,7 +64,7 @@ impl RecordingVerifier {
                 .ok()
         };
         Arc::new(RecordingVerifier {
-            provider,
+            signatures: AcceptAnyCert(provider),
             inner,
             outcome: Mutex::new(None),
         })
@@ -71,7 +72,7 @@ impl RecordingVerifier {
 
     /// A [`Tls`] for herald's SMTP client that verifies through `self`.
     pub fn tls(self: &Arc<Self>) -> Tls {
-        Tls::with_verifier(self.provider.clone(), self.clone())
+        Tls::with_verifier(self.signatures.0.clone(), self.clone())
     }
 
     /// The result of the last certificate check; `None` when no handshake
@@ -128,12 +129,7 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -142,18 +138,11 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 

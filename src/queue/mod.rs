@@ -897,6 +897,16 @@ mod tests {
         Config::from_toml_str(&text).unwrap()
     }
 
+    /// One recipient's outcome, with no MX or TLS detail.
+    fn only(index: usize, result: AttemptResult) -> Vec<RcptOutcome> {
+        vec![RcptOutcome {
+            index,
+            result,
+            mx: None,
+            tls: None,
+        }]
+    }
+
     fn envelope() -> Envelope {
         Envelope {
             sender: "billing@acme.example".into(),
@@ -962,12 +972,7 @@ mod tests {
         );
         q.complete_attempt(
             id,
-            vec![RcptOutcome {
-                index: 1,
-                result: AttemptResult::Deferred(later, Classification::Other),
-                mx: None,
-                tls: None,
-            }],
+            only(1, AttemptResult::Deferred(later, Classification::Other)),
         );
         let view = q.get(id).unwrap();
         let st: Vec<_> = view.recipients.iter().map(|r| r.status).collect();
@@ -1017,12 +1022,10 @@ mod tests {
         let job = rx.recv().await.unwrap();
         q.complete_attempt(
             job.id,
-            vec![RcptOutcome {
-                index: 0,
-                result: AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
-                mx: None,
-                tls: None,
-            }],
+            only(
+                0,
+                AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
+            ),
         );
         assert!(q.is_empty());
         q.close().await;
@@ -1062,12 +1065,10 @@ mod tests {
                 let job = rx.recv().await.unwrap();
                 q.complete_attempt(
                     job.id,
-                    vec![RcptOutcome {
-                        index: 0,
-                        result: AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
-                        mx: None,
-                        tls: None,
-                    }],
+                    only(
+                        0,
+                        AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
+                    ),
                 );
             }
             assert!(q.is_empty());
@@ -1085,12 +1086,10 @@ mod tests {
             let job = rx.recv().await.unwrap();
             q.complete_attempt(
                 job.id,
-                vec![RcptOutcome {
-                    index: 0,
-                    result: AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
-                    mx: None,
-                    tls: None,
-                }],
+                only(
+                    0,
+                    AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
+                ),
             );
             let files = std::fs::read_dir(dir.path()).unwrap().count();
             assert!(files <= 3, "round {round}: {files} segment files kept");
@@ -1120,15 +1119,13 @@ mod tests {
         rx.recv().await.unwrap();
         q.complete_attempt(
             keep,
-            vec![RcptOutcome {
-                index: 0,
-                result: AttemptResult::Deferred(
+            only(
+                0,
+                AttemptResult::Deferred(
                     Reply::new(451, Enhanced(4, 0, 0), "later"),
                     Classification::Other,
                 ),
-                mx: None,
-                tls: None,
-            }],
+            ),
         );
         // Traffic after it fills several more segments and is delivered.
         for _ in 0..8 {
@@ -1142,15 +1139,7 @@ mod tests {
             .await
             .unwrap();
             let job = rx.recv().await.unwrap();
-            q.complete_attempt(
-                job.id,
-                vec![RcptOutcome {
-                    index: 0,
-                    result: ok(),
-                    mx: None,
-                    tls: None,
-                }],
-            );
+            q.complete_attempt(job.id, only(0, ok()));
         }
         let before = std::fs::read_dir(dir.path()).unwrap().count();
         assert!(before >= 4, "the deferred message pins {before} segments");
@@ -1203,15 +1192,7 @@ mod tests {
             .await
             .unwrap();
             rx.recv().await.unwrap();
-            q.complete_attempt(
-                id,
-                vec![RcptOutcome {
-                    index: 0,
-                    result: later(),
-                    mx: None,
-                    tls: None,
-                }],
-            );
+            q.complete_attempt(id, only(0, later()));
         }
         q.close().await;
 
@@ -1224,15 +1205,7 @@ mod tests {
         assert!(!q.dispatch_due().await, "limit reached with recipients due");
         let first = rx.try_recv().expect("one job within the limit");
         assert!(rx.try_recv().is_err(), "the second would pass the limit");
-        q.complete_attempt(
-            first.id,
-            vec![RcptOutcome {
-                index: 0,
-                result: later(),
-                mx: None,
-                tls: None,
-            }],
-        );
+        q.complete_attempt(first.id, only(0, later()));
         assert!(!q.dispatch_due().await);
         let second = rx.try_recv().expect("room again after a reply");
         assert_ne!(second.id, first.id);
@@ -1261,15 +1234,13 @@ mod tests {
         rx.recv().await.unwrap();
         q.complete_attempt(
             id,
-            vec![RcptOutcome {
-                index: 0,
-                result: AttemptResult::Deferred(
+            only(
+                0,
+                AttemptResult::Deferred(
                     Reply::new(451, Enhanced(4, 4, 1), "refused"),
                     Classification::Network,
                 ),
-                mx: None,
-                tls: None,
-            }],
+            ),
         );
         assert!(
             q.get(id).is_none(),
