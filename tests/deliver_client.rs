@@ -369,14 +369,30 @@ async fn many_jobs_share_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_back_jobs_not_started() {
     // 127.0.0.4 accepts TCP connections (kernel backlog) but never greets.
-    let (port, _silent) = reserve_port(&[ip(4)]);
+    let (port, silent) = reserve_port(&[ip(4)]);
     let h = Harness::start(zone(), port, "max_connections_per_domain = 1").await;
     let a = job("silent.test", &["x"], b"\r\n");
     let b = job("silent.test", &["y"], b"\r\n");
     let (ida, idb) = (a.id, b.id);
     h.tx.send(a).unwrap();
     h.tx.send(b).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the connection task is connecting (its connection sits in
+    // the silent listener's backlog), so shutdown finds a job in flight.
+    silent[0].set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _held = loop {
+        match silent[0].accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no connection attempt"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
     let mut rx = h.stop().await;
     let mut seen = Vec::new();
     while let Ok((id, out)) = rx.try_recv() {
