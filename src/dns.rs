@@ -49,6 +49,8 @@ pub struct DnsError {
 #[derive(Clone)]
 pub struct Dns {
     resolver: Arc<TokioResolver>,
+    /// Lookup latency and failures (`herald_dns_*`); none in tools.
+    metrics: Option<Arc<crate::admin::Metrics>>,
 }
 
 impl Dns {
@@ -98,25 +100,98 @@ impl Dns {
             .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
         Ok(Dns {
             resolver: Arc::new(resolver),
+            metrics: None,
         })
+    }
+
+    /// Counts lookups and failures into `metrics`; set before the first clone.
+    pub fn with_metrics(mut self, metrics: Arc<crate::admin::Metrics>) -> Dns {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    async fn timed<T>(
+        &self,
+        lookup: impl std::future::Future<Output = Result<T, NetError>>,
+    ) -> Result<T, NetError> {
+        let started = std::time::Instant::now();
+        let result = lookup.await;
+        if let Some(m) = &self.metrics {
+            m.dns_latency.observe(started.elapsed());
+        }
+        result
+    }
+
+    /// A temporary failure: counted, and never a verdict about the name.
+    fn temp_error(&self, name: &str, e: &NetError) -> DnsError {
+        if let Some(m) = &self.metrics {
+            m.dns_failures.inc(cause(e));
+        }
+        DnsError {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The resolver itself, shared with mail-auth (its `MessageAuthenticator`
+    /// wraps a `TokioResolver`) so SPF and DMARC lookups ask the same servers.
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
+    /// The MX records published at `domain`, as they are: no implicit MX,
+    /// a null MX kept as a host with an empty name, sorted by preference
+    /// only; empty when there are none (NXDOMAIN or no data). For
+    /// diagnostics and SPF's `mx` mechanism (RFC 7208 §5.4), not routing.
+    pub async fn mx_records(&self, domain: &str) -> Result<Vec<MxHost>, DnsError> {
+        match self
+            .timed(self.resolver.mx_lookup(fqdn(domain).as_str()))
+            .await
+        {
+            Ok(lookup) => {
+                let mut hosts = mx_hosts(lookup.answers());
+                hosts.sort_by_key(|h| h.preference);
+                Ok(hosts)
+            }
+            Err(e) if negative(&e).is_some() => Ok(Vec::new()),
+            Err(e) => Err(self.temp_error(domain, &e)),
+        }
+    }
+
+    /// The A (`ipv6` false) or AAAA (`ipv6` true) records of `host` alone;
+    /// empty when there are none. SPF asks for one family at a time, and an
+    /// empty answer is a "void lookup" (RFC 7208 §4.6.4).
+    pub async fn addresses(&self, host: &str, ipv6: bool) -> Result<Vec<IpAddr>, DnsError> {
+        use hickory_resolver::proto::rr::RecordType;
+        let rtype = if ipv6 {
+            RecordType::AAAA
+        } else {
+            RecordType::A
+        };
+        match self
+            .timed(self.resolver.lookup(fqdn(host).as_str(), rtype))
+            .await
+        {
+            Ok(l) => Ok(l
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) if !ipv6 => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) if ipv6 => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if negative(&e).is_some() => Ok(Vec::new()),
+            Err(e) => Err(self.temp_error(host, &e)),
+        }
     }
 
     /// Where mail for `domain` goes.
     pub async fn mx(&self, domain: &str) -> Result<MxLookup, DnsError> {
         let fqdn = fqdn(domain);
-        match self.resolver.mx_lookup(fqdn.as_str()).await {
+        match self.timed(self.resolver.mx_lookup(fqdn.as_str())).await {
             Ok(lookup) => {
-                let mut hosts: Vec<MxHost> = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::MX(mx) => Some(MxHost {
-                            name: mx.exchange.to_ascii().trim_end_matches('.').to_string(),
-                            preference: mx.preference,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
+                let mut hosts = mx_hosts(lookup.answers());
                 if hosts.is_empty() {
                     return self.implicit_mx(domain).await;
                 }
@@ -131,7 +206,7 @@ impl Dns {
             Err(e) => match negative(&e) {
                 Some(Negative::NxDomain) => Ok(MxLookup::NoMailServer),
                 Some(Negative::NoData) => self.implicit_mx(domain).await,
-                None => Err(temp_error(domain, &e)),
+                None => Err(self.temp_error(domain, &e)),
             },
         }
     }
@@ -158,17 +233,23 @@ impl Dns {
         {
             return Ok(vec![ip]);
         }
-        match self.resolver.lookup_ip(fqdn(host).as_str()).await {
+        match self
+            .timed(self.resolver.lookup_ip(fqdn(host).as_str()))
+            .await
+        {
             Ok(l) => Ok(l.iter().collect()),
             Err(e) if negative(&e).is_some() => Ok(Vec::new()),
-            Err(e) => Err(temp_error(host, &e)),
+            Err(e) => Err(self.temp_error(host, &e)),
         }
     }
 
     /// The TXT records at `name`, each with its character-strings joined
     /// (RFC 6376 §3.6.2.2, RFC 7208 §3.3); empty when there are none.
     pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
-        match self.resolver.txt_lookup(fqdn(name).as_str()).await {
+        match self
+            .timed(self.resolver.txt_lookup(fqdn(name).as_str()))
+            .await
+        {
             Ok(l) => Ok(l
                 .answers()
                 .iter()
@@ -183,9 +264,60 @@ impl Dns {
                 })
                 .collect()),
             Err(e) if negative(&e).is_some() => Ok(Vec::new()),
-            Err(e) => Err(temp_error(name, &e)),
+            Err(e) => Err(self.temp_error(name, &e)),
         }
     }
+
+    /// The IPv4 addresses at `name` and how long the answer may be cached:
+    /// what is left of the answer's TTL, or for NXDOMAIN / no data (an empty
+    /// list) the negative TTL from the SOA (RFC 2308), zero when the answer
+    /// carried none. For DNSBL lookups (RFC 5782), cached by their caller.
+    pub async fn a_with_ttl(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<std::net::Ipv4Addr>, std::time::Duration), DnsError> {
+        use hickory_resolver::proto::rr::RecordType;
+        match self
+            .timed(self.resolver.lookup(fqdn(name).as_str(), RecordType::A))
+            .await
+        {
+            Ok(l) => {
+                let ips = l
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(a.0),
+                        _ => None,
+                    })
+                    .collect();
+                let ttl = l
+                    .valid_until()
+                    .saturating_duration_since(std::time::Instant::now());
+                Ok((ips, ttl))
+            }
+            Err(e) => match &e {
+                NetError::Dns(WireError::NoRecordsFound(no)) if negative(&e).is_some() => {
+                    let secs = no.negative_ttl.unwrap_or(0);
+                    Ok((Vec::new(), std::time::Duration::from_secs(secs.into())))
+                }
+                _ => Err(self.temp_error(name, &e)),
+            },
+        }
+    }
+}
+
+/// The MX records among `answers`, in answer order.
+fn mx_hosts(answers: &[hickory_resolver::proto::rr::Record]) -> Vec<MxHost> {
+    answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::MX(mx) => Some(MxHost {
+                name: mx.exchange.to_ascii().trim_end_matches('.').to_string(),
+                preference: mx.preference,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 fn fqdn(name: &str) -> String {
@@ -217,10 +349,16 @@ fn negative(e: &NetError) -> Option<Negative> {
     }
 }
 
-fn temp_error(name: &str, e: &NetError) -> DnsError {
-    DnsError {
-        name: name.to_string(),
-        reason: e.to_string(),
+/// Why a lookup failed, as a metric label.
+fn cause(e: &NetError) -> &'static str {
+    match e {
+        NetError::Timeout => "timeout",
+        NetError::Dns(WireError::NoRecordsFound(no)) => match no.response_code {
+            ResponseCode::ServFail => "servfail",
+            ResponseCode::Refused => "refused",
+            _ => "other",
+        },
+        _ => "other",
     }
 }
 
@@ -234,6 +372,12 @@ fn order_hosts(hosts: &mut [MxHost]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_labelled_by_cause() {
+        assert_eq!(cause(&NetError::Timeout), "timeout");
+        assert_eq!(cause(&NetError::from("broken pipe")), "other");
+    }
 
     #[test]
     fn hosts_sorted_by_preference() {

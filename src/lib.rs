@@ -7,7 +7,9 @@
 //! postmaster's HTTP API, metrics and CLI.
 
 pub mod admin;
+pub mod bounces;
 pub mod config;
+pub mod control;
 pub mod deliver;
 pub mod diagnose;
 pub mod dns;

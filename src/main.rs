@@ -56,11 +56,28 @@ enum Command {
         #[command(subcommand)]
         command: herald::admin::suppressions::SuppressionCommand,
     },
+    /// `suspend`/`resume domain D|tenant T`, `suspensions`, `tenant
+    /// show|resume NAME`: delivery suspensions and reputation pauses of the
+    /// running relay (through its admin API).
+    #[command(flatten)]
+    Control(herald::admin::control::ControlCommand),
     /// DKIM keys: `dkim keygen --domain D --selector S` writes a key under
     /// certs/dkim/ and prints the DNS TXT record to publish.
     Dkim {
         #[command(subcommand)]
         command: herald::policy::dkim::DkimCommand,
+    },
+    /// Sending domains: `domain check D` checks MX, SPF, DKIM, DMARC,
+    /// MTA-STS and TLS-RPT for herald's mail and prints the records to publish.
+    Domain {
+        #[command(subcommand)]
+        command: herald::diagnose::domain_check::DomainCommand,
+    },
+    /// DNS blocklists: `dnsbl check [IP...]` tells whether herald's sending
+    /// IPs (or the ones given) are listed in the configured zones.
+    Dnsbl {
+        #[command(subcommand)]
+        command: herald::policy::dnsbl::DnsblCommand,
     },
 }
 
@@ -173,8 +190,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Control(command) => {
+            let Some(cfg) = load(&cli.config) else {
+                return ExitCode::FAILURE;
+            };
+            let name = command.name();
+            match rt.block_on(herald::admin::control::run(&cfg.admin, command)) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald {name}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::SmtpTest(a) => herald::diagnose::smtp_test::cli(a, &rt),
         Command::Dkim { command } => herald::policy::dkim::cli(command),
+        Command::Domain { command } => {
+            herald::diagnose::domain_check::cli(command, &cli.config, &rt)
+        }
+        Command::Dnsbl { command } => herald::policy::dnsbl::cli(&cli.config, command, &rt),
         Command::Loadgen(a) => {
             use herald::loadgen::{LoadgenOptions, LoadgenTls};
             let auth = match a.auth.as_deref().map(|s| s.split_once(':')) {

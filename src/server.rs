@@ -36,6 +36,8 @@ pub struct Running {
     deliver_task: JoinHandle<()>,
     scheduler_task: JoinHandle<()>,
     events_task: JoinHandle<()>,
+    /// The Redis events stream's writer, when clustered.
+    stream_task: Option<JoinHandle<()>>,
     suppressions: Suppressions,
     webhooks: Option<crate::report::webhook::Webhooks>,
 }
@@ -59,6 +61,11 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot read the suspensions and pauses {path}: {source}")]
+    Control {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot open the spool: {0}")]
     Spool(#[from] crate::queue::QueueError),
     #[error("cannot listen: {0}")]
@@ -69,6 +76,7 @@ pub enum StartError {
 /// bound addresses are in [`Running::smtp_addrs`].
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
+    crate::deliver::classify::install(&config.classification);
     let tls = if config.needs_tls() {
         Some(tls::acceptor(&config).map_err(|e| StartError::Config(e.to_string()))?)
     } else {
@@ -101,8 +109,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             path: config.events.log.display().to_string(),
             source,
         })?;
-    // Before any clone: every clone then feeds the list.
-    let reporter = reporter.with_suppressions(suppressions.clone());
+    let control = crate::control::Control::open(&config).map_err(|source| StartError::Control {
+        path: config
+            .server
+            .spool_dir
+            .join(crate::control::STATE_FILE)
+            .display()
+            .to_string(),
+        source,
+    })?;
+    // Before any clone: every clone then feeds the list and the guard.
+    let reporter = reporter
+        .with_suppressions(suppressions.clone())
+        .with_control(control.clone());
+    // Every later clone of the resolver counts its lookups.
+    let dns = dns.with_metrics(reporter.metrics().clone());
     let webhooks = crate::report::webhook::Webhooks::start(&config, reporter.metrics().clone())
         .await
         .map_err(|source| StartError::Webhooks {
@@ -113,17 +134,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(w) => reporter.with_webhooks(w.outbox()),
         None => reporter,
     };
+    // `[cluster] redis_url`: every event also goes to the Redis stream.
+    let (reporter, stream_task) = match crate::report::stream::EventStream::start(&config) {
+        Some(Ok((s, task))) => (reporter.with_stream(s), Some(task)),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "events stream disabled");
+            (reporter, None)
+        }
+        None => (reporter, None),
+    };
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;
     let stop_delivering = CancellationToken::new();
     let scheduler_task = tokio::spawn(queue.clone().run_scheduler(stop_delivering.clone()));
-    let deliver_task = deliver::start(
+    let deliver_task = deliver::start_with_control(
         config.clone(),
         dns.clone(),
         queue.clone(),
         jobs_rx,
         stop_delivering.clone(),
+        control.clone(),
     );
 
     let stop_receiving = CancellationToken::new();
@@ -138,6 +169,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             stop_receiving.clone(),
         )
         .with_suppressions(suppressions.clone())
+        .with_control(control.clone())
         .with_dkim(dkim),
     );
     let receive_ctx = ctx.clone();
@@ -148,7 +180,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics,
         Box::new(move || receive_ctx.open_connections()),
     )
-    .with_suppressions(suppressions.clone());
+    .with_suppressions(suppressions.clone())
+    .with_control(control);
     let admin = admin::serve(admin_listener, Arc::new(admin_state)).map_err(StartError::Listen)?;
     tracing::info!(listeners = ?smtp_addrs, hostname = %config.server.hostname, "herald is running");
     Ok(Running {
@@ -163,6 +196,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         deliver_task,
         scheduler_task,
         events_task,
+        stream_task,
         suppressions,
         webhooks,
     })
@@ -209,6 +243,9 @@ impl Running {
         // The events writer ends when the last reporter is gone.
         drop(self.queue);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.events_task).await;
+        if let Some(t) = self.stream_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         // Last: every event offered to the webhook outbox is then on disk.
         if let Some(w) = self.webhooks {
             w.shutdown().await;

@@ -9,13 +9,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::dns::{TestDns, Zone};
+use common::http::Resp;
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
-use common::relay::{ADMIN_TOKEN, Setup, TestRelay, field, queue_id};
+use common::relay::{ADMIN_TOKEN, Setup, TestRelay, field, herald, queue_id};
 use common::smtp::TestClient;
-use common::within;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -65,90 +64,12 @@ fn message(to: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A response: status code, headers (lower-case names) and body.
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {}: body is not JSON ({e}): {}",
-                self.status,
-                self.text()
-            )
-        })
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
-async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp {
-    within(WAIT, &format!("{method} {path}"), async {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await.unwrap();
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("end of headers");
-        let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-        let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let mut body = raw[split + 4..].to_vec();
-        if headers
-            .iter()
-            .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
-        {
-            body = dechunk(&body);
-        }
-        Resp {
-            status,
-            headers,
-            body,
-        }
-    })
-    .await
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size_text = std::str::from_utf8(&b[..eol]).unwrap();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
-        b = &b[eol + 2 + size + 2..];
-    }
-}
-
 async fn api(relay: &TestRelay, method: &str, path: &str) -> Resp {
     http(relay.admin, method, path, Some(relay.admin_token)).await
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp {
+    common::http::request(addr, method, path, token, None).await
 }
 
 /// The queue ids listed for a query, in order.
@@ -451,41 +372,18 @@ async fn metrics_count_a_known_sequence() {
         metric(&page, "herald_enqueue_latency_seconds_bucket{le=\"+Inf\"}"),
         2
     );
-    let _ = c.cmd("QUIT").await;
-}
-
-/// The relay's config with the admin port it actually bound (the test
-/// config asks for port 0).
-fn cli_config(relay: &TestRelay) -> std::path::PathBuf {
-    let text = relay.config_text.replace(
-        "[admin]\naddress = \"127.0.0.1:0\"",
-        &format!("[admin]\naddress = \"{}\"", relay.admin),
+    assert_eq!(metric(&page, "herald_accept_latency_seconds_count"), 2);
+    // Three STARTTLS sessions (two submissions and `c`); the sink offers
+    // no TLS, so delivery went in plaintext (one connection per domain
+    // attempt that connected).
+    assert_eq!(
+        metric(&page, "herald_tls_sessions_in_total{version=\"TLSv1.3\"}"),
+        3
     );
-    assert_ne!(text, relay.config_text, "admin section found");
-    let path = relay.dir.path().join("herald-cli.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Runs `herald --config CONFIG ARGS...`; (success, stdout, stderr).
-async fn herald(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = within(
-        WAIT,
-        &format!("herald {}", args.join(" ")),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run herald");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    assert!(metric(&page, "herald_connections_out_total{tls=\"none\"}") >= 1);
+    // At least the MX lookups at RCPT (the resolver caches the rest).
+    assert!(metric(&page, "herald_dns_lookup_seconds_count") >= 2);
+    let _ = c.cmd("QUIT").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +399,7 @@ async fn queue_cli_calls_the_api() {
         .await,
     );
     wait_deferred(r, &id, 1).await;
-    let cfg = cli_config(r);
+    let cfg = r.cli_config();
 
     let (ok, out, err) = herald(&cfg, &["queue", "list"]).await;
     assert!(ok, "{err}");

@@ -153,6 +153,7 @@ fn job(domain: &str, locals: &[&str], body: &[u8]) -> DeliveryJob {
                 attempt: 1,
             })
             .collect(),
+        return_path: None,
     }
 }
 

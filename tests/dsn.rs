@@ -91,7 +91,10 @@ async fn session(
         }
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
-        let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+        let reply: &[u8] = if upper.starts_with("EHLO") {
+            // Speaks DSN (RFC 3461), so NOTIFY and ORCPT come along.
+            b"250-sender-mx.test\r\n250 DSN\r\n"
+        } else if upper.starts_with("HELO") {
             b"250 sender-mx.test\r\n"
         } else if let Some(rest) = upper.strip_prefix("MAIL FROM:<") {
             let end = rest.find('>').unwrap_or(0);
@@ -149,6 +152,7 @@ async fn world(
         .mx("one.test", 10, "mx.one.test")
         .a("mx.one.test", ip(2))
         .mx("acme.test", 10, "mx.acme.test")
+        .mx("two.test", 10, "mx.acme.test")
         .a("mx.acme.test", ip(3));
     let dns = TestDns::start(zone).await;
     let (port, mut listeners) = reserve_port(&[ip(2), ip(3)]);
@@ -171,7 +175,7 @@ fn invoice(to: &str) -> Vec<u8> {
          To: <{to}>\r\n\
          Subject: Invoice 42\r\n\
          Date: Sun, 29 Nov 2026 10:00:00 +0000\r\n\
-         Message-ID: <invoice-42@acme.test>\r\n\
+         Message-ID: <invoice-42.{to}>\r\n\
          \r\n\
          Dear customer, please find invoice 42.\r\n"
     )
@@ -328,6 +332,48 @@ async fn notify_never_gets_no_dsn() {
         .await;
     let all = w.sender_mx.messages();
     assert_eq!(all.len(), 1, "no DSN for NOTIFY=NEVER: {all:?}");
+}
+
+/// RFC 3461 §5.2.2: herald reports success as "relayed" only when the next
+/// hop does not speak DSN; one that does got NOTIFY=SUCCESS and reports
+/// the final delivery itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_is_reported_only_when_the_next_hop_cannot() {
+    let w = world(|_, _| SinkReply::Accept, |_| {}).await;
+    // two.test's MX (the sender-side sink) announces DSN.
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<b@two.test> NOTIFY=SUCCESS",
+        "b@two.test",
+    )
+    .await;
+    w.relay
+        .wait_events("delivered to two.test", 1, WAIT, |e| {
+            field(e, "event") == "delivered" && field(e, "recipient") == "b@two.test"
+        })
+        .await;
+    // one.test's MX (mailin) does not: herald reports "relayed".
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<a@one.test> NOTIFY=SUCCESS",
+        "a@one.test",
+    )
+    .await;
+    let got = w.sender_mx.wait_for(2, WAIT).await;
+    assert_eq!(got[0].rcpts, ["b@two.test"], "the message itself");
+    assert_eq!(got[1].from, "", "a DSN: {:?}", got[1]);
+    let blocks = status_blocks(&got[1].data);
+    assert_eq!(get(&blocks[1], "final-recipient"), "rfc822; a@one.test");
+    assert_eq!(get(&blocks[1], "action"), "relayed");
+    w.relay
+        .wait_events("DSN delivered", 1, WAIT, |e| {
+            field(e, "event") == "delivered" && field(e, "sender").is_empty()
+        })
+        .await;
+    let all = w.sender_mx.messages();
+    assert_eq!(all.len(), 2, "no report for b@two.test: {all:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

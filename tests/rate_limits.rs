@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use common::dns::{TestDns, Zone};
 use common::mx::{MxSink, ip, reserve_port};
+use common::redis::REDIS;
 use common::relay::{Setup, TestRelay, field};
 use common::smtp::TestClient;
 
 const WAIT: Duration = Duration::from_secs(20);
-const REDIS: &str = "127.0.0.1:6379";
 
 fn message(n: u32) -> Vec<u8> {
     format!(
@@ -190,36 +190,13 @@ async fn unreachable_redis_leaves_local_limits_in_force() {
     assert!(herald::limits::redis_fallbacks() >= 3);
 }
 
-/// Whether the test Redis is up; `false` (skip) only outside CI.
-async fn redis_available(test: &str) -> bool {
-    let up = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(REDIS),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
-    if !up {
-        if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
-            panic!("{test}: Redis is not reachable on {REDIS}, and CI is set");
-        }
-        eprintln!(
-            "skipping {test}: Redis is not reachable on {REDIS} (set CI=true to make this fail)"
-        );
-    }
-    up
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_sharing_redis_obey_one_limit() {
-    if !redis_available("two_relays_sharing_redis_obey_one_limit").await {
+    if !common::redis::available("two_relays_sharing_redis_obey_one_limit").await {
         return;
     }
     // A key prefix of its own, so that parallel runs do not collide.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let prefix = format!("herald-test-{}-{nanos}", std::process::id());
+    let prefix = common::redis::unique_prefix("rl");
     let extra = format!(
         "[limits]\ntenant_messages = \"4/m\"\n\
          [cluster]\nredis_url = \"redis://{REDIS}\"\nkey_prefix = \"{prefix}\"\nredis_timeout = \"2s\"\n"
@@ -259,22 +236,21 @@ async fn two_relays_sharing_redis_obey_one_limit() {
     );
     assert!(accepted[0] > 0 && accepted[1] > 0, "{accepted:?}");
     assert_eq!(total + refused, 10);
+    drop((ca, cb, a, b));
+    common::redis::delete_prefix(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_gcra_script_matches_the_local_math() {
-    if !redis_available("redis_gcra_script_matches_the_local_math").await {
+    if !common::redis::available("redis_gcra_script_matches_the_local_math").await {
         return;
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let prefix = common::redis::unique_prefix("gcra");
     let text = format!(
         "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\nauth = \"none\"\n\
          trusted_networks = [\"127.0.0.0/8\"]\n\
          [limits]\nip_connections = \"3/m\"\n\
-         [cluster]\nredis_url = \"redis://{REDIS}\"\nkey_prefix = \"herald-test-gcra-{nanos}\"\n\
+         [cluster]\nredis_url = \"redis://{REDIS}\"\nkey_prefix = \"{prefix}\"\n\
          redis_timeout = \"2s\"\n"
     );
     let config = herald::config::Config::from_toml_str(&text).unwrap();
@@ -294,4 +270,5 @@ async fn redis_gcra_script_matches_the_local_math() {
     assert_eq!(e.what, "client 192.0.2.7 exceeded 3 connections/minute");
     // Another subject has its own key.
     a.ip_connection("192.0.2.8".parse().unwrap()).await.unwrap();
+    common::redis::delete_prefix(&prefix).await;
 }

@@ -14,13 +14,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::dns::{TestDns, Zone};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
-use common::relay::{PASSWORD, PASSWORD_HASH, Setup, TestRelay, USER, field, queue_id};
+use common::relay::{PASSWORD, PASSWORD_HASH, Setup, TestRelay, USER, field, herald, queue_id};
 use common::smtp::{Reply, TestClient};
-use common::within;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -100,8 +98,7 @@ async fn rcpt(c: &mut TestClient, from: &str, to: &str) -> Reply {
     c.cmd(&format!("RCPT TO:<{to}>")).await
 }
 
-/// One HTTP/1.1 request with the admin token (unless `token` is none):
-/// (status, JSON body).
+/// One request with the admin token (unless `token` is none): (status, JSON).
 async fn http(
     addr: SocketAddr,
     method: &str,
@@ -109,45 +106,8 @@ async fn http(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
-    within(WAIT, &format!("{method} {path}"), async {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).unwrap();
-        let (head, rest) = text.split_once("\r\n\r\n").expect("end of headers");
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            dechunk(rest)
-        } else {
-            rest.to_string()
-        };
-        let json = serde_json::from_str(&rest)
-            .unwrap_or_else(|e| panic!("{method} {path}: {status}: not JSON ({e}): {rest}"));
-        (status, json)
-    })
-    .await
-}
-
-fn dechunk(mut b: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = b.split_once("\r\n").unwrap();
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        b = &rest[size + 2..];
-    }
+    let r = common::http::request(addr, method, path, token, body.as_ref()).await;
+    (r.status, r.json())
 }
 
 async fn api(relay: &TestRelay, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -263,18 +223,9 @@ async fn hard_bounce_suppresses_the_address_for_its_tenant_only() {
 
 /// `GET /metrics` as text.
 async fn metrics_page(relay: &TestRelay) -> String {
-    within(WAIT, "GET /metrics", async {
-        let mut tcp = tokio::net::TcpStream::connect(relay.admin).await.unwrap();
-        let req = format!(
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            relay.admin
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        tcp.read_to_string(&mut raw).await.unwrap();
-        raw
-    })
-    .await
+    common::http::request(relay.admin, "GET", "/metrics", None, None)
+        .await
+        .text()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,44 +320,11 @@ async fn admin_api_adds_lists_and_removes() {
     let _ = c.cmd("QUIT").await;
 }
 
-/// The relay's config with the admin port it actually bound.
-fn cli_config(relay: &TestRelay) -> std::path::PathBuf {
-    let text = relay.config_text.replace(
-        "[admin]\naddress = \"127.0.0.1:0\"",
-        &format!("[admin]\naddress = \"{}\"", relay.admin),
-    );
-    assert_ne!(text, relay.config_text, "admin section found");
-    let path = relay.dir.path().join("herald-cli.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Runs `herald --config CONFIG ARGS...`; (success, stdout, stderr).
-async fn herald(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = within(
-        WAIT,
-        &format!("herald {}", args.join(" ")),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run herald");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_adds_lists_and_removes() {
     let w = world("").await;
     let r = &w.relay;
-    let cfg = cli_config(r);
+    let cfg = r.cli_config();
 
     let (ok, out, err) = herald(
         &cfg,

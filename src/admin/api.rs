@@ -33,6 +33,13 @@ impl ApiError {
         }
     }
 
+    fn unknown(id: QueueId) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("message {id} is unknown, or finished longer ago than [history] retention"),
+        )
+    }
+
     fn not_queued(id: QueueId) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -188,6 +195,10 @@ pub struct MessageDetail {
     pub size: u64,
     pub client_ip: String,
     pub recipients: Vec<RecipientStatus>,
+    /// `true` once every recipient is final and the message has left the
+    /// queue (it is then shown from `[history]`).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// The reply to retry, delete and flush.
@@ -275,6 +286,7 @@ fn summary(m: &MessageView, now: u64) -> MessageSummary {
 
 fn detail(m: &MessageView, now: u64) -> MessageDetail {
     MessageDetail {
+        finished: m.recipients.iter().all(|r| r.status.is_final()),
         id: m.id.to_string(),
         tenant: m.envelope.tenant.clone(),
         sender: m.envelope.sender.clone(),
@@ -328,10 +340,14 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
     // Largest first, then by name so the order is stable between scrapes.
     domains.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     domains.truncate(TOP_DOMAINS);
+    let suspended = st.control.counts();
     let gauges = Gauges {
         queue_messages: st.queue.len() as u64,
         queue_domains: domains,
         connections_open: (st.open_connections)() as u64,
+        suspended_domains: suspended.0 as u64,
+        suspended_tenants: suspended.1 as u64,
+        paused_tenants: suspended.2 as u64,
     };
     (
         [(
@@ -394,6 +410,53 @@ pub async fn show(
 ) -> Result<Json<MessageDetail>, ApiError> {
     let id = parse_id(&id)?;
     let m = st.queue.get(id).ok_or_else(|| ApiError::not_queued(id))?;
+    Ok(Json(detail(&m, unix_now())))
+}
+
+/// `GET /api/messages/{id}`: a queued message, or a finished one within
+/// `[history] retention`.
+pub async fn status(
+    _: Authorized,
+    State(st): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Json<MessageDetail>, ApiError> {
+    let id = parse_id(&id)?;
+    let m = st.queue.find(id).ok_or_else(|| ApiError::unknown(id))?;
+    Ok(Json(detail(&m, unix_now())))
+}
+
+/// `GET /api/messages?message_id=<...>[&tenant=NAME]`: the same, found by
+/// the Message-ID the app gave (per tenant; no tenant = trusted networks).
+#[derive(Debug, Deserialize)]
+pub struct ByMessageId {
+    pub message_id: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+pub async fn status_by_message_id(
+    _: Authorized,
+    State(st): State<Arc<AdminState>>,
+    query: Result<Query<ByMessageId>, QueryRejection>,
+) -> Result<Json<MessageDetail>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let id = st
+        .queue
+        .history()
+        .by_message_id(q.tenant.as_deref(), &q.message_id)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no message with Message-ID {} from {} is remembered",
+                    q.message_id,
+                    q.tenant
+                        .as_deref()
+                        .map_or("trusted networks".to_string(), |t| format!("tenant {t}"))
+                ),
+            )
+        })?;
+    let m = st.queue.find(id).ok_or_else(|| ApiError::unknown(id))?;
     Ok(Json(detail(&m, unix_now())))
 }
 

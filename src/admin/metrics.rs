@@ -77,6 +77,37 @@ impl ByClass {
     }
 }
 
+/// Counters keyed by one label whose values are few but not known in
+/// advance (a rule, a TLS version): locked, so only for paths that are
+/// not per-byte hot.
+#[derive(Default)]
+pub struct Labeled(Mutex<BTreeMap<String, u64>>);
+
+impl Labeled {
+    pub fn inc(&self, label: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(label) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert(label.to_string(), 1);
+            }
+        }
+    }
+
+    pub fn get(&self, label: &str) -> u64 {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(label).copied().unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, label: &str) {
+        header(out, name, help, "counter");
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (value, n) in map.iter() {
+            let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", escape(value));
+        }
+    }
+}
+
 /// A histogram with fixed bucket bounds (in seconds).
 pub struct Histogram {
     bounds: &'static [f64],
@@ -133,13 +164,20 @@ const ENQUEUE_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// End of DATA to reply: policy lookups (DNS) may dominate.
+const ACCEPT_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// One DNS lookup, cached or not.
+const DNS_BOUNDS: &[f64] = &[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
 /// Counters and histograms of one node.
 pub struct Metrics {
     received: AtomicU64,
     received_rcpts: AtomicU64,
     received_bytes: AtomicU64,
-    /// Rejections by rule (open label set: locked, on rejections only).
-    rejected: Mutex<BTreeMap<String, u64>>,
+    /// Rejections by rule.
+    rejected: Labeled,
     delivered: AtomicU64,
     delivered_tls: AtomicU64,
     deferred: ByClass,
@@ -157,6 +195,17 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// The queue's durable write of each accepted message.
     pub enqueue_latency: Histogram,
+    /// From the end of DATA to the reply: policy, signing and the durable
+    /// write together.
+    pub accept_latency: Histogram,
+    /// Submission sessions that completed a TLS handshake, by version.
+    pub tls_in: Labeled,
+    /// Delivery connections opened, by TLS version ("none" for plaintext).
+    pub connections_out: Labeled,
+    /// DNS lookups (MX, address, TXT) and how long they took.
+    pub dns_latency: Histogram,
+    /// DNS lookups that failed temporarily, by cause.
+    pub dns_failures: Labeled,
 }
 
 impl Default for Metrics {
@@ -165,7 +214,7 @@ impl Default for Metrics {
             received: AtomicU64::new(0),
             received_rcpts: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
-            rejected: Mutex::new(BTreeMap::new()),
+            rejected: Labeled::default(),
             delivered: AtomicU64::new(0),
             delivered_tls: AtomicU64::new(0),
             deferred: ByClass::default(),
@@ -178,6 +227,11 @@ impl Default for Metrics {
             webhooks_backlog: AtomicU64::new(0),
             delivery_latency: Histogram::new(DELIVERY_BOUNDS),
             enqueue_latency: Histogram::new(ENQUEUE_BOUNDS),
+            accept_latency: Histogram::new(ACCEPT_BOUNDS),
+            tls_in: Labeled::default(),
+            connections_out: Labeled::default(),
+            dns_latency: Histogram::new(DNS_BOUNDS),
+            dns_failures: Labeled::default(),
         }
     }
 }
@@ -192,6 +246,11 @@ pub struct Gauges {
     pub queue_domains: Vec<(String, u64, u64)>,
     /// SMTP client connections open on the submission listeners.
     pub connections_open: u64,
+    /// Delivery suspensions and reputation pauses in force
+    /// (see [`crate::control`]).
+    pub suspended_domains: u64,
+    pub suspended_tenants: u64,
+    pub paused_tenants: u64,
 }
 
 /// Domains shown with their own queue gauges; the rest only count in the
@@ -212,16 +271,7 @@ impl Metrics {
                 self.received_bytes
                     .fetch_add(e.size.unwrap_or(0), Ordering::Relaxed);
             }
-            EventKind::Rejected => {
-                let rule = e.rule.as_deref().unwrap_or("unknown");
-                let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-                match map.get_mut(rule) {
-                    Some(n) => *n += 1,
-                    None => {
-                        map.insert(rule.to_string(), 1);
-                    }
-                }
-            }
+            EventKind::Rejected => self.rejected.inc(e.rule.as_deref().unwrap_or("unknown")),
             EventKind::Delivered => {
                 one(&self.delivered);
                 if e.tls.is_some() {
@@ -260,22 +310,12 @@ impl Metrics {
             load(&self.received_bytes),
         );
 
-        header(
+        self.rejected.render(
             &mut out,
             "herald_rejected_total",
             "Refusals reported to the client, by the rule that refused.",
-            "counter",
+            "rule",
         );
-        {
-            let map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-            for (rule, n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "herald_rejected_total{{rule=\"{}\"}} {n}",
-                    escape(rule)
-                );
-            }
-        }
 
         header(
             &mut out,
@@ -344,6 +384,39 @@ impl Metrics {
             "Rate-limit checks answered by local limits because Redis did not answer.",
             crate::limits::redis_fallbacks(),
         );
+        let stream = crate::report::stream::counters();
+        counter(
+            &mut out,
+            "herald_events_stream_sent_total",
+            "Events added to the Redis events stream.",
+            stream.sent,
+        );
+        counter(
+            &mut out,
+            "herald_events_stream_dropped_total",
+            "Events not added to the Redis events stream (buffer full while Redis was down); they are in the events log.",
+            stream.dropped,
+        );
+        gauge(
+            &mut out,
+            "herald_events_stream_pending",
+            "Events waiting to be added to the Redis events stream.",
+            stream.pending,
+        );
+        let supp = crate::suppression::redis::counters();
+        gauge(
+            &mut out,
+            "herald_suppression_redis_pending",
+            "Suppression list changes waiting to be shared through Redis.",
+            supp.pending,
+        );
+        counter(
+            &mut out,
+            "herald_suppression_redis_errors_total",
+            "Failed Redis operations of the shared suppression list (the node then uses its own copy).",
+            supp.redis_errors,
+        );
+        dnsbl(&mut out, &crate::policy::dnsbl::counters());
         gauge(
             &mut out,
             "herald_webhooks_backlog",
@@ -388,6 +461,24 @@ impl Metrics {
             "SMTP client connections open on the submission listeners.",
             g.connections_open,
         );
+        gauge(
+            &mut out,
+            "herald_suspended_domains",
+            "Destination domains whose delivery is suspended by the postmaster.",
+            g.suspended_domains,
+        );
+        gauge(
+            &mut out,
+            "herald_suspended_tenants",
+            "Tenants whose delivery is suspended by the postmaster.",
+            g.suspended_tenants,
+        );
+        gauge(
+            &mut out,
+            "herald_paused_tenants",
+            "Tenants whose submissions are paused for their reputation.",
+            g.paused_tenants,
+        );
 
         self.delivery_latency.render(
             &mut out,
@@ -398,6 +489,34 @@ impl Metrics {
             &mut out,
             "herald_enqueue_latency_seconds",
             "Time to store an accepted message durably, before the 250 reply.",
+        );
+        self.accept_latency.render(
+            &mut out,
+            "herald_accept_latency_seconds",
+            "Time from the end of DATA to the 250 of accepted messages (policy, DKIM, durable write).",
+        );
+        self.tls_in.render(
+            &mut out,
+            "herald_tls_sessions_in_total",
+            "Client sessions that completed TLS (STARTTLS or implicit), by version.",
+            "version",
+        );
+        self.connections_out.render(
+            &mut out,
+            "herald_connections_out_total",
+            "Delivery connections opened, by TLS version (\"none\" = plaintext).",
+            "tls",
+        );
+        self.dns_latency.render(
+            &mut out,
+            "herald_dns_lookup_seconds",
+            "DNS lookups for routing and policy (MX, address, TXT), by duration.",
+        );
+        self.dns_failures.render(
+            &mut out,
+            "herald_dns_failures_total",
+            "DNS lookups that failed temporarily (timeout, SERVFAIL, ...), by cause.",
+            "cause",
         );
         out
     }
@@ -416,6 +535,53 @@ fn counter(out: &mut String, name: &str, help: &str, v: u64) {
 fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     header(out, name, help, "gauge");
     let _ = writeln!(out, "{name} {v}");
+}
+
+/// DNSBL counters by zone (the zones come from the config: a closed set).
+fn dnsbl(out: &mut String, zones: &[crate::policy::dnsbl::ZoneCounters]) {
+    header(
+        out,
+        "herald_dnsbl_lookups_total",
+        "DNSBL queries sent (cache misses), by zone.",
+        "counter",
+    );
+    for z in zones {
+        let _ = writeln!(
+            out,
+            "herald_dnsbl_lookups_total{{zone=\"{}\"}} {}",
+            escape(&z.zone),
+            z.lookups
+        );
+    }
+    header(
+        out,
+        "herald_dnsbl_listings_total",
+        "DNSBL lookups that found a listing, by zone.",
+        "counter",
+    );
+    for z in zones {
+        let _ = writeln!(
+            out,
+            "herald_dnsbl_listings_total{{zone=\"{}\"}} {}",
+            escape(&z.zone),
+            z.listings
+        );
+    }
+    header(
+        out,
+        "herald_dnsbl_errors_total",
+        "DNSBL lookups without a verdict (treated as not listed), by zone and cause.",
+        "counter",
+    );
+    for z in zones {
+        for (cause, n) in z.errors {
+            let _ = writeln!(
+                out,
+                "herald_dnsbl_errors_total{{zone=\"{}\",cause=\"{cause}\"}} {n}",
+                escape(&z.zone)
+            );
+        }
+    }
 }
 
 fn by_class(out: &mut String, name: &str, help: &str, c: &ByClass) {

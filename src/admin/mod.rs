@@ -13,10 +13,16 @@
 //! | `POST /api/queue/{id}/retry` | make its waiting recipients due now |
 //! | `DELETE /api/queue/{id}` | drop it from the queue |
 //! | `POST /api/queue/flush` | retry every waiting recipient now |
-//! | `GET /api/messages/{id}` | per-recipient status of a queued message |
+//! | `GET /api/messages/{id}` | per-recipient status of a queued or finished message |
+//! | `GET /api/messages?message_id=M&tenant=T` | the same, by the app's Message-ID |
 //! | `GET /api/suppressions` | the suppression list (`suppressions.rs`) |
 //! | `POST /api/suppressions` | add an address to a tenant's list |
 //! | `DELETE /api/suppressions/{address}` | remove it (`?tenant=`) |
+//! | `GET /api/suspensions` | suspended domains and tenants (`control.rs`) |
+//! | `POST /api/suspensions` | suspend delivery: `{"domain": D}` or `{"tenant": T}` |
+//! | `DELETE /api/suspensions/domain/{d}`, `/tenant/{t}` | resume delivery now |
+//! | `GET /api/tenants/{name}` | pause state and reputation rates |
+//! | `POST /api/tenants/{name}/resume` | lift a reputation pause |
 //!
 //! Trust: every `/api` request must carry `Authorization: Bearer <token>`
 //! with `[admin] token`, compared in constant time; without a configured
@@ -27,6 +33,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod control;
 pub mod metrics;
 pub mod suppressions;
 
@@ -53,6 +60,9 @@ pub struct AdminState {
     pub open_connections: Box<dyn Fn() -> usize + Send + Sync>,
     /// Empty unless set with [`AdminState::with_suppressions`].
     pub suppressions: Suppressions,
+    /// Suspensions and paused tenants (`control.rs`); nothing suspended
+    /// unless set with [`AdminState::with_control`].
+    pub control: crate::control::Control,
     token: Option<Secret>,
 }
 
@@ -68,6 +78,7 @@ impl AdminState {
             metrics,
             open_connections,
             suppressions: Suppressions::in_memory(),
+            control: crate::control::Control::empty(),
             token: config.token.clone(),
         }
     }
@@ -75,6 +86,15 @@ impl AdminState {
     /// The suppression list the `/api/suppressions` routes manage.
     pub fn with_suppressions(mut self, suppressions: Suppressions) -> AdminState {
         self.suppressions = suppressions;
+        self
+    }
+}
+
+impl AdminState {
+    /// The suspensions and pauses the `/api/suspensions` and `/api/tenants`
+    /// routes manage.
+    pub fn with_control(mut self, control: crate::control::Control) -> AdminState {
+        self.control = control;
         self
     }
 }
@@ -88,7 +108,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/queue/flush", post(api::flush))
         .route("/api/queue/{id}", get(api::show).delete(api::delete))
         .route("/api/queue/{id}/retry", post(api::retry))
-        .route("/api/messages/{id}", get(api::show))
+        .route("/api/messages", get(api::status_by_message_id))
+        .route("/api/messages/{id}", get(api::status))
         .route(
             "/api/suppressions",
             get(suppressions::list).post(suppressions::add),
@@ -97,6 +118,16 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/suppressions/{address}",
             axum::routing::delete(suppressions::remove),
         )
+        .route(
+            "/api/suspensions",
+            get(control::list).post(control::suspend),
+        )
+        .route(
+            "/api/suspensions/{kind}/{name}",
+            axum::routing::delete(control::resume),
+        )
+        .route("/api/tenants/{name}", get(control::tenant))
+        .route("/api/tenants/{name}/resume", post(control::resume_tenant))
         .fallback(api::not_found)
         .with_state(state)
 }

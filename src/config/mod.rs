@@ -39,7 +39,7 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError {
             path: path.into(),
             message: message.into(),
@@ -98,6 +98,13 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webhooks: WebhooksConfig,
     pub dsn: DsnConfig,
+    pub policy: PolicyConfig,
+    pub history: HistoryConfig,
+    /// `[reputation]`: the tenant reputation guard (see [`crate::control`]).
+    pub reputation: crate::control::ReputationConfig,
+    /// `[classification]`: rules that label failures, tried before the
+    /// built-in ones (see [`crate::deliver::classify`]).
+    pub classification: crate::deliver::classify::ClassificationConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -186,6 +193,11 @@ pub struct ListenerConfig {
     /// Offer AUTH without TLS. Only allowed on a loopback address.
     #[serde(default)]
     pub allow_plaintext_auth: bool,
+    /// Not a config key: set on the listener made from `[bounces]
+    /// listener`, which takes in late bounces and complaints for the VERP
+    /// addresses and relays nothing.
+    #[serde(skip)]
+    pub bounces: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -333,6 +345,10 @@ pub struct DeliveryConfig {
     /// once; retries wait beyond that (a backlog after a restart or flush).
     pub max_bytes_in_flight: Size,
     pub starttls: StarttlsPolicy,
+    /// The public addresses receivers see herald's mail come from, when
+    /// they differ from `source_ips` (NAT); used by SPF alignment, `domain
+    /// check` and `dnsbl check`.
+    pub public_ips: Vec<IpAddr>,
 }
 
 impl Default for DeliveryConfig {
@@ -354,6 +370,7 @@ impl Default for DeliveryConfig {
             idle_timeout: Span(std::time::Duration::from_secs(5)),
             max_bytes_in_flight: Size(256 << 20),
             starttls: StarttlsPolicy::Opportunistic,
+            public_ips: Vec::new(),
         }
     }
 }
@@ -391,6 +408,9 @@ pub struct BouncesConfig {
     pub return_path_domain: Option<String>,
     /// Where late bounces and complaints come in.
     pub listener: Option<SocketAddr>,
+    /// Key of the HMAC that authenticates VERP addresses; needed with
+    /// `return_path_domain`.
+    pub verp_secret: Option<Secret>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -478,8 +498,24 @@ pub struct ClusterConfig {
     /// that several installations can share one Redis.
     pub key_prefix: String,
     /// How long one shared rate-limit check may take in Redis; past it (or
-    /// on any Redis error) herald uses its local limits for a while.
+    /// on any Redis error) herald uses its local limits for a while. Also
+    /// the connect timeout of the events stream and the shared suppression
+    /// list (at least 200 ms; their batches get at least 1 s to answer).
     pub redis_timeout: Span,
+    /// The Redis stream every event is XADDed to (see
+    /// [`crate::report::stream`]); default `<key_prefix>:events`.
+    pub events_stream: Option<String>,
+    /// `MAXLEN ~` of that stream: Redis trims it to about this many events.
+    pub events_stream_maxlen: u64,
+}
+
+impl ClusterConfig {
+    /// `events_stream`, or its default `<key_prefix>:events`.
+    pub fn events_stream_name(&self) -> String {
+        self.events_stream
+            .clone()
+            .unwrap_or_else(|| format!("{}:events", self.key_prefix))
+    }
 }
 
 impl Default for ClusterConfig {
@@ -488,6 +524,56 @@ impl Default for ClusterConfig {
             redis_url: None,
             key_prefix: "herald".into(),
             redis_timeout: Span(std::time::Duration::from_millis(50)),
+            events_stream: None,
+            events_stream_maxlen: 100_000,
+        }
+    }
+}
+
+/// `[policy]`: checks on each message before it is accepted (see
+/// [`crate::policy`]). Each part owns its keys and their validation.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// `[policy.spam]`: outbound spam heuristics.
+    pub spam: crate::policy::spam::SpamConfig,
+    /// `[policy.dmarc]`: would the message pass DMARC at the receiver.
+    pub dmarc: crate::policy::alignment::DmarcConfig,
+    /// `[[policy.dnsbl]]`: DNS blocklist zones.
+    pub dnsbl: Vec<crate::policy::dnsbl::ZoneConfig>,
+}
+
+/// `[history]`: finished messages remembered for the status API, late
+/// bounces and idempotent submission (see [`crate::queue::history`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct HistoryConfig {
+    /// How long a finished message's status stays queryable.
+    pub retention: Span,
+    /// At most this many finished messages are kept (oldest go first).
+    pub max_messages: usize,
+    /// A message whose Message-ID the same tenant submitted within this
+    /// window is answered 250 with the first queue id and not sent again;
+    /// "0s" turns it off.
+    pub idempotency_window: Span,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            retention: Span(std::time::Duration::from_secs(7 * 24 * 3600)),
+            max_messages: 500_000,
+            idempotency_window: Span(std::time::Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl HistoryConfig {
+    pub fn limits(&self) -> crate::queue::history::Limits {
+        crate::queue::history::Limits {
+            retention_secs: self.retention.0.as_secs(),
+            max_messages: self.max_messages,
+            idempotency_secs: self.idempotency_window.0.as_secs(),
         }
     }
 }
@@ -564,6 +650,10 @@ impl Config {
             "limits",
             "webhooks",
             "dsn",
+            "policy",
+            "history",
+            "reputation",
+            "classification",
         ];
         for key in table.keys() {
             if !KNOWN.contains(&key.as_str()) {
@@ -597,8 +687,40 @@ impl Config {
             limits: section(&table, "limits", &mut errs).unwrap_or_default(),
             webhooks: section(&table, "webhooks", &mut errs).unwrap_or_default(),
             dsn: section(&table, "dsn", &mut errs).unwrap_or_default(),
+            policy: section(&table, "policy", &mut errs).unwrap_or_default(),
+            history: section(&table, "history", &mut errs).unwrap_or_default(),
+            reputation: section(&table, "reputation", &mut errs).unwrap_or_default(),
+            classification: section(&table, "classification", &mut errs).unwrap_or_default(),
         };
         cfg.validate(&listeners, &tenants, &mut errs);
+        let mut cfg = cfg;
+        if let Some(address) = cfg.bounces.listener {
+            if cfg.bounces.return_path_domain.is_none() {
+                errs.push(
+                    "bounces.listener",
+                    "needs return_path_domain: the listener takes mail only for the VERP addresses there",
+                );
+            }
+            if cfg
+                .listeners
+                .iter()
+                .any(|l| l.address == address && address.port() != 0)
+            {
+                errs.push(
+                    "bounces.listener",
+                    format!("{address} is used by a [[listener]]"),
+                );
+            }
+            // Last, so that [[listener]] indexes stay as written.
+            cfg.listeners.push(ListenerConfig {
+                address,
+                tls: TlsMode::Starttls,
+                auth: AuthMode::None,
+                trusted_networks: Vec::new(),
+                allow_plaintext_auth: false,
+                bounces: true,
+            });
+        }
         if errs.0.is_empty() {
             Ok(cfg)
         } else {
@@ -632,6 +754,16 @@ impl Config {
             .outbox
             .clone()
             .unwrap_or_else(|| self.server.spool_dir.join("webhooks.jsonl"))
+    }
+
+    /// The addresses receivers see herald's mail come from:
+    /// `delivery.public_ips`, else `delivery.source_ips`.
+    pub fn sending_ips(&self) -> &[IpAddr] {
+        if self.delivery.public_ips.is_empty() {
+            &self.delivery.source_ips
+        } else {
+            &self.delivery.public_ips
+        }
     }
 
     /// Whether any listener needs a certificate.
@@ -762,6 +894,12 @@ impl Config {
         {
             errs.push("cluster.redis_url", format!("invalid Redis URL: {e}"));
         }
+        if self.cluster.events_stream_maxlen == 0 {
+            errs.push("cluster.events_stream_maxlen", "must be at least 1");
+        }
+        if self.cluster.events_stream.as_deref() == Some("") {
+            errs.push("cluster.events_stream", "must not be empty");
+        }
         let w = &self.webhooks;
         if w.max_concurrency == 0 {
             errs.push("webhooks.max_concurrency", "must be at least 1");
@@ -777,6 +915,23 @@ impl Config {
         }
         if w.backoff_max.0 < w.backoff_min.0 {
             errs.push("webhooks.backoff_max", "must be at least backoff_min");
+        }
+
+        crate::policy::verp::validate(&self.bounces, errs);
+        if self.history.retention.0.as_secs() == 0 {
+            errs.push("history.retention", "must be at least 1s");
+        }
+        if self.history.idempotency_window.0 > self.history.retention.0 {
+            errs.push(
+                "history.idempotency_window",
+                "must not be longer than history.retention",
+            );
+        }
+        crate::policy::spam::validate(&self.policy.spam, "policy.spam", errs);
+        crate::control::reputation::validate(&self.reputation, "reputation", errs);
+        crate::policy::alignment::validate(&self.policy.dmarc, "policy.dmarc", errs);
+        for (i, zone) in self.policy.dnsbl.iter().enumerate() {
+            crate::policy::dnsbl::validate(zone, &format!("policy.dnsbl[{i}]"), errs);
         }
 
         if let Err(e) = self.dns.nameserver_addrs() {

@@ -1,17 +1,167 @@
-//! Why a delivery failed, from the reply that said so: the enhanced status
-//! code first (RFC 3463, with the registry of RFC 5248), then a few plain
-//! text rules for servers that send none or send a vague one (`5.0.0`,
-//! Outlook's `5.5.0 mailbox unavailable`).
+//! Why a delivery failed, from the reply that said so: first the rules of
+//! `[classification]` in the config (see [`Rule`]), then the built-in
+//! defaults: the enhanced status code (RFC 3463, with the registry of RFC
+//! 5248), then a few plain text rules for servers that send none or send a
+//! vague one (`5.0.0`, Outlook's `5.5.0 mailbox unavailable`).
 //!
-//! It trusts nothing about the text: any bytes, any case, any length. The
-//! result only labels a failure; whether it is permanent is decided by the
-//! reply code, never here.
+//! It trusts nothing about the text: any bytes, any case, any length.
+//! Whether a failure is permanent follows the reply code (5xx yes, 4xx no;
+//! without a code, the enhanced code's class) unless a config rule says
+//! otherwise, e.g. for a server that answers 5xx to greylisting.
 //!
-//! Self-contained on purpose: the bounces issue moves this into `report`
-//! with configurable rules.
+//! The same rules serve synchronous replies ([`classify`]) and late
+//! bounces ([`classify_parts`], fed from [`crate::bounces`]).
 
-use crate::reply::Reply;
+use std::sync::RwLock;
+
+use serde::Deserialize;
+
+use crate::reply::{Enhanced, Reply};
 use crate::report::Classification;
+
+/// `[classification]`: extra rules, tried in order before the defaults.
+///
+/// ```toml
+/// [[classification.rules]]
+/// match = "mailbox is over its size limit"   # substring, any case
+/// status = "5.2"                               # optional enhanced-code prefix
+/// category = "mailbox_full"
+/// permanent = false                            # optional; default: the code's
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ClassificationConfig {
+    pub rules: Vec<Rule>,
+}
+
+/// One configured rule; it matches when every condition given holds.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawRule")]
+pub struct Rule {
+    /// Lower-cased substring of the reply text.
+    pub needle: Option<String>,
+    /// Enhanced status code prefix, by components: `[5]`, `[5, 7]`, `[5, 7, 1]`.
+    pub status: Option<Vec<u16>>,
+    /// Basic reply code, exactly.
+    pub code: Option<u16>,
+    pub category: Classification,
+    /// Overrides the permanence the code implies.
+    pub permanent: Option<bool>,
+}
+
+/// A rule as written in the config.
+#[derive(Deserialize)]
+struct RawRule {
+    #[serde(rename = "match")]
+    needle: Option<String>,
+    status: Option<String>,
+    code: Option<u16>,
+    category: Classification,
+    permanent: Option<bool>,
+}
+
+impl TryFrom<RawRule> for Rule {
+    type Error = String;
+
+    fn try_from(r: RawRule) -> Result<Rule, String> {
+        let needle = r.needle.map(|m| m.to_lowercase());
+        if needle.as_deref() == Some("") {
+            return Err("match must not be empty".into());
+        }
+        let status = r.status.as_deref().map(status_prefix).transpose()?;
+        if needle.is_none() && status.is_none() && r.code.is_none() {
+            return Err("a rule needs at least one of match, status, code".into());
+        }
+        if r.code.is_some_and(|c| !(200..600).contains(&c)) {
+            return Err("code must be an SMTP reply code (200-599)".into());
+        }
+        Ok(Rule {
+            needle,
+            status,
+            code: r.code,
+            category: r.category,
+            permanent: r.permanent,
+        })
+    }
+}
+
+/// `"5"`, `"5.7"`, `"5.7.1"` (a trailing dot allowed) → components.
+fn status_prefix(s: &str) -> Result<Vec<u16>, String> {
+    let err = || {
+        format!(
+            "status {s:?} is not an enhanced status code or a prefix of one, like \"5.7\" or \"5.1.1\""
+        )
+    };
+    let parts: Vec<u16> = s
+        .trim()
+        .trim_end_matches('.')
+        .split('.')
+        .map(|p| p.parse::<u16>().map_err(|_| err()))
+        .collect::<Result<_, _>>()?;
+    if parts.is_empty()
+        || parts.len() > 3
+        || !matches!(parts[0], 2 | 4 | 5)
+        || parts.iter().any(|p| *p > 999)
+    {
+        return Err(err());
+    }
+    Ok(parts)
+}
+
+impl Rule {
+    fn matches(&self, enhanced: Option<Enhanced>, code: u16, lower_text: &str) -> bool {
+        self.needle
+            .as_deref()
+            .is_none_or(|n| lower_text.contains(n))
+            && self.code.is_none_or(|c| c == code)
+            && self.status.as_deref().is_none_or(|prefix| {
+                enhanced.is_some_and(|e| {
+                    let parts = [u16::from(e.0), e.1, e.2];
+                    prefix.iter().zip(parts).all(|(p, e)| *p == e)
+                })
+            })
+    }
+}
+
+/// The configured rules, installed once at start-up by [`install`].
+static RULES: RwLock<Vec<Rule>> = RwLock::new(Vec::new());
+
+/// Makes `config`'s rules the ones [`classify`] and [`classify_parts`] try
+/// first. Called by the server at start-up (and again on a reload).
+pub fn install(config: &ClassificationConfig) {
+    let mut rules = RULES.write().unwrap_or_else(|e| e.into_inner());
+    *rules = config.rules.clone();
+}
+
+/// Classifies a failure from its parts: an enhanced code if any, the basic
+/// code (0 when a late bounce gave none) and the text. Returns the category
+/// and whether the failure is permanent.
+pub fn classify_parts(enhanced: Option<Enhanced>, code: u16, text: &str) -> (Classification, bool) {
+    let rules = RULES.read().unwrap_or_else(|e| e.into_inner());
+    classify_with(&rules, enhanced, code, text)
+}
+
+/// [`classify_parts`] with the given rules instead of the installed ones.
+pub fn classify_with(
+    rules: &[Rule],
+    enhanced: Option<Enhanced>,
+    code: u16,
+    text: &str,
+) -> (Classification, bool) {
+    let lower = text.to_lowercase();
+    let by_code = match code / 100 {
+        5 => Some(true),
+        4 => Some(false),
+        _ => None,
+    };
+    let permanent = by_code
+        .or_else(|| enhanced.map(|e| e.0 == 5))
+        .unwrap_or(false);
+    if let Some(rule) = rules.iter().find(|r| r.matches(enhanced, code, &lower)) {
+        return (rule.category, rule.permanent.unwrap_or(permanent));
+    }
+    (built_in(enhanced, code, &lower), permanent)
+}
 
 /// Text that points at the sender rather than the recipient (checked first,
 /// since such replies often also say "rejected" or "unknown").
@@ -99,6 +249,7 @@ const INVALID_RECIPIENT: &[&str] = &[
 ];
 const POLICY: &[&str] = &[
     "policy",
+    "policies",
     "prohibit",
     "not authorized",
     "not permitted",
@@ -116,13 +267,20 @@ const POLICY: &[&str] = &[
     "too many",
 ];
 const TLS: &[&str] = &["tls", "encryption", "certificate"];
+const GREYLIST: &[&str] = &["greylist", "graylist", "grey-list", "gray-list"];
 
-/// Labels a failure reply for events and bounces.
+/// Labels a failure reply for events and bounces (installed rules first,
+/// then the defaults).
 pub fn classify(reply: &Reply) -> Classification {
-    let text = reply.text.to_ascii_lowercase();
+    classify_parts(reply.enhanced, reply.code, &reply.text).0
+}
+
+/// The built-in defaults; `text` is lower-cased.
+fn built_in(enhanced: Option<Enhanced>, code: u16, text: &str) -> Classification {
     let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
     let by_text = || -> Option<Classification> {
-        if has(SENDER) {
+        // Greylisting texts often say "Recipient address rejected" too.
+        if has(GREYLIST) || has(SENDER) {
             Some(Classification::Policy)
         } else if has(MAILBOX_FULL) {
             Some(Classification::MailboxFull)
@@ -141,7 +299,7 @@ pub fn classify(reply: &Reply) -> Classification {
         }
     };
 
-    if let Some(e) = reply.enhanced {
+    if let Some(e) = enhanced {
         use Classification::*;
         let by_code = match (e.1, e.2) {
             // x.1.7 bad sender mailbox syntax, x.1.8 bad sender system address.
@@ -167,6 +325,8 @@ pub fn classify(reply: &Reply) -> Classification {
             // x.7.28 mail flood detected.
             (7, 28) => Some(SpamBlock),
             (7, _) if has(SPAM) => Some(SpamBlock),
+            // "4.7.0 TLS required", "5.7.0 Must issue a STARTTLS command first".
+            (7, _) if has(TLS) => Some(Tls),
             (7, _) => Some(Policy),
             // x.0.0, x.2.0, x.3.x, x.5.x, x.6.x: too vague, see the text.
             _ => None,
@@ -178,7 +338,7 @@ pub fn classify(reply: &Reply) -> Classification {
     if let Some(c) = by_text() {
         return c;
     }
-    match reply.code {
+    match code {
         421 => Classification::Network,
         _ => Classification::Other,
     }
@@ -351,5 +511,561 @@ mod tests {
         assert_eq!(c(550, "5.1.2 no mail server"), InvalidRecipient);
         assert_eq!(c(421, "service not available"), Network);
         assert_eq!(c(554, "\u{fffd}\u{0}weird"), Other);
+    }
+}
+
+/// A corpus of real reply texts (addresses and IPs replaced by documentation
+/// ones), each with the category and permanence herald's defaults give.
+#[cfg(test)]
+mod corpus {
+    use super::*;
+    use Classification::*;
+
+    /// (code, text as it follows the code on the wire, category, permanent)
+    const CORPUS: &[(u16, &str, Classification, bool)] = &[
+        // Gmail
+        (
+            550,
+            "5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos or unnecessary spaces.",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            550,
+            "5.2.1 The email account that you tried to reach is disabled.",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            452,
+            "4.2.2 The recipient's inbox is out of storage space. Please direct the recipient to https://support.google.com/mail/?p=OverQuotaTemp",
+            MailboxFull,
+            false,
+        ),
+        (
+            552,
+            "5.2.2 The recipient's inbox is out of storage space and inactive.",
+            MailboxFull,
+            true,
+        ),
+        (
+            552,
+            "5.3.4 Your message exceeded Google's message size limits.",
+            MessageTooLarge,
+            true,
+        ),
+        (
+            550,
+            "5.7.1 [192.0.2.1] Our system has detected that this message is likely unsolicited mail. To reduce the amount of spam sent to Gmail, this message has been blocked.",
+            SpamBlock,
+            true,
+        ),
+        (
+            421,
+            "4.7.28 [192.0.2.1] Our system has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited.",
+            SpamBlock,
+            false,
+        ),
+        (
+            550,
+            "5.7.26 This mail is unauthenticated, which poses a security risk to the sender and Gmail users, and has been blocked. The sender must authenticate with at least one of SPF or DKIM.",
+            Policy,
+            true,
+        ),
+        (
+            550,
+            "5.7.26 Unauthenticated email from acme.example is not accepted due to domain's DMARC policy.",
+            Policy,
+            true,
+        ),
+        (
+            421,
+            "4.7.0 [192.0.2.1] Our system has detected that this message is suspicious due to the very low reputation of the sending IP address.",
+            SpamBlock,
+            false,
+        ),
+        (
+            421,
+            "4.7.0 TLS required for RCPT domain, closing connection.",
+            Tls,
+            false,
+        ),
+        (
+            451,
+            "4.3.0 Mail server temporarily rejected message.",
+            Other,
+            false,
+        ),
+        (
+            550,
+            "5.7.25 [192.0.2.1] The IP address sending this message does not have a PTR record setup.",
+            Policy,
+            true,
+        ),
+        // Outlook / Office 365
+        (
+            550,
+            "5.5.0 Requested action not taken: mailbox unavailable (S2017062302).",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            550,
+            "5.4.1 Recipient address rejected: Access denied. For more information see https://aka.ms/EXOSmtpErrors",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            550,
+            "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            550,
+            "5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3140).",
+            SpamBlock,
+            true,
+        ),
+        (
+            451,
+            "4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
+            SpamBlock,
+            false,
+        ),
+        (
+            550,
+            "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            Policy,
+            true,
+        ),
+        (
+            554,
+            "5.2.2 mailbox full; STOREDRV.Deliver.Exception:QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
+            MailboxFull,
+            true,
+        ),
+        (
+            550,
+            "5.7.509 Access denied, sending domain acme.example does not pass DMARC verification and has a DMARC policy of reject.",
+            Policy,
+            true,
+        ),
+        (452, "4.5.3 Too many recipients", Policy, false),
+        // Yahoo / AOL
+        (
+            554,
+            "5.7.9 Message not accepted for policy reasons. See https://help.yahoo.com/kb/postmaster/SLN7253.html",
+            Policy,
+            true,
+        ),
+        (
+            421,
+            "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+            SpamBlock,
+            false,
+        ),
+        (
+            554,
+            "delivery error: dd This user doesn't have a yahoo.com account (bob@yahoo.example) [0]",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            552,
+            "1 Requested mail action aborted, mailbox not found",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            553,
+            "5.7.2 [TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT succeed. See https://senders.yahooinc.com/smtp-error-codes",
+            Policy,
+            true,
+        ),
+        (
+            554,
+            "30 Sorry, your message size exceeds 41943040 bytes.",
+            MessageTooLarge,
+            true,
+        ),
+        (452, "4.2.2 Mailbox is over quota", MailboxFull, false),
+        // iCloud
+        (
+            550,
+            "5.1.1 <bob@icloud.example>: user does not exist",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            554,
+            "5.7.1 [CS01] Message rejected due to local policy.",
+            Policy,
+            true,
+        ),
+        (
+            552,
+            "5.2.2 <bob@icloud.example>: user is over quota",
+            MailboxFull,
+            true,
+        ),
+        // GMX / Web.de
+        (
+            550,
+            "Requested action not taken: mailbox unavailable",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            554,
+            "Transaction failed Reject due to policy restrictions. For explanation visit https://postmaster.gmx.net/en/error-messages",
+            Policy,
+            true,
+        ),
+        (
+            421,
+            "gmx.net (mxgmx017) Nemesis ESMTP Service not available No SMTP service Bad DNS PTR resource record.",
+            Network,
+            false,
+        ),
+        // Mimecast
+        (
+            550,
+            "Invalid Recipient - https://community.mimecast.com/docs/DOC-1369#550",
+            InvalidRecipient,
+            true,
+        ),
+        (
+            554,
+            "Email rejected due to security policies - https://community.mimecast.com/docs/DOC-1369#554",
+            Policy,
+            true,
+        ),
+        (
+            451,
+            "Internal resource temporarily unavailable - https://community.mimecast.com/docs/DOC-1369#451",
+            Other,
+            false,
+        ),
+        (
+            550,
+            "Rejected by header based Anti-Spoofing policy: billing@acme.example",
+            Policy,
+            true,
+        ),
+        // Proofpoint
+        (
+            554,
+            "5.7.1 Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.1",
+            Policy,
+            true,
+        ),
+        (
+            550,
+            "5.7.1 Message blocked due to spam content in the message.",
+            SpamBlock,
+            true,
+        ),
+        (550, "5.1.1 User Unknown", InvalidRecipient, true),
+        // Barracuda
+        (
+            554,
+            "Service unavailable; Client host [192.0.2.1] blocked using Barracuda Reputation; http://www.barracudanetworks.com/reputation/?r=1&ip=192.0.2.1",
+            SpamBlock,
+            true,
+        ),
+        (
+            550,
+            "permanent failure for one or more recipients (bob@one.example:550 No such user)",
+            InvalidRecipient,
+            true,
+        ),
+        // Spamhaus and other DNSBL listings
+        (
+            554,
+            "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.1",
+            SpamBlock,
+            true,
+        ),
+        (
+            550,
+            "5.7.1 Mail from 192.0.2.1 refused - see http://www.spamcop.net/bl.shtml?192.0.2.1",
+            SpamBlock,
+            true,
+        ),
+        (
+            554,
+            "Your access to this mail system has been rejected due to the sending MTA's poor reputation.",
+            SpamBlock,
+            true,
+        ),
+        // Greylisting
+        (
+            450,
+            "4.2.0 <bob@one.example>: Recipient address rejected: Greylisted, see http://postgrey.schweikert.ch/help/one.example.html",
+            Policy,
+            false,
+        ),
+        (
+            451,
+            "4.7.1 Greylisting in action, please come back later",
+            Policy,
+            false,
+        ),
+        (
+            451,
+            "Temporary local problem - please try later",
+            Other,
+            false,
+        ),
+        // Mailbox full, elsewhere
+        (
+            552,
+            "5.2.2 <bob@one.example>: Recipient address rejected: Mailbox is full",
+            MailboxFull,
+            true,
+        ),
+        (
+            452,
+            "4.2.2 Quota exceeded (mailbox for user is full)",
+            MailboxFull,
+            false,
+        ),
+        // Too large
+        (
+            552,
+            "5.3.4 Message size exceeds fixed limit",
+            MessageTooLarge,
+            true,
+        ),
+        (
+            552,
+            "Message size exceeds maximum permitted",
+            MessageTooLarge,
+            true,
+        ),
+        // TLS required
+        (530, "5.7.0 Must issue a STARTTLS command first", Tls, true),
+        (
+            454,
+            "4.7.0 TLS not available due to local problem",
+            Tls,
+            false,
+        ),
+        (550, "5.7.10 Encryption needed", Tls, true),
+        // SPF / DKIM / DMARC
+        (
+            550,
+            "5.7.23 The message was rejected because of Sender Policy Framework violation",
+            Policy,
+            true,
+        ),
+        (
+            550,
+            "5.7.1 SPF check failed: 192.0.2.1 is not allowed to send mail from acme.example",
+            Policy,
+            true,
+        ),
+        (550, "5.7.20 No passing DKIM signature found", Policy, true),
+        (
+            550,
+            "5.7.1 Email rejected per DMARC policy for acme.example",
+            Policy,
+            true,
+        ),
+        // Rate limiting
+        (
+            421,
+            "4.7.0 Too many connections from your IP, try again later",
+            Policy,
+            false,
+        ),
+        (
+            450,
+            "4.7.1 Error: too much mail from 192.0.2.1",
+            Policy,
+            false,
+        ),
+        // Relaying and routing
+        (
+            554,
+            "5.7.1 <bob@one.example>: Relay access denied",
+            Policy,
+            true,
+        ),
+        (
+            550,
+            "5.1.2 Host unknown: Domain one.example has no valid MX record",
+            InvalidRecipient,
+            true,
+        ),
+        (451, "4.4.0 Routing error", Network, false),
+        (
+            421,
+            "4.4.2 mx.one.example Error: timeout exceeded",
+            Network,
+            false,
+        ),
+    ];
+
+    #[test]
+    fn real_reply_texts() {
+        let mut wrong = Vec::new();
+        for (code, text, category, permanent) in CORPUS {
+            let r = Reply::from_wire(*code, text);
+            let got = classify_with(&[], r.enhanced, r.code, &r.text);
+            if got != (*category, *permanent) {
+                wrong.push(format!(
+                    "{code} {text}\n  expected {category:?}/{permanent}, got {got:?}"
+                ));
+            }
+        }
+        assert!(CORPUS.len() >= 60);
+        assert!(
+            wrong.is_empty(),
+            "{} of {}:\n{}",
+            wrong.len(),
+            CORPUS.len(),
+            wrong.join("\n")
+        );
+    }
+
+    fn rules(toml: &str) -> Result<Vec<Rule>, String> {
+        toml::from_str::<ClassificationConfig>(toml)
+            .map(|c| c.rules)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn configured_rules_run_first() {
+        let rules = rules(
+            r#"
+            [[rules]]
+            match = "Greylisted"
+            category = "network"
+            [[rules]]
+            match = "mailbox unavailable"
+            status = "5.5"
+            category = "other"
+            permanent = false
+            [[rules]]
+            code = 554
+            category = "spam_block"
+            "#,
+        )
+        .unwrap();
+        let c = |code, text: &str| {
+            let r = Reply::from_wire(code, text);
+            classify_with(&rules, r.enhanced, r.code, &r.text)
+        };
+        // The case of `match` does not matter.
+        assert_eq!(
+            c(450, "4.2.0 Recipient address rejected: GREYLISTED"),
+            (Network, false)
+        );
+        // All conditions must hold: the status prefix by components.
+        assert_eq!(
+            c(550, "5.5.0 Requested action not taken: mailbox unavailable"),
+            (Other, false)
+        );
+        assert_eq!(
+            c(550, "5.1.1 mailbox unavailable"),
+            (InvalidRecipient, true)
+        );
+        assert_eq!(c(550, "mailbox unavailable"), (InvalidRecipient, true));
+        assert_eq!(c(554, "5.7.1 Service unavailable"), (SpamBlock, true));
+        // No rule: the defaults.
+        assert_eq!(c(552, "5.2.2 Mailbox is full"), (MailboxFull, true));
+    }
+
+    #[test]
+    fn status_prefix_matches_whole_components() {
+        let rules = rules("[[rules]]\nstatus = \"5.7.1\"\ncategory = \"other\"").unwrap();
+        assert_eq!(
+            classify_with(&rules, Some(Enhanced(5, 7, 1)), 550, "x").0,
+            Other
+        );
+        assert_eq!(
+            classify_with(&rules, Some(Enhanced(5, 7, 10)), 550, "x").0,
+            Tls
+        );
+        assert_eq!(classify_with(&rules, None, 550, "x").0, Other);
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        for (toml, needle) in [
+            ("[[rules]]\ncategory = \"other\"", "at least one of"),
+            (
+                "[[rules]]\nmatch = \"\"\ncategory = \"other\"",
+                "must not be empty",
+            ),
+            (
+                "[[rules]]\nstatus = \"3.1\"\ncategory = \"other\"",
+                "not an enhanced status code",
+            ),
+            (
+                "[[rules]]\nstatus = \"5.x\"\ncategory = \"other\"",
+                "not an enhanced status code",
+            ),
+            (
+                "[[rules]]\ncode = 700\ncategory = \"other\"",
+                "SMTP reply code",
+            ),
+            (
+                "[[rules]]\nmatch = \"x\"\ncategory = \"bogus\"",
+                "unknown variant",
+            ),
+        ] {
+            let e = rules(toml).unwrap_err();
+            assert!(e.contains(needle), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_section_loads_and_errors_name_the_key() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:2587\"\n";
+        let c = crate::config::Config::from_toml_str(&format!(
+            "{base}[classification]\nrules = [{{ match = \"Over Quota\", category = \"mailbox_full\", permanent = false }}]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.classification.rules.len(), 1);
+        assert_eq!(
+            c.classification.rules[0].needle.as_deref(),
+            Some("over quota")
+        );
+
+        let errs = crate::config::Config::from_toml_str(&format!(
+            "{base}[[classification.rules]]\nmatch = \"x\"\ncategory = \"other\"\n\
+             [[classification.rules]]\nstatus = \"9.9\"\ncategory = \"other\"\nwhen = 1\n"
+        ))
+        .unwrap_err();
+        let text = errs.to_string();
+        // Both problems, each with its key path.
+        assert!(
+            text.contains("classification.rules[1].when: unknown key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("classification.rules[1]: status \"9.9\" is not an enhanced status code"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn permanence_without_a_code() {
+        // A late bounce that gave only an enhanced code, or nothing.
+        assert_eq!(
+            classify_with(&[], Some(Enhanced(5, 1, 1)), 0, ""),
+            (InvalidRecipient, true)
+        );
+        assert_eq!(
+            classify_with(&[], Some(Enhanced(4, 2, 2)), 0, ""),
+            (MailboxFull, false)
+        );
+        assert_eq!(
+            classify_with(&[], None, 0, "user unknown"),
+            (InvalidRecipient, false)
+        );
     }
 }

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::{Config, StarttlsPolicy};
 use crate::dns::{Dns, MxLookup};
@@ -52,11 +53,20 @@ use client::{
 pub trait AttemptSink: Send + Sync + 'static {
     /// Records what an attempt did for some recipients of a message.
     fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>);
+
+    /// Where delivery counts its connections; none in tests.
+    fn metrics(&self) -> Option<&Arc<crate::admin::Metrics>> {
+        None
+    }
 }
 
 impl AttemptSink for Queue {
     fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>) {
         Queue::complete_attempt(self, id, outcomes)
+    }
+
+    fn metrics(&self) -> Option<&Arc<crate::admin::Metrics>> {
+        Some(self.reporter().metrics())
     }
 }
 
@@ -74,6 +84,19 @@ pub fn start(
     start_with(config, dns, queue, jobs, shutdown)
 }
 
+/// [`start`], holding back the jobs whose domain or tenant is suspended
+/// (see [`crate::control`]).
+pub fn start_with_control(
+    config: Arc<Config>,
+    dns: Dns,
+    queue: Arc<Queue>,
+    jobs: mpsc::UnboundedReceiver<DeliveryJob>,
+    shutdown: CancellationToken,
+    control: crate::control::Control,
+) -> tokio::task::JoinHandle<()> {
+    start_inner(config, dns, queue, jobs, shutdown, Some(control))
+}
+
 /// [`start`] with any [`AttemptSink`].
 pub fn start_with(
     config: Arc<Config>,
@@ -82,10 +105,23 @@ pub fn start_with(
     jobs: mpsc::UnboundedReceiver<DeliveryJob>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    start_inner(config, dns, sink, jobs, shutdown, None)
+}
+
+fn start_inner(
+    config: Arc<Config>,
+    dns: Dns,
+    sink: Arc<dyn AttemptSink>,
+    jobs: mpsc::UnboundedReceiver<DeliveryJob>,
+    shutdown: CancellationToken,
+    control: Option<crate::control::Control>,
+) -> tokio::task::JoinHandle<()> {
     let ctx = Arc::new(Ctx {
+        control,
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
         rate_limits: crate::limits::RateLimits::new(&config),
+        verp: crate::policy::verp::Verp::from_config(&config.bounces),
         config,
         dns,
         sink,
@@ -110,6 +146,10 @@ struct Ctx {
     next_source: AtomicUsize,
     /// `[limits] domains` / `domain_default` (traffic shaping).
     rate_limits: crate::limits::RateLimits,
+    /// `[bounces] return_path_domain`: one VERP sender per recipient.
+    verp: Option<crate::policy::verp::Verp>,
+    /// Suspended domains and tenants: their jobs go back unattempted.
+    control: Option<crate::control::Control>,
 }
 
 impl Ctx {
@@ -140,6 +180,7 @@ impl Ctx {
                 result: result.clone(),
                 mx: mx.map(str::to_string),
                 tls: None,
+                next_hop_dsn: false,
             })
             .collect();
         self.report(job, outcomes);
@@ -191,7 +232,25 @@ async fn dispatch(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<DeliveryJob>)
                     break;
                 }
                 for job in batch.drain(..) {
-                    d.route(job);
+                    // Suspended: back to the queue at once, no connection,
+                    // no attempt counted; looked at again after a resume.
+                    if let Some(control) = &ctx.control
+                        && control.hold_if_suspended(
+                            &job.domain,
+                            job.envelope.tenant.as_deref(),
+                            |until| ctx.report_all(&job, &AttemptResult::Held(until), None),
+                        )
+                    {
+                        continue;
+                    }
+                    match &ctx.verp {
+                        Some(verp) => {
+                            for job in with_verp(job, verp) {
+                                d.route(job);
+                            }
+                        }
+                        None => d.route(job),
+                    }
                 }
             }
         }
@@ -402,7 +461,11 @@ async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
             id: job.id,
             indices: job.recipients.iter().map(|r| r.index).collect(),
         };
-        session = deliver_job(&ctx, &domain, session, job).await;
+        // Every log line about this attempt carries the queue id.
+        let span = tracing::info_span!("delivery", queue_id = %job.id);
+        session = deliver_job(&ctx, &domain, session, job)
+            .instrument(span)
+            .await;
         std::mem::forget(guard);
         if session
             .as_ref()
@@ -443,6 +506,7 @@ impl Drop for PanicGuard<'_> {
                 result: AttemptResult::Deferred(reply.clone(), Classification::Other),
                 mx: None,
                 tls: None,
+                next_hop_dsn: false,
             })
             .collect();
         self.ctx.sink.complete_attempt(self.id, outcomes);
@@ -558,6 +622,7 @@ async fn deliver_job(
                         result: AttemptResult::Deferred(reply.clone(), class),
                         mx: Some(mx.clone()),
                         tls: tls.clone(),
+                        next_hop_dsn: false,
                     })
                     .collect();
                 ctx.report(&job, outcomes);
@@ -689,7 +754,12 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             }
             budget -= 1;
             let addr = SocketAddr::new(ip, ctx.config.delivery.port);
-            match open(ctx, &host.name, addr).await {
+            let opened = open(ctx, &host.name, addr).await;
+            if let (Ok(client), Some(m)) = (&opened, ctx.sink.metrics()) {
+                m.connections_out
+                    .inc(client.tls_version().unwrap_or("none"));
+            }
+            match opened {
                 Ok(client) => {
                     return Ok(Session {
                         client,
@@ -787,10 +857,12 @@ async fn transact(
                 result: AttemptResult::Bounced(reply.clone(), class),
                 mx: Some(mx.to_string()),
                 tls: tls.map(str::to_string),
+                next_hop_dsn: false,
             })
             .collect::<Vec<_>>()
     };
     let caps = s.client.capabilities();
+    let next_hop_dsn = caps.dsn;
 
     // RFC 1870 §6.1: a message over the server's fixed limit would only be
     // refused after the whole transfer.
@@ -826,7 +898,7 @@ async fn transact(
     }
 
     let mail = MailParams {
-        from: &env.sender,
+        from: job.sender(),
         body_8bit: env.body_8bit,
         smtputf8: env.smtputf8,
         ret: env.ret,
@@ -859,7 +931,34 @@ async fn transact(
         }
         Err(e) => return Err(e),
     };
-    Ok(outcomes(job, &tx, mx, tls))
+    Ok(outcomes(job, &tx, mx, tls, next_hop_dsn))
+}
+
+/// With VERP each recipient gets its own envelope sender, hence its own
+/// transaction; a bounce (null sender) keeps its null sender.
+fn with_verp(job: DeliveryJob, verp: &crate::policy::verp::Verp) -> Vec<DeliveryJob> {
+    if job.envelope.sender.is_empty() {
+        return vec![job];
+    }
+    let DeliveryJob {
+        id,
+        envelope,
+        body,
+        domain,
+        recipients,
+        ..
+    } = job;
+    recipients
+        .into_iter()
+        .map(|r| DeliveryJob {
+            id,
+            envelope: envelope.clone(),
+            body: body.clone(),
+            domain: domain.clone(),
+            return_path: Some(verp.address(id, r.index)),
+            recipients: vec![r],
+        })
+        .collect()
 }
 
 /// Whether the envelope or the header section holds non-ASCII.
@@ -869,7 +968,7 @@ fn needs_utf8(job: &DeliveryJob) -> bool {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or(job.body.len());
-    !job.envelope.sender.is_ascii()
+    !job.sender().is_ascii()
         || job.recipients.iter().any(|r| !r.address.is_ascii())
         || !job.body[..header_end].is_ascii()
 }
@@ -880,6 +979,7 @@ fn outcomes(
     tx: &TransactionReplies,
     mx: &str,
     tls: Option<&str>,
+    next_hop_dsn: bool,
 ) -> Vec<RcptOutcome> {
     job.recipients
         .iter()
@@ -912,6 +1012,7 @@ fn outcomes(
                 result,
                 mx: Some(mx.to_string()),
                 tls: tls.map(str::to_string),
+                next_hop_dsn,
             }
         })
         .collect()
@@ -919,8 +1020,11 @@ fn outcomes(
 
 /// A negative reply as an outcome: 5xx bounces, anything else defers.
 fn failure(reply: &Reply) -> AttemptResult {
-    let class = classify(reply);
-    if (500..600).contains(&reply.code) {
+    // 5xx bounces and 4xx waits, unless a `[[classification.rules]]` rule
+    // says otherwise (e.g. a provider's 5xx that only means "later").
+    let (class, permanent) =
+        crate::deliver::classify::classify_parts(reply.enhanced, reply.code, &reply.text);
+    if permanent {
         AttemptResult::Bounced(reply.clone(), class)
     } else {
         AttemptResult::Deferred(reply.clone(), class)
@@ -1052,6 +1156,8 @@ mod tests {
             shutdown: CancellationToken::new(),
             next_source: AtomicUsize::new(0),
             rate_limits: crate::limits::RateLimits::new(&config),
+            verp: None,
+            control: None,
             config,
         }
     }
@@ -1125,6 +1231,7 @@ mod tests {
                 notify: crate::queue::Notify::default(),
                 attempt: 1,
             }],
+            return_path: None,
         }
     }
 

@@ -5,6 +5,8 @@
 //! * [`smtp_test`]: `herald smtp-test`, a step-by-step check of an SMTP
 //!   server a tenant wants to send through (DNS, TCP, banner, EHLO, TLS,
 //!   AUTH, MAIL FROM), for "my SMTP settings fail".
+//! * [`domain_check`]: `herald domain check`, a sending domain's MX, SPF,
+//!   DKIM, DMARC, MTA-STS and TLS-RPT records, each with the fix.
 //! * [`explain`]: the table of known server replies (Gmail, Microsoft 365,
 //!   generic) and certificate problems → likely cause and fix.
 //! * [`cert`]: certificate verification against the system's trust store
@@ -16,6 +18,7 @@
 //! never printed, logged or put in a report.
 
 pub mod cert;
+pub mod domain_check;
 pub mod explain;
 pub mod password;
 pub mod smtp_test;

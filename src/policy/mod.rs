@@ -1,13 +1,28 @@
-//! Policy: checks run on a received message before it is accepted. Each
-//! check returns a [`Verdict`]; a check that could not decide (timeout, DNS
-//! error) never rejects. DKIM, SPF/DMARC alignment, DNSBL, rate limits and
-//! spam scoring plug in here (see the policy issue); for now the header
-//! sanity checks that every relay needs, and [`dkim`] signing, which the
-//! receive stage runs last, on a message every check accepted.
+//! Policy: checks run on a received message before it is accepted, in
+//! [`Policy::check`]: header sanity, outbound spam heuristics ([`spam`]),
+//! DNS blocklists for the client IP and the message's domains ([`dnsbl`])
+//! and whether the message would pass DMARC at the receiver
+//! ([`alignment`]); the lookups run concurrently. Each check returns a
+//! [`Verdict`]; a check that could not decide (timeout, DNS error) never
+//! rejects. [`dkim`] signing runs last, in the receive stage, on a message
+//! every check accepted. Rate limits are checked earlier, at MAIL and RCPT
+//! ([`crate::limits`]).
 
+pub mod alignment;
 pub mod dkim;
+pub mod dnsbl;
+pub mod spam;
+pub mod verp;
 
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::dns::Dns;
+use crate::queue::Envelope;
 use crate::reply::{Enhanced, Reply};
+use alignment::Alignment;
+use dnsbl::{Dnsbl, Listing, ZoneAction};
+use spam::{FiredRule, SpamRules};
 
 /// The outcome of the policy stage.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,27 +54,244 @@ impl Verdict {
     }
 }
 
-/// Header sanity run on every message before it is queued: for now, that
-/// the message has a From: field with a parseable address (RFC 5322 §3.6.2).
-/// The receive stage calls this with the envelope and the message as it
-/// will be stored (Received: field first).
-pub fn check(envelope: &crate::queue::Envelope, message: &[u8]) -> Verdict {
-    let _ = envelope;
-    let from_ok = mail_parser::MessageParser::new()
+/// What the policy stage says about one message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// The spam score, when spam scoring ran.
+    pub spam_score: Option<f64>,
+    /// Findings that did not refuse the message (DMARC `warn`, blocklist
+    /// `log` listings): logged and put in the `received` event.
+    pub warnings: Vec<String>,
+}
+
+/// The checks, built once from config.
+pub struct Policy {
+    spam: SpamRules,
+    dnsbl: Dnsbl,
+    alignment: Alignment,
+    /// `[bounces] return_path_domain`: the envelope domain receivers
+    /// check SPF on when VERP is on.
+    return_path_domain: Option<String>,
+}
+
+impl Policy {
+    pub fn new(config: &Config, dns: &Dns, dkim: Arc<dkim::Signer>) -> Policy {
+        Policy {
+            spam: SpamRules::new(&config.policy.spam),
+            dnsbl: Dnsbl::new(&config.policy.dnsbl, dns.clone()),
+            alignment: Alignment::new(config, dns, dkim),
+            return_path_domain: config.bounces.return_path_domain.clone(),
+        }
+    }
+
+    /// The domain of the envelope sender receivers will see: the VERP
+    /// domain, or the app's own sender's (empty for the null sender).
+    fn return_path_domain<'a>(&'a self, envelope: &'a Envelope) -> &'a str {
+        match &self.return_path_domain {
+            Some(d) if !envelope.sender.is_empty() => d,
+            _ => envelope.sender.rsplit_once('@').map_or("", |(_, d)| d),
+        }
+    }
+
+    /// Runs every check on `message` (as it will be queued, before DKIM
+    /// signing).
+    pub async fn check(&self, envelope: &Envelope, message: &[u8]) -> Outcome {
+        let mut outcome = Outcome {
+            verdict: Verdict::Accept,
+            spam_score: None,
+            warnings: Vec::new(),
+        };
+        let (from, from_domain) = match from_address(message) {
+            Ok(f) => f,
+            Err(verdict) => {
+                outcome.verdict = verdict;
+                return outcome;
+            }
+        };
+        let spam = self.spam.enabled().then(|| self.spam.score(message));
+
+        let mut domains = vec![from_domain];
+        match &spam {
+            Some(report) => domains.extend(report.url_domains.iter().cloned()),
+            None if !self.dnsbl.is_empty() => domains.extend(spam::url_domains(message)),
+            None => {}
+        }
+        // The lookups of both checks at once: each is bounded by its own
+        // timeout and cached.
+        let (listings, alignment) = tokio::join!(
+            self.dnsbl.check(Some(envelope.client_ip), &domains),
+            self.alignment.check(
+                envelope.tenant.as_deref(),
+                &from,
+                self.return_path_domain(envelope)
+            ),
+        );
+
+        if let Some(verdict) = listed(&listings) {
+            outcome.verdict = verdict;
+            return outcome;
+        }
+        let (dmarc, warning) = self.alignment.verdict(&alignment);
+        outcome.warnings.extend(warning);
+        if let Some(verdict) = dmarc {
+            outcome.verdict = verdict;
+            return outcome;
+        }
+        for l in listings.iter().filter(|l| l.action == ZoneAction::Log) {
+            outcome.warnings.push(describe_listing(l));
+        }
+        if let Some(mut report) = spam {
+            for l in listings.iter().filter(|l| l.action == ZoneAction::Score) {
+                report.score += l.weight;
+                report.fired.push(FiredRule {
+                    name: "dnsbl_listed",
+                    weight: l.weight,
+                    detail: describe_listing(l),
+                });
+            }
+            outcome.spam_score = Some(report.score);
+            if report.score >= self.spam.threshold() {
+                outcome.verdict = spam_refusal(&report.fired, report.score, self.spam.threshold());
+                return outcome;
+            }
+        }
+        outcome
+    }
+}
+
+/// The From: address and its domain (lower case), or the refusal of a
+/// message without a usable From: (RFC 5322 §3.6.2).
+fn from_address(message: &[u8]) -> Result<(String, String), Verdict> {
+    mail_parser::MessageParser::new()
         .parse_headers(message)
         .as_ref()
         .and_then(|m| m.from())
         .and_then(|a| a.first())
         .and_then(|a| a.address())
-        .is_some_and(|a| a.contains('@'));
-    if from_ok {
-        Verdict::Accept
-    } else {
-        Verdict::reject(
-            "header_from",
-            550,
-            Enhanced(5, 6, 0),
-            "Message refused: it has no From: header field with a valid address (RFC 5322 section 3.6.2)",
-        )
+        .and_then(|a| {
+            let (_, d) = a.rsplit_once('@')?;
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            (!d.is_empty()).then(|| (a.to_string(), d))
+        })
+        .ok_or_else(|| {
+            Verdict::reject(
+                "header_from",
+                550,
+                Enhanced(5, 6, 0),
+                "Message refused: it has no From: header field with a valid address (RFC 5322 section 3.6.2)",
+            )
+        })
+}
+
+fn describe_listing(l: &Listing) -> String {
+    match &l.reason {
+        Some(reason) => format!("{} is listed by {}: {reason}", l.listed, l.zone),
+        None => format!("{} is listed by {}", l.listed, l.zone),
+    }
+}
+
+/// The refusal for the first blocklist listing whose action is reject.
+fn listed(listings: &[Listing]) -> Option<Verdict> {
+    let l = listings.iter().find(|l| l.action == ZoneAction::Reject)?;
+    Some(Verdict::reject(
+        "dnsbl",
+        554,
+        Enhanced(5, 7, 1),
+        format!("Message refused: {}", describe_listing(l)),
+    ))
+}
+
+/// 550 5.7.1 naming each rule that fired, heaviest first.
+fn spam_refusal(fired: &[FiredRule], score: f64, threshold: f64) -> Verdict {
+    let mut fired: Vec<&FiredRule> = fired.iter().filter(|r| r.weight > 0.0).collect();
+    fired.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+    let rules: Vec<String> = fired
+        .iter()
+        .map(|r| format!("{} ({:.1})", r.name, r.weight))
+        .collect();
+    Verdict::reject(
+        "spam_score",
+        550,
+        Enhanced(5, 7, 1),
+        format!(
+            "Message refused as likely spam: score {score:.1} reaches the threshold {threshold:.1}; rules: {}",
+            rules.join(", ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_address_needs_an_address() {
+        assert_eq!(
+            from_address(b"From: Billing <Billing@Acme.Example>\r\n\r\nhi\r\n").unwrap(),
+            (
+                "Billing@Acme.Example".to_string(),
+                "acme.example".to_string()
+            )
+        );
+        for bad in [&b"Subject: x\r\n\r\nhi\r\n"[..], b"From: nobody\r\n\r\n"] {
+            match from_address(bad) {
+                Err(Verdict::Reject { rule, reply }) => {
+                    assert_eq!(rule, "header_from");
+                    assert_eq!(reply.code, 550);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn spam_refusal_lists_rules_heaviest_first() {
+        let fired = [
+            FiredRule {
+                name: "subject_caps",
+                weight: 1.5,
+                detail: String::new(),
+            },
+            FiredRule {
+                name: "html_only",
+                weight: 4.0,
+                detail: String::new(),
+            },
+        ];
+        let Verdict::Reject { reply, rule } = spam_refusal(&fired, 5.5, 5.0) else {
+            panic!()
+        };
+        assert_eq!((rule, reply.code), ("spam_score", 550));
+        assert_eq!(reply.enhanced, Some(Enhanced(5, 7, 1)));
+        assert!(
+            reply
+                .text
+                .ends_with("rules: html_only (4.0), subject_caps (1.5)"),
+            "{}",
+            reply.text
+        );
+    }
+
+    #[test]
+    fn a_reject_listing_names_zone_and_reason() {
+        let l = Listing {
+            zone: "zen.example".into(),
+            listed: "192.0.2.1".into(),
+            action: ZoneAction::Reject,
+            weight: 1.0,
+            reason: Some("https://zen.example/query/ip/192.0.2.1".into()),
+        };
+        let mut log = l.clone();
+        log.action = ZoneAction::Log;
+        assert_eq!(listed(std::slice::from_ref(&log)), None);
+        let Some(Verdict::Reject { reply, rule }) = listed(&[log, l]) else {
+            panic!()
+        };
+        assert_eq!((rule, reply.code), ("dnsbl", 554));
+        assert_eq!(
+            reply.text,
+            "Message refused: 192.0.2.1 is listed by zen.example: https://zen.example/query/ip/192.0.2.1"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! hands due recipients to delivery, applies the retry schedule and expires
 //! what has waited too long.
 
+pub mod history;
 pub mod message;
 pub mod schedule;
 pub mod spool;
@@ -34,6 +35,16 @@ pub struct DeliveryJob {
     /// Lower-case recipient domain.
     pub domain: String,
     pub recipients: Vec<JobRecipient>,
+    /// The envelope sender for this attempt when it is not the message's
+    /// own: a VERP address (one recipient per job then).
+    pub return_path: Option<String>,
+}
+
+impl DeliveryJob {
+    /// The MAIL FROM address of this attempt.
+    pub fn sender(&self) -> &str {
+        self.return_path.as_deref().unwrap_or(&self.envelope.sender)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -56,6 +67,9 @@ pub struct RcptOutcome {
     pub mx: Option<String>,
     /// TLS version of the connection, e.g. "TLSv1.3".
     pub tls: Option<String>,
+    /// The MX announced DSN, so NOTIFY and ORCPT went on with the message
+    /// and success reports are the final hop's to send (RFC 3461 §5.2.2).
+    pub next_hop_dsn: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -70,6 +84,11 @@ pub enum AttemptResult {
     /// Not attempted (shutdown, destination limit): reschedule without
     /// counting an attempt.
     NotAttempted,
+    /// Not attempted because delivery to its domain or for its tenant is
+    /// suspended ([`crate::control`]): wait until this Unix time (or a
+    /// resume, which makes it due at once) without counting an attempt.
+    /// Nothing expires here: the lifetime is enforced at real attempts.
+    Held(u64),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +119,8 @@ pub struct Queue {
     dsn: Option<DsnSettings>,
     /// This queue, for the tasks that enqueue DSNs.
     me: std::sync::Weak<Queue>,
+    /// Finished messages and the Message-ID index.
+    history: history::History,
 }
 
 #[derive(Default)]
@@ -160,6 +181,8 @@ impl Queue {
             newest_segment: head,
             ..Inner::default()
         };
+        let history =
+            history::History::open(&config.server.spool_dir, config.history.limits(), now)?;
         let mut finished = Vec::new();
         for r in recovered {
             if r.recipients.iter().all(|x| x.status.is_final()) {
@@ -176,6 +199,7 @@ impl Queue {
             };
             let due = entry.next_due().map(|t| t.max(now));
             set_timer(&mut inner.timers, r.id, &mut entry, due);
+            history.accepted(r.id, &entry.envelope);
             inner.messages.insert(r.id, entry);
         }
         if !inner.messages.is_empty() {
@@ -198,6 +222,7 @@ impl Queue {
             max_bytes_in_flight: config.delivery.max_bytes_in_flight.bytes(),
             dsn: DsnSettings::from_config(config),
             me: me.clone(),
+            history,
         });
         queue.collect_segments(&mut queue.inner.lock().expect("queue lock"));
         Ok(queue)
@@ -282,6 +307,10 @@ impl Queue {
                     r.next_attempt = now + 1;
                     continue;
                 }
+                AttemptResult::Held(until) => {
+                    r.next_attempt = until.max(now + 1);
+                    continue;
+                }
                 AttemptResult::Delivered(reply) => {
                     r.status = RcptStatus::Delivered;
                     let waited = now.saturating_sub(entry.envelope.received_at);
@@ -318,7 +347,11 @@ impl Queue {
             r.updated_at = now;
             r.last_mx = o.mx.clone();
             let mut ev = Event::for_message(kind, id, &entry.envelope).with_reply(&reply);
+            // RFC 3461 §5.2.2: a next hop that speaks DSN got NOTIFY and
+            // reports success itself; "relayed" is only for one that did not.
+            let relayed_on = kind == EventKind::Delivered && o.next_hop_dsn;
             if let Some(d) = &self.dsn
+                && !relayed_on
                 && let Some(x) =
                     dsn::on_outcome(d, &entry.envelope, r, kind, &reply, o.mx.as_deref(), now)
             {
@@ -448,6 +481,13 @@ impl Queue {
                 inner.timers.remove(&(t, id));
             }
             self.spool.append(Record::done(id));
+            self.history.finished(history::Finished {
+                id,
+                envelope: Envelope::clone(&entry.envelope),
+                recipients: entry.recipients,
+                size: entry.body.len,
+                finished_at: now,
+            });
             if let Some(n) = inner.live.get_mut(&entry.body.segment) {
                 *n -= 1;
                 if *n == 0 {
@@ -722,6 +762,32 @@ impl Queue {
         ids.len()
     }
 
+    /// Makes due now every waiting recipient for which `pred` holds (of a
+    /// domain or tenant whose delivery was resumed). Returns the number of
+    /// messages concerned.
+    pub fn retry_where(&self, pred: impl Fn(&Envelope, &Recipient) -> bool) -> usize {
+        let now = unix_now();
+        let mut inner = self.inner.lock().expect("queue lock");
+        let mut ids = Vec::new();
+        for (id, entry) in inner.messages.iter_mut() {
+            let mut any = false;
+            for r in entry.recipients.iter_mut() {
+                if !r.status.is_final() && pred(&entry.envelope, r) {
+                    r.next_attempt = now;
+                    any = true;
+                }
+            }
+            if any {
+                ids.push(*id);
+            }
+        }
+        for &id in &ids {
+            self.settle(&mut inner, id, now);
+        }
+        self.wake.notify_one();
+        ids.len()
+    }
+
     /// Per recipient domain with unfinished recipients: their number and
     /// the arrival (Unix seconds) of the oldest message among them. For
     /// metrics; walks the whole queue under its lock.
@@ -799,6 +865,29 @@ impl Queue {
         inner.messages.get(&id).map(|e| e.view(id))
     }
 
+    /// Where events go (and the metrics they feed).
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    /// Finished messages and the Message-ID index.
+    pub fn history(&self) -> &history::History {
+        &self.history
+    }
+
+    /// A message in the queue, or one that finished within the history's
+    /// retention.
+    pub fn find(&self, id: QueueId) -> Option<MessageView> {
+        self.get(id).or_else(|| {
+            self.history.get(id).map(|f| MessageView {
+                id: f.id,
+                envelope: f.envelope,
+                recipients: f.recipients,
+                size: f.size,
+            })
+        })
+    }
+
     /// Number of messages not yet finished.
     pub fn len(&self) -> usize {
         self.inner.lock().expect("queue lock").messages.len()
@@ -861,6 +950,7 @@ impl Entry {
                     body: body.clone(),
                     domain,
                     recipients: vec![jr],
+                    return_path: None,
                 }),
             }
         }
@@ -904,6 +994,7 @@ mod tests {
             result,
             mx: None,
             tls: None,
+            next_hop_dsn: false,
         }]
     }
 
@@ -958,6 +1049,7 @@ mod tests {
                     result: AttemptResult::Delivered(ok.clone()),
                     mx: Some("mx.one.test".into()),
                     tls: None,
+                    next_hop_dsn: false,
                 },
                 RcptOutcome {
                     index: 2,
@@ -967,6 +1059,7 @@ mod tests {
                     ),
                     mx: None,
                     tls: None,
+                    next_hop_dsn: false,
                 },
             ],
         );
@@ -1141,7 +1234,17 @@ mod tests {
             let job = rx.recv().await.unwrap();
             q.complete_attempt(job.id, only(0, ok()));
         }
-        let before = std::fs::read_dir(dir.path()).unwrap().count();
+        // Segment files only (the history file lives there too).
+        let segments = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    let name = e.as_ref().unwrap().file_name();
+                    !name.to_string_lossy().starts_with("history")
+                })
+                .count()
+        };
+        let before = segments();
         assert!(before >= 4, "the deferred message pins {before} segments");
         assert_eq!(q.compact_once().await, 1);
         assert_eq!(q.compact_once().await, 0, "nothing left to move");
@@ -1155,7 +1258,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let after = std::fs::read_dir(dir.path()).unwrap().count();
+        let after = segments();
         assert!(after <= 2, "old segments deleted: {before} -> {after}");
         q.close().await;
 

@@ -177,6 +177,7 @@ impl Session {
     /// The message is complete (end of DATA, or BDAT LAST): check it, store
     /// it, reply. The transaction ends here whatever the outcome.
     pub(super) async fn finish_message(&mut self) -> Step {
+        let started = Instant::now();
         let Some(mut txn) = self.txn.take() else {
             self.reply(&codes::local_error());
             return Step::Continue;
@@ -218,6 +219,10 @@ impl Session {
             buf.extend_from_slice(b"\r\n");
         }
 
+        if self.is_bounce_listener() {
+            return self.bounce_message(&txn.recipients, &buf[prefix_len..]);
+        }
+
         let info = message::inspect_headers(&buf[prefix_len..]);
         let id_text = id.to_string();
         let (added, message_id) = message::missing_fields(
@@ -231,8 +236,17 @@ impl Session {
         }
         txn.envelope.message_id = Some(message_id);
         txn.envelope.received_at = unix_now();
+        // Only a Message-ID the app chose says "the same message again".
+        let app_message_id = info.message_id.clone();
 
-        let mut verdict = policy::check(&txn.envelope, &buf);
+        let policy::Outcome {
+            mut verdict,
+            spam_score,
+            warnings,
+        } = self.ctx.policy.check(&txn.envelope, &buf).await;
+        for warning in &warnings {
+            tracing::warn!(client_ip = %self.ip, queue_id = %id, warning = %warning, "policy warning");
+        }
         if verdict == Verdict::Accept {
             // DKIM signing comes last, over the message exactly as it will be
             // queued (herald's Message-ID:/Date: included); RSA runs off
@@ -272,10 +286,21 @@ impl Session {
             buf.shrink_to_fit();
         }
         let size = buf.len() as u64;
+        let history = self.ctx.queue.history();
+        let tenant = txn.envelope.tenant.clone();
+        if let Some(mid) = &app_message_id
+            && let Some(first) = history.claim(tenant.as_deref(), mid, id, unix_now())
+        {
+            return self.duplicate(&txn.envelope, first, size);
+        }
         let mut event = Event::for_message(EventKind::Received, id, &txn.envelope);
         event.recipients = Some(txn.recipients.iter().map(|r| r.address.clone()).collect());
         event.size = Some(size);
         event.client_ip = Some(self.ip.to_string());
+        event.spam_score = spam_score;
+        if !warnings.is_empty() {
+            event.warnings = Some(warnings);
+        }
         // Boxed: the spool's future is large and alive only here.
         let stored = Box::pin(self.ctx.queue.enqueue(
             id,
@@ -286,6 +311,8 @@ impl Session {
         .await;
         match stored {
             Ok(()) => {
+                let metrics = self.ctx.reporter.metrics();
+                metrics.accept_latency.observe(started.elapsed());
                 self.ctx.reporter.emit(event);
                 self.reply(&Reply::new(
                     250,
@@ -296,10 +323,35 @@ impl Session {
             Err(e) => {
                 // Nothing was promised: the client keeps the message and
                 // tries again.
+                if let Some(mid) = &app_message_id {
+                    self.ctx.queue.history().release(tenant.as_deref(), mid, id);
+                }
                 tracing::error!(queue_id = %id, error = %e, "cannot queue message");
                 self.reply(&codes::local_error());
             }
         }
+        Step::Continue
+    }
+
+    /// A message whose Message-ID this tenant already submitted within
+    /// `[history] idempotency_window`: 250 with the first queue id, and not
+    /// sent again (an app that retries after a lost 250 must not mail an
+    /// invoice twice).
+    fn duplicate(&mut self, envelope: &crate::queue::Envelope, first: QueueId, size: u64) -> Step {
+        tracing::info!(client_ip = %self.ip, queue_id = %first, message_id = envelope.message_id.as_deref().unwrap_or(""), "duplicate submission; not sent again");
+        let mut event = Event::for_message(EventKind::Received, first, envelope);
+        event.size = Some(size);
+        event.client_ip = Some(self.ip.to_string());
+        event.duplicate = Some(true);
+        self.ctx.reporter.emit(event);
+        self.reply(&Reply::new(
+            250,
+            Enhanced(2, 0, 0),
+            // "queued as <id>" last, where apps look for the queue id.
+            format!(
+                "Ok: duplicate Message-ID, accepted before and not sent again; queued as {first}"
+            ),
+        ));
         Step::Continue
     }
 }

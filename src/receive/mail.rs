@@ -127,7 +127,7 @@ impl Session {
             ));
         }
         // No open relay: AUTH, or a network the listener trusts.
-        if self.tenant.is_none() && !self.trusted {
+        if self.tenant.is_none() && !self.trusted && !self.is_bounce_listener() {
             let reply = if self.auth_offered() {
                 codes::auth_required()
             } else if self.listener_cfg().auth == AuthMode::None {
@@ -144,6 +144,26 @@ impl Session {
         }
         let max = self.ctx.config.server.max_message_size.0;
         if let Err(reply) = check_parameters(&from, max) {
+            self.reply(&reply);
+            return Step::Continue;
+        }
+        // The reputation guard (see crate::control): a paused tenant's
+        // submissions wait for the postmaster.
+        if let Some((t, pause)) = self.tenant_cfg().and_then(|t| {
+            self.ctx
+                .control
+                .paused(&t.name)
+                .map(|p| (t.name.clone(), p))
+        }) {
+            let reply = self.ctx.control.pause_reply(&t, &pause);
+            tracing::info!(client_ip = %self.ip, tenant = %t, "MAIL refused: tenant paused for reputation");
+            let mut e = Event::new(EventKind::Rejected, &from.address).with_reply(&reply);
+            e.tenant = Some(t);
+            e.client_ip = Some(self.ip.to_string());
+            e.rule = Some(crate::control::RULE_TENANT_PAUSED.to_string());
+            e.reason = Some(format!("paused: {}", pause.reason));
+            e.permanent = Some(reply.is_permanent());
+            self.ctx.reporter.emit(e);
             self.reply(&reply);
             return Step::Continue;
         }
@@ -167,7 +187,9 @@ impl Session {
             && let Err(e) = self.ctx.rate_limits.tenant_message(t).await
         {
             tracing::info!(client_ip = %self.ip, limit = %e, "MAIL refused: rate limit");
-            self.reply(&e.reply());
+            let reply = e.reply();
+            self.reject_event("rate_limit_tenant_messages", &reply, &from.address, None);
+            self.reply(&reply);
             return Step::Continue;
         }
 

@@ -21,6 +21,7 @@
 //! session has.
 
 pub mod auth;
+mod bounce;
 mod data;
 pub mod limits;
 mod mail;
@@ -70,6 +71,15 @@ pub struct ReceiveContext {
     /// Signs each accepted message; no keys unless set with
     /// [`ReceiveContext::with_dkim`].
     pub dkim: Arc<crate::policy::dkim::Signer>,
+    /// Spam heuristics, blocklists and DMARC alignment, run on each
+    /// message; rebuilt by [`ReceiveContext::with_dkim`] so that alignment
+    /// knows herald's keys.
+    pub policy: Arc<crate::policy::Policy>,
+    /// `[bounces]` VERP addresses, for the bounce listener.
+    pub verp: Option<crate::policy::verp::Verp>,
+    /// Tenants paused for reputation are refused at MAIL FROM; nothing is
+    /// paused unless set with [`ReceiveContext::with_control`].
+    pub control: crate::control::Control,
     /// Needed by STARTTLS and implicit-TLS listeners.
     pub tls: Option<TlsAcceptor>,
     /// Cancel to shut the stage down gracefully.
@@ -96,7 +106,14 @@ impl ReceiveContext {
         shutdown: CancellationToken,
     ) -> ReceiveContext {
         let server = &config.server;
+        let policy = Arc::new(crate::policy::Policy::new(
+            &config,
+            &dns,
+            Arc::new(crate::policy::dkim::Signer::empty()),
+        ));
         ReceiveContext {
+            policy,
+            verp: crate::policy::verp::Verp::from_config(&config.bounces),
             limits: ConnLimits::new(server.max_connections, server.max_connections_per_ip),
             rate_limits: crate::limits::RateLimits::new(&config),
             auth: Authenticator::new(server.auth_failure_window.as_duration()),
@@ -106,6 +123,7 @@ impl ReceiveContext {
             reporter,
             suppressions: Suppressions::in_memory(),
             dkim: Arc::new(crate::policy::dkim::Signer::empty()),
+            control: crate::control::Control::in_memory(&config),
             tls,
             shutdown,
             hard_stop: CancellationToken::new(),
@@ -121,8 +139,19 @@ impl ReceiveContext {
         self
     }
 
+    /// Refuse the MAIL FROM of tenants this control has paused.
+    pub fn with_control(mut self, control: crate::control::Control) -> ReceiveContext {
+        self.control = control;
+        self
+    }
+
     /// Sign accepted messages with these DKIM keys.
     pub fn with_dkim(mut self, dkim: Arc<crate::policy::dkim::Signer>) -> ReceiveContext {
+        self.policy = Arc::new(crate::policy::Policy::new(
+            &self.config,
+            &self.dns,
+            dkim.clone(),
+        ));
         self.dkim = dkim;
         self
     }

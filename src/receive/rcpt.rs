@@ -121,7 +121,8 @@ pub fn dns_tempfail(domain: &str) -> Reply {
 
 impl Session {
     pub(super) async fn rcpt_to(&mut self, to: RcptTo<String>) -> Step {
-        if self.tenant.is_none() && !self.trusted {
+        let bounces = self.is_bounce_listener();
+        if self.tenant.is_none() && !self.trusted && !bounces {
             return self.error(codes::auth_required());
         }
         let max = self.ctx.config.server.max_recipients;
@@ -154,6 +155,9 @@ impl Session {
                 "The RRVS and CONNEG parameters are not supported",
             ));
             return Step::Continue;
+        }
+        if bounces {
+            return self.bounce_rcpt(to.address);
         }
         let domain = match check_recipient(&to.address, txn.envelope.smtputf8) {
             Ok(d) => d,
@@ -201,7 +205,14 @@ impl Session {
                     && let Err(e) = self.ctx.rate_limits.tenant_recipient(t).await
                 {
                     tracing::info!(client_ip = %self.ip, limit = %e, "RCPT refused: rate limit");
-                    self.reply(&e.reply());
+                    let reply = e.reply();
+                    self.reject_event(
+                        "rate_limit_tenant_recipients",
+                        &reply,
+                        &sender,
+                        Some(&to.address),
+                    );
+                    self.reply(&reply);
                     return Step::Continue;
                 }
                 let mut r = Recipient::new(to.address);

@@ -239,7 +239,9 @@ impl Session {
         // an implicit-TLS port), then closed.
         if let Err(e) = self.ctx.rate_limits.ip_connection(self.ip).await {
             tracing::info!(client_ip = %self.ip, limit = %e, "connection refused: rate limit");
-            self.reply(&e.connect_reply());
+            let reply = e.connect_reply();
+            self.reject_event("rate_limit_ip_connections", &reply, "", None);
+            self.reply(&reply);
             let _ = self.flush(&mut stream).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
             return;
@@ -328,6 +330,7 @@ impl Session {
             Ok(Ok(tls)) => {
                 let info = TlsInfo::of(&tls);
                 tracing::debug!(client_ip = %self.ip, version = info.version, cipher = %info.cipher, "TLS established");
+                self.ctx.reporter.metrics().tls_in.inc(info.version);
                 self.tls = Some(info);
                 Some(Stream::Tls(Box::new(tls)))
             }

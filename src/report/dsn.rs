@@ -976,6 +976,7 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
             ),
             mx: Some("mx.one.test".into()),
             tls: None,
+            next_hop_dsn: false,
         };
         q.complete_attempt(id, vec![refused(0), refused(1), refused(2)]);
         assert!(q.get(id).is_none(), "the original is finished");

@@ -5,6 +5,7 @@
 //! events (see the bounces issue).
 
 pub mod dsn;
+pub mod stream;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};
@@ -110,6 +111,19 @@ pub struct Event {
     /// For `suppressed`: why the address is on the suppression list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For `received`: the outbound spam score (see `[policy.spam]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spam_score: Option<f64>,
+    /// For `received`: policy findings that did not refuse the message
+    /// (DMARC would fail with `[policy.dmarc] action = "warn"`, a blocklist
+    /// listing with `action = "log"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warnings: Option<Vec<String>>,
+    /// For `received`: this submission repeated a Message-ID the tenant
+    /// sent within `[history] idempotency_window`; `queue_id` is the first
+    /// submission's and nothing is sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
 }
 
 impl Event {
@@ -136,6 +150,9 @@ impl Event {
             client_ip: None,
             rule: None,
             reason: None,
+            spam_score: None,
+            warnings: None,
+            duplicate: None,
         }
     }
 
@@ -182,6 +199,11 @@ pub struct Reporter {
     suppressions: Option<crate::suppression::Suppressions>,
     /// Events of tenants with a `webhook_url` go to the webhook outbox.
     webhooks: Option<webhook::Outbox>,
+    /// When clustered, every event also goes to the Redis stream.
+    stream: Option<stream::EventStream>,
+    /// Counts tenants' outcomes for the reputation guard (see
+    /// [`crate::control::Control::observe`]).
+    control: Option<crate::control::Control>,
 }
 
 impl Reporter {
@@ -203,6 +225,8 @@ impl Reporter {
                 metrics: Default::default(),
                 suppressions: None,
                 webhooks: None,
+                stream: None,
+                control: None,
             },
             task,
         ))
@@ -216,6 +240,8 @@ impl Reporter {
             metrics: Default::default(),
             suppressions: None,
             webhooks: None,
+            stream: None,
+            control: None,
         }
     }
 
@@ -230,6 +256,20 @@ impl Reporter {
     /// reporter is cloned, like [`Reporter::with_suppressions`].
     pub fn with_webhooks(mut self, w: webhook::Outbox) -> Reporter {
         self.webhooks = Some(w);
+        self
+    }
+
+    /// Feeds every event to the Redis events stream as well. Call before
+    /// the reporter is cloned, like [`Reporter::with_suppressions`].
+    pub fn with_stream(mut self, s: stream::EventStream) -> Reporter {
+        self.stream = Some(s);
+        self
+    }
+
+    /// Feeds every event to the reputation guard as well. Call before the
+    /// reporter is cloned, like [`Reporter::with_suppressions`].
+    pub fn with_control(mut self, c: crate::control::Control) -> Reporter {
+        self.control = Some(c);
         self
     }
 
@@ -260,7 +300,15 @@ impl Reporter {
         if let Some(w) = &self.webhooks {
             w.offer(&event);
         }
+        if let Some(s) = &self.stream {
+            s.offer(&event);
+        }
+        // A tenant just paused for its reputation: its announcement follows.
+        let paused = self.control.as_ref().and_then(|c| c.observe(&event));
         let _ = self.tx.send(event);
+        if let Some(p) = paused {
+            self.emit(p);
+        }
     }
 }
 

@@ -20,13 +20,15 @@
 //!   time (none when unset); expired entries are ignored, dropped from
 //!   memory within the hour and from the file at the next start.
 //! * Storage: behind [`SuppressionStore`]. [`local::LocalStore`] keeps a
-//!   JSON-lines log on local disk (compacted at start); a Redis-backed store
-//!   for clusters can implement the same trait.
+//!   JSON-lines log on local disk (compacted at start); with `[cluster]
+//!   redis_url`, [`redis::RedisStore`] shares the list through Redis and
+//!   keeps the local store as this node's replica.
 //!
 //! Input trusted: events from herald's own stages; API input is validated
 //! in [`Suppressions::manual_entry`].
 
 pub mod local;
+pub mod redis;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -145,11 +147,16 @@ pub struct Suppressions {
 impl Suppressions {
     /// Opens the store the config names: the local file
     /// (`[suppression] file`, by default `suppressions.jsonl` in the spool
-    /// directory), loaded and compacted.
+    /// directory), loaded and compacted; with `[cluster] redis_url`, the
+    /// list shared through Redis with that file as this node's replica
+    /// ([`redis::RedisStore`]).
     pub async fn open(config: &Config) -> std::io::Result<Suppressions> {
         let path = config.suppression_file();
-        let store = LocalStore::open(&path).await?;
-        Ok(Suppressions::with_store(Arc::new(store), config))
+        let store: Arc<dyn SuppressionStore> = match config.cluster.redis_url.as_deref() {
+            Some(url) => Arc::new(redis::RedisStore::open(&path, config, url).await?),
+            None => Arc::new(LocalStore::open(&path).await?),
+        };
+        Ok(Suppressions::with_store(store, config))
     }
 
     /// A handle over any store.

@@ -277,3 +277,94 @@ pub fn classify(err: &NetError) -> LookupOutcome {
         _ => LookupOutcome::Temporary,
     }
 }
+
+/// A [`TestDns`] that also answers SERVFAIL for chosen names and counts the queries it gets
+/// (to show that a cache spared one). Stops when dropped.
+pub struct ScriptedDns {
+    pub addr: SocketAddr,
+    queries: Arc<std::sync::atomic::AtomicUsize>,
+    _server: Server<Scripted>,
+}
+
+impl ScriptedDns {
+    /// Serves `zone`, except that queries for a name in `servfail` get SERVFAIL.
+    pub async fn start(zone: Zone, servfail: &[&str]) -> ScriptedDns {
+        let origin = zone.origin.clone();
+        let handler = zone.into_handler();
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::from(&origin), vec![Arc::new(handler)]);
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let scripted = Scripted {
+            catalog,
+            servfail: servfail.iter().map(|n| LowerName::from(fqdn(n))).collect(),
+            queries: queries.clone(),
+        };
+        let (udp, tcp) = bind_udp_and_tcp().await;
+        let addr = udp.local_addr().expect("udp local addr");
+        let mut server = Server::new(scripted);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(10), 32);
+        ScriptedDns {
+            addr,
+            queries,
+            _server: server,
+        }
+    }
+
+    /// Queries received so far.
+    pub fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+struct Scripted {
+    catalog: Catalog,
+    servfail: Vec<LowerName>,
+    queries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+// hickory-server declares the trait with `#[async_trait]`; this is that macro's expansion
+// written out, so the tests need no async-trait dependency of their own.
+impl hickory_server::server::RequestHandler for Scripted {
+    fn handle_request<'life0, 'life1, 'async_trait, R, T>(
+        &'life0 self,
+        request: &'life1 hickory_server::server::Request,
+        mut response_handle: R,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = hickory_server::server::ResponseInfo>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        R: hickory_server::server::ResponseHandler + 'async_trait,
+        T: hickory_server::net::runtime::Time + 'async_trait,
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            self.queries
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let fail = request
+                .queries
+                .queries()
+                .iter()
+                .any(|q| self.servfail.contains(q.name()));
+            if !fail {
+                return self
+                    .catalog
+                    .handle_request::<R, T>(request, response_handle)
+                    .await;
+            }
+            let response =
+                hickory_server::zone_handler::MessageResponseBuilder::new(&request.queries, None)
+                    .error_msg(&request.metadata, ResponseCode::ServFail);
+            match response_handle.send_response(response).await {
+                Ok(info) => info,
+                Err(e) => panic!("sending SERVFAIL: {e}"),
+            }
+        })
+    }
+}

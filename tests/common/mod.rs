@@ -5,11 +5,15 @@
 //!   DNS server that never answers ([`dns::SilentDns`]) and a resolver pointed at either.
 //! * [`mx`]: scriptable recipient MX sinks on 127.0.0.x ([`mx::MxSink`], [`mx::reserve_port`]).
 //! * [`smtp`]: a wire-level async SMTP client with TLS ([`smtp::TestClient`]).
+//! * [`http`]: a bare HTTP/1.1 client for the admin API ([`http::api`]).
+//! * [`redis`]: the test Redis for cluster tests ([`redis::available`], key prefixes, clean-up).
 //!
 //! Rules: loopback addresses only, no sleeps as synchronisation, every wait bounded.
 
 pub mod dns;
+pub mod http;
 pub mod mx;
+pub mod redis;
 pub mod relay;
 pub mod smtp;
 

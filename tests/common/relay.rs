@@ -248,6 +248,42 @@ token = "{ADMIN_TOKEN}"
     }
 }
 
+impl TestRelay {
+    /// The relay's config with the admin port it actually bound (the test
+    /// config asks for port 0), for the CLI commands that call the API.
+    pub fn cli_config(&self) -> PathBuf {
+        let text = self.config_text.replace(
+            "[admin]\naddress = \"127.0.0.1:0\"",
+            &format!("[admin]\naddress = \"{}\"", self.admin),
+        );
+        assert_ne!(text, self.config_text, "admin section found");
+        let path = self.dir.path().join("herald-cli.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Runs the built `herald --config CONFIG ARGS...`; (success, stdout, stderr).
+pub async fn herald(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = super::within(
+        Duration::from_secs(20),
+        &format!("herald {}", args.join(" ")),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run herald");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The queue id out of `250 2.0.0 Ok: queued as <id>`.
 pub fn queue_id(reply: &Reply) -> String {
     reply.assert_code(250);

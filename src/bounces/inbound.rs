@@ -1,0 +1,259 @@
+//! What a report that came back to the return path means for the app:
+//! which message and recipient it is about (from the VERP token), and the
+//! `bounced`, `deferred` or `complained` event that tells the app. The
+//! suppression list hears the same events (a hard `invalid_recipient`
+//! bounce or a complaint adds the address).
+
+use crate::bounces::{Action, Bounce, BouncedRecipient, Complaint, Report};
+use crate::policy::verp::Verp;
+use crate::queue::{Queue, QueueId};
+use crate::reply::{Enhanced, Reply};
+use crate::report::{Event, EventKind, Reporter};
+
+/// Reads `message`, sent to `recipients` on the bounce listener, and emits
+/// an event per affected recipient. Returns how many events it emitted.
+pub fn ingest(
+    verp: Option<&Verp>,
+    queue: &Queue,
+    reporter: &Reporter,
+    recipients: &[&str],
+    message: &[u8],
+) -> usize {
+    let Some(verp) = verp else {
+        return 0;
+    };
+    let Some(report) = crate::bounces::parse(message) else {
+        tracing::info!("message on the bounce listener is no delivery or feedback report; dropped");
+        return 0;
+    };
+    let targets = targets(verp, recipients, &report, message);
+    if targets.is_empty() {
+        tracing::warn!("report names no message herald sent (no valid VERP address); dropped");
+        return 0;
+    }
+    let mut emitted = 0;
+    for (id, index) in targets {
+        let about = About::look_up(queue, id, index);
+        let events = match &report {
+            Report::Bounce(b) => bounce_events(&about, b),
+            Report::Complaint(c) => vec![complaint_event(&about, c)],
+        };
+        for e in events {
+            tracing::info!(
+                queue_id = %id,
+                event = ?e.event,
+                recipient = e.recipient.as_deref().unwrap_or(""),
+                "late report"
+            );
+            reporter.emit(e);
+            emitted += 1;
+        }
+    }
+    emitted
+}
+
+/// The (message, recipient) pairs a report is about: the VERP addresses it
+/// was sent to; for reports sent to a role address, a VERP address found
+/// in the report (ARF's Original-Mail-From, the returned headers'
+/// Return-Path, or anywhere in the text).
+fn targets(
+    verp: &Verp,
+    recipients: &[&str],
+    report: &Report,
+    message: &[u8],
+) -> Vec<(QueueId, usize)> {
+    let mut found: Vec<(QueueId, usize)> =
+        recipients.iter().filter_map(|r| verp.decode(r)).collect();
+    if found.is_empty()
+        && let Report::Complaint(c) = report
+        && let Some(t) = c.original_mail_from.as_deref().and_then(|a| verp.decode(a))
+    {
+        found.push(t);
+    }
+    if found.is_empty() {
+        found.extend(scan_for_verp(verp, message));
+    }
+    found.sort_unstable_by_key(|(id, i)| (id.0, *i));
+    found.dedup();
+    found
+}
+
+/// Every VERP address of `verp` in `text` (bounded: the first 8).
+fn scan_for_verp(verp: &Verp, text: &[u8]) -> Vec<(QueueId, usize)> {
+    let prefix = format!("{}+", crate::policy::verp::PREFIX);
+    let text = String::from_utf8_lossy(text);
+    let lower = text.to_ascii_lowercase();
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find(&prefix) {
+        let start = from + at;
+        let end = lower[start..]
+            .find(|c: char| {
+                !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.' | '@' | '_'))
+            })
+            .map_or(lower.len(), |n| start + n);
+        if let Some(t) = verp.decode(&lower[start..end]) {
+            out.push(t);
+            if out.len() == 8 {
+                break;
+            }
+        }
+        from = end.max(start + 1);
+    }
+    out
+}
+
+/// What herald knows of the message and recipient a report is about.
+struct About {
+    id: QueueId,
+    recipient: Option<String>,
+    sender: String,
+    tenant: Option<String>,
+    message_id: Option<String>,
+}
+
+impl About {
+    fn look_up(queue: &Queue, id: QueueId, index: usize) -> About {
+        match queue.find(id) {
+            Some(m) => About {
+                id,
+                recipient: m.recipients.get(index).map(|r| r.address.clone()),
+                sender: m.envelope.sender.clone(),
+                tenant: m.envelope.tenant.clone(),
+                message_id: m.envelope.message_id.clone(),
+            },
+            None => About {
+                id,
+                recipient: None,
+                sender: String::new(),
+                tenant: None,
+                message_id: None,
+            },
+        }
+    }
+
+    fn event(&self, kind: EventKind, fallback_recipient: Option<&str>) -> Event {
+        let mut e = Event::new(kind, &self.sender);
+        e.queue_id = Some(self.id);
+        e.tenant = self.tenant.clone();
+        e.message_id = self.message_id.clone();
+        e.recipient = self
+            .recipient
+            .clone()
+            .or_else(|| fallback_recipient.map(str::to_string));
+        e
+    }
+}
+
+/// One event per recipient the bounce reports failed (`bounced`) or
+/// delayed (`deferred`); a bounce with no usable recipient block still
+/// bounces the VERP recipient.
+fn bounce_events(about: &About, bounce: &Bounce) -> Vec<Event> {
+    let relevant: Vec<&BouncedRecipient> = bounce
+        .recipients
+        .iter()
+        .filter(|r| matches!(r.action, Action::Failed | Action::Delayed))
+        .collect();
+    // With VERP a report is about one recipient: the one in the token. A
+    // report listing several (a forwarder's) is matched by address.
+    let matching: Vec<&BouncedRecipient> = match &about.recipient {
+        Some(addr) => {
+            let same: Vec<_> = relevant
+                .iter()
+                .copied()
+                .filter(|r| {
+                    [&r.final_recipient, &r.original_recipient]
+                        .iter()
+                        .any(|a| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(addr)))
+                })
+                .collect();
+            if same.is_empty() {
+                relevant.into_iter().take(1).collect()
+            } else {
+                same.into_iter().take(1).collect()
+            }
+        }
+        None => relevant.into_iter().take(1).collect(),
+    };
+    if matching.is_empty() {
+        // Known layout, no recipient block (or only success actions).
+        if bounce.recipients.iter().any(|r| r.action != Action::Failed) {
+            return Vec::new();
+        }
+        let mut e = about.event(EventKind::Bounced, None);
+        e.permanent = Some(true);
+        e.classification = Some(crate::report::Classification::Other);
+        e.reason = Some(format!("late bounce ({:?})", bounce.format));
+        return vec![e];
+    }
+    matching
+        .into_iter()
+        .map(|r| {
+            let kind = if r.action == Action::Delayed {
+                EventKind::Deferred
+            } else {
+                EventKind::Bounced
+            };
+            let reply = reply_of(r);
+            let mut e = about
+                .event(kind, r.final_recipient.as_deref())
+                .with_reply(&reply);
+            e.classification = Some(crate::deliver::classify::classify(&reply));
+            e.permanent = Some(kind == EventKind::Bounced && !reply.is_transient());
+            e.mx = r
+                .remote_mta
+                .clone()
+                .or_else(|| bounce.reporting_mta.clone());
+            e.reason = Some(format!("late bounce ({:?})", bounce.format));
+            e
+        })
+        .collect()
+}
+
+/// The remote server's reply as far as the report gives it.
+fn reply_of(r: &BouncedRecipient) -> Reply {
+    let text = r
+        .diagnostic
+        .as_deref()
+        .map(|d| {
+            // "smtp; 550 5.1.1 user unknown" → "user unknown"
+            let d = d.split_once(';').map_or(d, |(_, rest)| rest).trim();
+            let d = d.strip_prefix(|c: char| c.is_ascii_digit()).map_or(d, |_| {
+                d.split_once(' ').map_or("", |(_, rest)| rest).trim_start()
+            });
+            match d.split_once(' ') {
+                Some((first, rest)) if Enhanced::parse(first).is_some() => {
+                    rest.trim_start().to_string()
+                }
+                _ => d.to_string(),
+            }
+        })
+        .unwrap_or_default();
+    let status = r.status;
+    let code = r.smtp_code.unwrap_or(match status {
+        Some(Enhanced(4, ..)) => 450,
+        Some(Enhanced(2, ..)) => 250,
+        _ => 550,
+    });
+    Reply {
+        code,
+        enhanced: status,
+        text,
+    }
+}
+
+fn complaint_event(about: &About, c: &Complaint) -> Event {
+    let fallback = c
+        .original_rcpt_to
+        .as_deref()
+        .or(c.original_recipient_header.as_deref());
+    let mut e = about.event(EventKind::Complained, fallback);
+    e.reason = Some(match &c.user_agent {
+        Some(ua) => format!("feedback report: {} (from {ua})", c.feedback_type),
+        None => format!("feedback report: {}", c.feedback_type),
+    });
+    if e.message_id.is_none() {
+        e.message_id = c.original_message_id.clone();
+    }
+    e
+}

@@ -1,0 +1,1265 @@
+//! Would this message pass DMARC at the receiver? Checked before it is
+//! accepted, from the From: domain's published records and herald's own
+//! keys, sending IPs and return-path domain (RFC 7489 §3.1, §4.2; the
+//! DMARCbis DNS tree walk, RFC 9989 §4.10, as mail-auth 0.13.3 does it).
+//!
+//! DMARC passes when one of two identifiers passes *and* aligns with the
+//! From: domain:
+//! - DKIM: herald signs with a key whose `d=` aligns with the From: domain
+//!   (the same domain; relaxed: the same organizational domain) and DNS
+//!   publishes that key's public half at `selector._domainkey.d`.
+//! - SPF: the return-path domain aligns with the From: domain (relaxed
+//!   unless the DMARC record says `aspf=s`) and its SPF policy authorises
+//!   every one of herald's sending IPs (`Config::sending_ips`). SPF is
+//!   evaluated by mail-auth's verifier (include, redirect, a, mx, ip4,
+//!   ip6, macros, the 10-lookup limit).
+//!
+//! The organizational domain is found the way mail-auth's DMARC verifier
+//! finds it: by the DNS tree walk over `_dmarc` records (no public suffix
+//! list is in the dependency graph, and DMARCbis replaced the PSL with it).
+//!
+//! Trust: the domains come from the message (untrusted) but are only used
+//! as DNS names. A lookup that fails temporarily (timeout, SERVFAIL,
+//! REFUSED) gives [`AlignmentVerdict::Unknown`], which never rejects nor
+//! defers: herald's resolver having trouble says nothing about what the
+//! receiver will see, and invoices must not stop because of it.
+//!
+//! Cost: verdicts are cached per (From: domain, return-path domain, signing
+//! keys) for the records' TTL (bounded by `min_ttl`/`max_ttl`); a cached
+//! verdict costs a hash, one short mutex hold and an `Arc` clone.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use mail_auth::dmarc::{Alignment as Mode, Dmarc, Policy, Psd};
+use mail_auth::hickory_resolver::proto::op::ResponseCode;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{MessageAuthenticator, Parameters, ResolverCache, SpfResult};
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use super::Verdict;
+use super::dkim::{self, Key, Published, Signer};
+use crate::config::{Config, ConfigErrors, Span};
+use crate::dns::Dns;
+use crate::reply::{Enhanced, Reply};
+
+/// What to do with a message that would fail DMARC at a domain whose policy
+/// is quarantine or reject.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcAction {
+    /// 550 5.7.26 naming the domain, what fails and the record to publish.
+    Reject,
+    /// 451 4.7.26: try again later (after the DNS is fixed).
+    Defer,
+    /// Accept, log, and say so in the `received` event.
+    #[default]
+    Warn,
+    /// Do not check.
+    Off,
+}
+
+/// `[policy.dmarc]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct DmarcConfig {
+    pub action: DmarcAction,
+    /// Shortest time a verdict is cached, whatever the records' TTL; also
+    /// how long a failing verdict is kept, so a fix in DNS shows soon.
+    pub min_ttl: Span,
+    /// Longest time a verdict is cached, whatever the records' TTL.
+    pub max_ttl: Span,
+    /// How long a verdict made during DNS trouble is kept.
+    pub error_ttl: Span,
+    /// Most (From: domain, return-path domain, keys) verdicts kept.
+    pub cache_size: usize,
+}
+
+impl Default for DmarcConfig {
+    fn default() -> Self {
+        DmarcConfig {
+            action: DmarcAction::default(),
+            min_ttl: Span(Duration::from_secs(60)),
+            max_ttl: Span(Duration::from_secs(3600)),
+            error_ttl: Span(Duration::from_secs(30)),
+            cache_size: 10_000,
+        }
+    }
+}
+
+/// Checks `[policy.dmarc]`; `path` is its key path.
+pub fn validate(cfg: &DmarcConfig, path: &str, errs: &mut ConfigErrors) {
+    if cfg.min_ttl.0 > cfg.max_ttl.0 {
+        errs.push(format!("{path}.min_ttl"), "must not be longer than max_ttl");
+    }
+    if cfg.max_ttl.0 > Duration::from_secs(86_400) {
+        errs.push(format!("{path}.max_ttl"), "must be at most 1d");
+    }
+    if cfg.error_ttl.0.is_zero() {
+        errs.push(
+            format!("{path}.error_ttl"),
+            "must be more than 0 (otherwise every message waits for a failing DNS)",
+        );
+    }
+    if cfg.cache_size == 0 {
+        errs.push(format!("{path}.cache_size"), "must be at least 1");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Verdicts.
+
+/// Would the message pass DMARC at the receiver? Cheap to clone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AlignmentVerdict {
+    /// DKIM or SPF passes aligned.
+    Pass,
+    /// The From: domain publishes no DMARC record, or `p=none`.
+    NotEnforced,
+    /// DMARC would fail at a domain with `p=quarantine` or `p=reject`.
+    WouldFail(Arc<Failure>),
+    /// Could not tell: DNS trouble, or DKIM fails and SPF cannot be judged
+    /// (no sending IPs configured). Never a reason to refuse mail.
+    Unknown(Arc<str>),
+    /// `[policy.dmarc] action = "off"`, or no From: domain to check.
+    Skipped,
+}
+
+/// The policy a failing domain publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmarcPolicy {
+    Quarantine,
+    Reject,
+}
+
+impl fmt::Display for DmarcPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DmarcPolicy::Quarantine => "p=quarantine",
+            DmarcPolicy::Reject => "p=reject",
+        })
+    }
+}
+
+/// Why DMARC would fail, and what to publish to make it pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The From: domain.
+    pub domain: String,
+    /// Where the DMARC record applied was found (the From: domain or its
+    /// organizational domain).
+    pub policy_domain: String,
+    pub policy: DmarcPolicy,
+    pub dkim: DkimFailure,
+    pub spf: SpfFailure,
+    /// Records that would make DMARC pass (any one of them is enough when
+    /// the other identifier's problem is fixed alike).
+    pub fixes: Vec<Fix>,
+}
+
+/// Why DKIM does not pass aligned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DkimFailure {
+    /// herald has no key for the From: domain (nor for its organizational
+    /// domain in relaxed mode); `signs_as` is the domain it would sign as.
+    NoKey { signs_as: Option<String> },
+    /// herald's aligned keys are not usable by the receiver.
+    Keys(Vec<KeyProblem>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyProblem {
+    /// `selector._domainkey.domain`.
+    pub name: String,
+    pub problem: KeyState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    NotPublished,
+    /// Published with an empty `p=`.
+    Revoked,
+    /// DNS publishes another key.
+    Mismatch,
+}
+
+/// Why SPF does not pass aligned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpfFailure {
+    /// The return-path domain is not the From: domain (strict) or not in
+    /// its organizational domain (relaxed).
+    NotAligned {
+        return_path_domain: String,
+        strict: bool,
+    },
+    /// The return-path domain's SPF does not authorise these sending IPs;
+    /// each with mail-auth's SPF result (`fail`, `softfail`, `none`...).
+    NotAuthorised {
+        return_path_domain: String,
+        ips: Vec<(IpAddr, &'static str)>,
+    },
+}
+
+/// A TXT record to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fix {
+    /// Where: `selector._domainkey.domain` or the return-path domain.
+    pub name: String,
+    /// The TXT record's text.
+    pub record: String,
+}
+
+impl Failure {
+    fn dkim_text(&self) -> String {
+        dkim_text(&self.domain, &self.dkim)
+    }
+
+    fn spf_text(&self) -> String {
+        spf_text(&self.domain, &self.spf)
+    }
+
+    /// The explanation, one sentence per line.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![
+            format!(
+                "{} would fail DMARC at the receiver: {} publishes {}",
+                self.domain, self.policy_domain, self.policy
+            ),
+            format!("DKIM fails: {}", self.dkim_text()),
+            format!("SPF fails: {}", self.spf_text()),
+        ];
+        for (i, fix) in self.fixes.iter().enumerate() {
+            out.push(format!(
+                "{} TXT at {}: {}",
+                if i == 0 { "Publish" } else { "or publish" },
+                fix.name,
+                fix.record
+            ));
+        }
+        out
+    }
+}
+
+fn dkim_text(domain: &str, f: &DkimFailure) -> String {
+    match f {
+        DkimFailure::NoKey { signs_as } => {
+            let mut s = format!("herald has no DKIM key for {}", domain);
+            if let Some(d) = signs_as {
+                s.push_str(&format!(" (it signs as {d}, which does not align)"));
+            }
+            s.push_str(&format!(
+                "; create one with `herald dkim keygen --domain {domain} --selector herald1`, add it as a [[dkim]] key and publish the record it prints"
+            ));
+            s
+        }
+        DkimFailure::Keys(problems) => problems
+            .iter()
+            .map(|p| match p.problem {
+                KeyState::NotPublished => format!("key {} is not published in DNS", p.name),
+                KeyState::Revoked => format!("key {} is revoked in DNS (empty p=)", p.name),
+                KeyState::Mismatch => {
+                    format!("DNS publishes another key at {}", p.name)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+fn spf_text(domain: &str, f: &SpfFailure) -> String {
+    match f {
+        SpfFailure::NotAligned {
+            return_path_domain,
+            strict,
+        } => format!(
+            "return path {return_path_domain} does not align with {}{}",
+            domain,
+            if *strict { " (aspf=s)" } else { "" }
+        ),
+        SpfFailure::NotAuthorised {
+            return_path_domain,
+            ips,
+        } => format!(
+            "SPF of {return_path_domain} does not authorise {}",
+            ips.iter()
+                .map(|(ip, r)| format!("{ip} ({r})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines().join("; "))
+    }
+}
+
+/// Reply lines are at most 512 octets with the code (RFC 5321 §4.5.3.1.5);
+/// "550-5.7.26 " takes 11.
+const MAX_REPLY_TEXT: usize = 490;
+
+fn reply_text(first: &str, lines: &[String]) -> String {
+    let mut out: Vec<&str> = vec![first];
+    for line in lines {
+        let mut rest = line.as_str();
+        while rest.len() > MAX_REPLY_TEXT {
+            let mut cut = MAX_REPLY_TEXT;
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.push(&rest[..cut]);
+            rest = &rest[cut..];
+        }
+        out.push(rest);
+    }
+    out.join("\n")
+}
+
+/// Maps a verdict to what the session does under `action`: a reply to
+/// refuse or defer the message with, and/or a warning to log and put in
+/// the `received` event. `Unknown` only ever warns, whatever the action
+/// (a reject is never made from DNS trouble, and deferring every message
+/// while herald's own resolver struggles would stop mail for nothing).
+pub fn verdict_for(action: DmarcAction, v: &AlignmentVerdict) -> (Option<Verdict>, Option<String>) {
+    if action == DmarcAction::Off {
+        return (None, None);
+    }
+    match v {
+        AlignmentVerdict::Pass | AlignmentVerdict::NotEnforced | AlignmentVerdict::Skipped => {
+            (None, None)
+        }
+        AlignmentVerdict::Unknown(reason) => (None, Some(format!("DMARC check: {reason}"))),
+        AlignmentVerdict::WouldFail(f) => match action {
+            DmarcAction::Reject => (
+                Some(Verdict::Reject {
+                    reply: Reply::new(
+                        550,
+                        Enhanced(5, 7, 26),
+                        reply_text("Message refused: it would fail DMARC", &f.lines()),
+                    ),
+                    rule: "dmarc",
+                }),
+                None,
+            ),
+            DmarcAction::Defer => (
+                Some(Verdict::Tempfail {
+                    reply: Reply::new(
+                        451,
+                        Enhanced(4, 7, 26),
+                        reply_text(
+                            "Message deferred: it would fail DMARC; try again once DNS is fixed",
+                            &f.lines(),
+                        ),
+                    ),
+                    rule: "dmarc",
+                }),
+                None,
+            ),
+            DmarcAction::Warn | DmarcAction::Off => (None, Some(f.to_string())),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The checker.
+
+/// Checks DMARC alignment for messages, with a verdict cache.
+pub struct Alignment {
+    cfg: DmarcConfig,
+    auth: MessageAuthenticator,
+    dns: Dns,
+    dkim: Arc<Signer>,
+    sending_ips: Vec<IpAddr>,
+    helo: String,
+    hasher: RandomState,
+    cache: Mutex<HashMap<u64, Entry>>,
+    /// Checks being made now, so that messages arriving together for a
+    /// domain not yet cached wait for one set of lookups.
+    inflight: Mutex<HashMap<InflightKey, Arc<OnceCell<AlignmentVerdict>>>>,
+    /// Uncached checks made (each one asks DNS).
+    evaluations: AtomicU64,
+}
+
+/// (From: domain, return-path domain, signing key indices), lower case.
+type InflightKey = (Box<str>, Box<str>, Box<[usize]>);
+
+struct Entry {
+    from: Box<str>,
+    return_path: Box<str>,
+    keys: Box<[usize]>,
+    verdict: AlignmentVerdict,
+    expires: Instant,
+}
+
+impl Alignment {
+    /// mail-auth evaluates SPF and reads DMARC records through `dns`'s own
+    /// resolver, so tests' `[dns] nameservers` apply to it too.
+    pub fn new(config: &Config, dns: &Dns, dkim: Arc<Signer>) -> Alignment {
+        let sending_ips = config.sending_ips().to_vec();
+        let cfg = config.policy.dmarc.clone();
+        if cfg.action != DmarcAction::Off && sending_ips.is_empty() {
+            tracing::warn!(
+                "DMARC check: SPF cannot be judged because neither [delivery] public_ips nor source_ips is set; only DKIM alignment is checked"
+            );
+        }
+        Alignment {
+            cfg,
+            auth: MessageAuthenticator(dns.resolver().clone()),
+            dns: dns.clone(),
+            dkim,
+            sending_ips,
+            helo: config.helo_name().to_ascii_lowercase(),
+            hasher: RandomState::new(),
+            cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            evaluations: AtomicU64::new(0),
+        }
+    }
+
+    pub fn action(&self) -> DmarcAction {
+        self.cfg.action
+    }
+
+    /// See [`verdict_for`].
+    pub fn verdict(&self, v: &AlignmentVerdict) -> (Option<Verdict>, Option<String>) {
+        verdict_for(self.cfg.action, v)
+    }
+
+    /// Would a message from `tenant` (none: a trusted network) with From:
+    /// `from` (the address; a bare domain also works) and this return-path
+    /// domain (the VERP domain, or the envelope sender's; empty for a null
+    /// sender, which SPF judges by herald's HELO name) pass DMARC?
+    pub async fn check(
+        &self,
+        tenant: Option<&str>,
+        from: &str,
+        return_path_domain: &str,
+    ) -> AlignmentVerdict {
+        if self.cfg.action == DmarcAction::Off {
+            return AlignmentVerdict::Skipped;
+        }
+        let from_domain = from
+            .rsplit_once('@')
+            .map_or(from, |(_, d)| d)
+            .trim_end_matches('.');
+        if from_domain.is_empty() {
+            return AlignmentVerdict::Skipped;
+        }
+        let keys = if from.contains('@') {
+            self.dkim.keys_for(tenant, Some(from))
+        } else {
+            self.dkim
+                .keys_for(tenant, Some(&format!("postmaster@{from_domain}")))
+        };
+        let rp = return_path_domain.trim_end_matches('.');
+        let rp = if rp.is_empty() {
+            self.helo.as_str()
+        } else {
+            rp
+        };
+
+        let hash = self.key_hash(from_domain, rp, keys);
+        if let Some(v) = self.cached(hash, from_domain, rp, keys) {
+            return v;
+        }
+
+        let key: InflightKey = (
+            from_domain.to_ascii_lowercase().into(),
+            rp.to_ascii_lowercase().into(),
+            keys.iter().map(|k| k.index).collect(),
+        );
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let verdict = cell
+            .get_or_init(|| self.evaluate_and_store(hash, &key, keys))
+            .await
+            .clone();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&key);
+        }
+        verdict
+    }
+
+    async fn evaluate_and_store(
+        &self,
+        hash: u64,
+        key: &InflightKey,
+        keys: &[Arc<Key>],
+    ) -> AlignmentVerdict {
+        let (from, rp) = (&*key.0, &*key.1);
+        let (verdict, ttl) = self.evaluate(from, rp, keys).await;
+        match &verdict {
+            AlignmentVerdict::WouldFail(f) => {
+                tracing::warn!(domain = %from, return_path = %rp, "DMARC would fail: {f}")
+            }
+            AlignmentVerdict::Unknown(reason) => {
+                tracing::info!(domain = %from, return_path = %rp, "DMARC check undecided: {reason}")
+            }
+            _ => tracing::debug!(domain = %from, return_path = %rp, ?verdict, "DMARC check"),
+        }
+        self.store(
+            hash,
+            Entry {
+                from: key.0.clone(),
+                return_path: key.1.clone(),
+                keys: key.2.clone(),
+                verdict: verdict.clone(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        verdict
+    }
+
+    fn key_hash(&self, from: &str, rp: &str, keys: &[Arc<Key>]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for b in from.bytes() {
+            h.write_u8(b.to_ascii_lowercase());
+        }
+        h.write_u8(0);
+        for b in rp.bytes() {
+            h.write_u8(b.to_ascii_lowercase());
+        }
+        h.write_u8(0);
+        for k in keys {
+            h.write_usize(k.index);
+        }
+        h.finish()
+    }
+
+    fn cached(
+        &self,
+        hash: u64,
+        from: &str,
+        rp: &str,
+        keys: &[Arc<Key>],
+    ) -> Option<AlignmentVerdict> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let e = cache.get(&hash)?;
+        let same = e.expires > Instant::now()
+            && e.from.eq_ignore_ascii_case(from)
+            && e.return_path.eq_ignore_ascii_case(rp)
+            && e.keys.iter().copied().eq(keys.iter().map(|k| k.index));
+        same.then(|| e.verdict.clone())
+    }
+
+    fn store(&self, hash: u64, entry: Entry) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= self.cfg.cache_size && !cache.contains_key(&hash) {
+            let now = Instant::now();
+            cache.retain(|_, e| e.expires > now);
+            // Still full of live entries: drop an arbitrary one (HashMap
+            // order is random enough to be fair).
+            if cache.len() >= self.cfg.cache_size
+                && let Some(k) = cache.keys().next().copied()
+            {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(hash, entry);
+    }
+
+    /// How many checks were not answered from the cache (each asked DNS).
+    pub fn evaluations(&self) -> u64 {
+        self.evaluations.load(Ordering::Relaxed)
+    }
+
+    /// Number of cached verdicts (for tests and metrics).
+    pub fn cached_len(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The uncached check; returns the verdict and how long to keep it.
+    async fn evaluate(
+        &self,
+        from: &str,
+        rp: &str,
+        keys: &[Arc<Key>],
+    ) -> (AlignmentVerdict, Duration) {
+        self.evaluations.fetch_add(1, Ordering::Relaxed);
+        let rec = TtlRecorder::default();
+        let unknown = |reason: String| {
+            (
+                AlignmentVerdict::Unknown(reason.into()),
+                self.cfg.error_ttl.0,
+            )
+        };
+
+        // 1. The DMARC record that applies (RFC 9989 §4.10.1).
+        let walk = match self.walk(from, &rec).await {
+            Ok(w) => w,
+            Err(e) => return unknown(format!("cannot read the DMARC record of {from}: {e}")),
+        };
+        let Some(applied) = applied_policy(&walk, from) else {
+            return (AlignmentVerdict::NotEnforced, self.ttl(&rec));
+        };
+        let policy = match applied.policy {
+            Policy::Reject => DmarcPolicy::Reject,
+            Policy::Quarantine => DmarcPolicy::Quarantine,
+            Policy::None | Policy::Unspecified => {
+                return (AlignmentVerdict::NotEnforced, self.ttl(&rec));
+            }
+        };
+        let org = organizational_domain(&walk, from).to_string();
+
+        // 2. DKIM: enough on its own.
+        let dkim = self.dkim_state(from, &org, applied.adkim, keys, &rec).await;
+        if matches!(dkim, State::Pass) {
+            return (AlignmentVerdict::Pass, self.ttl(&rec));
+        }
+        // 3. SPF.
+        let spf = self.spf_state(from, &org, applied.aspf, rp, &rec).await;
+        if matches!(spf, State::Pass) {
+            return (AlignmentVerdict::Pass, self.ttl(&rec));
+        }
+        match (dkim, spf) {
+            (State::Fail(dkim, dkim_fix), State::Fail(spf, spf_fix)) => {
+                let failure = Failure {
+                    domain: from.to_string(),
+                    policy_domain: applied.domain,
+                    policy,
+                    dkim,
+                    spf,
+                    fixes: dkim_fix.into_iter().chain(spf_fix).collect(),
+                };
+                // Kept briefly: the sender is being told to fix DNS.
+                (
+                    AlignmentVerdict::WouldFail(Arc::new(failure)),
+                    self.cfg.min_ttl.0,
+                )
+            }
+            (dkim, spf) => {
+                let dkim_why = match &dkim {
+                    State::Fail(f, fix) => {
+                        let mut s = format!("DKIM fails: {}", dkim_text(from, f));
+                        if let Some(fix) = fix {
+                            s.push_str(&format!(" (publish TXT at {}: {})", fix.name, fix.record));
+                        }
+                        s
+                    }
+                    State::Unknown(r) | State::Config(r) => format!("DKIM undecided: {r}"),
+                    State::Pass => "DKIM passes".into(),
+                };
+                let spf_why = match &spf {
+                    State::Fail(f, _) => format!("SPF fails: {}", spf_text(from, f)),
+                    State::Unknown(r) | State::Config(r) => format!("SPF undecided: {r}"),
+                    State::Pass => "SPF passes".into(),
+                };
+                let reason = format!(
+                    "cannot tell whether {from} would pass DMARC ({policy} at {}): {dkim_why}; {spf_why}",
+                    applied.domain
+                );
+                // Undecided because of configuration (no sending IPs) is as
+                // stable as the records; because of DNS trouble, it is not.
+                let ttl = if dkim.is_dns_trouble() || spf.is_dns_trouble() {
+                    self.cfg.error_ttl.0
+                } else {
+                    self.cfg.min_ttl.0
+                };
+                (AlignmentVerdict::Unknown(reason.into()), ttl)
+            }
+        }
+    }
+
+    /// The cache lifetime of a decided verdict: the shortest TTL of the
+    /// records it was made from, within `min_ttl..=max_ttl`.
+    fn ttl(&self, rec: &TtlRecorder) -> Duration {
+        let left = rec
+            .earliest()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(self.cfg.min_ttl.0);
+        left.clamp(self.cfg.min_ttl.0, self.cfg.max_ttl.0)
+    }
+
+    /// DNS tree walk (RFC 9989 §4.10): every DMARC record from `domain` up
+    /// to its top-level domain, longest name first; at most eight queries.
+    async fn walk(
+        &self,
+        domain: &str,
+        rec: &TtlRecorder,
+    ) -> Result<Vec<(String, Arc<Dmarc>)>, String> {
+        let labels: Vec<&str> = domain.split('.').filter(|l| !l.is_empty()).collect();
+        let total = labels.len();
+        let mut found = Vec::new();
+        if total < 2 {
+            return Ok(found);
+        }
+        let mut count = total;
+        loop {
+            let name = labels[total - count..].join(".");
+            let key = format!("_dmarc.{name}.");
+            match self.auth.txt_lookup::<Dmarc>(key, Some(rec)).await {
+                Ok(record) => {
+                    let stop = matches!(record.psd, Psd::Yes | Psd::No);
+                    found.push((name, record));
+                    if stop {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if let Some(trouble) = dns_trouble(&e) {
+                        return Err(trouble);
+                    }
+                }
+            }
+            if count == 1 {
+                break;
+            }
+            count = if count >= 8 { 7 } else { count - 1 };
+        }
+        Ok(found)
+    }
+
+    /// Whether `domain` aligns with the author domain `author` whose
+    /// organizational domain is `org` (RFC 7489 §3.1).
+    async fn aligned(
+        &self,
+        domain: &str,
+        author: &str,
+        org: &str,
+        mode: Mode,
+        rec: &TtlRecorder,
+    ) -> Result<bool, String> {
+        if domain.eq_ignore_ascii_case(author) {
+            return Ok(true);
+        }
+        if mode == Mode::Strict || !in_domain(domain, org) {
+            return Ok(false);
+        }
+        let walk = self.walk(domain, rec).await?;
+        Ok(organizational_domain(&walk, domain).eq_ignore_ascii_case(org))
+    }
+
+    async fn dkim_state(
+        &self,
+        from: &str,
+        org: &str,
+        mode: Mode,
+        keys: &[Arc<Key>],
+        rec: &TtlRecorder,
+    ) -> State<DkimFailure> {
+        let mut aligned = Vec::new();
+        for key in keys {
+            match self.aligned(&key.domain, from, org, mode, rec).await {
+                Ok(true) => aligned.push(key),
+                Ok(false) => {}
+                Err(e) => return State::Unknown(e),
+            }
+        }
+        if aligned.is_empty() {
+            let signs_as = keys.first().map(|k| k.domain.clone());
+            return State::Fail(DkimFailure::NoKey { signs_as }, None);
+        }
+        let mut problems = Vec::new();
+        let mut fix = None;
+        let mut trouble = None;
+        for key in aligned {
+            let name = key.dns_name();
+            let state = match self.dns.txt(&name).await {
+                Ok(records) => dkim::compare_published(key.algorithm, &public_of(key), &records),
+                Err(e) => Published::Unknown(e.to_string()),
+            };
+            let problem = match state {
+                Published::Matches => return State::Pass,
+                Published::Unknown(e) => {
+                    trouble.get_or_insert(e);
+                    continue;
+                }
+                Published::Missing => KeyState::NotPublished,
+                Published::Revoked => KeyState::Revoked,
+                Published::Mismatch => KeyState::Mismatch,
+            };
+            fix.get_or_insert_with(|| Fix {
+                name: name.clone(),
+                record: key.txt_record(),
+            });
+            problems.push(KeyProblem { name, problem });
+        }
+        match trouble {
+            Some(e) => State::Unknown(e),
+            None => State::Fail(DkimFailure::Keys(problems), fix),
+        }
+    }
+
+    async fn spf_state(
+        &self,
+        from: &str,
+        org: &str,
+        mode: Mode,
+        rp: &str,
+        rec: &TtlRecorder,
+    ) -> State<SpfFailure> {
+        match self.aligned(rp, from, org, mode, rec).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return State::Fail(
+                    SpfFailure::NotAligned {
+                        return_path_domain: rp.to_string(),
+                        strict: mode == Mode::Strict,
+                    },
+                    None,
+                );
+            }
+            Err(e) => return State::Unknown(e),
+        }
+        if self.sending_ips.is_empty() {
+            return State::Config(
+                "no sending IPs are configured ([delivery] public_ips or source_ips)".into(),
+            );
+        }
+        let sender = format!("postmaster@{rp}");
+        let mut failing = Vec::new();
+        for &ip in &self.sending_ips {
+            let params = Parameters::new(SpfParameters::verify_mail_from(
+                ip, &self.helo, &self.helo, &sender,
+            ))
+            .with_txt_cache(rec)
+            .with_mx_cache(rec)
+            .with_ipv4_cache(rec)
+            .with_ipv6_cache(rec);
+            let out = self.auth.verify_spf(params).await;
+            match out.result() {
+                SpfResult::Pass => {}
+                SpfResult::TempError => {
+                    return State::Unknown(format!(
+                        "SPF of {rp} could not be evaluated for {ip}: temporary DNS error"
+                    ));
+                }
+                other => failing.push((ip, spf_name(other))),
+            }
+        }
+        if failing.is_empty() {
+            return State::Pass;
+        }
+        let existing = match self.dns.txt(rp).await {
+            Ok(records) => records
+                .into_iter()
+                .find(|r| is_spf_record(r))
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let ips: Vec<IpAddr> = failing.iter().map(|(ip, _)| *ip).collect();
+        let fix = Fix {
+            name: rp.to_string(),
+            record: suggest_spf(&existing, &ips),
+        };
+        State::Fail(
+            SpfFailure::NotAuthorised {
+                return_path_domain: rp.to_string(),
+                ips: failing,
+            },
+            Some(fix),
+        )
+    }
+}
+
+/// One identifier's outcome during a check.
+enum State<F> {
+    Pass,
+    /// Fails, with the record that would fix it when there is one.
+    Fail(F, Option<Fix>),
+    /// DNS trouble.
+    Unknown(String),
+    /// Cannot be judged from this configuration (SPF without sending IPs).
+    Config(String),
+}
+
+impl<F> State<F> {
+    fn is_dns_trouble(&self) -> bool {
+        matches!(self, State::Unknown(_))
+    }
+}
+
+/// The public key DNS must publish, read back from the key's record text.
+fn public_of(key: &Key) -> Vec<u8> {
+    let record = key.txt_record();
+    record
+        .rsplit_once("p=")
+        .and_then(|(_, p)| BASE64.decode(p.trim()).ok())
+        .unwrap_or_default()
+}
+
+/// A temporary failure, as opposed to an answer saying there is no record.
+fn dns_trouble(e: &mail_auth::Error) -> Option<String> {
+    use mail_auth::{DnsError, Error};
+    match e {
+        Error::Dns(DnsError::RecordNotFound(code))
+            if *code == ResponseCode::NXDomain || *code == ResponseCode::NoError =>
+        {
+            None
+        }
+        Error::Dns(DnsError::RecordNotFound(code)) => Some(format!("DNS answered {code}")),
+        Error::Dns(DnsError::Resolver(reason)) => Some(reason.clone()),
+        // No record that parses as DMARC: there is none.
+        _ => None,
+    }
+}
+
+/// The record that applies to `from` and the policy it sets for it.
+struct Applied {
+    domain: String,
+    policy: Policy,
+    adkim: Mode,
+    aspf: Mode,
+}
+
+/// RFC 9989 §4.10.1: the author domain's own record, else the
+/// organizational domain's (its `sp`), else the shortest one found.
+fn applied_policy(walk: &[(String, Arc<Dmarc>)], from: &str) -> Option<Applied> {
+    let org = organizational_domain(walk, from);
+    let (name, record, own) = if let Some((n, r)) = walk.iter().find(|(n, _)| n == from) {
+        (n, r, true)
+    } else {
+        let (n, r) = walk.iter().find(|(n, _)| n == org).or(walk.last())?;
+        (n, r, false)
+    };
+    let mut policy = if record.p == Policy::Unspecified {
+        // Without p=, a record with rua= means p=none; without either,
+        // DMARC does not apply.
+        if record.rua.is_empty() {
+            return None;
+        }
+        Policy::None
+    } else if own {
+        record.p
+    } else {
+        // A non-existent subdomain would get np=; herald's From: domains
+        // exist, so sp= applies.
+        record.sp
+    };
+    // t=y: the policy is applied one level lower (RFC 9989 §4.7).
+    if record.t {
+        policy = match policy {
+            Policy::Reject => Policy::Quarantine,
+            Policy::Quarantine => Policy::None,
+            other => other,
+        };
+    }
+    Some(Applied {
+        domain: name.clone(),
+        policy,
+        adkim: record.adkim,
+        aspf: record.aspf,
+    })
+}
+
+/// RFC 9989 §4.10.2: the organizational domain from a tree walk.
+fn organizational_domain<'a>(walk: &'a [(String, Arc<Dmarc>)], start: &'a str) -> &'a str {
+    for (name, record) in walk {
+        match record.psd {
+            Psd::No => return name,
+            Psd::Yes if name != start => {
+                let depth = name.split('.').count() + 1;
+                let labels = start.split('.').count();
+                return drop_labels(start, labels.saturating_sub(depth));
+            }
+            _ => {}
+        }
+    }
+    walk.last().map_or(start, |(n, _)| n.as_str())
+}
+
+fn drop_labels(domain: &str, n: usize) -> &str {
+    let mut rest = domain;
+    for _ in 0..n {
+        match rest.split_once('.') {
+            Some((_, r)) => rest = r,
+            None => return "",
+        }
+    }
+    rest
+}
+
+/// `domain` is `parent` or below it.
+fn in_domain(domain: &str, parent: &str) -> bool {
+    let (d, p) = (domain.len(), parent.len());
+    d >= p
+        && domain[d - p..].eq_ignore_ascii_case(parent)
+        && (d == p || domain.as_bytes()[d - p - 1] == b'.')
+}
+
+fn spf_name(r: SpfResult) -> &'static str {
+    match r {
+        SpfResult::Pass => "pass",
+        SpfResult::Fail => "fail",
+        SpfResult::SoftFail => "softfail",
+        SpfResult::Neutral => "neutral",
+        SpfResult::TempError => "temperror",
+        SpfResult::PermError => "permerror",
+        SpfResult::None => "no SPF record",
+    }
+}
+
+fn is_spf_record(r: &str) -> bool {
+    let r = r.trim_start();
+    r.len() >= 6
+        && r[..6].eq_ignore_ascii_case("v=spf1")
+        && r[6..].chars().next().is_none_or(|c| c == ' ')
+}
+
+/// The SPF record to publish: the existing one with the missing IPs
+/// added first, or a new one ending in `~all`.
+fn suggest_spf(existing: &str, ips: &[IpAddr]) -> String {
+    let mechanisms: Vec<String> = ips
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => format!("ip4:{v4}"),
+            IpAddr::V6(v6) => format!("ip6:{v6}"),
+        })
+        .collect();
+    let added = mechanisms.join(" ");
+    if is_spf_record(existing) {
+        let rest = existing.trim_start()[6..].trim();
+        if rest.is_empty() {
+            format!("v=spf1 {added} ~all")
+        } else {
+            format!("v=spf1 {added} {rest}")
+        }
+    } else {
+        format!("v=spf1 {added} ~all")
+    }
+}
+
+/// A mail-auth cache that stores nothing but remembers when the earliest
+/// answer it was offered expires: the verdict built from those answers is
+/// kept no longer than that.
+#[derive(Default)]
+struct TtlRecorder {
+    earliest: Mutex<Option<Instant>>,
+}
+
+impl TtlRecorder {
+    fn earliest(&self) -> Option<Instant> {
+        *self.earliest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<K, V> ResolverCache<K, V> for TtlRecorder {
+    fn get<Q>(&self, _: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        None
+    }
+
+    fn remove<Q>(&self, _: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        None
+    }
+
+    fn insert(&self, _: K, _: V, valid_until: Instant) {
+        let mut e = self.earliest.lock().unwrap_or_else(|e| e.into_inner());
+        *e = Some(e.map_or(valid_until, |t| t.min(valid_until)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure() -> AlignmentVerdict {
+        AlignmentVerdict::WouldFail(Arc::new(Failure {
+            domain: "acme.example".into(),
+            policy_domain: "acme.example".into(),
+            policy: DmarcPolicy::Reject,
+            dkim: DkimFailure::Keys(vec![KeyProblem {
+                name: "herald1._domainkey.acme.example".into(),
+                problem: KeyState::NotPublished,
+            }]),
+            spf: SpfFailure::NotAligned {
+                return_path_domain: "bounces.relay.example".into(),
+                strict: false,
+            },
+            fixes: vec![Fix {
+                name: "herald1._domainkey.acme.example".into(),
+                record: format!("v=DKIM1; k=rsa; p={}", "A".repeat(600)),
+            }],
+        }))
+    }
+
+    #[test]
+    fn reject_is_550_5_7_26_naming_domain_failures_and_record() {
+        let (v, warning) = verdict_for(DmarcAction::Reject, &failure());
+        assert_eq!(warning, None);
+        let Some(Verdict::Reject { reply, rule }) = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            (reply.code, reply.enhanced),
+            (550, Some(Enhanced(5, 7, 26)))
+        );
+        assert_eq!(rule, "dmarc");
+        for want in [
+            "acme.example would fail DMARC",
+            "p=reject",
+            "herald1._domainkey.acme.example is not published",
+            "bounces.relay.example does not align",
+            "Publish TXT at herald1._domainkey.acme.example: v=DKIM1; k=rsa; p=AAA",
+        ] {
+            assert!(reply.text.contains(want), "{want:?} not in {}", reply.text);
+        }
+        // A 600-character key is split over reply lines of legal length,
+        // and joining them back gives the record.
+        let wire = String::from_utf8(reply.to_wire()).unwrap();
+        assert!(wire.split("\r\n").all(|l| l.len() <= 512), "{wire}");
+        assert!(reply.text.replace('\n', "").contains(&"A".repeat(600)));
+    }
+
+    #[test]
+    fn defer_is_451_4_7_26_and_warn_accepts_with_the_same_text() {
+        let (v, warning) = verdict_for(DmarcAction::Defer, &failure());
+        assert_eq!(warning, None);
+        let Some(Verdict::Tempfail { reply, rule }) = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            (reply.code, reply.enhanced),
+            (451, Some(Enhanced(4, 7, 26)))
+        );
+        assert_eq!(rule, "dmarc");
+        assert!(reply.text.contains("acme.example"));
+
+        let (v, warning) = verdict_for(DmarcAction::Warn, &failure());
+        assert_eq!(v, None);
+        let warning = warning.unwrap();
+        assert!(!warning.contains('\n'), "one line for logs: {warning}");
+        assert!(warning.contains("herald1._domainkey.acme.example"));
+        assert!(warning.contains("v=DKIM1; k=rsa; p=AAA"));
+
+        assert_eq!(verdict_for(DmarcAction::Off, &failure()), (None, None));
+    }
+
+    #[test]
+    fn unknown_only_warns_and_pass_does_nothing() {
+        let unknown = AlignmentVerdict::Unknown("DNS timed out".into());
+        for action in [DmarcAction::Reject, DmarcAction::Defer, DmarcAction::Warn] {
+            let (v, warning) = verdict_for(action, &unknown);
+            assert_eq!(v, None, "{action:?}");
+            assert!(warning.unwrap().contains("DNS timed out"));
+        }
+        assert_eq!(verdict_for(DmarcAction::Off, &unknown), (None, None));
+        for quiet in [
+            AlignmentVerdict::Pass,
+            AlignmentVerdict::NotEnforced,
+            AlignmentVerdict::Skipped,
+        ] {
+            assert_eq!(verdict_for(DmarcAction::Reject, &quiet), (None, None));
+        }
+    }
+
+    #[test]
+    fn spf_suggestion_adds_ips_to_the_published_record() {
+        let ips: Vec<IpAddr> = vec![
+            "203.0.113.7".parse().unwrap(),
+            "2001:db8::7".parse().unwrap(),
+        ];
+        assert_eq!(
+            suggest_spf("", &ips),
+            "v=spf1 ip4:203.0.113.7 ip6:2001:db8::7 ~all"
+        );
+        assert_eq!(
+            suggest_spf("v=spf1 include:_spf.google.com -all", &ips[..1]),
+            "v=spf1 ip4:203.0.113.7 include:_spf.google.com -all"
+        );
+        assert_eq!(
+            suggest_spf("v=spf10 x", &ips[..1]),
+            "v=spf1 ip4:203.0.113.7 ~all"
+        );
+        assert_eq!(
+            suggest_spf("v=spf1", &ips[..1]),
+            "v=spf1 ip4:203.0.113.7 ~all"
+        );
+    }
+
+    #[test]
+    fn organizational_domain_follows_the_tree_walk() {
+        let rec = |t: &str| Arc::new(Dmarc::parse(t.as_bytes()).unwrap());
+        use mail_auth::common::parse::TxtRecordParser as _;
+        // Shortest name with a record.
+        let walk = vec![
+            ("a.b.example".to_string(), rec("v=DMARC1; p=none")),
+            ("b.example".to_string(), rec("v=DMARC1; p=reject")),
+        ];
+        assert_eq!(organizational_domain(&walk, "a.b.example"), "b.example");
+        // psd=y: one label below the public suffix domain.
+        let walk = vec![("example".to_string(), rec("v=DMARC1; p=reject; psd=y"))];
+        assert_eq!(
+            organizational_domain(&walk, "x.acme.example"),
+            "acme.example"
+        );
+        assert_eq!(
+            organizational_domain(&[], "x.acme.example"),
+            "x.acme.example"
+        );
+        assert!(in_domain("bounces.Acme.example", "acme.example"));
+        assert!(in_domain("acme.example", "acme.example"));
+        assert!(!in_domain("notacme.example", "acme.example"));
+        assert!(!in_domain("example", "acme.example"));
+    }
+
+    #[test]
+    fn applied_policy_uses_sp_for_subdomains_and_t_lowers_it() {
+        use mail_auth::common::parse::TxtRecordParser as _;
+        let rec = |t: &str| Arc::new(Dmarc::parse(t.as_bytes()).unwrap());
+        let walk = vec![(
+            "acme.example".to_string(),
+            rec("v=DMARC1; p=reject; sp=quarantine"),
+        )];
+        let own = applied_policy(&walk, "acme.example").unwrap();
+        assert_eq!(own.policy, Policy::Reject);
+        let sub = applied_policy(&walk, "mail.acme.example").unwrap();
+        assert_eq!(sub.policy, Policy::Quarantine);
+        assert_eq!(sub.domain, "acme.example");
+        let walk = vec![("acme.example".to_string(), rec("v=DMARC1; p=reject; t=y"))];
+        assert_eq!(
+            applied_policy(&walk, "acme.example").unwrap().policy,
+            Policy::Quarantine
+        );
+        assert!(applied_policy(&[], "acme.example").is_none());
+    }
+
+    #[test]
+    fn config_defaults_and_errors() {
+        let d = DmarcConfig::default();
+        assert_eq!(d.action, DmarcAction::Warn);
+        let mut errs = ConfigErrors::default();
+        validate(&d, "policy.dmarc", &mut errs);
+        assert!(errs.0.is_empty());
+        let bad = DmarcConfig {
+            min_ttl: Span(Duration::from_secs(10)),
+            max_ttl: Span(Duration::from_secs(5)),
+            error_ttl: Span(Duration::ZERO),
+            cache_size: 0,
+            ..d
+        };
+        validate(&bad, "policy.dmarc", &mut errs);
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "policy.dmarc.min_ttl",
+                "policy.dmarc.error_ttl",
+                "policy.dmarc.cache_size"
+            ]
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Late bounces and complaints end to end: herald sends with VERP return
+//! paths, then reports come back over SMTP to the bounce listener
+//! (`[bounces] listener`) and become `bounced` / `complained` events for the
+//! right queue id and recipient, suppression entries, and message status.
+//! Also idempotent submission by Message-ID.
+
+mod common;
+
+use std::time::Duration;
+
+use common::dns::{TestDns, Zone};
+use common::http::api;
+use common::mx::{MxSink, SinkReply, ip, reserve_port};
+use common::relay::{Setup, TestRelay, field, queue_id};
+use common::smtp::TestClient;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct World {
+    _dns: TestDns,
+    mx: MxSink,
+    relay: TestRelay,
+}
+
+async fn world() -> World {
+    let zone = Zone::new("test.")
+        .mx("one.test", 10, "mx.one.test")
+        .a("mx.one.test", ip(2));
+    let dns = TestDns::start(zone).await;
+    let (port, mut listeners) = reserve_port(&[ip(2)]);
+    let mx = MxSink::start_on(listeners.pop().unwrap(), |_, _| SinkReply::Accept).unwrap();
+    let mut setup = Setup::new(dns.addr, port);
+    setup.extra = "[bounces]\n\
+        return_path_domain = \"bounces.relay.test\"\n\
+        verp_secret = \"bounce-test-secret-0123456789\"\n\
+        listener = \"127.0.0.1:0\"\n"
+        .to_string();
+    let relay = TestRelay::start(setup).await;
+    World {
+        _dns: dns,
+        mx,
+        relay,
+    }
+}
+
+impl World {
+    /// The bounce listener: the last SMTP listener.
+    async fn bounce_client(&self) -> TestClient {
+        let addr = *self.relay.running().smtp_addrs.last().unwrap();
+        let mut c = TestClient::connect(addr).await;
+        c.greeting.assert_code(220);
+        c.ehlo("mx.one.test").await.assert_code(250);
+        c
+    }
+
+    /// Sends an invoice to `to` and waits for its delivery; returns the
+    /// queue id and the VERP return path it went out with.
+    async fn deliver(&self, to: &str, message_id: &str) -> (String, String) {
+        let reply = self
+            .relay
+            .submit("billing@acme.test", &[to], &invoice(to, message_id))
+            .await;
+        let id = queue_id(&reply);
+        let got = tokio::task::block_in_place(|| self.mx.wait_for_messages(1, WAIT));
+        let m = got.iter().find(|m| m.rcpts == [to]).expect("delivered");
+        (id, m.from.clone())
+    }
+}
+
+fn invoice(to: &str, message_id: &str) -> Vec<u8> {
+    format!(
+        "From: Acme Billing <billing@acme.test>\r\n\
+         To: <{to}>\r\n\
+         Subject: Invoice 42\r\n\
+         Message-ID: {message_id}\r\n\
+         \r\n\
+         Dear customer, please find invoice 42.\r\n"
+    )
+    .into_bytes()
+}
+
+/// A Postfix-style RFC 3464 report saying `to` does not exist.
+fn dsn(return_path: &str, to: &str, message_id: &str) -> Vec<u8> {
+    format!(
+        "From: MAILER-DAEMON@mx.one.test (Mail Delivery System)\r\n\
+         To: {return_path}\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: text/plain\r\n\
+         \r\n\
+         I'm sorry to have to inform you that your message could not be delivered.\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; mx.one.test\r\n\
+         \r\n\
+         Final-Recipient: rfc822; {to}\r\n\
+         Action: failed\r\n\
+         Status: 5.1.1\r\n\
+         Remote-MTA: dns; store.one.test\r\n\
+         Diagnostic-Code: smtp; 550 5.1.1 <{to}>: Recipient address rejected: User unknown\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: text/rfc822-headers\r\n\
+         \r\n\
+         From: billing@acme.test\r\n\
+         Message-ID: {message_id}\r\n\
+         \r\n\
+         --B1--\r\n"
+    )
+    .into_bytes()
+}
+
+/// An ARF report (RFC 5965) about a message to `to`.
+fn arf(return_path: &str, to: &str, message_id: &str) -> Vec<u8> {
+    format!(
+        "From: feedback@fbl.one.test\r\n\
+         To: postmaster@bounces.relay.test\r\n\
+         Subject: Abuse report\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=feedback-report; boundary=\"F1\"\r\n\
+         \r\n\
+         --F1\r\n\
+         Content-Type: text/plain\r\n\
+         \r\n\
+         This is an email abuse report.\r\n\
+         \r\n\
+         --F1\r\n\
+         Content-Type: message/feedback-report\r\n\
+         \r\n\
+         Feedback-Type: abuse\r\n\
+         User-Agent: OneTestFBL/1.0\r\n\
+         Version: 1\r\n\
+         Original-Mail-From: <{return_path}>\r\n\
+         Original-Rcpt-To: <{to}>\r\n\
+         Source-IP: 127.0.0.1\r\n\
+         \r\n\
+         --F1\r\n\
+         Content-Type: message/rfc822\r\n\
+         \r\n\
+         Return-Path: <{return_path}>\r\n\
+         From: billing@acme.test\r\n\
+         To: {to}\r\n\
+         Message-ID: {message_id}\r\n\
+         Subject: Invoice 42\r\n\
+         \r\n\
+         Dear customer.\r\n\
+         \r\n\
+         --F1--\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_dsn_bounces_the_right_recipient_and_suppresses_it() {
+    common::within(Duration::from_secs(60), "late DSN", async {
+        let w = world().await;
+        let (id, return_path) = w.deliver("gone@one.test", "<inv-1@acme.test>").await;
+        assert!(return_path.starts_with("bounces+"), "{return_path}");
+        w.relay
+            .wait_events("delivered", 1, WAIT, |e| field(e, "event") == "delivered")
+            .await;
+
+        let mut c = w.bounce_client().await;
+        c.cmd("MAIL FROM:<>").await.assert_code(250);
+        c.cmd(&format!("RCPT TO:<{return_path}>"))
+            .await
+            .assert_code(250);
+        let r = c
+            .data(&dsn(&return_path, "gone@one.test", "<inv-1@acme.test>"))
+            .await;
+        r.assert_code(250);
+        let _ = c.cmd("QUIT").await;
+
+        let bounced = w
+            .relay
+            .wait_events("late bounce", 1, WAIT, |e| field(e, "event") == "bounced")
+            .await;
+        let e = &bounced[0];
+        assert_eq!(field(e, "queue_id"), id);
+        assert_eq!(field(e, "recipient"), "gone@one.test");
+        assert_eq!(field(e, "tenant"), "acme");
+        assert_eq!(field(e, "sender"), "billing@acme.test");
+        assert_eq!(field(e, "classification"), "invalid_recipient");
+        assert_eq!(e["permanent"], true);
+        assert_eq!(e["smtp"]["code"], 550);
+        assert_eq!(e["smtp"]["enhanced"], "5.1.1");
+
+        // The hard bounce put the address on the tenant's list: refused at
+        // RCPT from now on.
+        let mut c = w.relay.client().await;
+        c.cmd("MAIL FROM:<billing@acme.test>")
+            .await
+            .assert_code(250);
+        let r = c.cmd("RCPT TO:<gone@one.test>").await;
+        r.assert_code(550);
+        assert_eq!(r.enhanced(), Some("5.1.1"));
+
+        // The finished message's status is still there.
+        let (status, v) = api(&w.relay, "GET", &format!("/api/messages/{id}"), None).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["finished"], true);
+        assert_eq!(v["recipients"][0]["address"], "gone@one.test");
+        assert_eq!(v["recipients"][0]["status"], "delivered");
+        let (status, v) = api(
+            &w.relay,
+            "GET",
+            "/api/messages?message_id=%3Cinv-1@acme.test%3E&tenant=acme",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["id"], id);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arf_report_to_postmaster_is_a_complaint_about_the_right_message() {
+    common::within(Duration::from_secs(60), "ARF", async {
+        let w = world().await;
+        let (id, return_path) = w.deliver("reader@one.test", "<inv-2@acme.test>").await;
+
+        let mut c = w.bounce_client().await;
+        c.cmd("MAIL FROM:<feedback@fbl.one.test>")
+            .await
+            .assert_code(250);
+        c.cmd("RCPT TO:<postmaster@bounces.relay.test>")
+            .await
+            .assert_code(250);
+        c.data(&arf(&return_path, "reader@one.test", "<inv-2@acme.test>"))
+            .await
+            .assert_code(250);
+
+        let complained = w
+            .relay
+            .wait_events("complaint", 1, WAIT, |e| field(e, "event") == "complained")
+            .await;
+        let e = &complained[0];
+        assert_eq!(field(e, "queue_id"), id);
+        assert_eq!(field(e, "recipient"), "reader@one.test");
+        assert_eq!(field(e, "tenant"), "acme");
+        assert!(field(e, "reason").contains("abuse"), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bounce_listener_relays_nothing_and_refuses_forged_tokens() {
+    common::within(Duration::from_secs(60), "bounce listener refusals", async {
+        let w = world().await;
+        let (_, return_path) = w.deliver("someone@one.test", "<inv-3@acme.test>").await;
+        let mut c = w.bounce_client().await;
+        c.cmd("MAIL FROM:<>").await.assert_code(250);
+        for rcpt in [
+            "someone@one.test".to_string(),
+            "nobody@bounces.relay.test".to_string(),
+            // A valid token with one character changed.
+            {
+                let (local, domain) = return_path.rsplit_once('@').unwrap();
+                let mut l = local.to_string();
+                let last = l.pop().unwrap();
+                l.push(if last == 'a' { 'b' } else { 'a' });
+                format!("{l}@{domain}")
+            },
+        ] {
+            let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+            r.assert_code(550);
+            assert_eq!(r.enhanced(), Some("5.1.1"), "{rcpt}");
+        }
+        // An auto-reply to a real VERP address is taken and dropped.
+        c.cmd(&format!("RCPT TO:<{return_path}>")).await.assert_code(250);
+        c.data(
+            b"From: someone@one.test\r\nSubject: Out of office\r\nAuto-Submitted: auto-replied\r\n\r\nI am away.\r\n",
+        )
+        .await
+        .assert_code(250);
+        let _ = c.cmd("QUIT").await;
+        let events = w.relay.events();
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(field(e, "event"), "bounced" | "complained")),
+            "{events:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_message_id_is_accepted_once_and_delivered_once() {
+    common::within(Duration::from_secs(60), "idempotent submission", async {
+        let w = world().await;
+        let body = invoice("payer@one.test", "<inv-4@acme.test>");
+        let first = queue_id(
+            &w.relay
+                .submit("billing@acme.test", &["payer@one.test"], &body)
+                .await,
+        );
+        let again = w
+            .relay
+            .submit("billing@acme.test", &["payer@one.test"], &body)
+            .await;
+        assert_eq!(queue_id(&again), first, "{again:?}");
+        assert!(again.text().contains("duplicate Message-ID"), "{again:?}");
+
+        let received = w
+            .relay
+            .wait_events("two received events", 2, WAIT, |e| {
+                field(e, "event") == "received"
+            })
+            .await;
+        assert_eq!(received[1]["duplicate"], true);
+        assert_eq!(field(&received[1], "queue_id"), first);
+        w.relay
+            .wait_events("delivered", 1, WAIT, |e| field(e, "event") == "delivered")
+            .await;
+        tokio::task::block_in_place(|| w.mx.assert_no_message_within(Duration::from_millis(500)));
+        assert_eq!(w.mx.messages().len(), 1, "delivered once");
+    })
+    .await;
+}
