@@ -18,7 +18,7 @@ SCENARIOS=${SCENARIOS:-a b c d}
 BENCH=../shared/bench/smtpbench.py
 
 command -v smtp-source >/dev/null || { echo "install postfix (smtp-source, smtp-sink): apt-get install postfix" >&2; exit 1; }
-cargo build --release --bin herald --example bench_dns
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin herald --example bench_dns
 mkdir -p var/bench
 rm -rf var/bench/spool var/bench/events.jsonl
 
@@ -44,6 +44,21 @@ if [ -n "${DKIM:-}" ]; then
     "$(ls var/bench/dkim/*.key)" >> var/bench/herald.toml
   LABEL="-dkim-$DKIM"
 fi
+
+# POLICY=off: no spam scoring, no DMARC alignment check (the baseline for
+# the policy stage's cost); POLICY=full: the defaults plus an IP and a
+# domain blocklist zone (answered NXDOMAIN by bench_dns, so cached);
+# unset: the defaults (spam scoring on, DMARC alignment "warn").
+case "${POLICY:-}" in
+  off)
+    printf '\n[policy.spam]\nenabled = false\n[policy.dmarc]\naction = "off"\n' >> var/bench/herald.toml
+    LABEL="$LABEL-policy-off" ;;
+  full)
+    printf '\n[[policy.dnsbl]]\nzone = "bl.bench.example"\nkind = "ip"\n[[policy.dnsbl]]\nzone = "dbl.bench.example"\nkind = "domain"\n' >> var/bench/herald.toml
+    LABEL="$LABEL-policy-full" ;;
+  "") ;;
+  *) echo "POLICY is off or full" >&2; exit 2 ;;
+esac
 
 ulimit -n "$(ulimit -Hn)" || true
 RUST_LOG=warn target/release/herald --config var/bench/herald.toml serve 2> var/bench/herald.log &

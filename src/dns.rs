@@ -114,11 +114,13 @@ impl Dns {
         &self,
         lookup: impl std::future::Future<Output = Result<T, NetError>>,
     ) -> Result<T, NetError> {
-        let started = std::time::Instant::now();
+        let mut timing = Timing {
+            metrics: self.metrics.as_deref(),
+            started: std::time::Instant::now(),
+            done: false,
+        };
         let result = lookup.await;
-        if let Some(m) = &self.metrics {
-            m.dns_latency.observe(started.elapsed());
-        }
+        timing.done = true;
         result
     }
 
@@ -346,6 +348,26 @@ fn negative(e: &NetError) -> Option<Negative> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// Records a lookup's time when it ends — also when its caller gives up
+/// on it (a blocklist or alignment deadline drops the future), which is
+/// then counted as a failure, `abandoned`.
+struct Timing<'a> {
+    metrics: Option<&'a crate::admin::Metrics>,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.metrics {
+            m.dns_latency.observe(self.started.elapsed());
+            if !self.done {
+                m.dns_failures.inc("abandoned");
+            }
+        }
     }
 }
 

@@ -56,12 +56,13 @@ impl World {
     /// Sends an invoice to `to` and waits for its delivery; returns the
     /// queue id and the VERP return path it went out with.
     async fn deliver(&self, to: &str, message_id: &str) -> (String, String) {
+        let before = self.mx.messages().len();
         let reply = self
             .relay
             .submit("billing@acme.test", &[to], &invoice(to, message_id))
             .await;
         let id = queue_id(&reply);
-        let got = tokio::task::block_in_place(|| self.mx.wait_for_messages(1, WAIT));
+        let got = tokio::task::block_in_place(|| self.mx.wait_for_messages(before + 1, WAIT));
         let m = got.iter().find(|m| m.rcpts == [to]).expect("delivered");
         (id, m.from.clone())
     }
@@ -322,6 +323,92 @@ async fn a_repeated_message_id_is_accepted_once_and_delivered_once() {
             .await;
         tokio::task::block_in_place(|| w.mx.assert_no_message_within(Duration::from_millis(500)));
         assert_eq!(w.mx.messages().len(), 1, "delivered once");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_or_unknown_reports_count_at_most_once() {
+    common::within(Duration::from_secs(60), "report deduplication", async {
+        let w = world().await;
+        let (id, return_path) = w.deliver("reader@one.test", "<inv-5@acme.test>").await;
+        let report = arf(&return_path, "reader@one.test", "<inv-5@acme.test>");
+        // A token for a message herald never sent (valid MAC: the secret
+        // is the test's), naming an address of the report's choosing.
+        let verp =
+            herald::policy::verp::Verp::new("bounces.relay.test", b"bounce-test-secret-0123456789");
+        let stranger = verp.address(herald::queue::QueueId(42), 0);
+        let forged = dsn(&stranger, "victim@one.test", "<other@acme.test>");
+        let mut c = w.bounce_client().await;
+        for (rcpt, body) in [
+            (&return_path, &report),
+            (&return_path, &report),
+            (&return_path, &report),
+            (&stranger, &forged),
+        ] {
+            c.cmd("MAIL FROM:<>").await.assert_code(250);
+            c.cmd(&format!("RCPT TO:<{rcpt}>")).await.assert_code(250);
+            c.data(body).await.assert_code(250);
+        }
+        let _ = c.cmd("QUIT").await;
+        // A later bounce of another message shows the reports before it
+        // were all processed.
+        let (other, other_rp) = w.deliver("gone@one.test", "<inv-6@acme.test>").await;
+        let mut c = w.bounce_client().await;
+        c.cmd("MAIL FROM:<>").await.assert_code(250);
+        c.cmd(&format!("RCPT TO:<{other_rp}>"))
+            .await
+            .assert_code(250);
+        c.data(&dsn(&other_rp, "gone@one.test", "<inv-6@acme.test>"))
+            .await
+            .assert_code(250);
+        w.relay
+            .wait_events("the last bounce", 1, WAIT, |e| {
+                field(e, "event") == "bounced" && field(e, "queue_id") == other
+            })
+            .await;
+        let events = w.relay.events();
+        let complaints: Vec<_> = events
+            .iter()
+            .filter(|e| field(e, "event") == "complained")
+            .collect();
+        assert_eq!(complaints.len(), 1, "{complaints:?}");
+        assert_eq!(field(complaints[0], "queue_id"), id);
+        assert!(
+            !events
+                .iter()
+                .any(|e| field(e, "recipient") == "victim@one.test"),
+            "a report about an unknown message names nobody: {events:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_id_to_other_recipients_is_not_a_duplicate() {
+    common::within(Duration::from_secs(60), "split submission", async {
+        let w = world().await;
+        // A client told "452 too many recipients" sends the rest of the
+        // recipients in a second transaction, with the same Message-ID.
+        let first = w
+            .relay
+            .submit(
+                "billing@acme.test",
+                &["a@one.test"],
+                &invoice("a@one.test", "<inv-7@acme.test>"),
+            )
+            .await;
+        let second = w
+            .relay
+            .submit(
+                "billing@acme.test",
+                &["b@one.test"],
+                &invoice("b@one.test", "<inv-7@acme.test>"),
+            )
+            .await;
+        assert_ne!(queue_id(&first), queue_id(&second));
+        let got = tokio::task::block_in_place(|| w.mx.wait_for_messages(2, WAIT));
+        assert_eq!(got.len(), 2);
     })
     .await;
 }

@@ -33,12 +33,27 @@ pub fn ingest(
     }
     let mut emitted = 0;
     for (id, index) in targets {
-        let about = About::look_up(queue, id, index);
+        // A report about a message herald no longer knows cannot say whose
+        // it is: the addresses in it are the sender's word, and trusting
+        // them would let anyone put addresses on a suppression list.
+        let Some(about) = About::look_up(queue, id, index) else {
+            tracing::warn!(queue_id = %id, "report about a message no longer in the queue or history; dropped");
+            continue;
+        };
         let events = match &report {
             Report::Bounce(b) => bounce_events(&about, b),
             Report::Complaint(c) => vec![complaint_event(&about, c)],
         };
         for e in events {
+            let kind = match e.event {
+                EventKind::Complained => 0,
+                EventKind::Bounced => 1,
+                _ => 2,
+            };
+            if !queue.history().first_report(id, index, kind) {
+                tracing::info!(queue_id = %id, "repeated report; counted once");
+                continue;
+            }
             tracing::info!(
                 queue_id = %id,
                 event = ?e.event,
@@ -106,41 +121,30 @@ fn scan_for_verp(verp: &Verp, text: &[u8]) -> Vec<(QueueId, usize)> {
 /// What herald knows of the message and recipient a report is about.
 struct About {
     id: QueueId,
-    recipient: Option<String>,
+    recipient: String,
     sender: String,
     tenant: Option<String>,
     message_id: Option<String>,
 }
 
 impl About {
-    fn look_up(queue: &Queue, id: QueueId, index: usize) -> About {
-        match queue.find(id) {
-            Some(m) => About {
-                id,
-                recipient: m.recipients.get(index).map(|r| r.address.clone()),
-                sender: m.envelope.sender.clone(),
-                tenant: m.envelope.tenant.clone(),
-                message_id: m.envelope.message_id.clone(),
-            },
-            None => About {
-                id,
-                recipient: None,
-                sender: String::new(),
-                tenant: None,
-                message_id: None,
-            },
-        }
+    fn look_up(queue: &Queue, id: QueueId, index: usize) -> Option<About> {
+        let m = queue.find(id)?;
+        Some(About {
+            id,
+            recipient: m.recipients.get(index)?.address.clone(),
+            sender: m.envelope.sender.clone(),
+            tenant: m.envelope.tenant.clone(),
+            message_id: m.envelope.message_id.clone(),
+        })
     }
 
-    fn event(&self, kind: EventKind, fallback_recipient: Option<&str>) -> Event {
+    fn event(&self, kind: EventKind) -> Event {
         let mut e = Event::new(kind, &self.sender);
         e.queue_id = Some(self.id);
         e.tenant = self.tenant.clone();
         e.message_id = self.message_id.clone();
-        e.recipient = self
-            .recipient
-            .clone()
-            .or_else(|| fallback_recipient.map(str::to_string));
+        e.recipient = Some(self.recipient.clone());
         e
     }
 }
@@ -156,35 +160,27 @@ fn bounce_events(about: &About, bounce: &Bounce) -> Vec<Event> {
         .collect();
     // With VERP a report is about one recipient: the one in the token. A
     // report listing several (a forwarder's) is matched by address.
-    let matching: Vec<&BouncedRecipient> = match &about.recipient {
-        Some(addr) => {
-            let same: Vec<_> = relevant
+    let addr = &about.recipient;
+    let same: Vec<_> = relevant
+        .iter()
+        .copied()
+        .filter(|r| {
+            [&r.final_recipient, &r.original_recipient]
                 .iter()
-                .copied()
-                .filter(|r| {
-                    [&r.final_recipient, &r.original_recipient]
-                        .iter()
-                        .any(|a| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(addr)))
-                })
-                .collect();
-            if same.is_empty() {
-                relevant.into_iter().take(1).collect()
-            } else {
-                same.into_iter().take(1).collect()
-            }
-        }
-        None => relevant.into_iter().take(1).collect(),
+                .any(|a| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(addr)))
+        })
+        .collect();
+    let matching: Vec<&BouncedRecipient> = if same.is_empty() {
+        relevant.into_iter().take(1).collect()
+    } else {
+        same.into_iter().take(1).collect()
     };
     if matching.is_empty() {
-        // Known layout, no recipient block (or only success actions).
-        if bounce.recipients.iter().any(|r| r.action != Action::Failed) {
-            return Vec::new();
-        }
-        let mut e = about.event(EventKind::Bounced, None);
-        e.permanent = Some(true);
-        e.classification = Some(crate::report::Classification::Other);
-        e.reason = Some(format!("late bounce ({:?})", bounce.format));
-        return vec![e];
+        // No recipient block could be read: it may as well be a delay
+        // warning as a failure, and a wrong permanent bounce would
+        // suppress a good address. Say so in the log, emit nothing.
+        tracing::warn!(queue_id = %about.id, format = ?bounce.format, "bounce without a readable recipient status; no event");
+        return Vec::new();
     }
     matching
         .into_iter()
@@ -195,9 +191,7 @@ fn bounce_events(about: &About, bounce: &Bounce) -> Vec<Event> {
                 EventKind::Bounced
             };
             let reply = reply_of(r);
-            let mut e = about
-                .event(kind, r.final_recipient.as_deref())
-                .with_reply(&reply);
+            let mut e = about.event(kind).with_reply(&reply);
             e.classification = Some(crate::deliver::classify::classify(&reply));
             e.permanent = Some(kind == EventKind::Bounced && !reply.is_transient());
             e.mx = r
@@ -243,11 +237,7 @@ fn reply_of(r: &BouncedRecipient) -> Reply {
 }
 
 fn complaint_event(about: &About, c: &Complaint) -> Event {
-    let fallback = c
-        .original_rcpt_to
-        .as_deref()
-        .or(c.original_recipient_header.as_deref());
-    let mut e = about.event(EventKind::Complained, fallback);
+    let mut e = about.event(EventKind::Complained);
     e.reason = Some(match &c.user_agent {
         Some(ua) => format!("feedback report: {} (from {ua})", c.feedback_type),
         None => format!("feedback report: {}", c.feedback_type),

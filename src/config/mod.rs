@@ -105,6 +105,9 @@ pub struct Config {
     /// `[classification]`: rules that label failures, tried before the
     /// built-in ones (see [`crate::deliver::classify`]).
     pub classification: crate::deliver::classify::ClassificationConfig,
+    /// `[[smarthost]]`: providers some mail is relayed through (see
+    /// [`crate::deliver::smarthost`]).
+    pub smarthosts: Vec<crate::deliver::smarthost::SmarthostConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -236,6 +239,10 @@ pub struct TenantConfig {
     /// for an app that relies on webhooks alone.
     #[serde(default = "yes")]
     pub dsn: bool,
+    /// Deliver this tenant's mail through this `[[smarthost]]` (by name)
+    /// instead of to the recipients' MX hosts.
+    #[serde(default)]
+    pub smarthost: Option<String>,
 }
 
 fn yes() -> bool {
@@ -654,6 +661,7 @@ impl Config {
             "history",
             "reputation",
             "classification",
+            "smarthost",
         ];
         for key in table.keys() {
             if !KNOWN.contains(&key.as_str()) {
@@ -668,6 +676,8 @@ impl Config {
         // stay right when an earlier item failed to parse.
         let listeners: Vec<Option<ListenerConfig>> = array(&table, "listener", &mut errs);
         let tenants: Vec<Option<TenantConfig>> = array(&table, "tenant", &mut errs);
+        let smarthosts: Vec<Option<crate::deliver::smarthost::SmarthostConfig>> =
+            array(&table, "smarthost", &mut errs);
         let cfg = Config {
             server: section(&table, "server", &mut errs).unwrap_or_default(),
             listeners: listeners.iter().flatten().cloned().collect(),
@@ -691,8 +701,10 @@ impl Config {
             history: section(&table, "history", &mut errs).unwrap_or_default(),
             reputation: section(&table, "reputation", &mut errs).unwrap_or_default(),
             classification: section(&table, "classification", &mut errs).unwrap_or_default(),
+            smarthosts: smarthosts.iter().flatten().cloned().collect(),
         };
         cfg.validate(&listeners, &tenants, &mut errs);
+        crate::deliver::smarthost::validate(&smarthosts, &tenants, &mut errs);
         let mut cfg = cfg;
         if let Some(address) = cfg.bounces.listener {
             if cfg.bounces.return_path_domain.is_none() {

@@ -11,6 +11,10 @@
 //! `idle_timeout` for more. Every job is reported back with one outcome per
 //! recipient through [`Queue::complete_attempt`].
 //!
+//! Mail of a tenant or sender domain routed through a smarthost
+//! ([`smarthost`]) goes to that smarthost's own pool instead, all of a
+//! message's recipients in one job, without VERP.
+//!
 //! What it trusts: the jobs (the receive stage checked addresses and the
 //! body's line ends). Nothing from DNS or the remote server: their failures
 //! become synthesized 4xx replies, and only a remote 5xx or a permanent DNS
@@ -26,6 +30,7 @@ pub mod classify;
 pub mod client;
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod smarthost;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -122,6 +127,7 @@ fn start_inner(
         helo: config.helo_name().to_string(),
         rate_limits: crate::limits::RateLimits::new(&config),
         verp: crate::policy::verp::Verp::from_config(&config.bounces),
+        smarthosts: smarthost::Routes::new(&config),
         config,
         dns,
         sink,
@@ -150,6 +156,8 @@ struct Ctx {
     verp: Option<crate::policy::verp::Verp>,
     /// Suspended domains and tenants: their jobs go back unattempted.
     control: Option<crate::control::Control>,
+    /// `[[smarthost]]` routing by tenant and sender domain.
+    smarthosts: smarthost::Routes,
 }
 
 impl Ctx {
@@ -187,9 +195,13 @@ impl Ctx {
     }
 }
 
-/// One destination domain: its ready queue and its connection tasks.
+/// One destination: a recipient domain, or a smarthost (then named
+/// `smarthost:NAME`, which no domain can be); its ready queue and its
+/// connection tasks.
 struct Domain {
     name: String,
+    /// Set for a smarthost's pool: connect there instead of to MX hosts.
+    smarthost: Option<Arc<smarthost::Smarthost>>,
     state: Mutex<DomainState>,
 }
 
@@ -222,6 +234,10 @@ async fn dispatch(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<DeliveryJob>)
         task_domain: HashMap::new(),
     };
     let mut batch = Vec::with_capacity(256);
+    // Jobs for smarthosts within one batch, merged per message and
+    // smarthost: the queue splits a message by recipient domain, but a
+    // smarthost takes all its recipients in one transaction.
+    let mut via: Vec<(Arc<smarthost::Smarthost>, DeliveryJob)> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -243,6 +259,18 @@ async fn dispatch(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<DeliveryJob>)
                     {
                         continue;
                     }
+                    // No VERP through a smarthost: the provider wants the
+                    // account's own sender.
+                    if let Some(sh) = ctx.smarthosts.route(&job.envelope) {
+                        match via
+                            .iter_mut()
+                            .find(|(s, j)| j.id == job.id && Arc::ptr_eq(s, sh))
+                        {
+                            Some((_, merged)) => merged.recipients.extend(job.recipients),
+                            None => via.push((sh.clone(), job)),
+                        }
+                        continue;
+                    }
                     match &ctx.verp {
                         Some(verp) => {
                             for job in with_verp(job, verp) {
@@ -251,6 +279,9 @@ async fn dispatch(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<DeliveryJob>)
                         }
                         None => d.route(job),
                     }
+                }
+                for (sh, job) in via.drain(..) {
+                    d.route_to(format!("smarthost:{}", sh.name), Some(sh), job);
                 }
             }
         }
@@ -294,20 +325,41 @@ impl Dispatcher {
     /// Hands a job to an idle connection of its domain, or queues it and
     /// starts another connection task if the domain's limit allows.
     fn route(&mut self, job: DeliveryJob) {
-        let domain = match self.domains.get(&job.domain) {
+        let name = job.domain.clone();
+        self.route_to(name, None, job);
+    }
+
+    /// [`Dispatcher::route`] to the pool `name` (a domain or a smarthost).
+    fn route_to(
+        &mut self,
+        name: String,
+        smarthost: Option<Arc<smarthost::Smarthost>>,
+        job: DeliveryJob,
+    ) {
+        let domain = match self.domains.get(&name) {
             Some(d) => d.clone(),
             None => {
                 let d = Arc::new(Domain {
-                    name: job.domain.clone(),
+                    name: name.clone(),
+                    smarthost,
                     state: Mutex::new(DomainState::default()),
                 });
-                self.domains.insert(job.domain.clone(), d.clone());
+                self.domains.insert(name, d.clone());
                 d
             }
         };
         let spawn = {
             let mut st = domain.lock();
             let mut job = job;
+            // Another part of the same message still waiting here (it came
+            // in an earlier batch): one transaction for both. Only the last
+            // few are looked at, so a backlog costs nothing.
+            if domain.smarthost.is_some()
+                && let Some(waiting) = st.jobs.iter_mut().rev().take(8).find(|j| j.id == job.id)
+            {
+                waiting.recipients.extend(job.recipients);
+                return;
+            }
             loop {
                 let Some(waiter) = st.idle.pop_back() else {
                     break;
@@ -394,6 +446,8 @@ struct Session {
     mx: String,
     /// Transactions completed on it.
     sent: usize,
+    /// The smarthost this session is logged in to, if it is one.
+    smarthost: Option<Arc<smarthost::Smarthost>>,
     _live: Connected,
 }
 
@@ -433,7 +487,10 @@ async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
         // hand and unattempted; this task sleeps exactly as long as the
         // limiter says (no spinning), and other domains' tasks go on. On
         // shutdown the job goes back as not attempted.
-        if ctx.rate_limits.shapes_delivery()
+        // Traffic shaping is per recipient domain; a smarthost pool mixes
+        // domains, and the provider enforces its own limits.
+        if domain.smarthost.is_none()
+            && ctx.rate_limits.shapes_delivery()
             && let Err(e) = ctx.rate_limits.domain_message(&domain.name).await
         {
             // A wait longer than an idle connection is kept: close it
@@ -654,9 +711,46 @@ fn settle_domain(ctx: &Ctx, domain: &Domain, result: &AttemptResult, mx: Option<
 /// greets and answers EHLO (RFC 5321 §5.1: on to the next address or host
 /// on a refused connection, a timeout, or a 4xx/5xx greeting or EHLO).
 async fn connect_domain(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session, ConnectFailure> {
+    let connect = async {
+        match &domain.smarthost {
+            Some(sh) => connect_smarthost(ctx, domain, sh).await,
+            None => connect_domain_inner(ctx, domain).await,
+        }
+    };
     tokio::select! {
-        r = connect_domain_inner(ctx, domain) => r,
+        r = connect => r,
         _ = ctx.shutdown.cancelled() => Err(ConnectFailure::Shutdown),
+    }
+}
+
+/// Connects and logs in to a smarthost; every failure defers (see
+/// [`smarthost`]).
+async fn connect_smarthost(
+    ctx: &Ctx,
+    domain: &Arc<Domain>,
+    sh: &Arc<smarthost::Smarthost>,
+) -> Result<Session, ConnectFailure> {
+    match sh
+        .open(&ctx.dns, &ctx.helo, ctx.timeouts, |ip| ctx.source_for(ip))
+        .await
+    {
+        Ok(client) => {
+            if let Some(m) = ctx.sink.metrics() {
+                m.connections_out
+                    .inc(client.tls_version().unwrap_or("none"));
+            }
+            Ok(Session {
+                client,
+                mx: sh.host.clone(),
+                sent: 0,
+                smarthost: Some(sh.clone()),
+                _live: Connected::new(domain),
+            })
+        }
+        Err((reply, class)) => Err(ConnectFailure::Site {
+            result: AttemptResult::Deferred(reply, class),
+            mx: Some(sh.host.clone()),
+        }),
     }
 }
 
@@ -765,6 +859,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                         client,
                         mx: host.name.clone(),
                         sent: 0,
+                        smarthost: None,
                         _live: Connected::new(domain),
                     });
                 }
@@ -862,7 +957,9 @@ async fn transact(
             .collect::<Vec<_>>()
     };
     let caps = s.client.capabilities();
-    let next_hop_dsn = caps.dsn;
+    // With VERP the next hop's own success report would come back to the
+    // bounce listener, not to the sender: herald reports "relayed" then.
+    let next_hop_dsn = caps.dsn && job.return_path.is_none();
 
     // RFC 1870 §6.1: a message over the server's fixed limit would only be
     // refused after the whole transfer.
@@ -931,6 +1028,29 @@ async fn transact(
         }
         Err(e) => return Err(e),
     };
+    // A smarthost that refuses the sender: say why, in smtp-test's words,
+    // keeping the reply's code (and so bounce or deferral) as it is.
+    if let Some(sh) = &s.smarthost
+        && !tx.mail.is_positive()
+    {
+        let explained = sh.mail_refused(&tx.mail, job.sender());
+        let result = match failure(&tx.mail) {
+            AttemptResult::Bounced(_, class) => AttemptResult::Bounced(explained, class),
+            AttemptResult::Deferred(_, class) => AttemptResult::Deferred(explained, class),
+            other => other,
+        };
+        return Ok(job
+            .recipients
+            .iter()
+            .map(|r| RcptOutcome {
+                index: r.index,
+                result: result.clone(),
+                mx: Some(mx.to_string()),
+                tls: tls.map(str::to_string),
+                next_hop_dsn,
+            })
+            .collect());
+    }
     Ok(outcomes(job, &tx, mx, tls, next_hop_dsn))
 }
 
@@ -1158,6 +1278,7 @@ mod tests {
             rate_limits: crate::limits::RateLimits::new(&config),
             verp: None,
             control: None,
+            smarthosts: smarthost::Routes::default(),
             config,
         }
     }
@@ -1255,12 +1376,14 @@ mod tests {
         ctx.sink = outcomes.clone();
         let domain = Arc::new(Domain {
             name: "x.test".into(),
+            smarthost: None,
             state: Mutex::new(DomainState::default()),
         });
         let session = |client| Session {
             client,
             mx: "mx.test".into(),
             sent: 0,
+            smarthost: None,
             _live: Connected::new(&domain),
         };
 

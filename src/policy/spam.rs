@@ -28,6 +28,12 @@ use crate::config::ConfigErrors;
 /// of a larger body is not looked at.
 pub const SCAN_BUDGET: usize = 512 * 1024;
 
+/// Body text scanned per text or HTML part: SpamAssassin's
+/// `body_part_scan_size` default (50,000 bytes). Spam puts its links and
+/// tricks early; scanning the whole of a long part costs every message
+/// (a 100 KiB part took 2.5x the parse) for hardly any more catches.
+pub const PART_SCAN_SIZE: usize = 50_000;
+
 /// Most URL domains reported in [`SpamReport::url_domains`].
 pub const MAX_URL_DOMAINS: usize = 50;
 
@@ -311,7 +317,8 @@ pub fn url_domains(message: &[u8]) -> Vec<String> {
     }
 }
 
-/// Reads the text and HTML parts of a message, [`SCAN_BUDGET`] bytes at most.
+/// Reads the text and HTML parts of a message: [`PART_SCAN_SIZE`] bytes of
+/// each, [`SCAN_BUDGET`] bytes at most in all.
 fn scan_bodies<'r>(msg: &Message<'_>, shorteners: &'r [String]) -> (Urls<'r>, HtmlFindings) {
     let mut urls = Urls::new(shorteners);
     let mut html = HtmlFindings::default();
@@ -325,7 +332,7 @@ fn scan_bodies<'r>(msg: &Message<'_>, shorteners: &'r [String]) -> (Urls<'r>, Ht
         if budget == 0 {
             break;
         }
-        let text = take_budget(text, &mut budget);
+        let text = take_budget(&text[..text.len().min(PART_SCAN_SIZE)], &mut budget);
         scan_bare_urls(text, &mut urls);
         if is_html {
             html.merge(scan_html(text, &mut urls));

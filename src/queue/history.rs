@@ -61,16 +61,86 @@ struct Inner {
     by_id: HashMap<QueueId, Finished>,
     /// Finished messages, oldest first: (finished_at, id).
     order: VecDeque<(u64, QueueId)>,
-    /// (tenant, Message-ID) → (queue id, accepted at), for live and
-    /// finished messages within the idempotency window.
-    by_message_id: HashMap<(String, String), (QueueId, u64)>,
-    /// Index keys in acceptance order, for expiry.
-    id_order: VecDeque<(u64, (String, String))>,
+    /// Submission key → the submission, for live and finished messages
+    /// within the idempotency window.
+    submissions: HashMap<Key, Claimed>,
+    /// Submission keys by acceptance time, oldest first, for expiry.
+    submission_order: VecDeque<(u64, Key)>,
+    /// (tenant, Message-ID) → the latest queue id, for the status API.
+    latest: HashMap<(String, String), QueueId>,
+    /// Claims whose message is not stored yet.
+    pending: HashMap<QueueId, Key>,
+    /// Late reports already counted: (queue id, recipient, kind).
+    reports: std::collections::HashSet<(QueueId, usize, u8)>,
+    reports_order: VecDeque<(QueueId, usize, u8)>,
 }
 
-/// The key a Message-ID is indexed under: the tenant (or "" for trusted
-/// networks) and the Message-ID as written, without surrounding space.
-fn key(tenant: Option<&str>, message_id: &str) -> (String, String) {
+/// Late reports remembered for deduplication.
+const MAX_REPORTS: usize = 100_000;
+
+/// What makes two submissions the same: the tenant (or "" for trusted
+/// networks), the Message-ID as written, and a digest of the envelope
+/// (sender and recipients). The envelope is part of it because one message
+/// legitimately comes in several transactions: a client told "452 too many
+/// recipients" sends the rest later under the same Message-ID, and so do
+/// apps that submit once per recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    tenant: String,
+    message_id: String,
+    envelope: [u8; 16],
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Claimed {
+    id: QueueId,
+    at: u64,
+    /// Claimed, and the message not yet stored.
+    pending: bool,
+}
+
+/// What [`History::claim`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// First submission: go on and store it, then [`History::confirm`].
+    New,
+    /// Already accepted under this queue id: answer 250 with it.
+    Duplicate(QueueId),
+    /// The first submission is still being stored: answer 4xx, so that
+    /// the client asks again once the first one has its answer.
+    InFlight,
+}
+
+/// The submission key of a message (see [`Key`]).
+fn key<'a>(
+    tenant: Option<&str>,
+    message_id: &str,
+    sender: &str,
+    recipients: impl IntoIterator<Item = &'a str>,
+) -> Key {
+    use blake2::Digest as _;
+    let mut rcpts: Vec<String> = recipients
+        .into_iter()
+        .map(|r| r.to_ascii_lowercase())
+        .collect();
+    rcpts.sort_unstable();
+    let mut h = blake2::Blake2s256::new();
+    h.update(sender.to_ascii_lowercase().as_bytes());
+    for r in &rcpts {
+        h.update(b"\0");
+        h.update(r.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut envelope = [0u8; 16];
+    envelope.copy_from_slice(&digest[..16]);
+    Key {
+        tenant: tenant.unwrap_or_default().to_string(),
+        message_id: message_id.trim().to_string(),
+        envelope,
+    }
+}
+
+fn latest_key(tenant: Option<&str>, message_id: &str) -> (String, String) {
     (
         tenant.unwrap_or_default().to_string(),
         message_id.trim().to_string(),
@@ -81,6 +151,9 @@ impl History {
     /// Loads what `dir` holds within the retention and starts the writer.
     pub fn open(dir: &Path, limits: Limits, now: u64) -> std::io::Result<History> {
         let mut found: Vec<Finished> = Vec::new();
+        // When the current file's oldest line passes the retention, it is
+        // rotated: only that file's own lines count for it.
+        let mut first_in_file = None;
         for name in [OLD_FILE, FILE] {
             let path = dir.join(name);
             let file = match File::open(&path) {
@@ -88,18 +161,30 @@ impl History {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            // A torn last line (crash mid-write) is skipped, not fatal.
-            for line in BufReader::new(file).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(f) = serde_json::from_str::<Finished>(&line)
-                    && now.saturating_sub(f.finished_at) < limits.retention_secs
-                {
+            // A torn line (crash mid-write, perhaps inside a UTF-8
+            // character) is skipped; the lines after it still count.
+            let mut reader = BufReader::new(file);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+                let Ok(f) = serde_json::from_slice::<Finished>(&line) else {
+                    continue;
+                };
+                if name == FILE {
+                    first_in_file =
+                        Some(first_in_file.map_or(f.finished_at, |t: u64| t.min(f.finished_at)));
+                }
+                if now.saturating_sub(f.finished_at) < limits.retention_secs {
                     found.push(f);
                 }
             }
         }
         found.sort_by_key(|f| f.finished_at);
-        let first_in_file = found.first().map(|f| f.finished_at);
         let history = History {
             inner: Mutex::new(Inner::default()),
             limits,
@@ -127,63 +212,86 @@ impl History {
         }
     }
 
-    /// Notes a message accepted now (or recovered from the spool), so that
-    /// its Message-ID finds it.
-    pub fn accepted(&self, id: QueueId, envelope: &Envelope) {
-        if self.limits.idempotency_secs == 0 {
-            return;
-        }
+    /// Notes a message recovered from the spool, so that its Message-ID
+    /// finds it.
+    pub fn accepted<'a>(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        recipients: impl IntoIterator<Item = &'a str>,
+    ) {
         let Some(mid) = &envelope.message_id else {
             return;
         };
-        let mut inner = self.inner.lock().expect("history lock");
-        self.index(
-            &mut inner,
-            id,
+        let k = key(
             envelope.tenant.as_deref(),
             mid,
-            envelope.received_at,
+            &envelope.sender,
+            recipients,
         );
+        let mut inner = self.inner.lock().expect("history lock");
+        self.index(&mut inner, k, id, envelope.received_at, false);
     }
 
-    /// Atomically: the queue id this tenant's Message-ID was accepted under
-    /// within the idempotency window, or else claims it for `id` (so that
-    /// a second submission racing this one finds it). Undo with
-    /// [`History::release`] when the message is then not accepted.
-    pub fn claim(
+    /// Atomically: whether this tenant submitted the same message (same
+    /// Message-ID, sender and recipients) within the idempotency window;
+    /// if not, claims it for `id`, so that a second submission racing this
+    /// one finds it. Then [`History::confirm`] once the message is stored,
+    /// or [`History::release`] when it is not.
+    pub fn claim<'a>(
         &self,
-        tenant: Option<&str>,
+        envelope: &Envelope,
         message_id: &str,
+        recipients: impl IntoIterator<Item = &'a str>,
         id: QueueId,
         now: u64,
-    ) -> Option<QueueId> {
+    ) -> Claim {
         if self.limits.idempotency_secs == 0 {
-            return None;
+            return Claim::New;
         }
+        let k = key(
+            envelope.tenant.as_deref(),
+            message_id,
+            &envelope.sender,
+            recipients,
+        );
         let mut inner = self.inner.lock().expect("history lock");
-        self.expire_ids(&mut inner, now);
-        let k = key(tenant, message_id);
-        if let Some(&(first, _)) = inner.by_message_id.get(&k) {
-            return Some(first);
+        self.expire_submissions(&mut inner, now);
+        match inner.submissions.get(&k) {
+            Some(c) if c.pending => Claim::InFlight,
+            Some(c) => Claim::Duplicate(c.id),
+            None => {
+                self.index(&mut inner, k, id, now, true);
+                Claim::New
+            }
         }
-        self.index(&mut inner, id, tenant, message_id, now);
-        None
     }
 
-    /// Forgets a claim whose message was not accepted after all.
-    pub fn release(&self, tenant: Option<&str>, message_id: &str, id: QueueId) {
+    /// The claimed message is stored: later submissions are duplicates.
+    pub fn confirm(&self, id: QueueId) {
         let mut inner = self.inner.lock().expect("history lock");
-        let k = key(tenant, message_id);
-        if inner.by_message_id.get(&k).is_some_and(|(q, _)| *q == id) {
-            inner.by_message_id.remove(&k);
+        if let Some(k) = inner.pending.remove(&id)
+            && let Some(c) = inner.submissions.get_mut(&k)
+        {
+            c.pending = false;
         }
     }
 
-    /// The queue id a tenant's Message-ID was accepted under, if it is
-    /// still remembered.
+    /// Forgets a claim whose message was not stored after all.
+    pub fn release(&self, id: QueueId) {
+        let mut inner = self.inner.lock().expect("history lock");
+        if let Some(k) = inner.pending.remove(&id)
+            && inner.submissions.get(&k).is_some_and(|c| c.id == id)
+        {
+            inner.submissions.remove(&k);
+        }
+    }
+
+    /// The latest queue id a tenant's Message-ID was accepted under, if it
+    /// is still remembered.
     pub fn by_message_id(&self, tenant: Option<&str>, message_id: &str) -> Option<QueueId> {
         let inner = self.inner.lock().expect("history lock");
-        if let Some((id, _)) = inner.by_message_id.get(&key(tenant, message_id)) {
+        if let Some(id) = inner.latest.get(&latest_key(tenant, message_id)) {
             return Some(*id);
         }
         // Past the idempotency window, finished messages are still found.
@@ -198,6 +306,24 @@ impl History {
                     && f.envelope.message_id.as_deref().map(str::trim) == Some(mid)
             })
             .map(|f| f.id)
+    }
+
+    /// Whether this is the first late report of `kind` about recipient
+    /// `index` of message `id`: a receiver (or anyone holding the VERP
+    /// address) may send the same report many times, and each copy must
+    /// not count again against the tenant's reputation.
+    pub fn first_report(&self, id: QueueId, index: usize, kind: u8) -> bool {
+        let mut inner = self.inner.lock().expect("history lock");
+        if !inner.reports.insert((id, index, kind)) {
+            return false;
+        }
+        inner.reports_order.push_back((id, index, kind));
+        if inner.reports_order.len() > MAX_REPORTS
+            && let Some(old) = inner.reports_order.pop_front()
+        {
+            inner.reports.remove(&old);
+        }
+        true
     }
 
     /// Records a message that has left the queue.
@@ -231,12 +357,14 @@ impl History {
     }
 
     fn insert(&self, inner: &mut Inner, f: Finished, now: u64) {
-        if let Some(mid) = &f.envelope.message_id
-            && self.limits.idempotency_secs > 0
-            && now.saturating_sub(f.envelope.received_at) < self.limits.idempotency_secs
-        {
-            let (tenant, received) = (f.envelope.tenant.clone(), f.envelope.received_at);
-            self.index(inner, f.id, tenant.as_deref(), mid, received);
+        if let Some(mid) = &f.envelope.message_id {
+            let k = key(
+                f.envelope.tenant.as_deref(),
+                mid,
+                &f.envelope.sender,
+                f.recipients.iter().map(|r| r.address.as_str()),
+            );
+            self.index(inner, k, f.id, f.envelope.received_at, false);
         }
         inner.order.push_back((f.finished_at, f.id));
         inner.by_id.insert(f.id, f);
@@ -246,31 +374,65 @@ impl History {
                 break;
             }
             inner.order.pop_front();
-            inner.by_id.remove(&id);
+            if let Some(f) = inner.by_id.remove(&id)
+                && let Some(mid) = &f.envelope.message_id
+            {
+                let lk = latest_key(f.envelope.tenant.as_deref(), mid);
+                if inner.latest.get(&lk) == Some(&id) {
+                    inner.latest.remove(&lk);
+                }
+            }
         }
-        self.expire_ids(inner, now);
+        self.expire_submissions(inner, now);
     }
 
-    fn index(&self, inner: &mut Inner, id: QueueId, tenant: Option<&str>, mid: &str, at: u64) {
-        let k = key(tenant, mid);
-        if inner.by_message_id.contains_key(&k) {
+    /// Indexes a submission accepted at `at`, keeping the order by time
+    /// (recovered and reloaded messages come with their own, older times)
+    /// and the index within `max_messages`.
+    fn index(&self, inner: &mut Inner, k: Key, id: QueueId, at: u64, pending: bool) {
+        if self.limits.idempotency_secs == 0 || inner.submissions.contains_key(&k) {
             return;
         }
-        inner.by_message_id.insert(k.clone(), (id, at));
-        inner.id_order.push_back((at, k));
+        inner
+            .latest
+            .insert(latest_key(Some(&k.tenant), &k.message_id), id);
+        if pending {
+            inner.pending.insert(id, k.clone());
+        }
+        inner
+            .submissions
+            .insert(k.clone(), Claimed { id, at, pending });
+        let pos = inner.submission_order.partition_point(|(t, _)| *t <= at);
+        inner.submission_order.insert(pos, (at, k));
+        while inner.submission_order.len() > self.limits.max_messages {
+            self.forget_oldest_submission(inner);
+        }
     }
 
-    fn expire_ids(&self, inner: &mut Inner, now: u64) {
-        while let Some((at, _)) = inner.id_order.front() {
-            if now.saturating_sub(*at) < self.limits.idempotency_secs {
-                break;
-            }
-            let Some((at, k)) = inner.id_order.pop_front() else {
-                break;
-            };
-            if inner.by_message_id.get(&k).is_some_and(|(_, a)| *a == at) {
-                inner.by_message_id.remove(&k);
-            }
+    fn expire_submissions(&self, inner: &mut Inner, now: u64) {
+        while inner
+            .submission_order
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) >= self.limits.idempotency_secs)
+        {
+            self.forget_oldest_submission(inner);
+        }
+    }
+
+    fn forget_oldest_submission(&self, inner: &mut Inner) {
+        let Some((at, k)) = inner.submission_order.pop_front() else {
+            return;
+        };
+        let Some(c) = inner.submissions.get(&k).copied().filter(|c| c.at == at) else {
+            return;
+        };
+        inner.submissions.remove(&k);
+        inner.pending.remove(&c.id);
+        // Finished messages stay findable from `by_id`; a live one that is
+        // no longer indexed is not, which is only the status API's loss.
+        let lk = latest_key(Some(&k.tenant), &k.message_id);
+        if inner.latest.get(&lk) == Some(&c.id) {
+            inner.latest.remove(&lk);
         }
     }
 }
@@ -366,19 +528,37 @@ mod tests {
         }
     }
 
+    fn env(tenant: &str) -> Envelope {
+        let mut e = finished(0, "<a@x>", 0).envelope;
+        e.tenant = Some(tenant.into());
+        e
+    }
+
     #[test]
-    fn claims_are_per_tenant_within_the_window_and_can_be_released() {
+    fn claims_are_per_tenant_and_envelope_within_the_window() {
         let h = History::in_memory(LIMITS);
-        assert_eq!(h.claim(Some("acme"), "<a@x>", QueueId(1), 1000), None);
+        let (acme, other) = (env("acme"), env("other"));
+        let claim = |e: &Envelope, rcpts: &[&str], id: u128, now: u64| {
+            h.claim(e, "<a@x>", rcpts.iter().copied(), QueueId(id), now)
+        };
+        assert_eq!(claim(&acme, &["b@y", "c@y"], 1, 1000), Claim::New);
+        // The first is still being stored.
+        assert_eq!(claim(&acme, &["c@y", "B@y"], 2, 1001), Claim::InFlight);
+        h.confirm(QueueId(1));
         assert_eq!(
-            h.claim(Some("acme"), " <a@x> ", QueueId(2), 1005),
-            Some(QueueId(1))
+            claim(&acme, &["c@y", "B@y"], 2, 1005),
+            Claim::Duplicate(QueueId(1))
         );
-        assert_eq!(h.claim(Some("other"), "<a@x>", QueueId(3), 1005), None);
-        // Past the window the same Message-ID is a new message.
-        assert_eq!(h.claim(Some("acme"), "<a@x>", QueueId(4), 1011), None);
-        h.release(Some("acme"), "<a@x>", QueueId(4));
-        assert_eq!(h.claim(Some("acme"), "<a@x>", QueueId(5), 1012), None);
+        // The rest of the recipients in another transaction (after a 452),
+        // another tenant: not duplicates.
+        assert_eq!(claim(&acme, &["d@y"], 3, 1005), Claim::New);
+        assert_eq!(claim(&other, &["b@y", "c@y"], 4, 1005), Claim::New);
+        // Past the window the same message is a new one.
+        assert_eq!(claim(&acme, &["b@y", "c@y"], 5, 1011), Claim::New);
+        // A released claim (not stored) is no duplicate.
+        h.release(QueueId(5));
+        assert_eq!(claim(&acme, &["b@y", "c@y"], 6, 1012), Claim::New);
+        assert_eq!(h.by_message_id(Some("acme"), "<a@x>"), Some(QueueId(6)));
     }
 
     #[test]
@@ -438,9 +618,11 @@ mod tests {
         assert!(h.get(QueueId(10)).is_some());
         assert_eq!(h.by_message_id(Some("acme"), "<8@x>"), Some(QueueId(8)));
         // A claim within the window still finds the message after restart.
+        let f8 = finished(8, "<8@x>", 1001);
+        let rcpts = f8.recipients.iter().map(|r| r.address.as_str());
         assert_eq!(
-            h.claim(Some("acme"), "<8@x>", QueueId(9), 1005),
-            Some(QueueId(8))
+            h.claim(&f8.envelope, "<8@x>", rcpts, QueueId(9), 1005),
+            Claim::Duplicate(QueueId(8))
         );
         // Opened past the retention, nothing is loaded.
         let h = History::open(dir.path(), LIMITS, 2000).unwrap();

@@ -186,7 +186,16 @@ impl Queue {
         let mut finished = Vec::new();
         for r in recovered {
             if r.recipients.iter().all(|x| x.status.is_final()) {
+                // Finished just before the crash: late bounces and the
+                // status API still find it.
                 finished.push(r.id);
+                history.finished(history::Finished {
+                    id: r.id,
+                    envelope: r.envelope,
+                    recipients: r.recipients,
+                    size: r.body.len,
+                    finished_at: now,
+                });
                 continue;
             }
             *inner.live.entry(r.body.segment).or_default() += 1;
@@ -199,7 +208,11 @@ impl Queue {
             };
             let due = entry.next_due().map(|t| t.max(now));
             set_timer(&mut inner.timers, r.id, &mut entry, due);
-            history.accepted(r.id, &entry.envelope);
+            history.accepted(
+                r.id,
+                &entry.envelope,
+                entry.recipients.iter().map(|x| x.address.as_str()),
+            );
             inner.messages.insert(r.id, entry);
         }
         if !inner.messages.is_empty() {

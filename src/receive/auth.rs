@@ -521,6 +521,7 @@ mod tests {
             webhook_url: None,
             webhook_secret: None,
             dsn: true,
+            smarthost: None,
         }
     }
 

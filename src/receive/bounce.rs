@@ -20,15 +20,18 @@ impl Session {
     /// or a role address of the return-path domain; 550 5.1.1 for anything
     /// else.
     pub(super) fn bounce_rcpt(&mut self, address: String) -> Step {
-        let known = self.ctx.verp.as_ref().is_some_and(|verp| {
-            verp.decode(&address).is_some()
-                || address.rsplit_once('@').is_some_and(|(local, domain)| {
-                    domain.eq_ignore_ascii_case(verp.domain())
-                        && ROLE_LOCAL_PARTS
-                            .iter()
-                            .any(|r| local.eq_ignore_ascii_case(r))
-                })
-        });
+        // RFC 5321 §4.1.1.3: a bare <postmaster> must be accepted too.
+        let bare_postmaster = address.eq_ignore_ascii_case("postmaster");
+        let known = bare_postmaster
+            || self.ctx.verp.as_ref().is_some_and(|verp| {
+                verp.decode(&address).is_some()
+                    || address.rsplit_once('@').is_some_and(|(local, domain)| {
+                        domain.eq_ignore_ascii_case(verp.domain())
+                            && ROLE_LOCAL_PARTS
+                                .iter()
+                                .any(|r| local.eq_ignore_ascii_case(r))
+                    })
+            });
         if !known {
             tracing::info!(client_ip = %self.ip, recipient = %address, "bounce listener: unknown recipient");
             self.reply(&Reply::new(

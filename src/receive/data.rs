@@ -24,6 +24,7 @@ use super::message::{self, Protocol, TraceInfo};
 use super::session::{Body, ChunkFate, Mode, Session, Step};
 use crate::policy::{self, Verdict};
 use crate::queue::QueueId;
+use crate::queue::history::Claim;
 use crate::queue::message::unix_now;
 use crate::reply::{Enhanced, Reply, codes};
 use crate::report::{Event, EventKind};
@@ -287,11 +288,20 @@ impl Session {
         }
         let size = buf.len() as u64;
         let history = self.ctx.queue.history();
-        let tenant = txn.envelope.tenant.clone();
-        if let Some(mid) = &app_message_id
-            && let Some(first) = history.claim(tenant.as_deref(), mid, id, unix_now())
-        {
-            return self.duplicate(&txn.envelope, first, size);
+        if let Some(mid) = &app_message_id {
+            let rcpts = txn.recipients.iter().map(|r| r.address.as_str());
+            match history.claim(&txn.envelope, mid, rcpts, id, unix_now()) {
+                Claim::New => {}
+                Claim::Duplicate(first) => return self.duplicate(&txn.envelope, first, size),
+                Claim::InFlight => {
+                    self.reply(&Reply::new(
+                        451,
+                        Enhanced(4, 3, 0),
+                        "The first submission of this message (same Message-ID) is still being stored; try again in a moment",
+                    ));
+                    return Step::Continue;
+                }
+            }
         }
         let mut event = Event::for_message(EventKind::Received, id, &txn.envelope);
         event.recipients = Some(txn.recipients.iter().map(|r| r.address.clone()).collect());
@@ -311,6 +321,9 @@ impl Session {
         .await;
         match stored {
             Ok(()) => {
+                if app_message_id.is_some() {
+                    self.ctx.queue.history().confirm(id);
+                }
                 let metrics = self.ctx.reporter.metrics();
                 metrics.accept_latency.observe(started.elapsed());
                 self.ctx.reporter.emit(event);
@@ -323,8 +336,8 @@ impl Session {
             Err(e) => {
                 // Nothing was promised: the client keeps the message and
                 // tries again.
-                if let Some(mid) = &app_message_id {
-                    self.ctx.queue.history().release(tenant.as_deref(), mid, id);
+                if app_message_id.is_some() {
+                    self.ctx.queue.history().release(id);
                 }
                 tracing::error!(queue_id = %id, error = %e, "cannot queue message");
                 self.reply(&codes::local_error());

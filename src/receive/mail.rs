@@ -303,6 +303,7 @@ mod tests {
             webhook_url: None,
             webhook_secret: None,
             dsn: true,
+            smarthost: None,
         };
         let r = sender_not_allowed("x@other.example", &t);
         assert_eq!(

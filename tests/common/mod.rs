@@ -7,6 +7,8 @@
 //! * [`smtp`]: a wire-level async SMTP client with TLS ([`smtp::TestClient`]).
 //! * [`http`]: a bare HTTP/1.1 client for the admin API ([`http::api`]).
 //! * [`redis`]: the test Redis for cluster tests ([`redis::available`], key prefixes, clean-up).
+//! * [`submission`]: a scripted submission server (STARTTLS / implicit TLS, AUTH) and a test
+//!   CA, standing in for a customer's SMTP provider used as a smarthost.
 //!
 //! Rules: loopback addresses only, no sleeps as synchronisation, every wait bounded.
 
@@ -16,6 +18,7 @@ pub mod mx;
 pub mod redis;
 pub mod relay;
 pub mod smtp;
+pub mod submission;
 
 use std::future::Future;
 use std::time::Duration;

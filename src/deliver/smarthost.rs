@@ -1,0 +1,948 @@
+//! Smarthost routing: a tenant's mail, or a sender domain's, goes through
+//! the customer's own SMTP provider with its credentials instead of
+//! straight to the recipients' MX hosts.
+//!
+//! Config: `[[smarthost]]` tables ([`SmarthostConfig`]); a `[[tenant]]`
+//! names one with `smarthost = "NAME"`, and a smarthost claims envelope
+//! sender domains with `sender_domains` (the domain or any subdomain). The
+//! most specific sender domain wins, then the tenant's setting; mail from
+//! the null sender (herald's own bounce reports) always goes direct, since
+//! a provider takes mail only from its account's addresses.
+//!
+//! The session: the host's A/AAAA records (never MX), implicit TLS
+//! (RFC 8314) or STARTTLS (RFC 3207) — never plaintext, so neither the
+//! password nor the mail can cross the network in clear — with the
+//! certificate verified for the host name (the system's trust store, or
+//! `ca_file`), EHLO, then AUTH PLAIN, or LOGIN when only that is offered
+//! (RFC 4954, RFC 4616). The dispatcher keeps one pool per smarthost
+//! (`smarthost:NAME`), so connection reuse and the per-destination
+//! connection limit apply, and hands it every recipient of a message in one
+//! transaction; VERP is not used (the provider wants the account's sender).
+//!
+//! Failures are explained with the same table as `herald smtp-test`
+//! ([`crate::diagnose::explain`]): the deferral's text names the smarthost,
+//! its reply, the likely cause and the fix. Anything up to and including
+//! AUTH defers (a wrong password is the postmaster's to fix; the mail waits
+//! until the queue lifetime ends), a refused MAIL FROM follows its reply
+//! code. The password lives in a [`Secret`]: it is sent only inside TLS and
+//! never reaches a log line, an event or an error.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use serde::Deserialize;
+
+use super::client::{ClientError, SmtpClient, Stage, Timeouts, Tls};
+use crate::config::{ConfigErrors, Secret, TenantConfig};
+use crate::diagnose::explain::{Advice, Step, explain_certificate, explain_reply};
+use crate::dns::Dns;
+use crate::queue::Envelope;
+use crate::reply::{Enhanced, Reply};
+use crate::report::Classification;
+
+/// `[[smarthost]]`: one provider and the account herald logs in with.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SmarthostConfig {
+    /// What `[[tenant]] smarthost` refers to; also in logs.
+    pub name: String,
+    /// Host name (or IP address) of the provider's submission server; the
+    /// certificate must be valid for it.
+    pub host: String,
+    /// 587 (STARTTLS) by default; 465 for implicit TLS.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// `"starttls"` or `"implicit"`; required. `"none"` is refused at load.
+    pub tls: SmarthostTls,
+    pub username: String,
+    /// Kept in clear in the config file: the provider needs the password
+    /// itself, not a hash of it.
+    pub password: Secret,
+    /// Check the server's certificate and name (default true).
+    #[serde(default = "yes")]
+    pub verify_certificate: bool,
+    /// PEM file of the CA certificates to trust instead of the system's
+    /// (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Mail whose envelope sender is in one of these domains (or below
+    /// one) goes through this smarthost, whichever tenant sent it.
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
+}
+
+fn default_port() -> u16 {
+    587
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How the session with a smarthost is secured.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmarthostTls {
+    /// Plain, then STARTTLS before anything else (port 587).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// Parsed only to refuse it with a reason.
+    None,
+}
+
+/// Checks the `[[smarthost]]` tables and the tenants' `smarthost` keys.
+/// Items that did not parse are `None` (their errors are already listed),
+/// so that key paths keep their indexes.
+pub fn validate(
+    smarthosts: &[Option<SmarthostConfig>],
+    tenants: &[Option<TenantConfig>],
+    errs: &mut ConfigErrors,
+) {
+    let mut names = HashSet::new();
+    let mut domains: HashMap<String, String> = HashMap::new();
+    for (i, s) in smarthosts.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let p = format!("smarthost[{i}]");
+        if s.name.is_empty()
+            || !s
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            errs.push(
+                format!("{p}.name"),
+                "must be letters, digits, '-', '_' or '.', e.g. \"acme-m365\"",
+            );
+        } else if !names.insert(s.name.as_str()) {
+            errs.push(format!("{p}.name"), format!("{:?} is used twice", s.name));
+        }
+        let host_ok = !s.host.is_empty()
+            && (s.host.parse::<IpAddr>().is_ok()
+                || s.host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.')));
+        if !host_ok {
+            errs.push(
+                format!("{p}.host"),
+                "must be a host name or IP address without port, e.g. \"smtp.office365.com\" (the port goes in port)",
+            );
+        }
+        if s.port == 0 {
+            errs.push(format!("{p}.port"), "must be a port number from 1 to 65535");
+        }
+        if s.tls == SmarthostTls::None {
+            errs.push(
+                format!("{p}.tls"),
+                "\"none\" is not allowed: the password and the mail would cross the network in clear; use \"starttls\" (port 587) or \"implicit\" (port 465)",
+            );
+        }
+        if s.username.is_empty() {
+            errs.push(
+                format!("{p}.username"),
+                "must not be empty (usually the account's full address)",
+            );
+        }
+        // The value is a secret: say what is wrong, never echo it.
+        if s.password.expose().is_empty() {
+            errs.push(format!("{p}.password"), "must not be empty");
+        }
+        match (&s.ca_file, s.verify_certificate) {
+            (Some(_), false) => errs.push(
+                format!("{p}.ca_file"),
+                "has no effect with verify_certificate = false: remove one of them",
+            ),
+            (Some(path), true) => {
+                if let Err(e) = load_roots(path) {
+                    errs.push(format!("{p}.ca_file"), e);
+                }
+            }
+            (None, _) => {}
+        }
+        for (j, d) in s.sender_domains.iter().enumerate() {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            let ok = d.contains('.')
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+            if !ok {
+                errs.push(
+                    format!("{p}.sender_domains[{j}]"),
+                    "must be a domain name without '@', e.g. \"acme.example\"",
+                );
+            } else if let Some(other) = domains.insert(d.clone(), s.name.clone()) {
+                errs.push(
+                    format!("{p}.sender_domains[{j}]"),
+                    format!("{d} is already routed through smarthost {other:?}"),
+                );
+            }
+        }
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        let Some(name) = t.as_ref().and_then(|t| t.smarthost.as_ref()) else {
+            continue;
+        };
+        if !smarthosts.iter().flatten().any(|s| &s.name == name) {
+            let known: Vec<&str> = smarthosts
+                .iter()
+                .flatten()
+                .map(|s| s.name.as_str())
+                .collect();
+            let known = if known.is_empty() {
+                "there is none".to_string()
+            } else {
+                format!("known: {}", known.join(", "))
+            };
+            errs.push(
+                format!("tenant[{i}].smarthost"),
+                format!("no [[smarthost]] is named {name:?} ({known})"),
+            );
+        }
+    }
+}
+
+/// The CA certificates in a PEM file.
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        let cert = cert.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: bad CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+/// How a smarthost's certificate is checked.
+enum Trust {
+    /// `verify_certificate = false`: encrypted, not authenticated.
+    Any(Tls),
+    /// Against these roots, for the host name.
+    Roots(Arc<WebPkiServerVerifier>),
+    /// Cannot be checked (no trust store, unreadable `ca_file`): nothing is
+    /// sent until that is fixed.
+    Unusable(Advice),
+}
+
+/// One configured smarthost, ready to connect.
+pub struct Smarthost {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    implicit: bool,
+    username: String,
+    password: Secret,
+    provider: Arc<CryptoProvider>,
+    trust: Trust,
+}
+
+impl fmt::Debug for Smarthost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Smarthost")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("implicit", &self.implicit)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which smarthost, if any, each message goes through.
+#[derive(Debug, Default)]
+pub struct Routes {
+    hosts: Vec<Arc<Smarthost>>,
+    by_tenant: HashMap<String, usize>,
+    /// (lower-case domain, smarthost), longest domain first.
+    by_domain: Vec<(String, usize)>,
+}
+
+impl Routes {
+    /// From a validated config. The system's trust store is read once, and
+    /// only when some smarthost needs it.
+    pub fn new(config: &crate::config::Config) -> Routes {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut system: Option<Option<Arc<WebPkiServerVerifier>>> = None;
+        let mut hosts = Vec::new();
+        for s in &config.smarthosts {
+            let trust = if !s.verify_certificate {
+                Trust::Any(Tls::opportunistic())
+            } else if let Some(path) = &s.ca_file {
+                match load_roots(path).and_then(|roots| {
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                }) {
+                    Ok(v) => Trust::Roots(v),
+                    Err(e) => Trust::Unusable(Advice::new(
+                        format!("its ca_file cannot be used: {e}"),
+                        format!("fix ca_file in [[smarthost]] {:?}", s.name),
+                    )),
+                }
+            } else {
+                let verifier = system
+                    .get_or_insert_with(|| system_verifier(&provider))
+                    .clone();
+                match verifier {
+                    Some(v) => Trust::Roots(v),
+                    None => Trust::Unusable(Advice::new(
+                        "this machine has no trusted CA certificates to check the smarthost's certificate against",
+                        format!(
+                            "install the system's CA certificates (Debian: apt-get install ca-certificates), or set ca_file in [[smarthost]] {:?}",
+                            s.name
+                        ),
+                    )),
+                }
+            };
+            hosts.push(Arc::new(Smarthost {
+                name: s.name.clone(),
+                host: s.host.trim_end_matches('.').to_ascii_lowercase(),
+                port: s.port,
+                implicit: s.tls == SmarthostTls::Implicit,
+                username: s.username.clone(),
+                password: s.password.clone(),
+                provider: provider.clone(),
+                trust,
+            }));
+        }
+        let index = |name: &str| config.smarthosts.iter().position(|s| s.name == name);
+        let by_tenant = config
+            .tenants
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), index(t.smarthost.as_deref()?)?)))
+            .collect();
+        let mut by_domain: Vec<(String, usize)> = config
+            .smarthosts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                s.sender_domains
+                    .iter()
+                    .map(move |d| (d.trim_end_matches('.').to_ascii_lowercase(), i))
+            })
+            .collect();
+        by_domain.sort_by_key(|(d, _)| std::cmp::Reverse(d.len()));
+        Routes {
+            hosts,
+            by_tenant,
+            by_domain,
+        }
+    }
+
+    /// The smarthost a message goes through, or `None` for direct delivery.
+    pub fn route(&self, envelope: &Envelope) -> Option<&Arc<Smarthost>> {
+        if self.hosts.is_empty() || envelope.sender.is_empty() {
+            return None;
+        }
+        let domain = envelope
+            .sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+        let by_domain = domain.as_deref().and_then(|domain| {
+            self.by_domain.iter().find(|(d, _)| {
+                domain == d
+                    || domain
+                        .strip_suffix(d.as_str())
+                        .is_some_and(|rest| rest.ends_with('.'))
+            })
+        });
+        let i = match by_domain {
+            Some((_, i)) => *i,
+            None => *self.by_tenant.get(envelope.tenant.as_deref()?)?,
+        };
+        self.hosts.get(i)
+    }
+}
+
+fn system_verifier(provider: &Arc<CryptoProvider>) -> Option<Arc<WebPkiServerVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if roots.is_empty() {
+        tracing::warn!(
+            "no trusted CA certificates on this machine: smarthosts without ca_file cannot be used"
+        );
+        return None;
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .ok()
+}
+
+/// Verifies like [`WebPkiServerVerifier`] and keeps the certificate
+/// problem, so the deferral can name it (one per connection).
+#[derive(Debug)]
+struct Checked {
+    inner: Arc<WebPkiServerVerifier>,
+    problem: Mutex<Option<(CertificateError, bool)>>,
+}
+
+impl Checked {
+    fn problem(&self) -> Option<(CertificateError, bool)> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ServerCertVerifier for Checked {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if let Err(rustls::Error::InvalidCertificate(e)) = &result {
+            let self_signed = crate::diagnose::cert::is_self_signed(end_entity);
+            *self.problem.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((e.clone(), self_signed));
+        }
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Why a smarthost could not be used, and whether another of its
+/// addresses may do better.
+struct Failure {
+    reply: Reply,
+    class: Classification,
+    try_next: bool,
+}
+
+impl Smarthost {
+    /// Connects, secures the session, and logs in. The error is the 4xx
+    /// deferral to record, with what to fix in its text.
+    pub(super) async fn open(
+        &self,
+        dns: &Dns,
+        helo: &str,
+        timeouts: Timeouts,
+        source: impl Fn(IpAddr) -> Option<IpAddr>,
+    ) -> Result<SmtpClient, (Reply, Classification)> {
+        if let Trust::Unusable(advice) = &self.trust {
+            let text = self.explained(
+                &format!("cannot check the certificate of smarthost {}", self.host),
+                None,
+                advice,
+            );
+            return Err((
+                Reply::new(451, Enhanced(4, 7, 5), text),
+                Classification::Tls,
+            ));
+        }
+        let ips = match dns.ips(&self.host).await {
+            Ok(ips) if !ips.is_empty() => ips,
+            Ok(_) => {
+                let text = self.explained(
+                    &format!("smarthost {} has no address", self.host),
+                    None,
+                    &Advice::new(
+                        "the host name does not resolve (no such name, or no A/AAAA record)",
+                        format!(
+                            "check host in [[smarthost]] {:?} against the provider's documentation (e.g. smtp.office365.com)",
+                            self.name
+                        ),
+                    ),
+                );
+                return Err((
+                    Reply::new(451, Enhanced(4, 4, 4), text),
+                    Classification::Dns,
+                ));
+            }
+            Err(e) => {
+                return Err((
+                    Reply::new(
+                        451,
+                        Enhanced(4, 4, 3),
+                        format!("smarthost {}: {e}", self.host),
+                    ),
+                    Classification::Dns,
+                ));
+            }
+        };
+        let mut last = None;
+        let mut tried = HashSet::new();
+        for ip in ips {
+            if ip.is_unspecified() || ip.is_multicast() || !tried.insert(ip) {
+                continue;
+            }
+            let addr = SocketAddr::new(ip, self.port);
+            match self.open_addr(addr, helo, timeouts, source(ip)).await {
+                Ok(client) => return Ok(client),
+                Err(f) => {
+                    tracing::warn!(smarthost = %self.name, %addr, reply = %f.reply, "cannot use smarthost");
+                    let next = f.try_next;
+                    last = Some((f.reply, f.class));
+                    if !next {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            (
+                Reply::new(
+                    451,
+                    Enhanced(4, 4, 4),
+                    format!("smarthost {} has no usable address", self.host),
+                ),
+                Classification::Network,
+            )
+        }))
+    }
+
+    async fn open_addr(
+        &self,
+        addr: SocketAddr,
+        helo: &str,
+        timeouts: Timeouts,
+        source: Option<IpAddr>,
+    ) -> Result<SmtpClient, Failure> {
+        // A verifier per connection: it holds this handshake's certificate
+        // problem, if any (smarthost connections are few and long-lived).
+        let (tls, checked) = match &self.trust {
+            Trust::Any(tls) => (tls.clone(), None),
+            Trust::Roots(v) => {
+                let checked = Arc::new(Checked {
+                    inner: v.clone(),
+                    problem: Mutex::new(None),
+                });
+                (
+                    Tls::with_verifier(self.provider.clone(), checked.clone()),
+                    Some(checked),
+                )
+            }
+            Trust::Unusable(_) => unreachable!("checked by open()"),
+        };
+        let fail = |e: ClientError| self.failure(e, addr, checked.as_deref());
+        let connected = if self.implicit {
+            SmtpClient::connect_tls(addr, source, timeouts, &tls, &self.host).await
+        } else {
+            SmtpClient::connect(addr, source, timeouts).await
+        };
+        let mut client = connected.map_err(fail)?;
+        client.ehlo(helo).await.map_err(fail)?;
+        if !self.implicit {
+            // Never plaintext: no STARTTLS means no session at all.
+            client
+                .starttls(&tls, &self.host, helo)
+                .await
+                .map_err(fail)?;
+        }
+        client
+            .auth_auto(&self.username, self.password.expose())
+            .await
+            .map_err(fail)?;
+        Ok(client)
+    }
+
+    /// `what (reply): cause; fix: fix`, on one line.
+    fn explained(&self, what: &str, reply: Option<&Reply>, advice: &Advice) -> String {
+        let reply = reply
+            .map(|r| format!(" ({})", r.to_string().replace(['\r', '\n'], " ")))
+            .unwrap_or_default();
+        format!(
+            "{what}{reply}: {}; fix: {}",
+            advice.cause,
+            for_config(&advice.fix, &self.name)
+        )
+    }
+
+    fn failure(&self, e: ClientError, addr: SocketAddr, checked: Option<&Checked>) -> Failure {
+        use Classification::{Network, Other, Policy, Tls};
+        let host = &self.host;
+        let at = format!("smarthost {host} [{}]:{}", addr.ip(), addr.port());
+        let port = addr.port();
+        let fail = |enh: Enhanced, text: String, class, try_next| Failure {
+            reply: Reply::new(451, enh, text),
+            class,
+            try_next,
+        };
+        match e {
+            ClientError::Refused => fail(
+                Enhanced(4, 4, 1),
+                self.explained(
+                    &format!("Connection to {at} refused"),
+                    None,
+                    &Advice::new(
+                        "nothing listens on that port",
+                        "check port: submission is usually 587 (tls = \"starttls\") or 465 (tls = \"implicit\")",
+                    ),
+                ),
+                Network,
+                true,
+            ),
+            ClientError::Timeout(Stage::Connect) => fail(
+                Enhanced(4, 4, 1),
+                self.explained(
+                    &format!("Connection to {at} timed out"),
+                    None,
+                    &Advice::new(
+                        format!("outbound connections to port {port} are probably blocked by a firewall"),
+                        format!("ask the network admin to allow outbound connections to port {port}, or use the provider's other submission port (587 or 465)"),
+                    ),
+                ),
+                Network,
+                true,
+            ),
+            ClientError::Connect(err) => fail(
+                Enhanced(4, 4, 1),
+                format!("Connection to {at} failed: {err}"),
+                Network,
+                true,
+            ),
+            ClientError::Tls(msg) => match checked.and_then(Checked::problem) {
+                Some((error, self_signed)) => fail(
+                    Enhanced(4, 7, 5),
+                    self.explained(
+                        &format!("{at}: TLS certificate not accepted"),
+                        None,
+                        &explain_certificate(&error, host, self_signed),
+                    ),
+                    Tls,
+                    false,
+                ),
+                None => fail(
+                    Enhanced(4, 7, 5),
+                    self.explained(
+                        &format!("TLS handshake with {at} failed: {msg}"),
+                        None,
+                        &Advice::new(
+                            "the TLS handshake failed: the port may speak the other TLS mode, or only old TLS versions",
+                            "check tls and port: \"implicit\" is usually port 465, \"starttls\" port 587",
+                        ),
+                    ),
+                    Tls,
+                    false,
+                ),
+            },
+            ClientError::Timeout(Stage::TlsHandshake) => fail(
+                Enhanced(4, 7, 5),
+                self.explained(
+                    &format!("TLS handshake with {at} timed out"),
+                    None,
+                    &Advice::new(
+                        "the server did not take part in a TLS handshake",
+                        "check tls and port: \"implicit\" is usually port 465, \"starttls\" port 587",
+                    ),
+                ),
+                Tls,
+                false,
+            ),
+            ClientError::NoStartTls => fail(
+                Enhanced(4, 7, 10),
+                self.explained(
+                    &format!("{at} does not offer STARTTLS"),
+                    None,
+                    &Advice::new(
+                        "herald sends neither the password nor mail to a smarthost in plaintext",
+                        "use tls = \"implicit\" with port 465, or ask the provider which port offers STARTTLS (usually 587)",
+                    ),
+                ),
+                Tls,
+                false,
+            ),
+            ClientError::NoAuthMechanism => fail(
+                Enhanced(4, 7, 8),
+                self.explained(
+                    &format!("{at} offers no AUTH PLAIN or LOGIN"),
+                    None,
+                    &Advice::new(
+                        "the server offers no password login herald can use",
+                        "ask the provider to allow password logins (PLAIN or LOGIN) for SMTP; accounts limited to OAuth cannot be used with a password",
+                    ),
+                ),
+                Policy,
+                false,
+            ),
+            ClientError::Rejected { stage, reply } => {
+                let enh = reply.enhanced_or_default();
+                let enh = Enhanced(4, enh.1, enh.2);
+                let (what, step, class, try_next) = match stage {
+                    Stage::Greeting => ("refused the session", Step::Banner, super::classify(&reply), true),
+                    Stage::Ehlo | Stage::Helo => ("refused EHLO", Step::Ehlo, super::classify(&reply), true),
+                    Stage::StartTls => ("refused STARTTLS", Step::Tls, Tls, false),
+                    Stage::Auth => ("refused AUTH", Step::Auth, Policy, false),
+                    _ => ("refused", Step::Ehlo, super::classify(&reply), true),
+                };
+                let advice = explain_reply(step, &reply);
+                fail(
+                    enh,
+                    self.explained(&format!("smarthost {host} {what}"), Some(&reply), &advice),
+                    class,
+                    try_next,
+                )
+            }
+            ClientError::Timeout(stage) => fail(
+                Enhanced(4, 4, 2),
+                format!("Connection to {at} timed out {stage}"),
+                Network,
+                true,
+            ),
+            ClientError::Closed(stage) => fail(
+                Enhanced(4, 4, 2),
+                format!("Connection to {at} closed by the server {stage}"),
+                Network,
+                true,
+            ),
+            ClientError::Io { stage, source } => fail(
+                Enhanced(4, 4, 2),
+                format!("Connection to {at} lost {stage}: {source}"),
+                Network,
+                true,
+            ),
+            ClientError::Protocol { stage, what } => fail(
+                Enhanced(4, 5, 0),
+                format!("{at} broke the SMTP protocol {stage}: {what}"),
+                Network,
+                true,
+            ),
+            // Only the user name can be meant here (it is in the config).
+            e @ (ClientError::InvalidArgument(_) | ClientError::NotUsable) => fail(
+                Enhanced(4, 3, 0),
+                format!("Local error talking to {at}: {e}"),
+                Other,
+                false,
+            ),
+        }
+    }
+
+    /// The deferral or bounce for a MAIL FROM the smarthost refused: its
+    /// reply code and enhanced code, the explanation in the text.
+    pub(super) fn mail_refused(&self, reply: &Reply, sender: &str) -> Reply {
+        let advice = explain_reply(Step::MailFrom, reply);
+        Reply {
+            code: reply.code,
+            enhanced: reply.enhanced,
+            text: self.explained(
+                &format!("smarthost {} refused the sender <{sender}>", self.host),
+                Some(reply),
+                &advice,
+            ),
+        }
+    }
+}
+
+/// smtp-test's fixes speak of its command-line options; here the same
+/// advice is about the `[[smarthost]]` keys.
+fn for_config(fix: &str, name: &str) -> String {
+    let table = format!("[[smarthost]] {name:?}");
+    fix.replace(
+        "--starttls (port 587) or --tls (port 465)",
+        "tls = \"starttls\" (port 587) or tls = \"implicit\" (port 465)",
+    )
+    .replace("--tls on port 465", "tls = \"implicit\" on port 465")
+    .replace("--starttls", "tls = \"starttls\"")
+    .replace("--tls", "tls = \"implicit\"")
+    .replace(
+        "give the account with --user",
+        &format!("set username and password in {table}"),
+    )
+    .replace("in --server", &format!("as host in {table}"))
+    .replace(
+        "or point SSL_CERT_FILE at it",
+        &format!("or set ca_file in {table}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M";
+
+    fn config(extra: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml_str(&format!(
+            r#"
+            [[listener]]
+            address = "127.0.0.1:2587"
+            [[tenant]]
+            name = "acme"
+            username = "acme"
+            password_hash = "{HASH}"
+            allowed_senders = ["*"]
+            smarthost = "m365"
+            [[tenant]]
+            name = "other"
+            username = "other"
+            password_hash = "{HASH}"
+            allowed_senders = ["*"]
+            {extra}
+            "#
+        ))
+    }
+
+    const TWO: &str = r#"
+        [[smarthost]]
+        name = "m365"
+        host = "smtp.office365.com"
+        tls = "starttls"
+        username = "billing@acme.example"
+        password = "hunter2-secret"
+        verify_certificate = false
+        [[smarthost]]
+        name = "gmail"
+        host = "smtp.gmail.com"
+        port = 465
+        tls = "implicit"
+        username = "x@beta.example"
+        password = "pw"
+        verify_certificate = false
+        sender_domains = ["beta.example", "mail.acme.example"]
+    "#;
+
+    fn envelope(sender: &str, tenant: Option<&str>) -> Envelope {
+        Envelope {
+            sender: sender.into(),
+            tenant: tenant.map(str::to_string),
+            message_id: None,
+            received_at: 0,
+            client_ip: [127, 0, 0, 1].into(),
+            smtputf8: false,
+            body_8bit: false,
+            ret: None,
+            env_id: None,
+        }
+    }
+
+    #[test]
+    fn sender_domain_then_tenant_and_never_the_null_sender() {
+        let c = config(TWO).unwrap();
+        assert_eq!(c.smarthosts[0].port, 587);
+        let routes = Routes::new(&c);
+        let via = |s: &str, t: Option<&str>| routes.route(&envelope(s, t)).map(|h| h.name.clone());
+        assert_eq!(via("a@acme.example", Some("acme")).as_deref(), Some("m365"));
+        // The more specific sender domain wins over the tenant's setting.
+        assert_eq!(
+            via("a@mail.acme.example", Some("acme")).as_deref(),
+            Some("gmail")
+        );
+        assert_eq!(
+            via("a@x.BETA.example", Some("other")).as_deref(),
+            Some("gmail")
+        );
+        assert_eq!(via("a@notbeta.example", Some("other")), None);
+        assert_eq!(via("a@acme.example", Some("other")), None);
+        assert_eq!(via("a@acme.example", None), None);
+        assert_eq!(via("", Some("acme")), None);
+    }
+
+    #[test]
+    fn the_password_stays_out_of_debug_output() {
+        let c = config(TWO).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{:?}", Routes::new(&c)).contains("hunter2"));
+    }
+
+    #[test]
+    fn problems_are_reported_with_key_paths() {
+        let errs = config(
+            r#"
+            [[smarthost]]
+            name = "m365"
+            host = "smtp.example.com:587"
+            port = 0
+            tls = "none"
+            username = ""
+            password = ""
+            ca_file = "/nonexistent/ca.pem"
+            sender_domains = ["@acme.example", "dup.example"]
+            [[smarthost]]
+            name = "m365"
+            host = "smtp.example.com"
+            tls = "implicit"
+            username = "u"
+            password = "p"
+            verify_certificate = false
+            ca_file = "/x.pem"
+            sender_domains = ["DUP.example"]
+            [[smarthost]]
+            name = "no-tls"
+            host = "smtp.example.com"
+            username = "u"
+            password = "p"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "smarthost[0].host: must be a host name",
+            "smarthost[0].port: must be a port number",
+            "smarthost[0].tls: \"none\" is not allowed",
+            "smarthost[0].username: must not be empty",
+            "smarthost[0].password: must not be empty",
+            "smarthost[0].ca_file: cannot read /nonexistent/ca.pem",
+            "smarthost[0].sender_domains[0]: must be a domain name",
+            "smarthost[1].name: \"m365\" is used twice",
+            "smarthost[1].ca_file: has no effect",
+            "smarthost[1].sender_domains[0]: dup.example is already routed",
+            "smarthost[2]: missing field `tls`",
+        ] {
+            assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+        }
+
+        let errs = config("").unwrap_err().to_string();
+        assert!(
+            errs.contains(
+                "tenant[0].smarthost: no [[smarthost]] is named \"m365\" (there is none)"
+            ),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn smtp_test_advice_is_reworded_for_the_config() {
+        let fix = for_config("use --starttls (port 587) or --tls (port 465)", "m365");
+        assert_eq!(
+            fix,
+            "use tls = \"starttls\" (port 587) or tls = \"implicit\" (port 465)"
+        );
+        let fix = for_config("give the account with --user", "m365");
+        assert_eq!(fix, "set username and password in [[smarthost]] \"m365\"");
+        let advice = explain_certificate(&CertificateError::UnknownIssuer, "h", false);
+        assert!(for_config(&advice.fix, "m365").contains("set ca_file in [[smarthost]] \"m365\""));
+    }
+}
