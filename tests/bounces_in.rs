@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::dns::{TestDns, Zone};
 use common::http::api;
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
-use common::relay::{Setup, TestRelay, field, queue_id};
+use common::relay::{Setup, TestRelay, field, herald, queue_id};
 use common::smtp::TestClient;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -217,6 +217,25 @@ async fn a_late_dsn_bounces_the_right_recipient_and_suppresses_it() {
         .await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["id"], id);
+        // The same from the command line.
+        let cfg = w.relay.cli_config();
+        let (ok, out, err) = herald(
+            &cfg,
+            &[
+                "queue",
+                "status",
+                "--message-id",
+                "<inv-1@acme.test>",
+                "--tenant",
+                "acme",
+            ],
+        )
+        .await;
+        assert!(ok, "{err}");
+        assert!(out.contains(&id) && out.contains("gone@one.test"), "{out}");
+        let (ok, out, err) = herald(&cfg, &["queue", "status", &id, "--json"]).await;
+        assert!(ok, "{err}");
+        assert!(out.contains("\"finished\": true"), "{out}");
     })
     .await;
 }

@@ -77,6 +77,19 @@ struct Route {
     by_tenant: bool,
 }
 
+impl Route {
+    /// The usual route: the tenant's, STARTTLS verified against the test
+    /// CA, the right password.
+    fn starttls(pki: &Pki) -> Route {
+        Route {
+            tls: "starttls",
+            password: PASSWORD,
+            ca_file: Some(pki.ca_file.clone()),
+            by_tenant: true,
+        }
+    }
+}
+
 struct World {
     _dns: TestDns,
     /// The recipients' own MX (for one.test and two.test): must stay empty.
@@ -184,16 +197,7 @@ async fn a_tenant_routed_to_a_smarthost_sends_everything_there_with_its_own_send
             ..Script::default()
         })
         .await;
-        let w = world(
-            &server,
-            Route {
-                tls: "starttls",
-                password: PASSWORD,
-                ca_file: Some(pki.ca_file.clone()),
-                by_tenant: true,
-            },
-        )
-        .await;
+        let w = world(&server, Route::starttls(&pki)).await;
 
         let reply = w.relay.submit(ACCOUNT, &RCPTS, &invoice()).await;
         let id = queue_id(&reply);
@@ -387,16 +391,7 @@ async fn a_smarthost_without_starttls_gets_nothing_in_plaintext() {
             ..Script::default()
         })
         .await;
-        let w = world(
-            &server,
-            Route {
-                tls: "starttls",
-                password: PASSWORD,
-                ca_file: Some(pki.ca_file.clone()),
-                by_tenant: true,
-            },
-        )
-        .await;
+        let w = world(&server, Route::starttls(&pki)).await;
         let e = first_deferral(&w).await;
         assert_eq!(field(&e, "classification"), "tls", "{e}");
         let text = smtp_text(&e);
@@ -410,6 +405,50 @@ async fn a_smarthost_without_starttls_gets_nothing_in_plaintext() {
                 .any(|l| l.starts_with("AUTH") || l.starts_with("MAIL")),
             "{lines:?}"
         );
+        assert_secret_kept(&w.relay, PASSWORD);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_the_provider_refuses_bounces_with_the_reason() {
+    logs();
+    common::within(LIMIT, "sender refused by the smarthost", async {
+        let pki = Pki::new();
+        let server = SubmissionServer::start(Script {
+            tls: TlsMode::Starttls(pki.acceptor(&[HOST])),
+            user: ACCOUNT,
+            password: PASSWORD,
+            mail: "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+            ..Script::default()
+        })
+        .await;
+        let w = world(
+            &server,
+            Route::starttls(&pki),
+        )
+        .await;
+        let reply = w.relay.submit(ACCOUNT, &RCPTS, &invoice()).await;
+        let id = queue_id(&reply);
+        // A 5xx to MAIL FROM is the provider's final word on this sender.
+        let bounced = w
+            .relay
+            .wait_events("2 bounced", 2, WAIT, |e| {
+                kind(e) == "bounced" && field(e, "queue_id") == id
+            })
+            .await;
+        for e in &bounced {
+            assert_eq!(field(e, "mx"), HOST, "{e}");
+            assert_eq!(e["smtp"]["code"], 550, "{e}");
+            let text = smtp_text(e);
+            assert!(
+                text.starts_with("smarthost smtp.provider.test refused the sender <billing@acme.test> (550 5.7.60"),
+                "{text}"
+            );
+            assert!(text.contains("the sender must match the account"), "{text}");
+        }
+        assert!(server.messages().is_empty());
+        assert!(w.mx.messages().is_empty());
         assert_secret_kept(&w.relay, PASSWORD);
     })
     .await;

@@ -51,6 +51,22 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A message's status for the app: like `show`, and also for messages
+    /// that have left the queue (within `[history] retention`); by queue id
+    /// or by the app's Message-ID.
+    Status {
+        /// Queue id; or give --message-id.
+        #[arg(required_unless_present = "message_id")]
+        id: Option<String>,
+        /// The Message-ID the app wrote, e.g. "<invoice-42@acme.example>".
+        #[arg(long, conflicts_with = "id")]
+        message_id: Option<String>,
+        /// With --message-id: the tenant that submitted it.
+        #[arg(long, requires = "message_id")]
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Try a message's waiting recipients now.
     Retry {
         id: String,
@@ -108,6 +124,29 @@ pub async fn run(admin: &AdminConfig, cmd: QueueCommand) -> Result<String, Strin
             let body = client
                 .call(Method::GET, &format!("/api/queue/{}", percent_encode(&id)))
                 .await?;
+            if json {
+                return Ok(pretty(&body));
+            }
+            Ok(show_text(&parse::<MessageDetail>(&body)?))
+        }
+        QueueCommand::Status {
+            id,
+            message_id,
+            tenant,
+            json,
+        } => {
+            let path = match (id, message_id) {
+                (Some(id), _) => format!("/api/messages/{}", percent_encode(&id)),
+                (None, Some(mid)) => {
+                    let mut p = format!("/api/messages?message_id={}", percent_encode(&mid));
+                    if let Some(t) = tenant {
+                        p.push_str(&format!("&tenant={}", percent_encode(&t)));
+                    }
+                    p
+                }
+                (None, None) => return Err("give a queue id or --message-id".into()),
+            };
+            let body = client.call(Method::GET, &path).await?;
             if json {
                 return Ok(pretty(&body));
             }

@@ -1001,6 +1001,17 @@ mod tests {
     }
 
     /// One recipient's outcome, with no MX or TLS detail.
+    /// Spool segment files in `dir` (the history file lives there too).
+    fn segment_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                !name.to_string_lossy().starts_with("history")
+            })
+            .count()
+    }
+
     fn only(index: usize, result: AttemptResult) -> Vec<RcptOutcome> {
         vec![RcptOutcome {
             index,
@@ -1197,7 +1208,7 @@ mod tests {
                     AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok")),
                 ),
             );
-            let files = std::fs::read_dir(dir.path()).unwrap().count();
+            let files = segment_files(dir.path());
             assert!(files <= 3, "round {round}: {files} segment files kept");
         }
         q.close().await;
@@ -1247,16 +1258,7 @@ mod tests {
             let job = rx.recv().await.unwrap();
             q.complete_attempt(job.id, only(0, ok()));
         }
-        // Segment files only (the history file lives there too).
-        let segments = || {
-            std::fs::read_dir(dir.path())
-                .unwrap()
-                .filter(|e| {
-                    let name = e.as_ref().unwrap().file_name();
-                    !name.to_string_lossy().starts_with("history")
-                })
-                .count()
-        };
+        let segments = || segment_files(dir.path());
         let before = segments();
         assert!(before >= 4, "the deferred message pins {before} segments");
         assert_eq!(q.compact_once().await, 1);
