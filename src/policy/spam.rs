@@ -291,7 +291,7 @@ impl SpamRules {
             rules: self,
             report: SpamReport::default(),
         };
-        let Some(msg) = MessageParser::new().parse(message) else {
+        let Some(msg) = MessageParser::new().parse(parse_window(message)) else {
             sc.fire(Rule::FromMalformed, || {
                 "the message could not be parsed".into()
             });
@@ -308,10 +308,43 @@ impl SpamRules {
     }
 }
 
+/// What of `message` is parsed: all of it, except for a text message
+/// without MIME structure, whose body past [`PART_SCAN_SIZE`] is never
+/// looked at — mail-parser would still decode all of it (half the cost of
+/// scoring a long plain-text message). Cut after a line end, so that no
+/// encoded word or base64 quantum is split.
+fn parse_window(message: &[u8]) -> &[u8] {
+    if message.len() <= PART_SCAN_SIZE * 2 {
+        return message;
+    }
+    let Some(head) = MessageParser::new().parse_headers(message) else {
+        return message;
+    };
+    let text = head
+        .content_type()
+        .is_none_or(|ct| ct.ctype().eq_ignore_ascii_case("text"));
+    // The header ends at the first empty line.
+    let Some(body) = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+    else {
+        return message;
+    };
+    if !text {
+        return message;
+    }
+    let end = (body + PART_SCAN_SIZE).min(message.len());
+    match message[body..end].iter().rposition(|&b| b == b'\n') {
+        Some(i) => &message[..=body + i],
+        None => &message[..end],
+    }
+}
+
 /// URL host names in the text and HTML parts of a message (lower case,
 /// deduplicated, at most [`MAX_URL_DOMAINS`]), without scoring it.
 pub fn url_domains(message: &[u8]) -> Vec<String> {
-    match MessageParser::new().parse(message) {
+    match MessageParser::new().parse(parse_window(message)) {
         Some(msg) => scan_bodies(&msg, &[]).0.domains,
         None => Vec::new(),
     }
@@ -1511,6 +1544,24 @@ pub fn zip_names(data: &[u8], max: usize) -> Option<Vec<&[u8]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_plain_text_message_is_parsed_only_as_far_as_it_is_scanned() {
+        let line = "word ".repeat(15) + "\r\n";
+        let mut m = b"From: a@b.example\r\nSubject: long\r\n\r\n".to_vec();
+        while m.len() < 3 * PART_SCAN_SIZE {
+            m.extend_from_slice(line.as_bytes());
+        }
+        let w = parse_window(&m);
+        assert!(w.len() < m.len() && w.len() > PART_SCAN_SIZE, "{}", w.len());
+        assert!(w.ends_with(b"\r\n"));
+        // Structured messages are parsed whole (a ZIP's directory is at
+        // its end), and so are short ones.
+        let mut multi = b"Content-Type: multipart/mixed; boundary=x\r\n\r\n".to_vec();
+        multi.extend_from_slice(&m);
+        assert_eq!(parse_window(&multi).len(), multi.len());
+        assert_eq!(parse_window(&m[..PART_SCAN_SIZE]).len(), PART_SCAN_SIZE);
+    }
 
     const INVOICE_PDF: &[u8] = include_bytes!("../../tests/fixtures/invoice-pdf.eml");
     const INVOICE_HTML_PDF: &[u8] = include_bytes!("../../tests/fixtures/invoice-html-pdf.eml");
