@@ -83,6 +83,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None
     };
     let dns = Dns::new(&config.dns).map_err(StartError::Config)?;
+    crate::policy::alignment::warn_unjudged(&config);
     let dkim = Arc::new(
         crate::policy::dkim::Signer::load(&config)
             .map_err(|errs| StartError::Config(errs.to_string()))?,

@@ -401,17 +401,21 @@ struct Entry {
     expires: Instant,
 }
 
+/// Logged once at start: what the check cannot judge with this config.
+pub fn warn_unjudged(config: &Config) {
+    if config.policy.dmarc.action != DmarcAction::Off && config.sending_ips().is_empty() {
+        tracing::warn!(
+            "DMARC check: SPF cannot be judged because neither [delivery] public_ips nor source_ips is set; only DKIM alignment is checked"
+        );
+    }
+}
+
 impl Alignment {
     /// mail-auth evaluates SPF and reads DMARC records through `dns`'s own
     /// resolver, so tests' `[dns] nameservers` apply to it too.
     pub fn new(config: &Config, dns: &Dns, dkim: Arc<Signer>) -> Alignment {
         let sending_ips = config.sending_ips().to_vec();
         let cfg = config.policy.dmarc.clone();
-        if cfg.action != DmarcAction::Off && sending_ips.is_empty() {
-            tracing::warn!(
-                "DMARC check: SPF cannot be judged because neither [delivery] public_ips nor source_ips is set; only DKIM alignment is checked"
-            );
-        }
         Alignment {
             cfg,
             auth: MessageAuthenticator(dns.resolver().clone()),
