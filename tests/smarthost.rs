@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
+use common::pki::Pki;
 use common::relay::{Setup, TestRelay, field, queue_id};
-use common::submission::{Login, Pki, Script, SubmissionServer, TlsMode};
+use common::submission::{Login, Script, SubmissionServer, TlsMode};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);

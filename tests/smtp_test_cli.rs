@@ -8,6 +8,8 @@
 //! `SSL_CERT_FILE`, as an admin would point it at a private CA. Every wait
 //! is bounded; the binary runs with `--timeout 1s`.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -15,83 +17,17 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+use common::pki::{Pki, self_signed_acceptor};
 
 const PASSWORD: &str = "s3cret-pa55word";
 /// Bound on one run of the binary.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// Bound on one scripted session.
 const SESSION_LIMIT: Duration = Duration::from_secs(20);
-
-// ---- certificates ------------------------------------------------------------------------
-
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca_file: std::path::PathBuf,
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "herald test CA");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = params.self_signed(&ca_key).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
-        Pki {
-            _dir: dir,
-            ca_file,
-            ca,
-            ca_key,
-        }
-    }
-
-    /// A server certificate from the test CA for `names`, valid now unless
-    /// `expired`.
-    fn acceptor(&self, names: &[&str], expired: bool) -> TlsAcceptor {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names[0]);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
-        }
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        acceptor(cert.der().clone(), &key)
-    }
-}
-
-/// A self-signed certificate for 127.0.0.1.
-fn self_signed_acceptor() -> TlsAcceptor {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    acceptor(ck.cert.der().clone(), &ck.key_pair)
-}
-
-fn acceptor(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> TlsAcceptor {
-    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    TlsAcceptor::from(Arc::new(config))
-}
 
 // ---- a scripted SMTP server ----------------------------------------------------------------
 
@@ -429,7 +365,7 @@ async fn a_554_greeting_is_explained() {
 async fn an_implicit_tls_port_without_tls_is_recognised() {
     let pki = Pki::new();
     let (addr, _) = serve(Script {
-        implicit: Some(pki.acceptor(&["127.0.0.1"], false)),
+        implicit: Some(pki.acceptor(&["127.0.0.1"])),
         ..Script::default()
     })
     .await;
@@ -500,7 +436,7 @@ async fn a_self_signed_certificate_on_starttls() {
 async fn wrong_host_name_and_expired_certificates_are_named() {
     let pki = Pki::new();
     let (addr, _) = serve(Script {
-        starttls: Some(pki.acceptor(&["mail.other.test"], false)),
+        starttls: Some(pki.acceptor(&["mail.other.test"])),
         ..Script::default()
     })
     .await;
@@ -522,7 +458,7 @@ async fn wrong_host_name_and_expired_certificates_are_named() {
     );
 
     let (addr, _) = serve(Script {
-        implicit: Some(pki.acceptor(&["127.0.0.1"], true)),
+        implicit: Some(pki.expired_acceptor(&["127.0.0.1"])),
         ..Script::default()
     })
     .await;
@@ -540,7 +476,7 @@ async fn wrong_host_name_and_expired_certificates_are_named() {
 async fn no_auth_offered() {
     let pki = Pki::new();
     let (addr, _) = serve(Script {
-        starttls: Some(pki.acceptor(&["127.0.0.1"], false)),
+        starttls: Some(pki.acceptor(&["127.0.0.1"])),
         ehlo_tls: "PIPELINING\n8BITMIME",
         ..Script::default()
     })
@@ -570,7 +506,7 @@ async fn no_auth_offered() {
 async fn auth_refused_with(reply: &'static str) -> Run {
     let pki = Pki::new();
     let (addr, _) = serve(Script {
-        starttls: Some(pki.acceptor(&["127.0.0.1"], false)),
+        starttls: Some(pki.acceptor(&["127.0.0.1"])),
         auth: reply,
         ..Script::default()
     })
@@ -635,7 +571,7 @@ async fn microsoft_has_smtp_auth_switched_off() {
 async fn the_sender_is_refused() {
     let pki = Pki::new();
     let (addr, lines) = serve(Script {
-        starttls: Some(pki.acceptor(&["127.0.0.1"], false)),
+        starttls: Some(pki.acceptor(&["127.0.0.1"])),
         mail: "553 5.7.1 <billing@acme.test>: Sender address rejected: not owned by user app@acme.test",
         ..Script::default()
     })
@@ -676,7 +612,7 @@ async fn the_sender_is_refused() {
 async fn all_is_well_with_starttls_as_json() {
     let pki = Pki::new();
     let (addr, lines) = serve(Script {
-        starttls: Some(pki.acceptor(&["127.0.0.1"], false)),
+        starttls: Some(pki.acceptor(&["127.0.0.1"])),
         ..Script::default()
     })
     .await;
@@ -742,7 +678,7 @@ async fn all_is_well_with_starttls_as_json() {
 async fn all_is_well_with_implicit_tls() {
     let pki = Pki::new();
     let (addr, _) = serve(Script {
-        implicit: Some(pki.acceptor(&["127.0.0.1"], false)),
+        implicit: Some(pki.acceptor(&["127.0.0.1"])),
         ehlo_tls: "PIPELINING\nAUTH LOGIN",
         ..Script::default()
     })

@@ -15,6 +15,7 @@
 pub mod dns;
 pub mod http;
 pub mod mx;
+pub mod pki;
 pub mod redis;
 pub mod relay;
 pub mod smtp;

@@ -1,0 +1,82 @@
+//! A test certificate authority (rcgen) and TLS acceptors with server
+//! certificates from it, for scripted TLS servers a client verifies.
+
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+/// A test CA and the PEM file of its certificate.
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    /// The CA certificate, PEM: what a client trusts.
+    pub ca_file: std::path::PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "herald test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        Pki {
+            _dir: dir,
+            ca_file,
+            ca,
+            ca_key,
+        }
+    }
+
+    /// An acceptor with a certificate from this CA for `names`, valid now.
+    pub fn acceptor(&self, names: &[&str]) -> TlsAcceptor {
+        self.issue(names, false)
+    }
+
+    /// The same with a certificate that expired in 2020.
+    pub fn expired_acceptor(&self, names: &[&str]) -> TlsAcceptor {
+        self.issue(names, true)
+    }
+
+    fn issue(&self, names: &[&str], expired: bool) -> TlsAcceptor {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        acceptor(cert.der().clone(), &key)
+    }
+}
+
+/// An acceptor with a self-signed certificate for 127.0.0.1.
+pub fn self_signed_acceptor() -> TlsAcceptor {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    acceptor(ck.cert.der().clone(), &ck.key_pair)
+}
+
+fn acceptor(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> TlsAcceptor {
+    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
