@@ -31,17 +31,15 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 
 use super::client::{ClientError, SmtpClient, Stage, Timeouts, Tls};
 use crate::config::{ConfigErrors, Secret, TenantConfig};
+use crate::diagnose::cert::{CertOutcome, RecordingVerifier};
 use crate::diagnose::explain::{Advice, Step, explain_certificate, explain_reply};
 use crate::dns::Dns;
 use crate::queue::Envelope;
@@ -292,7 +290,7 @@ impl Routes {
                 }
             } else {
                 let verifier = system
-                    .get_or_insert_with(|| system_verifier(&provider))
+                    .get_or_insert_with(|| crate::diagnose::cert::system_roots(&provider))
                     .clone();
                 match verifier {
                     Some(v) => Trust::Roots(v),
@@ -362,84 +360,6 @@ impl Routes {
             None => *self.by_tenant.get(envelope.tenant.as_deref()?)?,
         };
         self.hosts.get(i)
-    }
-}
-
-fn system_verifier(provider: &Arc<CryptoProvider>) -> Option<Arc<WebPkiServerVerifier>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if roots.is_empty() {
-        tracing::warn!(
-            "no trusted CA certificates on this machine: smarthosts without ca_file cannot be used"
-        );
-        return None;
-    }
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .ok()
-}
-
-/// Verifies like [`WebPkiServerVerifier`] and keeps the certificate
-/// problem, so the deferral can name it (one per connection).
-#[derive(Debug)]
-struct Checked {
-    inner: Arc<WebPkiServerVerifier>,
-    problem: Mutex<Option<(CertificateError, bool)>>,
-}
-
-impl Checked {
-    fn problem(&self) -> Option<(CertificateError, bool)> {
-        self.problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-impl ServerCertVerifier for Checked {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let result = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        if let Err(rustls::Error::InvalidCertificate(e)) = &result {
-            let self_signed = crate::diagnose::cert::is_self_signed(end_entity);
-            *self.problem.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((e.clone(), self_signed));
-        }
-        result
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 
@@ -545,10 +465,7 @@ impl Smarthost {
         let (tls, checked) = match &self.trust {
             Trust::Any(tls) => (tls.clone(), None),
             Trust::Roots(v) => {
-                let checked = Arc::new(Checked {
-                    inner: v.clone(),
-                    problem: Mutex::new(None),
-                });
+                let checked = RecordingVerifier::strict(self.provider.clone(), v.clone());
                 (
                     Tls::with_verifier(self.provider.clone(), checked.clone()),
                     Some(checked),
@@ -590,7 +507,12 @@ impl Smarthost {
         )
     }
 
-    fn failure(&self, e: ClientError, addr: SocketAddr, checked: Option<&Checked>) -> Failure {
+    fn failure(
+        &self,
+        e: ClientError,
+        addr: SocketAddr,
+        checked: Option<&RecordingVerifier>,
+    ) -> Failure {
         use Classification::{Network, Other, Policy, Tls};
         let host = &self.host;
         let at = format!("smarthost {host} [{}]:{}", addr.ip(), addr.port());
@@ -633,8 +555,8 @@ impl Smarthost {
                 Network,
                 true,
             ),
-            ClientError::Tls(msg) => match checked.and_then(Checked::problem) {
-                Some((error, self_signed)) => fail(
+            ClientError::Tls(msg) => match checked.and_then(RecordingVerifier::outcome) {
+                Some(CertOutcome::Failed { error, self_signed }) => fail(
                     Enhanced(4, 7, 5),
                     self.explained(
                         &format!("{at}: TLS certificate not accepted"),
@@ -644,7 +566,8 @@ impl Smarthost {
                     Tls,
                     false,
                 ),
-                None => fail(
+                // Verified, or no certificate problem: the handshake itself.
+                _ => fail(
                     Enhanced(4, 7, 5),
                     self.explained(
                         &format!("TLS handshake with {at} failed: {msg}"),
@@ -942,7 +865,7 @@ mod tests {
         );
         let fix = for_config("give the account with --user", "m365");
         assert_eq!(fix, "set username and password in [[smarthost]] \"m365\"");
-        let advice = explain_certificate(&CertificateError::UnknownIssuer, "h", false);
+        let advice = explain_certificate(&rustls::CertificateError::UnknownIssuer, "h", false);
         assert!(for_config(&advice.fix, "m365").contains("set ca_file in [[smarthost]] \"m365\""));
     }
 }

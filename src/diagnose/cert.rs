@@ -39,33 +39,56 @@ pub enum CertOutcome {
     NoTrustStore,
 }
 
-/// A rustls verifier that checks like a browser but records instead of failing.
+/// A rustls verifier that checks like a browser and records what it found.
+/// For diagnosis it then lets the handshake go on whatever the verdict; in
+/// strict mode (delivery through a smarthost) it refuses as usual.
 #[derive(Debug)]
 pub struct RecordingVerifier {
     /// Checks the handshake signatures whatever the certificate's verdict.
     signatures: AcceptAnyCert,
     inner: Option<Arc<WebPkiServerVerifier>>,
+    strict: bool,
     outcome: Mutex<Option<CertOutcome>>,
 }
 
+/// A verifier over the system's trust store; `None` when it holds no
+/// certificate. Problems reading single files are ignored as long as some
+/// certificates load.
+pub fn system_roots(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Option<Arc<WebPkiServerVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if roots.is_empty() {
+        return None;
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .ok()
+}
+
 impl RecordingVerifier {
-    /// Loads the system's trust store. Problems reading single files are
-    /// ignored as long as some certificates load.
+    /// For diagnosis, over the system's trust store: records, never refuses.
     pub fn from_system() -> Arc<RecordingVerifier> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        let loaded = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(loaded.certs);
-        let inner = if roots.is_empty() {
-            None
-        } else {
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .ok()
-        };
+        Arc::new(RecordingVerifier {
+            inner: system_roots(&provider),
+            signatures: AcceptAnyCert(provider),
+            strict: false,
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// Verifies with `inner` and refuses what it refuses, keeping the
+    /// reason for the caller to explain.
+    pub fn strict(
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        inner: Arc<WebPkiServerVerifier>,
+    ) -> Arc<RecordingVerifier> {
         Arc::new(RecordingVerifier {
             signatures: AcceptAnyCert(provider),
-            inner,
+            inner: Some(inner),
+            strict: true,
             outcome: Mutex::new(None),
         })
     }
@@ -98,26 +121,23 @@ impl ServerCertVerifier for RecordingVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let outcome = match &self.inner {
-            None => CertOutcome::NoTrustStore,
-            Some(v) => {
-                match v.verify_server_cert(
-                    end_entity,
-                    intermediates,
-                    server_name,
-                    ocsp_response,
-                    now,
-                ) {
-                    Ok(_) => CertOutcome::Verified,
-                    Err(rustls::Error::InvalidCertificate(error)) => CertOutcome::Failed {
-                        error,
-                        self_signed: is_self_signed(end_entity),
-                    },
-                    Err(e) => CertOutcome::Error(e.to_string()),
-                }
-            }
+        let Some(v) = &self.inner else {
+            self.record(CertOutcome::NoTrustStore);
+            return Ok(ServerCertVerified::assertion());
         };
-        self.record(outcome);
+        let result =
+            v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        self.record(match &result {
+            Ok(_) => CertOutcome::Verified,
+            Err(rustls::Error::InvalidCertificate(error)) => CertOutcome::Failed {
+                error: error.clone(),
+                self_signed: is_self_signed(end_entity),
+            },
+            Err(e) => CertOutcome::Error(e.to_string()),
+        });
+        if self.strict {
+            return result;
+        }
         // Go on: the caller reads the outcome and decides (no password is
         // sent unless it is `Verified`).
         Ok(ServerCertVerified::assertion())
