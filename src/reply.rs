@@ -225,6 +225,10 @@ pub mod codes {
             "Local error in processing, try again later",
         )
     }
+    /// Memory or disk for the message is short for now (RFC 3463 4.3.1).
+    pub fn insufficient_storage(text: &str) -> Reply {
+        Reply::new(452, Enhanced(4, 3, 1), text)
+    }
     pub fn shutting_down() -> Reply {
         Reply::new(
             421,

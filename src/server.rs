@@ -257,6 +257,11 @@ impl Running {
 
 /// `herald serve`: runs until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
+    // Each client connection is a file descriptor: take what the hard limit
+    // allows before the limits are sized from it.
+    if let Some(soft) = crate::receive::limits::raise_fd_limit() {
+        tracing::debug!(open_files = soft, "open-files limit");
+    }
     let running = start(config).await?;
     wait_for_signal().await;
     running.shutdown().await;

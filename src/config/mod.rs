@@ -127,10 +127,32 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Client connections open at once from one IP address.
     pub max_connections_per_ip: usize,
-    /// How long to wait for a command (RFC 5321 §4.5.3.2: at least 5 minutes).
+    /// Connections open at once from one IP address that has not logged in
+    /// recently and is not in a listener's `trusted_networks`: far below
+    /// `max_connections_per_ip`, so a few hosts cannot hold every slot.
+    pub max_unauthenticated_per_ip: usize,
+    /// Of `max_connections`, slots that only clients known to be good may
+    /// take: a trusted network, or an IP that logged in within
+    /// `auth_known_for`. A flood of strangers never locks out the apps.
+    /// Unset: a tenth of `max_connections`.
+    pub reserved_connections: Option<usize>,
+    /// How long an IP that logged in successfully counts as known.
+    pub auth_known_for: Span,
+    /// How long to wait for a command line, counted from its first byte, so
+    /// a byte now and then does not keep a session open (RFC 5321 §4.5.3.2:
+    /// at least 5 minutes).
     pub command_timeout: Span,
     /// How long a whole DATA or BDAT transfer may take.
     pub data_timeout: Span,
+    /// How long one transaction may take, from MAIL FROM to the end of its
+    /// message.
+    pub transaction_timeout: Span,
+    /// NOOP, RSET, VRFY, HELP, EHLO and HELO accepted between two messages;
+    /// past it the session is closed (Postfix's junk command limit).
+    pub max_junk_commands: u32,
+    /// Message bytes being received at once over all sessions; a message
+    /// that would go over is refused with `452 4.3.1`.
+    pub max_receiving_bytes: Size,
     /// Unknown or malformed commands tolerated before 421 and disconnect.
     pub max_bad_commands: u32,
     /// Failed AUTH attempts from one IP before it is refused (421).
@@ -153,8 +175,14 @@ impl Default for ServerConfig {
             max_recipients: 100,
             max_connections: 10_000,
             max_connections_per_ip: 500,
+            max_unauthenticated_per_ip: 20,
+            reserved_connections: None,
+            auth_known_for: Span(std::time::Duration::from_secs(7 * 86_400)),
             command_timeout: Span(std::time::Duration::from_secs(300)),
             data_timeout: Span(std::time::Duration::from_secs(600)),
+            transaction_timeout: Span(std::time::Duration::from_secs(1_200)),
+            max_junk_commands: 100,
+            max_receiving_bytes: Size(512 << 20),
             max_bad_commands: 10,
             max_auth_failures: 10,
             auth_failure_delay: Span(std::time::Duration::from_secs(1)),
@@ -243,6 +271,10 @@ pub struct TenantConfig {
     /// instead of to the recipients' MX hosts.
     #[serde(default)]
     pub smarthost: Option<String>,
+    /// The From: header's domain must be one that `allowed_senders`
+    /// covers, as the envelope sender's must (off: any From:).
+    #[serde(default = "yes")]
+    pub bind_from_header: bool,
 }
 
 fn yes() -> bool {
@@ -806,6 +838,41 @@ impl Config {
             errs.push(
                 "server.max_connections",
                 "max_connections and max_connections_per_ip must be at least 1",
+            );
+        }
+        if self.server.max_connections_per_ip > self.server.max_connections {
+            errs.push(
+                "server.max_connections_per_ip",
+                format!(
+                    "{} is more than server.max_connections ({})",
+                    self.server.max_connections_per_ip, self.server.max_connections
+                ),
+            );
+        }
+        if self.server.max_unauthenticated_per_ip == 0 {
+            errs.push("server.max_unauthenticated_per_ip", "must be at least 1");
+        }
+        if let Some(r) = self.server.reserved_connections
+            && r >= self.server.max_connections
+        {
+            errs.push(
+                "server.reserved_connections",
+                format!(
+                    "{r} leaves no connection for clients not yet known: it must be less than server.max_connections ({})",
+                    self.server.max_connections
+                ),
+            );
+        }
+        if self.server.transaction_timeout.0 < self.server.data_timeout.0 {
+            errs.push(
+                "server.transaction_timeout",
+                "must be at least server.data_timeout: a transaction includes its DATA",
+            );
+        }
+        if self.server.max_receiving_bytes.0 < self.server.max_message_size.0 {
+            errs.push(
+                "server.max_receiving_bytes",
+                "must be at least server.max_message_size, or no message of the largest size could be received",
             );
         }
 

@@ -14,6 +14,7 @@ pub mod dnsbl;
 pub mod spam;
 pub mod verp;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -73,6 +74,9 @@ pub struct Policy {
     /// `[bounces] return_path_domain`: the envelope domain receivers
     /// check SPF on when VERP is on.
     return_path_domain: Option<String>,
+    /// Tenants whose From: header must name one of their own domains
+    /// (`bind_from_header`), with their `allowed_senders`.
+    from_bound: HashMap<String, Vec<String>>,
 }
 
 impl Policy {
@@ -82,7 +86,35 @@ impl Policy {
             dnsbl: Dnsbl::new(&config.policy.dnsbl, dns.clone()),
             alignment: Alignment::new(config, dns, dkim),
             return_path_domain: config.bounces.return_path_domain.clone(),
+            from_bound: config
+                .tenants
+                .iter()
+                .filter(|t| t.bind_from_header)
+                .map(|t| (t.name.clone(), t.allowed_senders.clone()))
+                .collect(),
         }
+    }
+
+    /// The refusal of a tenant's message whose From: names a domain the
+    /// tenant may not send as: the envelope sender alone is not what the
+    /// recipient sees (a tenant allowed `*@acme.example` must not write
+    /// `From: ceo@victim.org`).
+    fn from_not_allowed(&self, tenant: Option<&str>, from: &[String]) -> Option<Verdict> {
+        let patterns = self.from_bound.get(tenant?)?;
+        let bad = from.iter().find(|a| {
+            let domain = a.rsplit_once('@').map_or("", |(_, d)| d);
+            !crate::receive::senders::domain_allowed(patterns, domain)
+        })?;
+        Some(Verdict::reject(
+            "from_not_allowed",
+            550,
+            Enhanced(5, 7, 1),
+            format!(
+                "Message refused: the From: header address <{bad}> is not allowed for account \"{}\"; its domain must be one of: {}",
+                tenant.unwrap_or_default(),
+                patterns.join(", ")
+            ),
+        ))
     }
 
     /// The domain of the envelope sender receivers will see: the VERP
@@ -102,13 +134,21 @@ impl Policy {
             spam_score: None,
             warnings: Vec::new(),
         };
-        let (from, from_domain) = match from_address(message) {
+        let FromField {
+            address: from,
+            domain: from_domain,
+            all,
+        } = match from_address(message) {
             Ok(f) => f,
             Err(verdict) => {
                 outcome.verdict = verdict;
                 return outcome;
             }
         };
+        if let Some(verdict) = self.from_not_allowed(envelope.tenant.as_deref(), &all) {
+            outcome.verdict = verdict;
+            return outcome;
+        }
         let spam = self.spam.enabled().then(|| self.spam.score(message));
 
         let mut domains = vec![from_domain];
@@ -160,19 +200,40 @@ impl Policy {
     }
 }
 
-/// The From: address and its domain (lower case), or the refusal of a
-/// message without a usable From: (RFC 5322 §3.6.2).
-fn from_address(message: &[u8]) -> Result<(String, String), Verdict> {
-    mail_parser::MessageParser::new()
-        .parse_headers(message)
+/// The From: header's addresses.
+#[derive(Debug, PartialEq, Eq)]
+struct FromField {
+    /// The first address: the one DMARC judges.
+    address: String,
+    /// Its domain, lower case.
+    domain: String,
+    /// Every address of the field (RFC 5322 allows a list).
+    all: Vec<String>,
+}
+
+/// The From: addresses, or the refusal of a message without a usable
+/// From: (RFC 5322 §3.6.2).
+fn from_address(message: &[u8]) -> Result<FromField, Verdict> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(message);
+    let all: Vec<String> = parsed
         .as_ref()
         .and_then(|m| m.from())
-        .and_then(|a| a.first())
-        .and_then(|a| a.address())
+        .map(|a| {
+            a.iter()
+                .filter_map(|a| a.address())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    all.first()
         .and_then(|a| {
             let (_, d) = a.rsplit_once('@')?;
             let d = d.trim_end_matches('.').to_ascii_lowercase();
-            (!d.is_empty()).then(|| (a.to_string(), d))
+            (!d.is_empty()).then(|| FromField {
+                address: a.clone(),
+                domain: d,
+                all: all.clone(),
+            })
         })
         .ok_or_else(|| {
             Verdict::reject(
@@ -227,13 +288,16 @@ mod tests {
 
     #[test]
     fn from_address_needs_an_address() {
+        let f = from_address(b"From: Billing <Billing@Acme.Example>\r\n\r\nhi\r\n").unwrap();
         assert_eq!(
-            from_address(b"From: Billing <Billing@Acme.Example>\r\n\r\nhi\r\n").unwrap(),
-            (
-                "Billing@Acme.Example".to_string(),
-                "acme.example".to_string()
-            )
+            (f.address.as_str(), f.domain.as_str()),
+            ("Billing@Acme.Example", "acme.example")
         );
+        let f = from_address(
+            "From: Grünbäume GmbH <billing@acme.example>, ceo@victim.org\r\n\r\nhi\r\n".as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(f.all, ["billing@acme.example", "ceo@victim.org"]);
         for bad in [&b"Subject: x\r\n\r\nhi\r\n"[..], b"From: nobody\r\n\r\n"] {
             match from_address(bad) {
                 Err(Verdict::Reject { rule, reply }) => {

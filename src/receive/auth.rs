@@ -8,10 +8,18 @@
 //! reach a log line, an event or a reply.
 //!
 //! Costs: an argon2 verification takes tens of milliseconds of CPU and
-//! ~19 MiB of memory, so it runs on the blocking pool with a bounded number
-//! at once, and a successful check is remembered for a few minutes under a
-//! keyed hash of (username, password): an app opening many connections pays
-//! argon2 once, not on every connection, and the cache holds no password.
+//! ~19 MiB of memory, so it runs on the blocking pool, as many at once as
+//! there are cores, each in one of a fixed set of reused work areas (memory
+//! stays flat however many clients try), and at most
+//! [`VERIFICATIONS_PER_IP`] at once for one client IP. A successful check is
+//! remembered for a few minutes under a keyed hash of (username, password):
+//! an app opening many connections pays argon2 once, not on every
+//! connection, and the cache holds no password.
+//!
+//! Guessing: failures are counted per client IP when credentials are
+//! checked, and the limit is checked again just before each check, so
+//! sessions that all sent AUTH before the limit was reached still get
+//! `421` once it is (`server.max_auth_failures`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,6 +43,8 @@ const CACHE_TTL: Duration = Duration::from_secs(300);
 const CACHE_MAX: usize = 4096;
 /// IPs with failures remembered at most before stale ones are pruned.
 const FAILURES_PRUNE_AT: usize = 10_000;
+/// argon2 checks run at once for one client IP; others from it wait.
+pub const VERIFICATIONS_PER_IP: usize = 2;
 
 /// A PHC string to verify against when the username is unknown and there is
 /// no tenant at all, so that a wrong username costs as much time as a wrong
@@ -237,38 +247,110 @@ struct FailureRecord {
     last: Instant,
 }
 
+/// What checking credentials found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The index of the tenant they belong to.
+    Tenant(usize),
+    Invalid,
+    /// The client's IP has failed too often: nothing was checked.
+    Locked,
+}
+
 /// Verifies credentials and keeps the per-IP failure counts. One per
 /// server, shared by all sessions.
 pub struct Authenticator {
     /// Key of the cache's hash; random per process, never leaves memory.
     cache_key: [u8; 32],
     cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
-    /// Bounds argon2 runs at once: each one holds ~19 MiB.
+    /// Bounds argon2 runs at once: each one needs a work area of ~19 MiB.
     verify_slots: Semaphore,
+    /// The work areas, reused: memory allocated once per slot rather than
+    /// per attempt (freed areas of that size are not given back to the OS).
+    work_areas: Mutex<Vec<Vec<argon2::Block>>>,
+    /// Checks in progress per client IP.
+    per_ip: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
     failures: Mutex<HashMap<IpAddr, FailureRecord>>,
     failure_window: Duration,
+    max_failures: u32,
 }
 
 impl Authenticator {
     /// `failure_window` is how long a failure is remembered after the last
-    /// one from the same IP (`server.auth_failure_window`).
-    pub fn new(failure_window: Duration) -> Authenticator {
+    /// one from the same IP (`server.auth_failure_window`); `max_failures`
+    /// failures within it lock the IP out (`server.max_auth_failures`).
+    pub fn new(failure_window: Duration, max_failures: u32) -> Authenticator {
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         Authenticator {
             cache_key: rand::random(),
             cache: Mutex::new(HashMap::new()),
             verify_slots: Semaphore::new(slots),
+            work_areas: Mutex::new(Vec::new()),
+            per_ip: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             failure_window,
+            max_failures,
         }
     }
 
-    /// The index of the tenant these credentials belong to, or `None`.
-    pub async fn verify(&self, tenants: &[TenantConfig], creds: &Credentials) -> Option<usize> {
+    /// Whether `ip` has failed `max_failures` times within the window.
+    pub fn locked(&self, ip: IpAddr) -> bool {
+        self.failures(ip) >= self.max_failures
+    }
+
+    /// Checks credentials from `ip`, counting a failure against it.
+    pub async fn verify(
+        &self,
+        ip: IpAddr,
+        tenants: &[TenantConfig],
+        creds: &Credentials,
+    ) -> Verdict {
+        if self.locked(ip) {
+            return Verdict::Locked;
+        }
         let tag = self.tag(creds);
         if let Some(tenant) = self.cached(&tag, tenants, &creds.username) {
-            return Some(tenant);
+            return Verdict::Tenant(tenant);
         }
+        let ip_slots = self.ip_slots(ip);
+        let Ok(_ip_slot) = ip_slots.acquire().await else {
+            return Verdict::Invalid;
+        };
+        // Checked again after the wait: failures of this IP's other sessions
+        // count, and the same credentials may have been verified meanwhile.
+        if self.locked(ip) {
+            return Verdict::Locked;
+        }
+        if let Some(tenant) = self.cached(&tag, tenants, &creds.username) {
+            return Verdict::Tenant(tenant);
+        }
+        match self.check(tenants, creds).await {
+            Some(tenant) => {
+                self.remember(tag, tenant);
+                Verdict::Tenant(tenant)
+            }
+            None => {
+                self.record_failure(ip);
+                Verdict::Invalid
+            }
+        }
+    }
+
+    /// The semaphore bounding `ip`'s checks in progress.
+    fn ip_slots(&self, ip: IpAddr) -> Arc<Semaphore> {
+        let mut map = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= FAILURES_PRUNE_AT {
+            // Entries nobody holds or waits on.
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        Arc::clone(
+            map.entry(ip)
+                .or_insert_with(|| Arc::new(Semaphore::new(VERIFICATIONS_PER_IP))),
+        )
+    }
+
+    /// The argon2 check itself: the tenant index when the password is right.
+    async fn check(&self, tenants: &[TenantConfig], creds: &Credentials) -> Option<usize> {
         let index = tenants.iter().position(|t| t.username == creds.username);
         // An unknown user is verified against a real hash anyway, so that the
         // reply takes as long as for a known user with a wrong password.
@@ -282,13 +364,27 @@ impl Authenticator {
         let password = creds.password.clone();
         let ok = {
             let _slot = self.verify_slots.acquire().await.ok()?;
-            tokio::task::spawn_blocking(move || verify_phc(&phc, &password))
-                .await
-                .unwrap_or(false)
+            let mut area = self
+                .work_areas
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()
+                .unwrap_or_default();
+            let (ok, area) = tokio::task::spawn_blocking(move || {
+                let ok = verify_phc_in(&phc, &password, &mut area);
+                (ok, area)
+            })
+            .await
+            .unwrap_or_default();
+            if !area.is_empty() {
+                self.work_areas
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(area);
+            }
+            ok
         };
-        let tenant = index.filter(|_| ok)?;
-        self.remember(tag, tenant);
-        Some(tenant)
+        index.filter(|_| ok)
     }
 
     /// Failed attempts from `ip` still remembered.
@@ -382,16 +478,25 @@ impl Session {
         if self.helo.is_none() {
             return self.error(codes::bad_sequence("Send EHLO first"));
         }
-        if self.ctx.auth.failures(self.ip) >= self.ctx.config.server.max_auth_failures {
-            tracing::warn!(client_ip = %self.ip, "AUTH refused: too many failures from this address");
-            self.reply(&too_many_failures());
-            return Step::Close;
+        if self.ctx.auth.locked(self.ip) {
+            return self.locked_out();
         }
         self.sasl(start(mechanism, initial_response)).await
     }
 
+    /// `421` and close: this IP failed `server.max_auth_failures` times.
+    fn locked_out(&mut self) -> Step {
+        tracing::warn!(client_ip = %self.ip, "AUTH refused: too many failures from this address");
+        self.mode = Mode::Command;
+        self.reply(&too_many_failures());
+        Step::Close
+    }
+
     /// A SASL response line (CRLF included) in `state`.
     pub(super) async fn sasl_line(&mut self, state: SaslState, line: &[u8]) -> Step {
+        if self.ctx.auth.locked(self.ip) {
+            return self.locked_out();
+        }
         match std::str::from_utf8(line) {
             Ok(text) => self.sasl(step(state, text)).await,
             Err(_) => self.sasl(Sasl::Fail(bad_base64())).await,
@@ -409,7 +514,8 @@ impl Session {
                 self.mode = Mode::Command;
                 if reply.code == 535 {
                     self.auth_delay().await;
-                    return self.auth_failed(None).await;
+                    self.ctx.auth.record_failure(self.ip);
+                    return self.auth_failed(None);
                 }
                 self.error(reply)
             }
@@ -424,20 +530,22 @@ impl Session {
         self.auth_delay().await;
         let ctx = Arc::clone(&self.ctx);
         // Boxed: holds the blocking task's handle only while it runs.
-        match Box::pin(ctx.auth.verify(&ctx.config.tenants, &creds)).await {
-            Some(tenant) => {
+        match Box::pin(ctx.auth.verify(self.ip, &ctx.config.tenants, &creds)).await {
+            Verdict::Tenant(tenant) => {
                 self.tenant = Some(tenant);
+                self.logged_in();
                 tracing::info!(client_ip = %self.ip, tenant = %ctx.config.tenants[tenant].name, "authenticated");
                 self.reply(&codes::auth_ok());
                 Step::Continue
             }
-            None => self.auth_failed(Some(&creds.username)).await,
+            Verdict::Invalid => self.auth_failed(Some(&creds.username)),
+            Verdict::Locked => self.locked_out(),
         }
     }
 
-    /// Counts a failure for the client's IP and answers 535.
-    async fn auth_failed(&mut self, username: Option<&str>) -> Step {
-        let failures = self.ctx.auth.record_failure(self.ip);
+    /// Answers 535 to a failure already counted for the client's IP.
+    fn auth_failed(&mut self, username: Option<&str>) -> Step {
+        let failures = self.ctx.auth.failures(self.ip);
         // The username helps the operator find the misconfigured app; the
         // password never appears anywhere.
         tracing::warn!(
@@ -476,16 +584,46 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot hash the password: {e}"))
 }
 
-/// argon2 verification of `password` against a PHC string; any parse error
-/// is a failure. CPU-heavy: call from the blocking pool.
-fn verify_phc(phc: &str, password: &[u8]) -> bool {
-    use argon2::PasswordVerifier as _;
-    match argon2::PasswordHash::new(phc) {
-        Ok(hash) => argon2::Argon2::default()
-            .verify_password(password, &hash)
-            .is_ok(),
-        Err(_) => false,
+/// argon2 verification of `password` against a PHC string, in the work
+/// area `memory` (grown as the hash's cost asks, then reused); any parse
+/// error is a failure. CPU-heavy: call from the blocking pool.
+fn verify_phc_in(phc: &str, password: &[u8], memory: &mut Vec<argon2::Block>) -> bool {
+    use argon2::password_hash::Output;
+    use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Some(salt), Some(expected)) =
+        (Algorithm::try_from(hash.algorithm), hash.salt, hash.hash)
+    else {
+        return false;
+    };
+    let Ok(version) = hash.version.map(Version::try_from).transpose() else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, argon2::Block::default());
     }
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version.unwrap_or_default(), params);
+    argon
+        .hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+        .is_ok()
+        // Output's equality is constant-time.
+        && Output::new(&out).is_ok_and(|o| o == expected)
+}
+
+#[cfg(test)]
+fn verify_phc(phc: &str, password: &[u8]) -> bool {
+    verify_phc_in(phc, password, &mut Vec::new())
 }
 
 #[cfg(test)]
@@ -522,6 +660,7 @@ mod tests {
             webhook_secret: None,
             dsn: true,
             smarthost: None,
+            bind_from_header: true,
         }
     }
 
@@ -593,40 +732,73 @@ mod tests {
     #[tokio::test]
     async fn verify_checks_hash_and_caches_success() {
         let tenants = vec![tenant("acme", "right"), tenant("globex", "other")];
-        let a = Authenticator::new(Duration::from_secs(60));
-        assert_eq!(
-            a.verify(&tenants, &Credentials::new("acme", "right")).await,
-            Some(0)
-        );
-        assert_eq!(
-            a.verify(&tenants, &Credentials::new("globex", "other"))
-                .await,
-            Some(1)
-        );
-        assert_eq!(
-            a.verify(&tenants, &Credentials::new("acme", "wrong")).await,
-            None
-        );
-        assert_eq!(
-            a.verify(&tenants, &Credentials::new("nobody", "right"))
-                .await,
-            None
-        );
+        let a = Authenticator::new(Duration::from_secs(60), 10);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let v = |u: &'static str, p: &'static str| {
+            let (a, tenants) = (&a, &tenants);
+            async move { a.verify(ip, tenants, &Credentials::new(u, p)).await }
+        };
+        assert_eq!(v("acme", "right").await, Verdict::Tenant(0));
+        assert_eq!(v("globex", "other").await, Verdict::Tenant(1));
+        assert_eq!(v("acme", "wrong").await, Verdict::Invalid);
+        assert_eq!(v("nobody", "right").await, Verdict::Invalid);
         // The other tenant's password is not this one's.
-        assert_eq!(
-            a.verify(&tenants, &Credentials::new("acme", "other")).await,
-            None
-        );
+        assert_eq!(v("acme", "other").await, Verdict::Invalid);
+        // Failures were counted when checked.
+        assert_eq!(a.failures(ip), 3);
         // A cached success is found without argon2 (and only for the same pair).
         let tag = a.tag(&Credentials::new("acme", "right"));
         assert_eq!(a.cached(&tag, &tenants, "acme"), Some(0));
         let tag = a.tag(&Credentials::new("acme", "wrong"));
         assert_eq!(a.cached(&tag, &tenants, "acme"), None);
+        // One work area per concurrent check, kept for the next.
+        assert_eq!(a.work_areas.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_locked_ip_is_refused_even_with_the_right_password() {
+        let tenants = vec![tenant("acme", "right")];
+        let a = Arc::new(Authenticator::new(Duration::from_secs(60), 3));
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        // Twenty guesses arrive at once, as from twenty sessions at 334.
+        let mut guesses = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let (a, tenants) = (Arc::clone(&a), tenants.clone());
+            guesses.spawn(async move {
+                a.verify(ip, &tenants, &Credentials::new("acme", format!("guess{i}")))
+                    .await
+            });
+        }
+        let mut checked = 0;
+        while let Some(v) = guesses.join_next().await {
+            match v.unwrap() {
+                Verdict::Invalid => checked += 1,
+                Verdict::Locked => {}
+                Verdict::Tenant(_) => panic!("a guess logged in"),
+            }
+        }
+        // At most the limit, plus the checks already running when it was
+        // reached.
+        assert!(
+            (3..=3 + VERIFICATIONS_PER_IP).contains(&checked),
+            "{checked} guesses were checked"
+        );
+        assert_eq!(
+            a.verify(ip, &tenants, &Credentials::new("acme", "right"))
+                .await,
+            Verdict::Locked
+        );
+        let other: IpAddr = "192.0.2.10".parse().unwrap();
+        assert_eq!(
+            a.verify(other, &tenants, &Credentials::new("acme", "right"))
+                .await,
+            Verdict::Tenant(0)
+        );
     }
 
     #[test]
     fn failures_are_counted_per_ip_within_the_window() {
-        let a = Authenticator::new(Duration::from_secs(60));
+        let a = Authenticator::new(Duration::from_secs(60), 10);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         assert_eq!(a.failures(ip), 0);
@@ -635,7 +807,7 @@ mod tests {
         assert_eq!(a.failures(ip), 2);
         assert_eq!(a.failures(other), 0);
 
-        let a = Authenticator::new(Duration::ZERO);
+        let a = Authenticator::new(Duration::ZERO, 10);
         a.record_failure(ip);
         assert_eq!(a.failures(ip), 0);
         assert_eq!(a.record_failure(ip), 1);

@@ -43,6 +43,25 @@ pub fn bare_line_end() -> Reply {
     )
 }
 
+/// The refusal of a message with a NUL byte: receivers that strip NULs
+/// would see a different message (and may end it early), so it is not
+/// relayed (RFC 5321 §4.1.1.4 forbids it in mail data outside BINARYMIME).
+pub fn nul_byte() -> Reply {
+    Reply::new(
+        550,
+        Enhanced(5, 6, 0),
+        "Message refused: it contains a NUL byte, which SMTP mail must not carry; encode binary content (base64) in a MIME part",
+    )
+}
+
+/// Too many messages are being received at once for
+/// `server.max_receiving_bytes`.
+fn no_room() -> Reply {
+    codes::insufficient_storage(
+        "Insufficient system storage: the server is receiving too much mail at once, try again in a moment",
+    )
+}
+
 fn no_valid_recipients() -> Reply {
     Reply::new(554, Enhanced(5, 5, 1), "No valid recipients")
 }
@@ -72,7 +91,14 @@ impl Session {
                 "DATA cannot follow BDAT in the same transaction",
             ));
         }
-        let body = self.new_body(false);
+        let body = match self.new_body(false) {
+            Ok(body) => body,
+            Err(reply) => {
+                self.end_transaction("receiving_budget", &reply);
+                self.reply(&reply);
+                return Step::Continue;
+            }
+        };
         let mut rx = DataReceiver::new();
         let Some(txn) = self.txn.as_mut() else {
             return Step::Continue;
@@ -90,13 +116,47 @@ impl Session {
 
     pub(super) fn bdat(&mut self, size: usize, last: bool) -> Step {
         let max = self.ctx.config.server.max_message_size.0;
+        let deadline = Instant::now() + self.ctx.config.server.data_timeout.as_duration();
+        // RFC 3030 §2 wants a refused chunk read and dropped, but an absurd
+        // chunk, or a refused one from a client that has neither logged in
+        // nor is trusted, may be endless bytes meant to hold the session:
+        // refuse it and close.
+        let stranger = self.tenant.is_none() && !self.trusted;
+        let absurd = size as u64 > max.saturating_mul(4);
+        if absurd || (stranger && (self.txn.is_none() || size as u64 > max)) {
+            let reply = if size as u64 > max {
+                too_big(max)
+            } else {
+                codes::bad_sequence("Send MAIL first")
+            };
+            if let Some(txn) = self.txn.take() {
+                self.reject_event("message_too_large", &reply, &txn.envelope.sender, None);
+            }
+            tracing::info!(client_ip = %self.ip, size, "BDAT refused, closing");
+            self.reply(&reply);
+            return Step::Close;
+        }
         let fate = if let Some(reply) = self.message_refusal() {
             ChunkFate::Discard(reply)
         } else {
             if self.txn.as_ref().is_some_and(|t| t.body.is_none()) {
-                let body = self.new_body(true);
-                if let Some(txn) = self.txn.as_mut() {
-                    txn.body = Some(body);
+                match self.new_body(true) {
+                    Ok(body) => {
+                        if let Some(txn) = self.txn.as_mut() {
+                            txn.body = Some(body);
+                        }
+                    }
+                    Err(reply) => {
+                        self.end_transaction("receiving_budget", &reply);
+                        self.mode = Mode::Bdat {
+                            size,
+                            remaining: size,
+                            last,
+                            fate: ChunkFate::Discard(reply),
+                            deadline,
+                        };
+                        return Step::Continue;
+                    }
                 }
             }
             let received = self
@@ -113,11 +173,24 @@ impl Session {
                     self.reject_event("message_too_large", &reply, &txn.envelope.sender, None);
                 }
                 ChunkFate::Discard(reply)
-            } else {
-                if let Some(b) = self.txn.as_mut().and_then(|t| t.body.as_mut()) {
+            } else if self
+                .txn
+                .as_mut()
+                .and_then(|t| t.body.as_mut())
+                .is_some_and(|b| {
                     b.buf.reserve(size);
-                }
+                    if b.reservation.grow_to(b.buf.capacity()) {
+                        return true;
+                    }
+                    b.buf = Vec::new();
+                    false
+                })
+            {
                 ChunkFate::Store
+            } else {
+                let reply = no_room();
+                self.end_transaction("receiving_budget", &reply);
+                ChunkFate::Discard(reply)
             }
         };
         self.mode = Mode::Bdat {
@@ -125,12 +198,23 @@ impl Session {
             remaining: size,
             last,
             fate,
+            deadline,
         };
         Step::Continue
     }
 
+    /// Ends the transaction with a `rejected` event for `reply`, which the
+    /// caller sends (at once for DATA, after the chunk for BDAT).
+    fn end_transaction(&mut self, rule: &str, reply: &Reply) {
+        if let Some(txn) = self.txn.take() {
+            tracing::info!(client_ip = %self.ip, rule, reply = %reply, "message refused");
+            self.reject_event(rule, reply, &txn.envelope.sender, None);
+        }
+    }
+
     /// Starts the message buffer with its Received: field.
-    fn new_body(&self, bdat: bool) -> Body {
+    /// `Err(452)` when `server.max_receiving_bytes` has no room for it.
+    fn new_body(&self, bdat: bool) -> Result<Body, Reply> {
         let id = QueueId::generate();
         let server = &self.ctx.config.server;
         let (envelope, recipients, declared) = match &self.txn {
@@ -141,6 +225,11 @@ impl Session {
         // limit) rather than grow the buffer step by step.
         let expected = if declared > 0 { declared } else { INITIAL_BODY }
             .min(server.max_message_size.0 as usize);
+        let reservation = self
+            .ctx
+            .receiving
+            .reserve(expected + HEADER_ROOM)
+            .ok_or_else(no_room)?;
         let mut buf = Vec::with_capacity(expected + HEADER_ROOM);
         let id_text = id.to_string();
         let date = message::rfc5322_now();
@@ -165,14 +254,16 @@ impl Session {
                 date: &date,
             },
         );
-        Body {
+        Ok(Body {
             id,
             prefix_len: buf.len(),
             buf,
             too_big: false,
+            no_room: false,
+            reservation,
             bdat,
             deadline: Instant::now() + server.data_timeout.as_duration(),
-        }
+        })
     }
 
     /// The message is complete (end of DATA, or BDAT LAST): check it, store
@@ -192,10 +283,22 @@ impl Session {
             mut buf,
             prefix_len,
             too_big: over,
+            no_room: short,
             bdat,
+            reservation,
             ..
         } = body;
+        // Held until the queue has the message (it then counts it itself).
+        let _reservation = reservation;
         let sender = txn.envelope.sender.clone();
+
+        if short {
+            let reply = no_room();
+            tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: server.max_receiving_bytes reached");
+            self.reject_event("receiving_budget", &reply, &sender, None);
+            self.reply(&reply);
+            return Step::Continue;
+        }
 
         if over {
             let reply = too_big(self.ctx.config.server.max_message_size.0);
@@ -213,6 +316,13 @@ impl Session {
             // ended DATA at "\n.\r\n" or "\r\n.\r\r\n"): never read it
             // as commands. Postfix's smtpd_forbid_bare_newline does the same.
             return Step::Close;
+        }
+        if let Some(at) = buf[prefix_len..].iter().position(|&b| b == 0) {
+            let reply = nul_byte();
+            tracing::info!(client_ip = %self.ip, queue_id = %id, offset = at, "message refused: NUL byte");
+            self.reject_event("nul_byte", &reply, &sender, None);
+            self.reply(&reply);
+            return Step::Continue;
         }
         // A BDAT body need not end with a line end; the queue stores what
         // goes on the wire after DATA, which must.
@@ -327,6 +437,7 @@ impl Session {
                 let metrics = self.ctx.reporter.metrics();
                 metrics.accept_latency.observe(started.elapsed());
                 self.ctx.reporter.emit(event);
+                self.junk_commands = 0;
                 self.reply(&Reply::new(
                     250,
                     Enhanced(2, 0, 0),
@@ -340,7 +451,15 @@ impl Session {
                     self.ctx.queue.history().release(id);
                 }
                 tracing::error!(queue_id = %id, error = %e, "cannot queue message");
-                self.reply(&codes::local_error());
+                let disk_full = matches!(&e, crate::queue::QueueError::Io(io)
+                    if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded));
+                self.reply(&if disk_full {
+                    codes::insufficient_storage(
+                        "Insufficient system storage: the spool disk is full, try again later",
+                    )
+                } else {
+                    codes::local_error()
+                });
             }
         }
         Step::Continue

@@ -112,6 +112,20 @@ pub fn sender_not_allowed(address: &str, tenant: &TenantConfig) -> Reply {
     )
 }
 
+/// A tenant's `MAIL FROM:<>`: the null sender marks delivery reports, which
+/// herald writes itself; from an app it would be mail nobody can bounce.
+pub fn null_sender_refused(tenant: &TenantConfig) -> Reply {
+    Reply::new(
+        553,
+        Enhanced(5, 7, 1),
+        format!(
+            "The null sender <> is for delivery reports and is not allowed for account \"{}\"; send from an allowed address: {}",
+            tenant.name,
+            tenant.allowed_senders.join(", ")
+        ),
+    )
+}
+
 impl Session {
     pub(super) async fn mail_from(&mut self, from: MailFrom<String>) -> Step {
         if self.ctx.shutdown.is_cancelled() {
@@ -168,7 +182,15 @@ impl Session {
             return Step::Continue;
         }
         if let Some(t) = self.tenant_cfg()
-            && !from.address.is_empty()
+            && from.address.is_empty()
+        {
+            let reply = null_sender_refused(t);
+            tracing::info!(client_ip = %self.ip, tenant = %t.name, "null sender refused");
+            self.reject_event("null_sender", &reply, "", None);
+            self.reply(&reply);
+            return Step::Continue;
+        }
+        if let Some(t) = self.tenant_cfg()
             && !senders::allowed(&t.allowed_senders, &from.address)
         {
             let reply = sender_not_allowed(&from.address, t);
@@ -217,6 +239,8 @@ impl Session {
             rcpt_attempts: 0,
             declared_size,
             body: None,
+            deadline: tokio::time::Instant::now()
+                + self.ctx.config.server.transaction_timeout.as_duration(),
         });
         self.reply(&codes::sender_ok());
         Step::Continue
@@ -304,6 +328,7 @@ mod tests {
             webhook_secret: None,
             dsn: true,
             smarthost: None,
+            bind_from_header: true,
         };
         let r = sender_not_allowed("x@other.example", &t);
         assert_eq!(

@@ -50,7 +50,7 @@ use crate::reply::{Enhanced, Reply};
 use crate::report::Reporter;
 use crate::suppression::Suppressions;
 use auth::Authenticator;
-use limits::{ConnLimits, LimitHit};
+use limits::{ByteBudget, ConnLimits, ConnLimitsConfig, LimitHit};
 use session::Session;
 
 /// How long sessions still running after the grace period get to say 421
@@ -87,6 +87,8 @@ pub struct ReceiveContext {
     /// Cancelled when the grace period is over: sessions still open close.
     hard_stop: CancellationToken,
     limits: Arc<ConnLimits>,
+    /// `server.max_receiving_bytes`: message bytes being received at once.
+    pub(crate) receiving: Arc<ByteBudget>,
     /// `[limits]`: tenant message/recipient rates, connections per IP.
     pub(crate) rate_limits: crate::limits::RateLimits,
     auth: Authenticator,
@@ -94,6 +96,8 @@ pub struct ReceiveContext {
     /// Unix second of the last "connection refused" warning (rate limit).
     last_refusal_log: AtomicU64,
     refusals_unlogged: AtomicU64,
+    /// Unix second of the last "accept failed" warning (rate limit).
+    last_accept_error_log: AtomicU64,
 }
 
 impl ReceiveContext {
@@ -106,6 +110,15 @@ impl ReceiveContext {
         shutdown: CancellationToken,
     ) -> ReceiveContext {
         let server = &config.server;
+        let conn_limits = ConnLimitsConfig::from_server(server, limits::fd_capacity());
+        if conn_limits.max_total < server.max_connections {
+            tracing::warn!(
+                max_connections = server.max_connections,
+                usable = conn_limits.max_total,
+                "server.max_connections is more than the open-files limit allows; taking at most {} connections (raise it with ulimit -n or systemd's LimitNOFILE)",
+                conn_limits.max_total
+            );
+        }
         let policy = Arc::new(crate::policy::Policy::new(
             &config,
             &dns,
@@ -114,9 +127,15 @@ impl ReceiveContext {
         ReceiveContext {
             policy,
             verp: crate::policy::verp::Verp::from_config(&config.bounces),
-            limits: ConnLimits::new(server.max_connections, server.max_connections_per_ip),
+            limits: ConnLimits::new(conn_limits),
+            receiving: ByteBudget::new(
+                usize::try_from(server.max_receiving_bytes.0).unwrap_or(usize::MAX),
+            ),
             rate_limits: crate::limits::RateLimits::new(&config),
-            auth: Authenticator::new(server.auth_failure_window.as_duration()),
+            auth: Authenticator::new(
+                server.auth_failure_window.as_duration(),
+                server.max_auth_failures,
+            ),
             config: Arc::clone(&config),
             queue,
             dns,
@@ -130,6 +149,7 @@ impl ReceiveContext {
             tls_refusals: Arc::new(Semaphore::new(TLS_REFUSALS_AT_ONCE)),
             last_refusal_log: AtomicU64::new(0),
             refusals_unlogged: AtomicU64::new(0),
+            last_accept_error_log: AtomicU64::new(0),
         }
     }
 
@@ -159,6 +179,12 @@ impl ReceiveContext {
     /// Client connections open now, over all listeners.
     pub fn open_connections(&self) -> usize {
         self.limits.open()
+    }
+
+    /// Connections taken at most: `server.max_connections`, or less when
+    /// the file-descriptor limit does not allow that many.
+    pub fn max_connections(&self) -> usize {
+        self.limits.max_total()
     }
 }
 
@@ -203,6 +229,9 @@ async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener
     let mode = ctx.config.listeners[index].tls;
     tracing::info!(tls = ?mode, "accepting SMTP connections");
     let mut sessions = JoinSet::new();
+    // Kept open so that, out of file descriptors, one can be freed to
+    // accept a client and tell it 421 rather than leave it hanging.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         tokio::select! {
             biased;
@@ -214,12 +243,7 @@ async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener
             }
             accepted = socket.accept() => match accepted {
                 Ok((tcp, peer)) => connection(&ctx, index, tcp, peer, &mut sessions),
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little
-                    // rather than spin on the error.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) => accept_failed(&ctx, index, &socket, e, &mut spare).await,
             },
         }
     }
@@ -248,6 +272,47 @@ async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener
     }
 }
 
+/// An accept that failed: out of file descriptors (EMFILE, ENFILE) the
+/// spare descriptor is given up to accept one client and tell it 421;
+/// either way the error is logged at most every 10 s and the loop pauses a
+/// little rather than spin on it.
+async fn accept_failed(
+    ctx: &ReceiveContext,
+    index: usize,
+    socket: &TcpListener,
+    e: io::Error,
+    spare: &mut Option<std::fs::File>,
+) {
+    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+    if every_10s(&ctx.last_accept_error_log) {
+        tracing::warn!(error = %e, max_connections = ctx.max_connections(), "accept failed; raise the open-files limit (ulimit -n, LimitNOFILE) or lower server.max_connections");
+    }
+    if out_of_fds && spare.take().is_some() {
+        if let Ok((tcp, _)) = socket.accept().await {
+            let reply = Reply::new(
+                421,
+                Enhanced(4, 3, 2),
+                "Too many connections: the server is out of resources, try again later",
+            );
+            if ctx.config.listeners[index].tls != TlsMode::Implicit {
+                let _ = tcp.try_write(&reply.to_wire());
+            }
+        }
+        *spare = std::fs::File::open("/dev/null").ok();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// True at most once per 10 seconds for one `last` (a Unix second).
+fn every_10s(last: &AtomicU64) -> bool {
+    let now = crate::queue::message::unix_now();
+    let before = last.load(Ordering::Relaxed);
+    now >= before + 10
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 async fn drain(sessions: &mut JoinSet<()>) {
     while sessions.join_next().await.is_some() {}
 }
@@ -264,9 +329,13 @@ fn connection(
     // a delayed ACK (~40 ms) on the client's side.
     let _ = tcp.set_nodelay(true);
     let ip = peer.ip().to_canonical();
-    match ctx.limits.acquire(ip) {
+    let trusted = ctx.config.listeners[index]
+        .trusted_networks
+        .iter()
+        .any(|n| n.contains(&ip));
+    match ctx.limits.acquire(ip, trusted || ctx.limits.is_known(ip)) {
         Ok(slot) => {
-            let session = Session::new(Arc::clone(ctx), index, peer);
+            let session = Session::new(Arc::clone(ctx), index, peer, trusted);
             let span = tracing::debug_span!("smtp", client = %peer);
             sessions.spawn(session.run(tcp, slot).instrument(span));
         }
@@ -313,15 +382,8 @@ fn refuse(
 /// Warns about refused connections at most once per 10 seconds, with the
 /// number refused since the last warning, so a flood does not flood the log.
 fn log_refusal(ctx: &ReceiveContext, peer: SocketAddr, hit: LimitHit) {
-    let now = crate::queue::message::unix_now();
     let unlogged = ctx.refusals_unlogged.fetch_add(1, Ordering::Relaxed) + 1;
-    let last = ctx.last_refusal_log.load(Ordering::Relaxed);
-    if now >= last + 10
-        && ctx
-            .last_refusal_log
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if every_10s(&ctx.last_refusal_log) {
         ctx.refusals_unlogged.store(0, Ordering::Relaxed);
         tracing::warn!(client = %peer, limit = ?hit, refused = unlogged, "connection limit reached, refusing connections");
     }

@@ -35,8 +35,14 @@ pub fn matches(pattern: &str, address: &str) -> bool {
     else {
         return false;
     };
+    domain_matches(pd, ad) && (pl == "*" || pl == al)
+}
+
+/// Whether a pattern's domain part (`acme.example` or `*.acme.example`)
+/// covers `domain`.
+fn domain_matches(pd: &str, ad: &str) -> bool {
     let ad = ad.trim_end_matches('.');
-    let domain_ok = match pd.strip_prefix("*.") {
+    match pd.strip_prefix("*.") {
         Some(suffix) => {
             // Compared as bytes: the address comes from the network and may
             // be UTF-8 (SMTPUTF8), where a str slice at a byte offset could
@@ -47,8 +53,17 @@ pub fn matches(pattern: &str, address: &str) -> bool {
                 && ad[ad.len() - suffix.len() - 1] == b'.'
         }
         None => ad.eq_ignore_ascii_case(pd),
-    };
-    domain_ok && (pl == "*" || pl == al)
+    }
+}
+
+/// Whether any of the patterns allows some address at `domain`: the
+/// domains a tenant may write in its From: header.
+pub fn domain_allowed(patterns: &[String], domain: &str) -> bool {
+    patterns.iter().any(|p| {
+        p == "*"
+            || p.rsplit_once('@')
+                .is_some_and(|(_, pd)| domain_matches(pd, domain))
+    })
 }
 
 /// Whether any of the patterns allows the address.
@@ -58,6 +73,22 @@ pub fn allowed(patterns: &[String], address: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn from_header_domains() {
+        use super::domain_allowed;
+        let p = vec![
+            "billing@acme.example".to_string(),
+            "*@*.globex.example".into(),
+        ];
+        assert!(domain_allowed(&p, "acme.example"));
+        assert!(domain_allowed(&p, "ACME.example."));
+        assert!(domain_allowed(&p, "mail.globex.example"));
+        assert!(!domain_allowed(&p, "globex.example"));
+        assert!(!domain_allowed(&p, "victim.org"));
+        assert!(!domain_allowed(&p, "grünbäume.example"));
+        assert!(domain_allowed(&["*".to_string()], "victim.org"));
+    }
+
     use super::*;
 
     #[test]

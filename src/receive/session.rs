@@ -16,9 +16,11 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use smtp_proto::Request;
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,6 +90,11 @@ pub(super) struct Body {
     /// The message went over `server.max_message_size`: what follows is
     /// read and thrown away, and the end gets 552.
     pub too_big: bool,
+    /// `server.max_receiving_bytes` could not hold the message: as with
+    /// `too_big`, but the end gets 452.
+    pub no_room: bool,
+    /// The share of `server.max_receiving_bytes` this message holds.
+    pub reservation: super::limits::Reservation,
     pub bdat: bool,
     /// End of the whole transfer (`server.data_timeout`).
     pub deadline: Instant,
@@ -103,6 +110,8 @@ pub(super) struct Transaction {
     /// MAIL's SIZE= parameter (RFC 1870), 0 when not given.
     pub declared_size: usize,
     pub body: Option<Body>,
+    /// End of the whole transaction (`server.transaction_timeout`).
+    pub deadline: Instant,
 }
 
 /// What the next input bytes are.
@@ -116,12 +125,14 @@ pub(super) enum Mode {
         rx: DataReceiver,
         discard: Option<DummyDataReceiver>,
     },
-    /// `remaining` bytes of a BDAT chunk of `size` bytes.
+    /// `remaining` bytes of a BDAT chunk of `size` bytes, due by
+    /// `deadline`.
     Bdat {
         size: usize,
         remaining: usize,
         last: bool,
         fate: ChunkFate,
+        deadline: Instant,
     },
 }
 
@@ -131,6 +142,16 @@ pub(super) enum ChunkFate {
     /// Read and drop them, then send this reply (RFC 3030 §2: a refused
     /// BDAT's data is still on the wire and must not be taken as commands).
     Discard(Reply),
+}
+
+/// Whether a RCPT command line's path is `<postmaster>` (any case).
+fn names_bare_postmaster(line: &[u8]) -> bool {
+    let Some(open) = line.iter().position(|&b| b == b'<') else {
+        return false;
+    };
+    line.get(open + 1..)
+        .and_then(|rest| rest.split(|&b| b == b'>').next())
+        .is_some_and(|path| path.eq_ignore_ascii_case(b"postmaster"))
 }
 
 /// What the session does after a piece of input.
@@ -163,19 +184,29 @@ pub(super) struct Session {
     pub txn: Option<Transaction>,
     pub mode: Mode,
     pub bad_commands: u32,
+    /// NOOP, RSET, VRFY, HELP, EHLO and HELO since the last accepted
+    /// message (`server.max_junk_commands`).
+    pub junk_commands: u32,
     /// Replies not yet written.
     pub out: Vec<u8>,
     /// Inside an over-long line: drop input up to its LF.
     skipping_line: bool,
+    /// When the first byte of the command line still incomplete arrived:
+    /// the line must be complete within `server.command_timeout` of it.
+    line_started: Option<Instant>,
+    /// This connection's place in the connection limits.
+    slot: Option<ConnSlot>,
 }
 
 impl Session {
-    pub(super) fn new(ctx: Arc<ReceiveContext>, listener: usize, peer: SocketAddr) -> Session {
+    /// `trusted`: the client is in the listener's `trusted_networks`.
+    pub(super) fn new(
+        ctx: Arc<ReceiveContext>,
+        listener: usize,
+        peer: SocketAddr,
+        trusted: bool,
+    ) -> Session {
         let ip = peer.ip().to_canonical();
-        let trusted = ctx.config.listeners[listener]
-            .trusted_networks
-            .iter()
-            .any(|n| n.contains(&ip));
         Session {
             ctx,
             listener,
@@ -187,8 +218,11 @@ impl Session {
             txn: None,
             mode: Mode::Command,
             bad_commands: 0,
+            junk_commands: 0,
             out: Vec::new(),
             skipping_line: false,
+            line_started: None,
+            slot: None,
         }
     }
 
@@ -222,10 +256,34 @@ impl Session {
         Step::Continue
     }
 
+    /// Counts a command that moves no mail (NOOP, RSET, ...); past
+    /// `server.max_junk_commands` since the last accepted message the
+    /// session ends with 421, so it cannot be held open forever.
+    fn junk(&mut self) -> Option<Step> {
+        self.junk_commands += 1;
+        if self.junk_commands > self.ctx.config.server.max_junk_commands {
+            tracing::info!(client_ip = %self.ip, "too many commands without a message, closing");
+            self.reply(&Reply::new(
+                421,
+                Enhanced(4, 7, 0),
+                "Too many commands without sending a message, closing the connection",
+            ));
+            return Some(Step::Close);
+        }
+        None
+    }
+
+    /// The client logged in: its connection leaves the strangers' limits.
+    pub(super) fn logged_in(&mut self) {
+        if let Some(slot) = self.slot.as_mut() {
+            slot.logged_in();
+        }
+    }
+
     /// Runs the session to its end. `slot` is this connection's place in
     /// the connection limits, given back when the session ends.
     pub(super) async fn run(mut self, tcp: TcpStream, slot: ConnSlot) {
-        let _slot = slot;
+        self.slot = Some(slot);
         let command_timeout = self.ctx.config.server.command_timeout.as_duration();
         let mut stream = if self.listener_cfg().tls == TlsMode::Implicit {
             match self.handshake(tcp, command_timeout).await {
@@ -251,8 +309,12 @@ impl Session {
 
         let mut inbuf: Vec<u8> = Vec::new();
         loop {
-            let (used, step) = self.process(&inbuf).await;
+            let (used, step) = match AssertUnwindSafe(self.process(&inbuf)).catch_unwind().await {
+                Ok(done) => done,
+                Err(panic) => (inbuf.len(), self.internal_error(panic.as_ref())),
+            };
             inbuf.drain(..used);
+            self.track_line_start(used, inbuf.is_empty());
             match step {
                 Step::Continue => {}
                 Step::Close => {
@@ -321,6 +383,55 @@ impl Session {
         }
     }
 
+    /// A bug met while handling the client's input: the client is told
+    /// (451, so an app tries again later rather than never hearing back),
+    /// the operator gets the context, and the session ends, since its state
+    /// may be half-updated.
+    fn internal_error(&mut self, panic: &(dyn std::any::Any + Send)) -> Step {
+        let what = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let queue_id = self
+            .txn
+            .as_ref()
+            .and_then(|t| t.body.as_ref())
+            .map(|b| b.id.to_string());
+        tracing::error!(
+            client_ip = %self.ip,
+            tenant = self.tenant_name().as_deref().unwrap_or(""),
+            sender = self.txn.as_ref().map_or("", |t| t.envelope.sender.as_str()),
+            queue_id = queue_id.as_deref().unwrap_or(""),
+            panic = what,
+            "internal error in SMTP session; answered 451 and closed"
+        );
+        self.txn = None;
+        self.mode = Mode::Command;
+        self.reply(&Reply::new(
+            451,
+            Enhanced(4, 3, 0),
+            "Internal error: the message was not accepted; try again later",
+        ));
+        Step::Close
+    }
+
+    /// Keeps `line_started` for the command line left incomplete after
+    /// `used` bytes were handled: a line that started is due within
+    /// `command_timeout` of its first byte, however slowly it trickles in.
+    fn track_line_start(&mut self, used: usize, nothing_left: bool) {
+        let in_line = matches!(self.mode, Mode::Command | Mode::Auth(_))
+            && (!nothing_left || self.skipping_line);
+        self.line_started = if !in_line {
+            None
+        } else if used > 0 && !self.skipping_line {
+            // Whole lines were taken: what is left began in the last read.
+            Some(Instant::now())
+        } else {
+            self.line_started.or_else(|| Some(Instant::now()))
+        };
+    }
+
     /// TLS handshake within `limit`; `None` when it fails (logged).
     async fn handshake(&mut self, tcp: TcpStream, limit: Duration) -> Option<Stream> {
         let acceptor = self.ctx.tls.clone()?;
@@ -366,10 +477,20 @@ impl Session {
     async fn read_more(&mut self, stream: &mut Stream, inbuf: &mut Vec<u8>) -> ReadOutcome {
         let server = &self.ctx.config.server;
         let now = Instant::now();
-        let mut deadline = now + server.command_timeout.as_duration();
+        let command_timeout = server.command_timeout.as_duration();
+        let mut deadline = now + command_timeout;
+        if let Some(started) = self.line_started {
+            deadline = deadline.min(started + command_timeout);
+        }
+        if let Some(txn) = &self.txn {
+            deadline = deadline.min(txn.deadline);
+        }
         let in_data = matches!(self.mode, Mode::Data { .. } | Mode::Bdat { .. });
         if in_data && let Some(body) = self.txn.as_ref().and_then(|t| t.body.as_ref()) {
             deadline = deadline.min(body.deadline);
+        }
+        if let Mode::Bdat { deadline: d, .. } = &self.mode {
+            deadline = deadline.min(*d);
         }
         let want = if in_data { DATA_READ } else { COMMAND_READ };
         if inbuf.capacity() - inbuf.len() < want / 2 {
@@ -435,11 +556,14 @@ impl Session {
                         Some(d) => d.ingest(&mut it),
                         None => {
                             let done = rx.ingest(&mut it, &mut body.buf);
-                            if body.buf.len() - body.prefix_len
-                                > self.ctx.config.server.max_message_size.0 as usize
-                            {
-                                // Over the limit: read on to the end, keep nothing.
-                                body.too_big = true;
+                            let too_big = body.buf.len() - body.prefix_len
+                                > self.ctx.config.server.max_message_size.0 as usize;
+                            let no_room =
+                                !too_big && !body.reservation.grow_to(body.buf.capacity());
+                            if too_big || no_room {
+                                // Over a limit: read on to the end, keep nothing.
+                                body.too_big = too_big;
+                                body.no_room = no_room;
                                 body.buf.truncate(body.prefix_len);
                                 body.buf.shrink_to_fit();
                                 *discard = Some(DummyDataReceiver::new_data(rx));
@@ -459,6 +583,7 @@ impl Session {
                     remaining,
                     last,
                     fate,
+                    ..
                 } => {
                     let n = (*remaining).min(rest.len());
                     if let ChunkFate::Store = fate
@@ -477,10 +602,7 @@ impl Session {
                         unreachable!("matched above")
                     };
                     match fate {
-                        ChunkFate::Discard(reply) => {
-                            self.reply(&reply);
-                            Step::Continue
-                        }
+                        ChunkFate::Discard(reply) => self.error(reply),
                         ChunkFate::Store if last => self.finish_message().await,
                         ChunkFate::Store => {
                             self.reply(&Reply::new(
@@ -505,11 +627,30 @@ impl Session {
             Ok(r) => r.into_owned(),
             Err(e) => return self.parse_error(e),
         };
+        let junk = matches!(
+            request,
+            Request::Ehlo { .. }
+                | Request::Helo { .. }
+                | Request::Rset
+                | Request::Noop { .. }
+                | Request::Vrfy { .. }
+                | Request::Help { .. }
+        );
+        if junk && let Some(step) = self.junk() {
+            return step;
+        }
         match request {
             Request::Ehlo { host } => self.ehlo(host, true),
             Request::Helo { host } => self.ehlo(host, false),
             Request::Mail { from } => self.mail_from(from).await,
-            Request::Rcpt { to } => self.rcpt_to(to).await,
+            Request::Rcpt { mut to } => {
+                // smtp-proto reads a path without a domain as empty; RFC
+                // 5321 §4.1.1.3 wants a bare <postmaster> accepted.
+                if to.address.is_empty() && names_bare_postmaster(line) {
+                    to.address = "postmaster".to_string();
+                }
+                self.rcpt_to(to).await
+            }
             Request::Data => self.data(),
             Request::Bdat {
                 chunk_size,
@@ -668,5 +809,26 @@ impl Session {
         }
         self.reply(&codes::ready_tls());
         Step::StartTls
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_bare_postmaster;
+
+    #[test]
+    fn bare_postmaster_paths() {
+        assert!(names_bare_postmaster(b"RCPT TO:<postmaster>\r\n"));
+        assert!(names_bare_postmaster(
+            b"rcpt to:<PostMaster> NOTIFY=NEVER\r\n"
+        ));
+        assert!(!names_bare_postmaster(b"RCPT TO:<>\r\n"));
+        assert!(!names_bare_postmaster(
+            b"RCPT TO:<postmaster@x.example>\r\n"
+        ));
+        assert!(!names_bare_postmaster(
+            "RCPT TO:<pöstmaster>\r\n".as_bytes()
+        ));
+        assert!(!names_bare_postmaster(b"RCPT TO:postmaster\r\n"));
     }
 }
