@@ -106,6 +106,13 @@ async fn harness_with(
         password_hash = "{hash}"
         allowed_senders = ["*@acme.test", "billing@example.test"]
 
+        [[tenant]]
+        name = "loose"
+        username = "loose"
+        password_hash = "{hash}"
+        allowed_senders = ["*@loose.test"]
+        bind_from_header = false
+
         [dns]
         nameservers = ["{dns_addr}"]
         timeout = "1s"
@@ -738,4 +745,325 @@ async fn refused_dns_answer_is_temporary() {
     // The test server is authoritative for "test." only and refuses this.
     let r = c.cmd("RCPT TO:<bob@outside.example>").await;
     assert_eq!((r.code, r.enhanced()), (451, Some("4.4.3")), "{r}");
+}
+
+// ---- Hostile and slow clients ----
+
+/// Eight sessions wait at 334 with a guess each; the guesses arrive at once.
+/// Failures are counted when checked, so only `max_auth_failures` (plus the
+/// checks already running) are ever checked, the rest get 421, and a
+/// session that reached 334 before the lockout cannot log in after it, not
+/// even with the right password.
+#[tokio::test]
+async fn auth_limit_holds_for_sessions_already_waiting_at_334() {
+    let h = harness("max_auth_failures = 3\nauth_failure_delay = \"0s\"").await;
+    let mut waiting = Vec::new();
+    for _ in 0..9 {
+        let mut c = TestClient::connect_tls(h.addrs[IMPLICIT]).await;
+        c.ehlo("app.test").await.assert_code(250);
+        c.cmd("AUTH PLAIN").await.assert_code(334);
+        waiting.push(c);
+    }
+    let last = waiting.pop().unwrap();
+    let mut guesses = tokio::task::JoinSet::new();
+    for (i, mut c) in waiting.into_iter().enumerate() {
+        guesses.spawn(async move {
+            let creds = base64_plain("acme", &format!("guess{i}"));
+            c.cmd(&creds).await
+        });
+    }
+    let (mut refused, mut locked) = (0, 0);
+    while let Some(r) = guesses.join_next().await {
+        let r = r.unwrap();
+        match r.code {
+            535 => refused += 1,
+            421 => {
+                assert_eq!(r.enhanced(), Some("4.7.0"), "{r}");
+                locked += 1;
+            }
+            _ => panic!("unexpected reply to a guess: {r}"),
+        }
+    }
+    assert!(
+        (3..=3 + herald::receive::auth::VERIFICATIONS_PER_IP - 1).contains(&refused),
+        "{refused} guesses were checked, {locked} locked out"
+    );
+    assert_eq!(refused + locked, 8);
+    let mut last = last;
+    let r = last.cmd(&base64_plain("acme", PASSWORD)).await;
+    assert_eq!((r.code, r.enhanced()), (421, Some("4.7.0")), "{r}");
+    last.expect_closed().await;
+}
+
+fn base64_plain(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+/// A command line trickling in a byte at a time is due within
+/// `command_timeout` of its first byte: the trickle does not reset it.
+#[tokio::test]
+async fn a_command_line_trickling_in_times_out() {
+    let h = harness("command_timeout = \"1s\"").await;
+    let mut c = h.client(TRUSTED).await;
+    c.ehlo("app.test").await.assert_code(250);
+    let reply = within(WAIT, "the timeout reply", async {
+        for b in b"NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP"
+            .iter()
+            .cycle()
+        {
+            c.send_raw(&[*b]).await;
+            // The next byte well inside the timeout, as a slow attacker would.
+            if let Ok(Ok(Some(r))) =
+                tokio::time::timeout(Duration::from_millis(250), c.try_read_reply()).await
+            {
+                return r;
+            }
+        }
+        unreachable!()
+    })
+    .await;
+    assert_eq!(
+        (reply.code, reply.enhanced()),
+        (421, Some("4.4.2")),
+        "{reply}"
+    );
+}
+
+/// A transaction is due within `transaction_timeout` of its MAIL FROM,
+/// however lively its commands (here: the command timeout is a minute).
+#[tokio::test]
+async fn a_transaction_has_a_deadline() {
+    let h =
+        harness("command_timeout = \"60s\"\ndata_timeout = \"1s\"\ntransaction_timeout = \"1s\"")
+            .await;
+    let mut c = h.client(TRUSTED).await;
+    c.ehlo("app.test").await.assert_code(250);
+    c.cmd("MAIL FROM:<x@acme.test>").await.assert_code(250);
+    let r = within(WAIT, "the timeout reply", c.read_reply()).await;
+    assert_eq!((r.code, r.enhanced()), (421, Some("4.4.2")), "{r}");
+    c.expect_closed().await;
+}
+
+/// NOOP, RSET and the like are capped between messages; an accepted
+/// message starts the count again.
+#[tokio::test]
+async fn junk_commands_are_capped_between_messages() {
+    let mut h = harness("max_junk_commands = 3").await;
+    let mut c = h.client(TRUSTED).await;
+    c.ehlo("app.test").await.assert_code(250);
+    c.cmd("NOOP").await.assert_code(250);
+    c.cmd("RSET").await.assert_code(250);
+    c.cmd("MAIL FROM:<x@acme.test>").await.assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    c.data(MESSAGE).await.assert_code(250);
+    h.job().await;
+    for cmd in ["NOOP", "VRFY x", "HELP"] {
+        c.cmd(cmd).await;
+    }
+    let r = c.cmd("NOOP").await;
+    assert_eq!((r.code, r.enhanced()), (421, Some("4.7.0")), "{r}");
+    c.expect_closed().await;
+}
+
+/// BDAT from a client that neither logged in nor started a transaction is
+/// refused and the connection closed at once: its "chunk" is never read.
+#[tokio::test]
+async fn bdat_from_a_stranger_closes_at_once() {
+    let h = harness("").await;
+    for chunk in ["BDAT 9223372036854775807", "BDAT 1000000 LAST", "BDAT 5"] {
+        let mut c = h.client(STARTTLS).await;
+        c.ehlo("app.test").await.assert_code(250);
+        let r = c.cmd(chunk).await;
+        assert!(r.is_permanent(), "{chunk}: {r}");
+        c.expect_closed().await;
+    }
+    // A logged-in client's absurd chunk too.
+    let mut c = h.authed().await;
+    c.cmd("MAIL FROM:<x@acme.test>").await.assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    let r = c.cmd("BDAT 9000000000").await;
+    assert_eq!(r.code, 552, "{r}");
+    c.expect_closed().await;
+}
+
+/// A NUL byte in a message is refused, in DATA and in BDAT (a receiver
+/// that strips NULs would see another message); the session goes on.
+#[tokio::test]
+async fn nul_bytes_are_refused() {
+    let mut h = harness("").await;
+    let mut c = h.client(TRUSTED).await;
+    c.ehlo("app.test").await;
+    c.cmd("MAIL FROM:<x@acme.test>").await.assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    c.cmd("DATA").await.assert_code(354);
+    c.send_raw(b"From: x@acme.test\r\n\r\nhi\r\n\x00.\r\nMAIL FROM:<evil@acme.test>\r\n.\r\n")
+        .await;
+    let r = c.read_reply().await;
+    assert_eq!((r.code, r.enhanced()), (550, Some("5.6.0")), "{r}");
+    let e = h.wait_event("rejected").await;
+    assert_eq!(e["rule"], "nul_byte");
+
+    c.cmd("MAIL FROM:<x@acme.test>").await.assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    let body = b"From: x@acme.test\r\n\r\nnul\x00here\r\n";
+    c.send_raw(format!("BDAT {} LAST\r\n", body.len()).as_bytes())
+        .await;
+    c.send_raw(body).await;
+    let r = c.read_reply().await;
+    assert_eq!((r.code, r.enhanced()), (550, Some("5.6.0")), "{r}");
+
+    // The session is in step: a clean message goes through.
+    c.cmd("MAIL FROM:<x@acme.test>").await.assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    c.data(MESSAGE).await.assert_code(250);
+    let job = h.job().await;
+    assert!(!job.body.contains(&0));
+}
+
+/// `max_receiving_bytes` bounds the message bytes held at once over all
+/// sessions: a DATA that cannot be held gets 452 4.3.1 at once, a message
+/// that outgrows the room is read to its end and refused with 452, and the
+/// room comes back when a message is done.
+#[tokio::test]
+async fn receiving_bytes_are_bounded() {
+    let mut h = harness("max_receiving_bytes = \"20KiB\"").await;
+    let addr = h.addrs[TRUSTED];
+    let start = |size: Option<u32>| async move {
+        let mut c = TestClient::connect(addr).await;
+        c.greeting.assert_code(220);
+        c.ehlo("app.test").await;
+        let mail = match size {
+            Some(n) => format!("MAIL FROM:<x@acme.test> SIZE={n}"),
+            None => "MAIL FROM:<x@acme.test>".to_string(),
+        };
+        c.cmd(&mail).await.assert_code(250);
+        c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+        c
+    };
+    // 16,000 bytes announced: held from DATA on.
+    let mut big = start(Some(16_000)).await;
+    big.cmd("DATA").await.assert_code(354);
+    // The next one does not fit next to it.
+    let mut next = start(None).await;
+    let r = next.cmd("DATA").await;
+    assert_eq!((r.code, r.enhanced()), (452, Some("4.3.1")), "{r}");
+    let e = h.wait_event("rejected").await;
+    assert_eq!(e["rule"], "receiving_budget");
+    // The first finishes; its room comes back.
+    big.send_raw(b"From: x@acme.test\r\n\r\nsmall after all\r\n.\r\n")
+        .await;
+    big.read_reply().await.assert_code(250);
+    h.job().await;
+
+    // Two small ones fit; one of them growing past the room is refused at
+    // its end, and the other is not disturbed.
+    let mut a = start(None).await;
+    let mut b = start(None).await;
+    a.cmd("DATA").await.assert_code(354);
+    b.cmd("DATA").await.assert_code(354);
+    let mut grown = b"From: x@acme.test\r\n\r\n".to_vec();
+    grown.extend(std::iter::repeat_n(b"0123456789abcdefghijklmnopqrstuvwxyz\r\n", 400).flatten());
+    a.send_raw(&grown).await;
+    a.send_raw(b".\r\n").await;
+    let r = a.read_reply().await;
+    assert_eq!((r.code, r.enhanced()), (452, Some("4.3.1")), "{r}");
+    b.send_raw(b"From: x@acme.test\r\n\r\nfine\r\n.\r\n").await;
+    b.read_reply().await.assert_code(250);
+}
+
+/// Clients not yet known (no login from their IP, not trusted) may hold
+/// few connections per IP and never the reserved slots; a login makes the
+/// IP known.
+#[tokio::test]
+async fn strangers_get_few_connections_and_never_the_reserve() {
+    use std::net::Ipv4Addr;
+    let h = harness(
+        "max_connections = 8\nmax_connections_per_ip = 8\nreserved_connections = 3\nmax_unauthenticated_per_ip = 2",
+    )
+    .await;
+    let at = |n: u8| Ipv4Addr::new(127, 0, 0, n);
+    let connect = |n: u8, listener: usize| TestClient::connect_from(at(n), h.addrs[listener]);
+    let mut strangers = Vec::new();
+    for n in [11, 11] {
+        let c = connect(n, STARTTLS).await;
+        c.greeting.assert_code(220);
+        strangers.push(c);
+    }
+    // A third from one IP: over the per-IP cap for strangers.
+    let c = connect(11, STARTTLS).await;
+    assert_eq!(c.greeting.code, 421, "{}", c.greeting);
+    assert!(
+        c.greeting.text().contains("not logged in"),
+        "{}",
+        c.greeting
+    );
+    for n in [12, 12, 13] {
+        let c = connect(n, STARTTLS).await;
+        c.greeting.assert_code(220);
+        strangers.push(c);
+    }
+    // Five strangers' slots are all there are (8 less 3 reserved).
+    let c = connect(14, STARTTLS).await;
+    assert_eq!(c.greeting.code, 421, "{}", c.greeting);
+    assert!(
+        c.greeting.text().contains("kept for clients"),
+        "{}",
+        c.greeting
+    );
+    // A trusted client takes a reserved slot.
+    connect(15, TRUSTED).await.greeting.assert_code(220);
+    // A stranger that logs in leaves the strangers' count, and its IP is
+    // known from then on: it gets a reserved slot too.
+    let mut app = strangers.remove(0);
+    app.ehlo("app.test").await;
+    app.starttls().await.assert_code(220);
+    app.ehlo("app.test").await;
+    app.auth_plain("acme", PASSWORD).await.assert_code(235);
+    connect(11, STARTTLS).await.greeting.assert_code(220);
+}
+
+/// A tenant's From: header must name one of its own domains (unless the
+/// tenant says `bind_from_header = false`); a German company name in it is
+/// just text.
+#[tokio::test]
+async fn from_header_is_bound_to_the_tenants_domains() {
+    let mut h = harness("").await;
+    let mut c = h.authed().await;
+    c.cmd("MAIL FROM:<billing@acme.test>")
+        .await
+        .assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    let r = c
+        .data(b"From: CEO <ceo@victim.test>\r\nSubject: pay now\r\n\r\nurgent\r\n")
+        .await;
+    assert_eq!((r.code, r.enhanced()), (550, Some("5.7.1")), "{r}");
+    assert!(r.text().contains("<ceo@victim.test>"), "{r}");
+    let e = h.wait_event("rejected").await;
+    assert_eq!(e["rule"], "from_not_allowed");
+
+    c.cmd("MAIL FROM:<billing@acme.test>")
+        .await
+        .assert_code(250);
+    c.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    let german = "From: Grünbäume GmbH <billing@acme.test>\r\nTo: Jürgen Groß <a@example.test>\r\nSubject: Rechnung Nr. 42 für Straße 5\r\n\r\nSehr geehrte Damen und Herren, anbei Ihre Rechnung.\r\n";
+    c.data(german.as_bytes()).await.assert_code(250);
+    let job = h.job().await;
+    let name = "Grünbäume".as_bytes();
+    assert!(job.body.windows(name.len()).any(|w| w == name));
+
+    let mut loose = h.client(STARTTLS).await;
+    loose.ehlo("app.test").await;
+    loose.starttls().await.assert_code(220);
+    loose.ehlo("app.test").await;
+    loose.auth_plain("loose", PASSWORD).await.assert_code(235);
+    loose
+        .cmd("MAIL FROM:<news@loose.test>")
+        .await
+        .assert_code(250);
+    loose.cmd("RCPT TO:<a@example.test>").await.assert_code(250);
+    loose
+        .data(b"From: Partner <news@partner.test>\r\n\r\nhi\r\n")
+        .await
+        .assert_code(250);
 }

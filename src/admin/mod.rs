@@ -150,22 +150,78 @@ pub struct AdminServer {
     task: JoinHandle<()>,
 }
 
+/// Longest wait for a request's header: a client that sends it slowly or
+/// not at all gives its connection up.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one connection, requests and keep-alive included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 128;
+
 /// Serves the API on `listener` until [`AdminServer::shutdown`].
+///
+/// hyper's HTTP/1 server directly rather than `axum::serve`, which sets no
+/// timer and so never enforces a header-read timeout.
 pub fn serve(listener: TcpListener, state: Arc<AdminState>) -> std::io::Result<AdminServer> {
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let app = router(state);
-    let signal = stop.clone().cancelled_owned();
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await
-        {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, app, stop.clone()));
     tracing::info!(address = %addr, "admin API listening");
     Ok(AdminServer { addr, stop, task })
+}
+
+async fn accept_loop(listener: TcpListener, app: Router, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            permit = Arc::clone(&slots).acquire_owned() => permit,
+        };
+        let Ok(permit) = permit else { break };
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            serve_connection(tcp, app, stop).await;
+        });
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+async fn serve_connection(tcp: tokio::net::TcpStream, app: Router, stop: CancellationToken) {
+    use tower::ServiceExt as _;
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+    let mut conn = std::pin::pin!(conn);
+    let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.cancelled() => {}
+        _ = lifetime => {}
+    }
+    // Finish the request in progress, if any, then close.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 impl AdminServer {

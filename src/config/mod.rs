@@ -840,6 +840,14 @@ impl Config {
                 "max_connections and max_connections_per_ip must be at least 1",
             );
         }
+        if let Some(token) = &self.admin.token
+            && token.expose().trim().is_empty()
+        {
+            errs.push(
+                "admin.token",
+                "is empty, which no client could present; set a long random token (e.g. the output of `openssl rand -hex 32`) or remove the key to keep the API closed",
+            );
+        }
         if self.server.max_connections_per_ip > self.server.max_connections {
             errs.push(
                 "server.max_connections_per_ip",

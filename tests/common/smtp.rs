@@ -142,6 +142,32 @@ impl TestClient {
         client
     }
 
+    /// Like [`TestClient::connect`], from the loopback address `source`
+    /// (127.0.0.x: Linux routes all of 127/8 to loopback), as another
+    /// client host would.
+    pub async fn connect_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> TestClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from((source, 0)))
+            .unwrap_or_else(|e| panic!("SMTP client: binding {source} failed: {e}"));
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => panic!("SMTP client: connecting to {addr} from {source} failed: {e}"),
+            Err(_) => panic!("SMTP client: connecting to {addr} timed out"),
+        };
+        let mut client = TestClient {
+            greeting: Reply {
+                code: 0,
+                lines: Vec::new(),
+            },
+            peer: addr,
+            conn: Conn::Plain(tcp),
+            buf: Vec::new(),
+        };
+        client.greeting = client.read_reply().await;
+        client
+    }
+
     /// Connects with implicit TLS (port 465 style, SNI "localhost") and reads the greeting.
     pub async fn connect_tls(addr: SocketAddr) -> TestClient {
         let tcp = tcp_connect(addr).await;
