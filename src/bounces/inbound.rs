@@ -247,3 +247,32 @@ fn complaint_event(about: &About, c: &Complaint) -> Event {
     }
     e
 }
+
+/// Property tests (STYLE.md point 9): a VERP address in a report is found
+/// whatever bytes and characters surround it (invalid UTF-8, multi-byte
+/// characters, 'İ', which grows when lower-cased).
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn verp_addresses_are_found_in_any_text(
+            before in prop::collection::vec(any::<u8>(), 0..40),
+            noise in "[a-z0-9+.@İé😀-]{0,30}",
+            after in "(?s).{0,20}",
+        ) {
+            let verp = Verp::new("bounces.relay.example", b"0123456789abcdef0123");
+            let addr = verp.address(QueueId(7), 3);
+            let mut text = before;
+            text.extend_from_slice(noise.as_bytes());
+            text.extend_from_slice(format!(" <{addr}>").as_bytes());
+            text.extend_from_slice(after.as_bytes());
+            prop_assert!(scan_for_verp(&verp, &text).contains(&(QueueId(7), 3)));
+            let _ = scan_for_verp(&verp, noise.as_bytes());
+        }
+    }
+}

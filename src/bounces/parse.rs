@@ -2069,6 +2069,45 @@ mod prop_tests {
         .prop_map(|parts| parts.concat())
     }
 
+    /// Phrases the plain-text parsers look for, and what follows them.
+    const PHRASES: &[&str] = &[
+        "This message was created automatically by mail delivery software.\n",
+        "This is the qmail-send program at ",
+        "This is the mail system at host ",
+        "Generating server: ",
+        "Your message wasn't delivered to ",
+        "There was a temporary problem delivering your message to ",
+        "The error that the other server returned was:\n",
+        "for the recipient domain ",
+        " by ",
+        "Remote Server at ",
+        " returned '",
+        "while talking to ",
+        "Giving up on ",
+        " said: ",
+        "> (expanded from ",
+        "Delivery has failed to these recipients or groups:\n",
+        "----- The following addresses had transient non-fatal errors -----\n",
+        "----- Original message -----\n",
+        "Message-ID: ",
+    ];
+
+    /// Text biased to multi-byte characters (two to four bytes, and 'İ',
+    /// which grows when lower-cased) beside the phrases and fields the
+    /// parsers look for, or any Unicode.
+    fn unicode_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                3 => (0..FRAGMENTS.len()).prop_map(|i| FRAGMENTS[i].to_string()),
+                3 => (0..PHRASES.len()).prop_map(|i| PHRASES[i].to_string()),
+                3 => "[a-z0-9@.<>:; ]{0,6}[éİ€😀漢ßẞ]{1,3}",
+                1 => "(?s).{0,8}",
+            ],
+            0..60,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -2090,6 +2129,47 @@ mod prop_tests {
             let _ = field_blocks(&text);
             let _ = typed_address(&text);
             let _ = find_address(&text);
+        }
+    }
+
+    proptest! {
+        // Each case parses two messages: fewer cases keep it near a second.
+        #![proptest_config(ProptestConfig { cases: 192, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn unicode_text_never_panics(head in unicode_text(), body in unicode_text()) {
+            let plain = format!(
+                "From: MAILER-DAEMON@x.example\r\nSubject: Undelivered Mail {head}\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\n\r\n{body}"
+            );
+            let _ = parse(plain.as_bytes());
+            let report = format!(
+                "From: MAILER-DAEMON@x.example\r\n\
+                 Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n\
+                 --b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n\
+                 --b\r\nContent-Type: message/delivery-status\r\n\r\n\
+                 Reporting-MTA: dns; {head}\r\n\r\nFinal-Recipient: utf-8; {head}\r\n\
+                 Action: {head}\r\nStatus: {head}\r\nRemote-MTA: dns; {body}\r\n\
+                 Diagnostic-Code: smtp; {body}\r\n\r\n\
+                 --b\r\nContent-Type: message/feedback-report\r\n\r\n\
+                 Feedback-Type: {head}\r\nOriginal-Mail-From: {body}\r\n\r\n\
+                 --b\r\nContent-Type: text/rfc822-headers; charset=utf-8\r\n\r\n\
+                 To: {head}\r\nMessage-ID: {body}\r\n\r\n--b--\r\n"
+            );
+            let _ = parse(report.as_bytes());
+            // The plain parsers directly, on text mail-parser did not touch.
+            let _ = exim(&body);
+            let _ = gmail(&body);
+            let _ = exchange(&body);
+            let _ = sendmail(&body);
+            let _ = angle_paragraphs(&body, Action::Failed);
+            let _ = split_original(&body);
+            let _ = inline_message_id(&body);
+            let _ = after_phrase(&body, &head);
+            let _ = decode_unitext(&body);
+            let _ = typed_name(&body);
+            let _ = unfold(&body);
+            let _ = reply_codes(&body);
         }
     }
 }

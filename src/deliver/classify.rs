@@ -1069,3 +1069,55 @@ mod corpus {
         );
     }
 }
+
+/// Property tests (STYLE.md point 9): any reply a server sends (any code,
+/// enhanced code and text in any Unicode) is classified without panic, and
+/// its permanence follows its code; so are configured rules in any script.
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reply text biased to multi-byte characters (and 'İ', which grows
+    /// when lower-cased) beside the phrases the defaults look for, or any
+    /// Unicode.
+    fn reply_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "([245][.][0-9]{1,3}[.][0-9]{1,3} )?[a-zA-Z .:<>@#-]{0,12}[éİ€😀漢ßẞ\u{0}]{0,3}(user unknown|quota|spam|tls|policy|greylist)?[a-zé ]{0,8}",
+            "(?s).{0,60}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_reply_classifies(
+            code in 0u16..1000,
+            text in reply_text(),
+            needle in "[a-zİé😀 ]{1,6}",
+            status in prop::option::of((0u8..10, 0u16..1000, 0u16..1000)),
+        ) {
+            let reply = Reply::from_wire(code, &text);
+            let _ = classify(&reply);
+            let enhanced = status.map(|(c, s, d)| Enhanced(c, s, d));
+            let (_, permanent) = classify_with(&[], enhanced, code, &text);
+            match code / 100 {
+                5 => prop_assert!(permanent),
+                4 => prop_assert!(!permanent),
+                _ => {}
+            }
+            let rule = Rule {
+                needle: Some(needle.to_lowercase()),
+                status: None,
+                code: None,
+                category: Classification::Policy,
+                permanent: Some(true),
+            };
+            let (category, permanent) = classify_with(&[rule], enhanced, code, &text);
+            if text.to_lowercase().contains(&needle.to_lowercase()) {
+                prop_assert_eq!((category, permanent), (Classification::Policy, true));
+            }
+        }
+    }
+}

@@ -1945,4 +1945,86 @@ mod tests {
         assert_eq!(path("jörg@x.test"), "jörg@x.test");
         assert_eq!(path(""), "");
     }
+
+    /// Property tests (STYLE.md point 9): whatever a remote MX answers after
+    /// its greeting, the client reads it without panic.
+    mod replies {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One reply line as a broken or hostile server might send it: any
+        /// code and separator, an enhanced code or not, text in any script
+        /// (or a few raw bytes), any line end.
+        fn reply_line() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop::sample::select(vec![
+                    "250", "220", "354", "421", "550", "199", "999", "25", "",
+                ]),
+                prop::sample::select(vec![" ", "-", ""]),
+                prop::option::of("[245][.][0-9]{1,3}[.][0-9]{1,4} "),
+                prop_oneof![
+                    "[A-Z0-9 =.-]{0,12}[éİ€😀漢ß\u{0}]{0,3}[A-Z ]{0,6}",
+                    "(?s).{0,30}",
+                ],
+                prop_oneof![
+                    3 => Just(Vec::new()),
+                    1 => prop::collection::vec(any::<u8>(), 1..3),
+                ],
+                prop::sample::select(vec!["\r\n", "\n", "\r", ""]),
+            )
+                .prop_map(|(code, sep, esc, text, bytes, end)| {
+                    let esc = esc.unwrap_or_default();
+                    [
+                        code.as_bytes(),
+                        sep.as_bytes(),
+                        esc.as_bytes(),
+                        text.as_bytes(),
+                        &bytes,
+                        end.as_bytes(),
+                    ]
+                    .concat()
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_replies_after_the_greeting_never_panic(lines in prop::collection::vec(reply_line(), 0..12)) {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let addr = listener.local_addr().unwrap();
+                    let junk = lines.concat();
+                    let server = tokio::spawn(async move {
+                        let (mut s, _) = listener.accept().await.unwrap();
+                        let _ = s.write_all(b"220 mx.test ready\r\n").await;
+                        let _ = s.write_all(&junk).await;
+                        // End of input: the client reads what it got, then EOF.
+                        let _ = s.shutdown().await;
+                        let mut sink = Vec::new();
+                        let _ = s.read_to_end(&mut sink).await;
+                    });
+                    let short = Timeouts {
+                        command: Duration::from_millis(500),
+                        ..Timeouts::from_secs(5)
+                    };
+                    if let Ok(mut c) = SmtpClient::connect(addr, None, short).await {
+                        if c.ehlo("relay.test").await.is_ok() {
+                            let mail = MailParams {
+                                from: "billing@acme.test",
+                                ..MailParams::default()
+                            };
+                            let _ = c.send(&mail, &[rcpt("bob@one.test"), rcpt("carol@one.test")], BODY).await;
+                        }
+                        c.quit().await;
+                    }
+                    server.abort();
+                });
+            }
+        }
+    }
 }

@@ -577,3 +577,63 @@ mod tests {
         assert!(a.cause.contains("unknown issuer"), "{a:?}");
     }
 }
+
+/// Property tests (STYLE.md point 9): any reply at any step, and any names
+/// or dates a server's certificate carries, are explained without panic.
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    const STEPS: [Step; 9] = [
+        Step::Dns,
+        Step::Connect,
+        Step::Banner,
+        Step::Ehlo,
+        Step::Tls,
+        Step::AuthMechanisms,
+        Step::Auth,
+        Step::MailFrom,
+        Step::Quit,
+    ];
+
+    /// Text biased to multi-byte characters, quotes and the fragments the
+    /// rules look for, or any Unicode.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "([245][.][0-9]{1,3}[.][0-9]{1,3} )?[a-zA-Z .\"()#-]{0,12}[éİ€😀漢ß\u{0}\"]{0,3}(Authentication unsuccessful|Application-specific|DnsName)?[a-zé\" ]{0,8}",
+            "(?s).{0,60}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_reply_and_certificate_is_explained(
+            step in 0..STEPS.len(),
+            code in 0u16..1000,
+            text in text(),
+            names in prop::collection::vec(text(), 0..4),
+            secs in any::<u64>(),
+            self_signed in any::<bool>(),
+        ) {
+            let advice = explain_reply(STEPS[step], &Reply::from_wire(code, &text));
+            prop_assert!(!advice.cause.is_empty() && !advice.fix.is_empty());
+            let presented = names
+                .iter()
+                .map(|n| format!("DnsName({n:?})"))
+                .chain(names.iter().cloned())
+                .collect();
+            let wrong_name = CertificateError::NotValidForNameContext {
+                expected: ServerName::try_from("smtp.test").unwrap(),
+                presented,
+            };
+            let _ = explain_certificate(&wrong_name, &text, self_signed);
+            let when = UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+            let expired = CertificateError::ExpiredContext { time: when, not_after: when };
+            let _ = explain_certificate(&expired, &text, self_signed);
+        }
+    }
+}

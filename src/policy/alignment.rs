@@ -991,10 +991,11 @@ fn drop_labels(domain: &str, n: usize) -> &str {
 
 /// `domain` is `parent` or below it.
 fn in_domain(domain: &str, parent: &str) -> bool {
+    // Bytes: either name may be UTF-8 (an SMTPUTF8 return path, a DNS
+    // name), where `d - p` could fall inside a character.
+    let (domain, parent) = (domain.as_bytes(), parent.as_bytes());
     let (d, p) = (domain.len(), parent.len());
-    d >= p
-        && domain[d - p..].eq_ignore_ascii_case(parent)
-        && (d == p || domain.as_bytes()[d - p - 1] == b'.')
+    d >= p && domain[d - p..].eq_ignore_ascii_case(parent) && (d == p || domain[d - p - 1] == b'.')
 }
 
 fn spf_name(r: SpfResult) -> &'static str {
@@ -1011,8 +1012,8 @@ fn spf_name(r: SpfResult) -> &'static str {
 
 fn is_spf_record(r: &str) -> bool {
     let r = r.trim_start();
-    r.len() >= 6
-        && r[..6].eq_ignore_ascii_case("v=spf1")
+    // `get`: a TXT record is any text; byte 6 may fall inside a character.
+    r.get(..6).is_some_and(|v| v.eq_ignore_ascii_case("v=spf1"))
         && r[6..].chars().next().is_none_or(|c| c == ' ')
 }
 
@@ -1192,6 +1193,12 @@ mod tests {
             suggest_spf("v=spf1", &ips[..1]),
             "v=spf1 ip4:203.0.113.7 ~all"
         );
+        // TXT records with a multi-byte character across byte 6.
+        for r in ["v=spfé", "ab€€", "İİİİ", "😀😀", "v=sp漢字"] {
+            assert!(!is_spf_record(r), "{r}");
+            assert_eq!(suggest_spf(r, &ips[..1]), "v=spf1 ip4:203.0.113.7 ~all");
+        }
+        assert!(is_spf_record("v=spf1 a:bücher.example -all"));
     }
 
     #[test]
@@ -1218,6 +1225,11 @@ mod tests {
         assert!(in_domain("acme.example", "acme.example"));
         assert!(!in_domain("notacme.example", "acme.example"));
         assert!(!in_domain("example", "acme.example"));
+        // UTF-8 names, the parent's length ending inside a character.
+        assert!(!in_domain("ü.example", "x.example"));
+        assert!(!in_domain("aé.example", "b.example"));
+        assert!(!in_domain("😀", "x"));
+        assert!(in_domain("mail.bücher.example", "bücher.example"));
     }
 
     #[test]
@@ -1265,5 +1277,45 @@ mod tests {
                 "policy.dmarc.cache_size"
             ]
         );
+    }
+}
+
+/// Property tests (STYLE.md point 9): TXT records and domain names from the
+/// network, in any Unicode, never make the record and name helpers panic.
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use mail_auth::common::parse::TxtRecordParser as _;
+    use proptest::prelude::*;
+
+    /// Text biased to multi-byte characters near the lengths compared
+    /// ("v=spf1" is 6 bytes) and to DNS punctuation, or any Unicode.
+    fn dns_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "(v=spf1|v=DMARC1|v=sp|v=)?[a-z0-9 .;=:~-]{0,8}[éİ€😀漢ß\u{0}]{0,3}[a-z0-9 .;=-]{0,12}",
+            "(?s).{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn txt_records_and_domain_names_never_panic(record in dns_text(), a in dns_text(), b in dns_text()) {
+            let ip: IpAddr = "192.0.2.1".parse().unwrap();
+            let _ = is_spf_record(&record);
+            prop_assert!(suggest_spf(&record, &[ip]).starts_with("v=spf1 ip4:192.0.2.1 "));
+            let _ = mail_auth::spf::Spf::parse(record.as_bytes());
+            let _ = Dmarc::parse(record.as_bytes());
+            prop_assert!(in_domain(&a, &a));
+            let below = format!("{b}.{a}");
+            prop_assert!(in_domain(&below, &a));
+            let _ = in_domain(&a, &b);
+            let _ = organizational_domain(&[], &a);
+            let _ = drop_labels(&a, b.len() % 8);
+            let long = b.repeat(40);
+            let text = reply_text(&a, &[record, long]);
+            prop_assert!(text.split('\n').skip(1).all(|l| l.len() <= MAX_REPLY_TEXT));
+        }
     }
 }

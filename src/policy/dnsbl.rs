@@ -898,3 +898,35 @@ mod tests {
         }
     }
 }
+
+/// Property tests (STYLE.md point 9): whatever a zone's TXT record or a
+/// message's URL domains hold, the reason sanitiser and the query names
+/// never panic and keep their promises.
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text biased to multi-byte characters (a cut at [`MAX_REASON`] may
+    /// fall inside one), URL and DNS punctuation, or any Unicode.
+    fn txt() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9 .:/_-]{0,220}[éİ€😀漢ß\u{0}\t\r\n]{0,4}[a-z0-9 ]{0,20}",
+            "(?s).{0,300}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn txt_reasons_and_domains_never_panic(reason in txt(), domains in prop::collection::vec(txt(), 0..4)) {
+            let clean = sanitize(&reason);
+            prop_assert!(clean.len() <= MAX_REASON);
+            prop_assert!(clean.bytes().all(|b| b == b' ' || b.is_ascii_graphic()), "{clean:?}");
+            for (domain, label) in domain_items(&domains) {
+                prop_assert!(label.is_ascii() && label.len() <= 190, "{domain:?} -> {label:?}");
+            }
+        }
+    }
+}

@@ -722,7 +722,10 @@ fn domain_token(token: &str, in_url: bool) -> Option<String> {
     let mut t = token.trim_matches(|c: char| ".,:;!?*".contains(c));
     let mut url = in_url;
     for scheme in ["https://", "http://"] {
-        if t.len() >= scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        // `get`: the scheme's length may end inside a character ("Grünbäume").
+        if t.get(..scheme.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+        {
             t = &t[scheme.len()..];
             url = true;
         }
@@ -2154,6 +2157,22 @@ Message-ID: <1@acme.test>\r\nContent-Type: text/html\r\n\r\n<p>Hello</p>\r\n";
             domain_token("http://x.y.zz/a", false).as_deref(),
             Some("x.y.zz")
         );
+        // Multi-byte characters where the scheme's length ends.
+        for t in [
+            "Grünbäume",
+            "ää",
+            "€€€",
+            "Straße1",
+            "İİİİ",
+            "😀😀",
+            "漢字漢字",
+        ] {
+            assert_eq!(domain_token(t, false), None, "{t}");
+        }
+        assert_eq!(
+            domain_token("HTTPS://Bücher.de/x", false).as_deref(),
+            Some("bücher.de")
+        );
         assert!(is_zero_length(b"0") && is_zero_length(b"0.0em") && !is_zero_length(b"10px"));
         assert_eq!(normal_color(b"RGB(255, 255, 255)"), "#ffffff");
         assert_eq!(normal_color(b"#AbC"), "#aabbcc");
@@ -2163,6 +2182,16 @@ Message-ID: <1@acme.test>\r\nContent-Type: text/html\r\n\r\n<p>Hello</p>\r\n";
             Some(&b"x y"[..])
         );
         assert_eq!(attr(b" hidden", b"hidden"), Some(&b""[..]));
+    }
+
+    #[test]
+    fn a_non_ascii_display_name_scores() {
+        let m =
+            plain("", "Grüße").replace_header("From", Some("Grünbäume GmbH <billing@acme.test>"));
+        let r = rules().score(&m);
+        assert!(!r.has_fired("display_name_domain"), "{r:?}");
+        let m = alternative("x", "<a href=\"https://acme.test/\">Grünbäume GmbH</a>");
+        assert!(!fires(&m, "link_mismatch"));
     }
 
     #[test]
@@ -2198,7 +2227,47 @@ Message-ID: <1@acme.test>\r\nContent-Type: text/html\r\n\r\n<p>Hello</p>\r\n";
         assert!(start.elapsed() < std::time::Duration::from_secs(20));
     }
 
+    /// Text biased to what breaks byte arithmetic (two-, three- and
+    /// four-byte characters, 'İ' which grows when lower-cased, URL and
+    /// address punctuation, NUL), or any Unicode at all.
+    fn mail_text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            "[a-zA-Z0-9 .:/@!?<>\"üäößİ€😀漢字\u{0}-]{0,40}",
+            "(?s).{0,40}",
+        ]
+    }
+
     proptest::proptest! {
+        #[test]
+        fn any_unicode_scores_without_panic(
+            name in mail_text(),
+            subject in mail_text(),
+            link in mail_text(),
+            body in mail_text(),
+            encoded in proptest::bool::ANY,
+        ) {
+            use base64::Engine;
+            let subject = if encoded {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&subject);
+                format!("=?utf-8?B?{b64}?=")
+            } else {
+                subject
+            };
+            let m = format!(
+                "From: {name} <billing@acme.test>\r\nSubject: {subject}\r\n\
+                 MIME-Version: 1.0\r\n\
+                 Content-Type: multipart/alternative; boundary=\"b\"\r\n\r\n\
+                 --b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body} http://{link}\r\n\
+                 --b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n\
+                 <a href=\"https://{link}/\">{link}</a><p hidden>{body}</p>\r\n--b--\r\n"
+            );
+            let r = rules().score(m.as_bytes());
+            proptest::prop_assert!(r.score >= 0.0);
+            let _ = url_domains(m.as_bytes());
+            let _ = domain_token(&link, false);
+            let _ = foreign_domain_in(&name, &link);
+        }
+
         #[test]
         fn any_html_scores_without_panic(body in proptest::collection::vec(
             proptest::sample::select(&b"<>/=\"' a:.!@#[]-_wWhtpsdivlyefonzx0&;\r\n"[..]), 0..400)) {

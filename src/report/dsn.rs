@@ -1047,4 +1047,56 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
             );
         }
     }
+
+    /// Text biased to multi-byte characters, controls and the separators
+    /// the report's fields use, or any Unicode.
+    fn network_text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            "[a-zA-Z0-9 .;:@<>+=\\\\-]{0,20}[éİ€😀漢ß\u{0}\r\n\t]{0,4}[a-z@. ]{0,20}",
+            "(?s).{0,120}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Whatever a remote server answered and the client gave (addresses,
+        /// ORCPT, ENVID, Message-ID, in any Unicode), the report is 7-bit,
+        /// CRLF only, with no line over 998 octets.
+        #[test]
+        fn any_reply_and_address_make_a_wire_safe_dsn(
+            text in network_text(),
+            address in network_text(),
+            orcpt in network_text(),
+            mx in network_text(),
+            env_id in network_text(),
+            message_id in network_text(),
+            code in 200u16..600,
+            full in proptest::bool::ANY,
+            action in 0..3usize,
+        ) {
+            let mut env = envelope();
+            env.env_id = Some(env_id);
+            env.message_id = Some(message_id);
+            env.ret = full.then_some(Ret::Full);
+            let rcpts = [DsnRecipient {
+                address,
+                orcpt: Some(orcpt),
+                action: [Action::Failed, Action::Delayed, Action::Relayed][action],
+                reply: Some(Reply::from_wire(code, &text)),
+                remote_mta: Some(mx),
+                last_attempt: DATE,
+                will_retry_until: Some(DATE + 3600),
+            }];
+            assert_wire_safe(&build(&report(&env, &rcpts, ORIGINAL)));
+            // The receive stage refuses bare CR and LF in a message.
+            let line = text.replace(['\r', '\n'], " ");
+            let original = format!("Subject: {line}\r\n\r\n{line}\r\n");
+            assert_wire_safe(&build(&report(&env, &rcpts, original.as_bytes())));
+        }
+    }
 }
