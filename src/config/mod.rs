@@ -831,6 +831,13 @@ impl Config {
         if self.server.max_message_size.0 == 0 {
             errs.push("server.max_message_size", "must be more than 0");
         }
+        // Spool records carry 32-bit lengths; no receiver takes such mail anyway.
+        if self.server.max_message_size.0 > 1 << 30 {
+            errs.push(
+                "server.max_message_size",
+                "must be at most 1GiB (mail servers commonly refuse more than 25-150MiB)",
+            );
+        }
         if self.server.max_recipients == 0 {
             errs.push("server.max_recipients", "must be at least 1");
         }

@@ -564,7 +564,13 @@ impl Session {
     async fn auth_delay(&self) {
         let failures = self.ctx.auth.failures(self.ip);
         if failures > 0 {
-            let delay = self.ctx.config.server.auth_failure_delay.as_duration() * failures;
+            let delay = self
+                .ctx
+                .config
+                .server
+                .auth_failure_delay
+                .as_duration()
+                .saturating_mul(failures);
             tokio::time::sleep(delay).await;
         }
     }

@@ -814,7 +814,45 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use super::names_bare_postmaster;
+    use super::*;
+
+    /// What a panic in a command handler leads to: a 451 for the client,
+    /// the transaction dropped, the session closed.
+    #[tokio::test]
+    async fn a_bug_answers_451_and_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let config = Arc::new(
+            crate::config::Config::from_toml_str(&format!(
+                "[server]\nspool_dir = \"{d}/spool\"\n[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n[events]\nlog = \"{d}/events.jsonl\"\n"
+            ))
+            .unwrap(),
+        );
+        let (reporter, _task) = crate::report::Reporter::start(&config.events.log)
+            .await
+            .unwrap();
+        let (jobs, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let queue = crate::queue::Queue::open(&config, reporter.clone(), jobs).unwrap();
+        let dns = crate::dns::Dns::new(&config.dns).unwrap();
+        let ctx = Arc::new(ReceiveContext::new(
+            config,
+            queue,
+            dns,
+            reporter,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let mut s = Session::new(ctx, 0, "192.0.2.7:4000".parse().unwrap(), false);
+        s.mode = Mode::Auth(SaslState::LoginUsername);
+        let payload: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
+        assert_eq!(s.internal_error(payload.as_ref()), Step::Close);
+        assert_eq!(
+            String::from_utf8(s.out.clone()).unwrap(),
+            "451 4.3.0 Internal error: the message was not accepted; try again later\r\n"
+        );
+        assert!(s.txn.is_none());
+        assert!(matches!(s.mode, Mode::Command));
+    }
 
     #[test]
     fn bare_postmaster_paths() {
