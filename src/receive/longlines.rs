@@ -679,7 +679,7 @@ impl<'m> Fixer<'m> {
         match encoding {
             None | Some("7bit" | "8bit" | "binary") => {
                 let bytes = msg.get(body.clone()).unwrap_or_default();
-                let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 16 + 16);
+                let mut out = Vec::new();
                 encode_qp(bytes, ty.ctype == "text", &mut out);
                 self.edits.push(Edit {
                     range: body.clone(),
@@ -782,6 +782,18 @@ fn fold(line: &[u8], min_break: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Octets quoted-printable may write as they are (RFC 2045 §6.7 rules 2
+/// and 3): printable ASCII but '=', and blanks, which need care at a line end.
+const LITERAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = matches!(b as u8, b' ' | b'\t' | b'!'..=b'<' | b'>'..=b'~');
+        b += 1;
+    }
+    t
+};
+
 /// Quoted-printable (RFC 2045 §6.7) of a whole body. In text a CRLF is a
 /// line break and stays one (rule 4); in other media it is data and is
 /// escaped. Lines are at most 76 octets, blanks before a line end are
@@ -789,11 +801,34 @@ fn fold(line: &[u8], min_break: usize) -> Option<Vec<u8>> {
 /// `--`, so no line this makes can pass for a MIME boundary.
 fn encode_qp(body: &[u8], text: bool, out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let escaped = body.iter().filter(|&&b| b >= 0x7f || b == b'=').count();
+    out.reserve(body.len() + 2 * escaped + body.len() / 24);
     let crlf_at = |i: usize| text && body.get(i..i + 2) == Some(b"\r\n");
     let mut col = 0;
     let mut soft = false;
     let mut i = 0;
-    while let Some(&b) = body.get(i) {
+    while let Some(rest) = body.get(i..).filter(|r| !r.is_empty()) {
+        let room = (ENCODED_LINE - 1).saturating_sub(col).min(rest.len());
+        // Literal octets go a run at a time, up to the end of the line.
+        let mut run = rest
+            .get(..room)
+            .and_then(|r| r.iter().position(|&b| !LITERAL[usize::from(b)]))
+            .unwrap_or(room);
+        // A trailing blank may end a line, and a soft-broken line may start
+        // with "--": one octet at a time below.
+        while run > 0 && rest.get(run - 1).is_some_and(|&b| is_wsp(b)) {
+            run -= 1;
+        }
+        if soft && col == 0 && rest.starts_with(b"--") {
+            run = 0;
+        }
+        if run > 0 {
+            out.extend_from_slice(rest.get(..run).unwrap_or_default());
+            col += run;
+            i += run;
+            continue;
+        }
+        let b = rest.first().copied().unwrap_or_default();
         if crlf_at(i) {
             out.extend_from_slice(b"\r\n");
             col = 0;
