@@ -127,7 +127,7 @@ impl LongLineError {
         let part: String = self
             .part
             .chars()
-            .take(160)
+            .take(120)
             .map(|c| {
                 if c.is_ascii_graphic() || c == ' ' {
                     c
@@ -296,7 +296,8 @@ struct BodyType {
     ctype: String,
     subtype: String,
     boundary: Option<Vec<u8>>,
-    /// Lower case, trimmed; `None` when absent or empty.
+    /// Content-Transfer-Encoding's mechanism in lower case; `None` when
+    /// absent or empty.
     encoding: Option<String>,
 }
 
@@ -320,8 +321,12 @@ impl BodyType {
             encoding: parsed
                 .as_ref()
                 .and_then(|m| m.content_transfer_encoding())
-                .map(|e| e.trim().to_ascii_lowercase())
-                .filter(|e| !e.is_empty()),
+                // The mechanism is one token; a comment may follow it.
+                .and_then(|e| {
+                    e.split(|c: char| c.is_whitespace() || c == '(')
+                        .find(|t| !t.is_empty())
+                })
+                .map(str::to_ascii_lowercase),
             ctype,
             subtype,
         }
@@ -1367,6 +1372,18 @@ mod tests {
     }
 
     #[test]
+    fn an_encoding_may_carry_a_comment() {
+        let m = format!(
+            "Content-Type: text/plain\r\nContent-Transfer-Encoding: 8bit (generated)\r\n\r\n{}\r\n",
+            "a".repeat(1200)
+        );
+        let out = fixed(m.as_bytes());
+        assert!(out.starts_with(
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0\r\n\r\n"
+        ));
+    }
+
+    #[test]
     fn other_media_keep_their_crlf_as_data() {
         let json = format!("{{\"a\": \"{}\",\r\n \"ü\": 1}}\r\n", "x".repeat(1200));
         let m = format!(
@@ -1683,6 +1700,127 @@ mod tests {
                 0..40,
             )
             .prop_map(|v| v.concat())
+        }
+
+        #[derive(Clone, Debug)]
+        enum Tree {
+            /// Media type, Content-Transfer-Encoding field (or none), body.
+            Leaf(&'static str, Option<&'static str>, Vec<u8>),
+            Multipart(&'static str, Vec<Tree>),
+        }
+
+        /// A leaf as an app might write it, long lines or not.
+        fn leaf() -> impl Strategy<Value = Tree> {
+            prop_oneof![
+                body_text().prop_map(|t| Tree::Leaf(
+                    "text/plain; charset=utf-8",
+                    None,
+                    t.into_bytes()
+                )),
+                body_text().prop_map(|t| Tree::Leaf(
+                    "text/html; charset=utf-8",
+                    Some("8bit"),
+                    t.into_bytes()
+                )),
+                body_bytes().prop_map(|b| Tree::Leaf(
+                    "application/octet-stream",
+                    Some("binary"),
+                    b
+                )),
+                (prop::collection::vec(any::<u8>(), 0..2000), any::<bool>()).prop_map(
+                    |(b, wrap)| {
+                        let b64 = BASE64.encode(b);
+                        let b64 = if wrap { wrapped_base64_of(&b64) } else { b64 };
+                        Tree::Leaf("image/png", Some("base64"), b64.into_bytes())
+                    }
+                ),
+                body_text().prop_map(|t| {
+                    let mut qp = Vec::new();
+                    encode_qp(t.as_bytes(), true, &mut qp);
+                    let long = String::from_utf8(qp).unwrap().replace("=\r\n", "");
+                    Tree::Leaf(
+                        "text/plain; charset=utf-8",
+                        Some("quoted-printable"),
+                        long.into_bytes(),
+                    )
+                }),
+            ]
+        }
+
+        fn wrapped_base64_of(b64: &str) -> String {
+            b64.as_bytes()
+                .chunks(76)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join("\r\n")
+        }
+
+        fn tree() -> impl Strategy<Value = Tree> {
+            leaf().prop_recursive(4, 24, 5, |inner| {
+                (
+                    prop::sample::select(vec!["mixed", "alternative", "related"]),
+                    prop::collection::vec(inner, 1..5),
+                )
+                    .prop_map(|(sub, children)| Tree::Multipart(sub, children))
+            })
+        }
+
+        /// Writes a part (header and body); every leaf's text goes to `leaves`.
+        fn render(t: &Tree, depth: usize, out: &mut Vec<u8>, leaves: &mut Vec<Vec<u8>>) {
+            match t {
+                Tree::Leaf(ct, cte, body) => {
+                    let mut part = format!("Content-Type: {ct}\r\n").into_bytes();
+                    if let Some(cte) = cte {
+                        part.extend_from_slice(
+                            format!("Content-Transfer-Encoding: {cte}\r\n").as_bytes(),
+                        );
+                    }
+                    part.extend_from_slice(b"\r\n");
+                    part.extend_from_slice(body);
+                    out.extend_from_slice(&part);
+                    leaves.push(part);
+                }
+                Tree::Multipart(sub, children) => {
+                    let b = format!("=_lvl{depth}_QZX");
+                    out.extend_from_slice(
+                        format!("Content-Type: multipart/{sub}; boundary=\"{b}\"\r\n\r\n")
+                            .as_bytes(),
+                    );
+                    for c in children {
+                        out.extend_from_slice(format!("--{b}\r\n").as_bytes());
+                        render(c, depth + 1, out, leaves);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(format!("--{b}--").as_bytes());
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_mime_tree_is_fixed_and_decodes_as_before(t in tree()) {
+                let mut m = b"From: a@b.example\r\nMIME-Version: 1.0\r\n".to_vec();
+                let mut leaves = Vec::new();
+                render(&t, 0, &mut m, &mut leaves);
+                m.extend_from_slice(b"\r\n");
+                let out = match fix_long_lines(&m) {
+                    Ok(None) => {
+                        prop_assert_eq!(next_long_line(&m, 0), None);
+                        return Ok(());
+                    }
+                    Ok(Some(out)) => out,
+                    Err(e) => return Err(TestCaseError::fail(format!("{e}"))),
+                };
+                prop_assert_eq!(next_long_line(&out, 0), None);
+                prop_assert_eq!(crate::receive::message::find_bare_line_end(&out), None);
+                prop_assert_eq!(decoded(&out), decoded(&m));
+                // A part without long lines is there byte for byte.
+                for part in leaves.iter().filter(|p| next_long_line(p, 0).is_none()) {
+                    prop_assert!(out.windows(part.len().max(1)).any(|w| w == &part[..]) || part.is_empty());
+                }
+            }
         }
 
         proptest! {
