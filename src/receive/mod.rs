@@ -24,6 +24,7 @@ pub mod auth;
 mod bounce;
 mod data;
 pub mod limits;
+pub mod longlines;
 mod mail;
 pub mod message;
 mod rcpt;
