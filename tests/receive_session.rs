@@ -1067,3 +1067,54 @@ async fn from_header_is_bound_to_the_tenants_domains() {
         .await
         .assert_code(250);
 }
+
+/// An app's HTML invoice with a 2,000-character line is accepted and
+/// queued with every line within 998 octets (the HTML part re-encoded as
+/// quoted-printable), and the `received` event says so; a header line that
+/// cannot be folded is refused at once, naming the line.
+#[tokio::test]
+async fn long_lines_are_reencoded_or_refused_at_submission() {
+    let mut h = harness("").await;
+    let mut c = h.authed().await;
+    let row = "<td>Grünbäume GmbH, Straße 5</td>".repeat(60);
+    assert!(row.len() > 2000);
+    let message = format!(
+        "From: Billing <billing@acme.test>\r\nTo: bob@example.test\r\nSubject: Rechnung 42\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n<html><table><tr>{row}</tr></table></html>\r\n"
+    );
+    c.cmd("MAIL FROM:<billing@acme.test> BODY=8BITMIME")
+        .await
+        .assert_code(250);
+    c.cmd("RCPT TO:<bob@example.test>").await.assert_code(250);
+    c.data(message.as_bytes()).await.assert_code(250);
+    let job = h.job().await;
+    let longest = job
+        .body
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::len)
+        .max()
+        .unwrap();
+    assert!(longest <= 1000, "a line of {longest} octets was queued");
+    let text = String::from_utf8_lossy(&job.body);
+    assert!(
+        text.contains("Content-Transfer-Encoding: quoted-printable"),
+        "{text}"
+    );
+    let e = h.wait_event("received").await;
+    assert!(
+        e["warnings"][0].as_str().unwrap().contains("re-encoded"),
+        "{e}"
+    );
+
+    c.cmd("MAIL FROM:<billing@acme.test>")
+        .await
+        .assert_code(250);
+    c.cmd("RCPT TO:<bob@example.test>").await.assert_code(250);
+    let token = "x".repeat(1500);
+    let r = c
+        .data(format!("From: billing@acme.test\r\nX-Tracking: {token}\r\n\r\nhi\r\n").as_bytes())
+        .await;
+    assert_eq!((r.code, r.enhanced()), (554, Some("5.6.3")), "{r}");
+    assert!(r.text().contains("line 2"), "{r}");
+}

@@ -334,6 +334,29 @@ impl Session {
             return self.bounce_message(&txn.recipients, &buf[prefix_len..]);
         }
 
+        // RFC 5321 §4.5.3.1.6: no line over 998 octets may reach an MX, which
+        // would refuse the whole message after herald said 250. Re-encode
+        // before signing, so the signature covers what is sent.
+        let mut notes = Vec::new();
+        match super::longlines::fix_long_lines(&buf[prefix_len..]) {
+            Ok(None) => {}
+            Ok(Some(fixed)) => {
+                tracing::info!(client_ip = %self.ip, queue_id = %id, "long lines re-encoded");
+                buf.truncate(prefix_len);
+                buf.extend_from_slice(&fixed);
+                notes.push(
+                    "lines longer than 998 octets were re-encoded (quoted-printable, folded or rewrapped) so that receivers accept the message".to_string(),
+                );
+            }
+            Err(e) => {
+                let reply = Reply::new(554, Enhanced(5, 6, 3), e.reply_text());
+                tracing::info!(client_ip = %self.ip, queue_id = %id, line = e.line, length = e.length, "message refused: a line over 998 octets cannot be re-encoded");
+                self.reject_event("line_too_long", &reply, &sender, None);
+                self.reply(&reply);
+                return Step::Continue;
+            }
+        }
+
         let info = message::inspect_headers(&buf[prefix_len..]);
         let id_text = id.to_string();
         let (added, message_id) = message::missing_fields(
@@ -353,7 +376,7 @@ impl Session {
         let policy::Outcome {
             mut verdict,
             spam_score,
-            warnings,
+            mut warnings,
         } = self.ctx.policy.check(&txn.envelope, &buf).await;
         for warning in &warnings {
             tracing::warn!(client_ip = %self.ip, queue_id = %id, warning = %warning, "policy warning");
@@ -418,6 +441,7 @@ impl Session {
         event.size = Some(size);
         event.client_ip = Some(self.ip.to_string());
         event.spam_score = spam_score;
+        warnings.extend(notes);
         if !warnings.is_empty() {
             event.warnings = Some(warnings);
         }
