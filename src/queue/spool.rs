@@ -29,7 +29,8 @@
 //! with the queue ids concerned, reported as [`SpoolDamage`], and its
 //! segment is never deleted: once no message needs it, it is moved to
 //! `corrupt/` in the spool directory, as is any file named like a segment
-//! that cannot be used.
+//! that cannot be used. Segment numbers count up from 1; one too high to
+//! count on from is renumbered, in order, at start-up (`files.rs`).
 //!
 //! A disk too full for a new head segment does not stop the spool: the
 //! messages already on disk are replayed and delivered, appends that wait
