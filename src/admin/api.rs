@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AdminState, metrics::Gauges, metrics::TOP_DOMAINS};
 use crate::config::Span;
+use crate::queue::spool::SpoolDamage;
 use crate::queue::{MessageView, QueueId, RcptStatus, Recipient, unix_now};
 use crate::report::{SmtpDetail, rfc3339};
 
@@ -160,6 +161,11 @@ pub struct QueueListing {
     pub total: usize,
     /// Those that matched the filters, oldest first.
     pub messages: Vec<MessageSummary>,
+    /// Present only when the spool's replay found damage at start-up or
+    /// files are kept in its `corrupt/` directory: counts, the queue ids
+    /// lost or possibly delivered again, and the files kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_damage: Option<SpoolDamage>,
 }
 
 /// One recipient's state.
@@ -341,6 +347,7 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
     domains.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     domains.truncate(TOP_DOMAINS);
     let suspended = st.control.counts();
+    let damage = st.queue.spool_damage();
     let gauges = Gauges {
         queue_messages: st.queue.len() as u64,
         queue_domains: domains,
@@ -348,6 +355,10 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
         suspended_domains: suspended.0 as u64,
         suspended_tenants: suspended.1 as u64,
         paused_tenants: suspended.2 as u64,
+        spool_damaged_records: damage.skipped_records,
+        spool_lost_messages: damage.lost_queue_ids.len() as u64,
+        spool_quarantined_files: damage.quarantined.len() as u64,
+        spool_full: st.queue.spool_full(),
     };
     (
         [(
@@ -400,7 +411,12 @@ pub async fn list(
         })
         .map(|m| summary(m, now))
         .collect();
-    Ok(Json(QueueListing { total, messages }))
+    let damage = st.queue.spool_damage();
+    Ok(Json(QueueListing {
+        total,
+        messages,
+        spool_damage: (!damage.is_empty()).then_some(damage),
+    }))
 }
 
 pub async fn show(

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::api::{ActionResult, ErrorBody, MessageDetail, QueueListing};
 use crate::config::AdminConfig;
+use crate::queue::spool::SpoolDamage;
 
 /// How long one command may take, connection included.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -348,8 +349,13 @@ pub(super) fn table(head: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn list_table(l: &QueueListing) -> String {
+    let warning = l
+        .spool_damage
+        .as_ref()
+        .map(damage_warning)
+        .unwrap_or_default();
     if l.messages.is_empty() {
-        return format!("no matching messages ({} in the queue)", l.total);
+        return format!("{warning}no matching messages ({} in the queue)", l.total);
     }
     let rows: Vec<Vec<String>> = l
         .messages
@@ -377,7 +383,8 @@ fn list_table(l: &QueueListing) -> String {
             ]
         })
         .collect();
-    let mut out = table(
+    let mut out = warning;
+    out += &table(
         &[
             "QUEUE ID",
             "AGE",
@@ -397,6 +404,68 @@ fn list_table(l: &QueueListing) -> String {
         l.total
     );
     out
+}
+
+/// Lines that say the spool was damaged, before a listing; empty when it
+/// was not.
+fn damage_warning(d: &SpoolDamage) -> String {
+    let mut out = String::new();
+    let dir = d.corrupt_dir.display();
+    if d.damaged_segments > 0 || d.skipped_records > 0 {
+        let _ = write!(
+            out,
+            "warning: the spool had {} damaged record(s) in {} segment(s) at start-up",
+            d.skipped_records, d.damaged_segments
+        );
+        if !d.lost_queue_ids.is_empty() {
+            let _ = write!(out, "; lost, not delivered: {}", few(&d.lost_queue_ids));
+        }
+        if !d.redelivery_queue_ids.is_empty() {
+            let _ = write!(
+                out,
+                "; may be delivered again: {}",
+                few(&d.redelivery_queue_ids)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "; damaged segments are kept in {dir}/ once delivered (details in the log)"
+        );
+    }
+    if !d.quarantined.is_empty() {
+        let names: Vec<String> = d
+            .quarantined
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "warning: {} damaged or unusable spool file(s) kept in {dir}/: {}",
+            names.len(),
+            few(&names)
+        );
+    }
+    out
+}
+
+/// The first few of a list, and how many more.
+fn few<T: std::fmt::Display>(items: &[T]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = items
+        .iter()
+        .take(SHOWN)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        let _ = write!(s, " and {} more", items.len() - SHOWN);
+    }
+    s
 }
 
 fn show_text(m: &MessageDetail) -> String {
@@ -469,6 +538,7 @@ fn show_text(m: &MessageDetail) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::QueueId;
 
     #[test]
     fn ages_are_short() {
@@ -482,6 +552,42 @@ mod tests {
     fn query_values_are_encoded() {
         assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
         assert_eq!(percent_encode("one.test"), "one.test");
+    }
+
+    #[test]
+    fn a_listing_warns_of_spool_damage() {
+        let lost = QueueId(0x1234);
+        let damage = SpoolDamage {
+            damaged_segments: 1,
+            skipped_records: 2,
+            lost_queue_ids: vec![lost],
+            redelivery_queue_ids: Vec::new(),
+            corrupt_dir: "var/spool/corrupt".into(),
+            quarantined: vec!["var/spool/corrupt/seg-0000000000000003.log".into()],
+        };
+        let mut l = QueueListing {
+            total: 0,
+            messages: Vec::new(),
+            spool_damage: Some(damage),
+        };
+        let out = list_table(&l);
+        let first = out.lines().next().unwrap();
+        assert_eq!(
+            first,
+            format!(
+                "warning: the spool had 2 damaged record(s) in 1 segment(s) at start-up; lost, not delivered: {lost}; damaged segments are kept in var/spool/corrupt/ once delivered (details in the log)"
+            )
+        );
+        assert_eq!(
+            out.lines().nth(1).unwrap(),
+            "warning: 1 damaged or unusable spool file(s) kept in var/spool/corrupt/: seg-0000000000000003.log"
+        );
+        assert!(
+            out.ends_with("no matching messages (0 in the queue)"),
+            "{out}"
+        );
+        l.spool_damage = None;
+        assert!(!list_table(&l).contains("warning"));
     }
 
     #[test]

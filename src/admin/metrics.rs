@@ -251,6 +251,13 @@ pub struct Gauges {
     pub suspended_domains: u64,
     pub suspended_tenants: u64,
     pub paused_tenants: u64,
+    /// What the spool's replay found damaged at start-up, and the files in
+    /// its `corrupt/` directory (see [`crate::queue::spool::SpoolDamage`]).
+    pub spool_damaged_records: u64,
+    pub spool_lost_messages: u64,
+    pub spool_quarantined_files: u64,
+    /// The spool has no room for new messages.
+    pub spool_full: bool,
 }
 
 /// Domains shown with their own queue gauges; the rest only count in the
@@ -479,6 +486,30 @@ impl Metrics {
             "Tenants whose submissions are paused for their reputation.",
             g.paused_tenants,
         );
+        counter(
+            &mut out,
+            "herald_spool_damaged_records_total",
+            "Spool records skipped at start-up because they failed their checks (damage on disk; see GET /api/queue and the log).",
+            g.spool_damaged_records,
+        );
+        counter(
+            &mut out,
+            "herald_spool_lost_messages_total",
+            "Accepted messages not recovered at start-up because their spool record was damaged.",
+            g.spool_lost_messages,
+        );
+        gauge(
+            &mut out,
+            "herald_spool_quarantined_segments",
+            "Files kept in the spool's corrupt/ directory: damaged segments and unusable segment files.",
+            g.spool_quarantined_files,
+        );
+        gauge(
+            &mut out,
+            "herald_spool_full",
+            "1 while the spool has no room for a new segment: new messages are refused, queued ones are still delivered.",
+            u64::from(g.spool_full),
+        );
 
         self.delivery_latency.render(
             &mut out,
@@ -659,6 +690,31 @@ mod tests {
         assert!(text.contains("herald_enqueue_latency_seconds_bucket{le=\"1\"} 2\n"));
         assert!(text.contains("herald_enqueue_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("herald_enqueue_latency_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn spool_damage_is_rendered() {
+        let m = Metrics::default();
+        let text = m.render(&Gauges {
+            spool_damaged_records: 2,
+            spool_lost_messages: 1,
+            spool_quarantined_files: 3,
+            spool_full: true,
+            ..Gauges::default()
+        });
+        assert_eq!(
+            line(&text, "herald_spool_damaged_records_total"),
+            "herald_spool_damaged_records_total 2"
+        );
+        assert_eq!(
+            line(&text, "herald_spool_lost_messages_total"),
+            "herald_spool_lost_messages_total 1"
+        );
+        assert_eq!(
+            line(&text, "herald_spool_quarantined_segments"),
+            "herald_spool_quarantined_segments 3"
+        );
+        assert_eq!(line(&text, "herald_spool_full"), "herald_spool_full 1");
     }
 
     #[test]

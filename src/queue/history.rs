@@ -8,7 +8,8 @@
 //! `history.jsonl` in the spool directory by one writer thread, off the
 //! queue's lock. The file is a convenience, not a promise: it is not
 //! fsynced, and a crash may lose its last lines (the events log has every
-//! outcome). When the oldest entry in the file passes the retention, the
+//! outcome); a file that cannot be read or appended to (a full disk) is
+//! logged and the history works from memory. When the oldest entry in the file passes the retention, the
 //! file becomes `history.old.jsonl` (replacing the previous one), so the
 //! disk holds at most about two retention periods.
 
@@ -159,7 +160,10 @@ impl History {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read the history file");
+                    continue;
+                }
             };
             // A torn line (crash mid-write, perhaps inside a UTF-8
             // character) is skipped; the lines after it still count.
@@ -170,7 +174,10 @@ impl History {
                 match reader.read_until(b'\n', &mut line) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot read the rest of the history file");
+                        break;
+                    }
                 }
                 let Ok(f) = serde_json::from_slice::<Finished>(&line) else {
                     continue;
@@ -185,14 +192,17 @@ impl History {
             }
         }
         found.sort_by_key(|f| f.finished_at);
+        // Without its file (a full disk) the history still answers from
+        // memory: not worth refusing to start the relay over.
+        let writer = start_writer(dir.to_path_buf(), first_in_file, limits.retention_secs)
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "cannot append to the history file; finished messages are kept in memory only")
+            })
+            .ok();
         let history = History {
             inner: Mutex::new(Inner::default()),
             limits,
-            writer: Some(start_writer(
-                dir.to_path_buf(),
-                first_in_file,
-                limits.retention_secs,
-            )?),
+            writer,
         };
         {
             let mut inner = history.inner.lock().expect("history lock");
@@ -627,5 +637,18 @@ mod tests {
         // Opened past the retention, nothing is loaded.
         let h = History::open(dir.path(), LIMITS, 2000).unwrap();
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn history_without_a_writable_file_still_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = serde_json::to_string(&finished(7, "<7@x>", 1000)).unwrap();
+        std::fs::write(dir.path().join(OLD_FILE), format!("{line}\n")).unwrap();
+        // The current file cannot be opened for appending.
+        std::fs::create_dir(dir.path().join(FILE)).unwrap();
+        let h = History::open(dir.path(), LIMITS, 1005).unwrap();
+        assert_eq!(h.get(QueueId(7)), Some(finished(7, "<7@x>", 1000)));
+        h.finished(finished(8, "<8@x>", 1005));
+        assert!(h.get(QueueId(8)).is_some());
     }
 }

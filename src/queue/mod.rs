@@ -166,7 +166,10 @@ pub struct MessageView {
 impl Queue {
     /// Opens the spool, recovers every message that was accepted and not
     /// finished, and schedules their recipients again. Delivery jobs go to
-    /// `jobs`; start the scheduler with [`Queue::run_scheduler`].
+    /// `jobs`; start the scheduler with [`Queue::run_scheduler`]. Damage
+    /// found in the spool is skipped and reported ([`Queue::spool_damage`]);
+    /// a disk too full for a new segment is no error either: the queue is
+    /// delivered while new messages are refused ([`Queue::spool_full`]).
     pub fn open(
         config: &Config,
         reporter: Reporter,
@@ -888,6 +891,19 @@ impl Queue {
         &self.history
     }
 
+    /// What the spool's replay found damaged at start-up, and the files
+    /// kept in its `corrupt/` directory.
+    pub fn spool_damage(&self) -> spool::SpoolDamage {
+        self.spool.damage()
+    }
+
+    /// True while the spool has no room for new messages (they are refused
+    /// with [`std::io::ErrorKind::StorageFull`]); queued ones are still
+    /// delivered.
+    pub fn spool_full(&self) -> bool {
+        self.spool.is_full()
+    }
+
     /// A message in the queue, or one that finished within the history's
     /// retention.
     pub fn find(&self, id: QueueId) -> Option<MessageView> {
@@ -1365,5 +1381,281 @@ mod tests {
             "expired recipient finishes the message"
         );
         q.close().await;
+    }
+
+    /// Every test below finishes within this.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("test finished in time")
+    }
+
+    fn deferred() -> AttemptResult {
+        AttemptResult::Deferred(
+            Reply::new(451, Enhanced(4, 0, 0), "later"),
+            Classification::Other,
+        )
+    }
+
+    fn delivered() -> AttemptResult {
+        AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "ok"))
+    }
+
+    /// Queues `n` messages with one recipient each, left deferred.
+    async fn queue_deferred(
+        q: &Queue,
+        rx: &mut mpsc::UnboundedReceiver<DeliveryJob>,
+        n: usize,
+    ) -> Vec<QueueId> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let id = QueueId::generate();
+            let body = format!("Subject: {i}\r\n\r\nmessage {i}\r\n");
+            q.enqueue(
+                id,
+                envelope(),
+                vec![Recipient::new(format!("r{i}@one.test"))],
+                Bytes::from(body),
+            )
+            .await
+            .unwrap();
+            rx.recv().await.unwrap();
+            q.complete_attempt(id, only(0, deferred()));
+            ids.push(id);
+        }
+        ids
+    }
+
+    /// Makes every message due, hands them to delivery and reports each
+    /// delivered; returns the bodies delivered.
+    async fn deliver_all(q: &Queue, rx: &mut mpsc::UnboundedReceiver<DeliveryJob>) -> Vec<Bytes> {
+        q.flush();
+        q.dispatch_due().await;
+        let mut bodies = Vec::new();
+        while let Ok(job) = rx.try_recv() {
+            bodies.push(job.body.clone());
+            q.complete_attempt(job.id, only(0, delivered()));
+        }
+        bodies
+    }
+
+    /// A durable write the writer handles after every earlier request.
+    async fn probe(q: &Queue, rx: &mut mpsc::UnboundedReceiver<DeliveryJob>) {
+        let id = QueueId::generate();
+        q.enqueue(
+            id,
+            envelope(),
+            vec![Recipient::new("p@one.test".into())],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        let job = rx.recv().await.unwrap();
+        q.complete_attempt(job.id, only(0, delivered()));
+    }
+
+    fn corrupt_files(dir: &std::path::Path) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(dir.join("corrupt")) else {
+            return Vec::new();
+        };
+        entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn one_damaged_record_loses_one_message_and_its_segment_is_kept() {
+        within(async {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(dir.path());
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            let ids = queue_deferred(&q, &mut rx, 60).await;
+            let hit = q.inner.lock().unwrap().messages[&ids[17]].body;
+            q.close().await;
+            let path = dir.path().join(format!("seg-{:016}.log", hit.segment));
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[hit.offset as usize + 3] ^= 0x01;
+            std::fs::write(&path, bytes).unwrap();
+
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            assert_eq!(q.len(), 59);
+            assert!(q.get(ids[17]).is_none());
+            let damage = q.spool_damage();
+            assert_eq!(damage.lost_queue_ids, [ids[17]]);
+            assert_eq!((damage.damaged_segments, damage.skipped_records), (1, 1));
+            let bodies = deliver_all(&q, &mut rx).await;
+            assert_eq!(bodies.len(), 59);
+            assert!(q.is_empty());
+            probe(&q, &mut rx).await;
+            // Delivered, so its segment would go: it is kept instead.
+            assert!(!path.exists());
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert_eq!(corrupt_files(dir.path()), [name]);
+            assert_eq!(
+                q.spool_damage().quarantined,
+                [dir.path().join("corrupt").join(path.file_name().unwrap())]
+            );
+            q.close().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_damaged_segment_magic_loses_no_message() {
+        within(async {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(dir.path());
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            let ids = queue_deferred(&q, &mut rx, 60).await;
+            let seg = q.inner.lock().unwrap().messages[&ids[0]].body.segment;
+            q.close().await;
+            let path = dir.path().join(format!("seg-{seg:016}.log"));
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[2] ^= 0x20;
+            std::fs::write(&path, bytes).unwrap();
+
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            assert_eq!(q.len(), 60);
+            assert!(q.spool_damage().lost_queue_ids.is_empty());
+            assert_eq!(deliver_all(&q, &mut rx).await.len(), 60);
+            probe(&q, &mut rx).await;
+            assert_eq!(corrupt_files(dir.path()).len(), 1);
+            q.close().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_segment_number_past_counting_does_not_stop_the_queue() {
+        within(async {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(dir.path());
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            let ids = queue_deferred(&q, &mut rx, 2).await;
+            let seg = q.inner.lock().unwrap().messages[&ids[0]].body.segment;
+            q.close().await;
+            std::fs::rename(
+                dir.path().join(format!("seg-{seg:016}.log")),
+                dir.path().join(format!("seg-{}.log", u64::MAX)),
+            )
+            .unwrap();
+            // Restarts, each on the spool the previous one left.
+            for _ in 0..2 {
+                let (tx, _rx) = mpsc::unbounded_channel();
+                let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+                assert_eq!(q.len(), 2);
+                q.close().await;
+            }
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            let bodies = deliver_all(&q, &mut rx).await;
+            assert_eq!(bodies.len(), 2);
+            assert!(
+                bodies
+                    .iter()
+                    .any(|b| &b[..] == b"Subject: 0\r\n\r\nmessage 0\r\n")
+            );
+            assert!(q.is_empty());
+            q.close().await;
+        })
+        .await;
+    }
+
+    /// Waits (polling, bounded) until the spool takes messages again.
+    async fn until_writable(q: &Queue) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while q.spool_full() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "spool still full after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_on_a_full_disk_starts_delivers_and_recovers() {
+        // Room for three segments (each has 4 MiB of zeros ahead).
+        let Some(tmp) = spool::tmpfs::Tmpfs::mount("12m") else {
+            return;
+        };
+        within(async {
+            let cfg = config(&tmp.path().join("spool"));
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            let ids = queue_deferred(&q, &mut rx, 2).await;
+            q.close().await;
+
+            // Herald stopped; meanwhile the disk filled up.
+            let filler = tmp.fill();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            assert_eq!(q.len(), 2);
+            assert!(q.spool_full());
+            let refused = q
+                .enqueue(
+                    QueueId::generate(),
+                    envelope(),
+                    vec![Recipient::new("n@one.test".into())],
+                    Bytes::new(),
+                )
+                .await;
+            match refused {
+                Err(QueueError::Io(e)) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}")
+                }
+                other => panic!("expected StorageFull, got {other:?}"),
+            }
+            // Queued mail still goes out; its Done record waits in memory.
+            q.retry_now(ids[0]);
+            q.dispatch_due().await;
+            let job = rx.try_recv().expect("a recovered message is delivered");
+            assert_eq!(&job.body[..], b"Subject: 0\r\n\r\nmessage 0\r\n");
+            q.complete_attempt(job.id, only(0, delivered()));
+            // The postmaster makes room: the spool notices by itself.
+            std::fs::remove_file(filler).unwrap();
+            until_writable(&q).await;
+            let later = QueueId::generate();
+            q.enqueue(
+                later,
+                envelope(),
+                vec![Recipient::new("l@one.test".into())],
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+            rx.recv().await.unwrap();
+            q.complete_attempt(later, only(0, deferred()));
+            q.close().await;
+
+            // Full again; this time delivering the queue makes the room.
+            let filler = tmp.fill();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+            let mut left: Vec<QueueId> = q.list().iter().map(|m| m.id).collect();
+            left.sort();
+            let mut want = vec![ids[1], later];
+            want.sort();
+            assert_eq!(left, want, "the Done record kept in memory was written");
+            assert!(q.spool_full());
+            assert_eq!(deliver_all(&q, &mut rx).await.len(), 2);
+            until_writable(&q).await;
+            q.enqueue(
+                QueueId::generate(),
+                envelope(),
+                vec![Recipient::new("m@one.test".into())],
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+            q.close().await;
+            drop(filler);
+        })
+        .await;
     }
 }
