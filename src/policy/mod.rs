@@ -99,7 +99,7 @@ impl Policy {
     /// tenant may not send as: the envelope sender alone is not what the
     /// recipient sees (a tenant allowed `*@acme.example` must not write
     /// `From: ceo@victim.org`).
-    fn from_not_allowed(&self, tenant: Option<&str>, from: &[String]) -> Option<Verdict> {
+    fn foreign_from(&self, tenant: Option<&str>, from: &[String]) -> Option<Verdict> {
         let patterns = self.from_bound.get(tenant?)?;
         let bad = from.iter().find(|a| {
             let domain = a.rsplit_once('@').map_or("", |(_, d)| d);
@@ -145,7 +145,7 @@ impl Policy {
                 return outcome;
             }
         };
-        if let Some(verdict) = self.from_not_allowed(envelope.tenant.as_deref(), &all) {
+        if let Some(verdict) = self.foreign_from(envelope.tenant.as_deref(), &all) {
             outcome.verdict = verdict;
             return outcome;
         }

@@ -42,7 +42,9 @@
 mod files;
 mod format;
 mod replay;
+// Shared with the integration tests, which mount one for the binary.
 #[cfg(test)]
+#[path = "../../tests/common/tmpfs.rs"]
 pub(crate) mod tmpfs;
 
 use std::collections::{BTreeSet, VecDeque};

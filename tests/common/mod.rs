@@ -9,6 +9,7 @@
 //! * [`redis`]: the test Redis for cluster tests ([`redis::available`], key prefixes, clean-up).
 //! * [`submission`]: a scripted submission server (STARTTLS / implicit TLS, AUTH) and a test
 //!   CA, standing in for a customer's SMTP provider used as a smarthost.
+//! * [`tmpfs`]: a small tmpfs mounted for a test, a real disk that fills up.
 //!
 //! Rules: loopback addresses only, no sleeps as synchronisation, every wait bounded.
 
@@ -20,6 +21,7 @@ pub mod redis;
 pub mod relay;
 pub mod smtp;
 pub mod submission;
+pub mod tmpfs;
 
 use std::future::Future;
 use std::time::Duration;

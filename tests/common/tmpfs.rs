@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A tmpfs mounted on a temporary directory, unmounted on drop.
-pub(crate) struct Tmpfs {
+pub struct Tmpfs {
     dir: tempfile::TempDir,
 }
 
@@ -13,7 +13,7 @@ impl Tmpfs {
     /// Mounts a tmpfs of `size` (as `mount -o size=` takes it). Mounting
     /// needs root: without it the test is skipped, saying why, unless the
     /// environment says `CI=true`, where it fails.
-    pub(crate) fn mount(size: &str) -> Option<Tmpfs> {
+    pub fn mount(size: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -33,12 +33,12 @@ impl Tmpfs {
         None
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// Fills the free space with one file; returns its path.
-    pub(crate) fn fill(&self) -> PathBuf {
+    pub fn fill(&self) -> PathBuf {
         let path = self.path().join("filler");
         let mut f = std::fs::File::create(&path).expect("create filler");
         for chunk in [1 << 20, 4096, 1] {
