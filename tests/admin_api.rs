@@ -493,3 +493,34 @@ async fn queue_cli_calls_the_api() {
     );
     assert!(!err.contains("guess"), "the token is never printed: {err}");
 }
+
+/// Clients that send half a request and stop are cut off after the
+/// header-read timeout, and meanwhile the API still answers others.
+#[tokio::test]
+async fn half_sent_requests_are_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let w = world().await;
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(w.relay.admin).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: herald\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let r = http(w.relay.admin, "GET", "/healthz", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The stalled ones are closed by the server, not left hanging.
+    let mut first = stalled.swap_remove(0);
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), first.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "a half-sent request was still open after 30 s"
+    );
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}

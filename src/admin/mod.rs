@@ -156,7 +156,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest life of one connection, requests and keep-alive included.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS: usize = 512;
 
 /// Serves the API on `listener` until [`AdminServer::shutdown`].
 ///
