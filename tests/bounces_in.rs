@@ -253,6 +253,8 @@ async fn an_arf_report_to_postmaster_is_a_complaint_about_the_right_message() {
         c.cmd("RCPT TO:<postmaster@bounces.relay.test>")
             .await
             .assert_code(250);
+        // RFC 5321 §4.1.1.3: the bare <postmaster> too, in any case.
+        c.cmd("RCPT TO:<PostMaster>").await.assert_code(250);
         c.data(&arf(&return_path, "reader@one.test", "<inv-2@acme.test>"))
             .await
             .assert_code(250);
