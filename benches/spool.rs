@@ -9,7 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald::queue::message::{Envelope, QueueId, Recipient, unix_now};
+use herald::clock::unix_now;
+use herald::envelope::{Envelope, QueueId, Recipient};
 use herald::queue::spool::{Record, Spool};
 
 fn envelope() -> Envelope {

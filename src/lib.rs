@@ -8,11 +8,13 @@
 
 pub mod admin;
 pub mod bounces;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod deliver;
 pub mod diagnose;
 pub mod dns;
+pub mod envelope;
 pub mod limits;
 pub mod loadgen;
 pub mod net;

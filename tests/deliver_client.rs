@@ -16,7 +16,7 @@ use herald::config::Config;
 use herald::deliver::client::{MailParams, RcptParams, SmtpClient, Timeouts};
 use herald::deliver::{AttemptSink, start_with};
 use herald::dns::Dns;
-use herald::queue::message::QueueId;
+use herald::envelope::QueueId;
 use herald::queue::{AttemptResult, DeliveryJob, Envelope, JobRecipient, Notify, RcptOutcome};
 use herald::reply::Enhanced;
 use herald::report::Classification;

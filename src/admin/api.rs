@@ -13,10 +13,11 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminState, metrics::Gauges, metrics::TOP_DOMAINS};
+use crate::clock::{rfc3339, unix_now};
 use crate::config::Span;
 use crate::queue::spool::SpoolDamage;
-use crate::queue::{MessageView, QueueId, RcptStatus, Recipient, unix_now};
-use crate::report::{SmtpDetail, rfc3339};
+use crate::queue::{MessageView, QueueId, RcptStatus, Recipient};
+use crate::report::SmtpDetail;
 
 /// An error answered as `{"error": "..."}` with its status code. The text
 /// is written for the postmaster and never carries a secret.

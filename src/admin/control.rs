@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::api::{ApiError, Authorized};
 use super::cli::{Client, age, parse, percent_encode, pretty, table};
+use crate::clock::rfc3339;
+use crate::clock::unix_now;
 use crate::config::AdminConfig;
 use crate::control::{ControlError, Pause, PauseReply, Rates, Suspension, reputation::percent};
-use crate::queue::unix_now;
-use crate::report::rfc3339;
 
 /// One suspension as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::api::{ApiError, Authorized};
 use super::cli::{Client, age, parse, percent_encode, pretty, table};
+use crate::clock::rfc3339;
+use crate::clock::unix_now;
 use crate::config::{AdminConfig, Span};
-use crate::queue::unix_now;
-use crate::report::rfc3339;
 use crate::suppression::{Entry, NO_TENANT, Source, StoreError};
 
 /// One entry as the API shows it.

@@ -22,7 +22,7 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 
-use super::message::{Envelope, QueueId, Recipient};
+use crate::envelope::{Envelope, QueueId, Recipient};
 
 const FILE: &str = "history.jsonl";
 const OLD_FILE: &str = "history.old.jsonl";
@@ -508,7 +508,7 @@ fn start_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::message::RcptStatus;
+    use crate::envelope::RcptStatus;
 
     const LIMITS: Limits = Limits {
         retention_secs: 100,

@@ -3,7 +3,7 @@
 //! what has waited too long.
 
 pub mod history;
-pub mod message;
+
 pub mod schedule;
 pub mod spool;
 
@@ -17,11 +17,12 @@ use serde::Serialize;
 use tokio::sync::{Notify as Wake, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{rfc3339, unix_now};
 use crate::config::Config;
+pub use crate::envelope::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
 use crate::reply::{Enhanced, Reply};
 use crate::report::dsn::{self, DsnRecipient, DsnSettings};
-use crate::report::{Classification, Event, EventKind, Reporter, rfc3339};
-pub use message::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret, unix_now};
+use crate::report::{Classification, Event, EventKind, Reporter};
 use schedule::{NextStep, RetrySchedule};
 use spool::{BodyLoc, Record, Spool};
 

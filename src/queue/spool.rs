@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::message::{Envelope, QueueId, Recipient};
+use crate::envelope::{Envelope, QueueId, Recipient};
 use files::segment_path;
 use format::{KIND_DONE, KIND_MESSAGE, KIND_UPDATE, Layout, SEGMENT_HEADER, SegmentKey};
 
@@ -924,7 +924,8 @@ fn no_room(kind: io::ErrorKind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::message::{RcptStatus, unix_now};
+    use crate::clock::unix_now;
+    use crate::envelope::RcptStatus;
     use format::{MAGIC_V1, frame_v1};
 
     /// Every test here finishes within this.
@@ -1605,7 +1606,7 @@ mod tests {
 #[cfg(test)]
 mod prop_tests {
     use super::*;
-    use crate::queue::message::unix_now;
+    use crate::clock::unix_now;
     use format::frame_v1;
     use proptest::prelude::*;
 

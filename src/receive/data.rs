@@ -22,10 +22,10 @@ use tokio::time::Instant;
 use super::mail::too_big;
 use super::message::{self, Protocol, TraceInfo};
 use super::session::{Body, ChunkFate, Mode, Session, Step};
+use crate::clock::unix_now;
 use crate::policy::{self, Verdict};
 use crate::queue::QueueId;
 use crate::queue::history::Claim;
-use crate::queue::message::unix_now;
 use crate::reply::{Enhanced, Reply, codes};
 use crate::report::{Event, EventKind};
 
@@ -232,7 +232,7 @@ impl Session {
             .ok_or_else(no_room)?;
         let mut buf = Vec::with_capacity(expected + HEADER_ROOM);
         let id_text = id.to_string();
-        let date = message::rfc5322_now();
+        let date = crate::clock::rfc5322_now();
         message::write_received(
             &mut buf,
             &TraceInfo {
@@ -363,7 +363,7 @@ impl Session {
             &info,
             &id_text,
             &self.ctx.config.server.hostname,
-            &message::rfc5322_now(),
+            &crate::clock::rfc5322_now(),
         );
         if !added.is_empty() {
             buf.splice(prefix_len..prefix_len, added);

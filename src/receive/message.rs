@@ -248,14 +248,6 @@ fn sanitize_address(s: &str) -> String {
         .collect()
 }
 
-/// The current time as an RFC 5322 date-time, e.g.
-/// `Tue, 14 Jan 2025 10:00:00 +0000`.
-pub fn rfc5322_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc2822)
-        .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into())
-}
-
 /// The header fields a message lacks that herald adds (RFC 5322 §3.6:
 /// Date: is required, Message-ID: should be present). Returns the bytes to
 /// insert after the trace field and the Message-ID the message ends up with.
@@ -459,7 +451,7 @@ mod tests {
 
     #[test]
     fn date_is_rfc5322() {
-        let d = rfc5322_now();
+        let d = crate::clock::rfc5322_now();
         assert!(d.ends_with("+0000"), "{d}");
         assert_eq!(d.as_bytes()[3], b',');
     }

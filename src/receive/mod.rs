@@ -306,7 +306,7 @@ async fn accept_failed(
 
 /// True at most once per 10 seconds for one `last` (a Unix second).
 fn every_10s(last: &AtomicU64) -> bool {
-    let now = crate::queue::message::unix_now();
+    let now = crate::clock::unix_now();
     let before = last.load(Ordering::Relaxed);
     now >= before + 10
         && last

@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use crate::config::Config;
-use crate::queue::message::{Envelope, Notify, Recipient, Ret};
+use crate::envelope::{Envelope, Notify, Recipient, Ret};
 use crate::reply::Reply;
 use crate::report::EventKind;
 

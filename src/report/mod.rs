@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::queue::message::{Envelope, QueueId};
+use crate::envelope::{Envelope, QueueId};
 use crate::reply::Reply;
 
 /// The closed set of lifecycle events.
@@ -137,7 +137,7 @@ impl Event {
             tenant: None,
             sender: sender.to_string(),
             recipient: None,
-            timestamp: rfc3339_now(),
+            timestamp: crate::clock::rfc3339_now(),
             attempt: None,
             mx: None,
             tls: None,
@@ -169,23 +169,6 @@ impl Event {
         self.smtp = Some(reply.into());
         self
     }
-}
-
-/// Formats Unix seconds as RFC 3339 UTC.
-pub fn rfc3339(unix: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-pub fn rfc3339_now() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    let t = t
-        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// Hands events to the writer; cheap to clone, never blocks.
@@ -380,10 +363,5 @@ mod tests {
         assert!(v.get("mx").is_none());
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
-    }
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::{Entry, StoreError, StoreFuture, SuppressionStore};
-use crate::queue::unix_now;
+use crate::clock::unix_now;
 
 /// How often expired entries are dropped from memory.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);

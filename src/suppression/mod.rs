@@ -37,10 +37,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::rfc3339;
+use crate::clock::unix_now;
 use crate::config::Config;
-use crate::queue::unix_now;
 use crate::reply::{Enhanced, Reply};
-use crate::report::{Classification, Event, EventKind, rfc3339};
+use crate::report::{Classification, Event, EventKind};
 pub use local::LocalStore;
 
 /// The tenant key of mail relayed for a trusted network without AUTH.

@@ -58,8 +58,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Entry, LocalStore, StoreError, StoreFuture, SuppressionStore};
+use crate::clock::unix_now;
 use crate::config::Config;
-use crate::queue::unix_now;
 
 /// `MAXLEN ~` of the change stream. A node that falls further behind (it
 /// was cut off) reloads the whole list anyway.

@@ -25,7 +25,7 @@ use super::format::{
     KIND_DONE, KIND_MESSAGE, KIND_UPDATE, Layout, RecordHeader, SegmentKey, read_segment_header,
 };
 use super::{BodyLoc, Recovered, StoredMessage, StoredUpdate};
-use crate::queue::message::QueueId;
+use crate::envelope::QueueId;
 
 /// Bytes read from a segment at a time.
 const WINDOW: usize = 1 << 20;

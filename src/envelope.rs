@@ -1,6 +1,6 @@
-//! What the queue keeps about a message: its envelope and the state of each
-//! recipient. These records are what the spool persists and what the admin
-//! API and events report.
+//! A message's envelope and the state of each of its recipients: what the
+//! receive stage builds, the spool persists, delivery updates and events,
+//! the admin API and DSNs report.
 
 use std::fmt;
 use std::str::FromStr;
@@ -190,14 +190,6 @@ pub fn domain_of(address: &str) -> String {
         .unwrap_or("")
         .trim_end_matches('.')
         .to_ascii_lowercase()
-}
-
-/// Seconds since the Unix epoch, now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
