@@ -50,7 +50,7 @@ pub struct DnsError {
 pub struct Dns {
     resolver: Arc<TokioResolver>,
     /// Lookup latency and failures (`herald_dns_*`); none in tools.
-    metrics: Option<Arc<crate::admin::Metrics>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Dns {
@@ -105,7 +105,7 @@ impl Dns {
     }
 
     /// Counts lookups and failures into `metrics`; set before the first clone.
-    pub fn with_metrics(mut self, metrics: Arc<crate::admin::Metrics>) -> Dns {
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Dns {
         self.metrics = Some(metrics);
         self
     }
@@ -355,7 +355,7 @@ fn negative(e: &NetError) -> Option<Negative> {
 /// on it (a blocklist or alignment deadline drops the future), which is
 /// then counted as a failure, `abandoned`.
 struct Timing<'a> {
-    metrics: Option<&'a crate::admin::Metrics>,
+    metrics: Option<&'a crate::metrics::Metrics>,
     started: std::time::Instant,
     done: bool,
 }

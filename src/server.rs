@@ -119,10 +119,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .to_string(),
         source,
     })?;
-    // Before any clone: every clone then feeds the list and the guard.
-    let reporter = reporter
-        .with_suppressions(suppressions.clone())
-        .with_control(control.clone());
+    reporter.add_sink(Arc::new(suppressions.clone()));
+    reporter.add_sink(Arc::new(control.clone()));
     // Every later clone of the resolver counts its lookups.
     let dns = dns.with_metrics(reporter.metrics().clone());
     let webhooks = crate::report::webhook::Webhooks::start(&config, reporter.metrics().clone())
@@ -131,18 +129,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             path: config.webhook_outbox().display().to_string(),
             source,
         })?;
-    let reporter = match &webhooks {
-        Some(w) => reporter.with_webhooks(w.outbox()),
-        None => reporter,
-    };
+    if let Some(w) = &webhooks {
+        reporter.add_sink(Arc::new(w.outbox()));
+    }
     // `[cluster] redis_url`: every event also goes to the Redis stream.
-    let (reporter, stream_task) = match crate::report::stream::EventStream::start(&config) {
-        Some(Ok((s, task))) => (reporter.with_stream(s), Some(task)),
+    let stream_task = match crate::report::stream::EventStream::start(&config) {
+        Some(Ok((s, task))) => {
+            reporter.add_sink(Arc::new(s));
+            Some(task)
+        }
         Some(Err(e)) => {
             tracing::error!(error = %e, "events stream disabled");
-            (reporter, None)
+            None
         }
-        None => (reporter, None),
+        None => None,
     };
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();

@@ -15,9 +15,7 @@ use common::dns::{ScriptedDns, SilentDns, TestDns, Zone};
 use common::within;
 use herald::config::{DnsConfig, Span};
 use herald::dns::Dns;
-use herald::policy::dnsbl::{
-    Dnsbl, ErrorCause, Outcome, ZoneAction, ZoneConfig, ZoneCounters, ZoneKind,
-};
+use herald::policy::dnsbl::{Dnsbl, ErrorCause, Outcome, ZoneAction, ZoneConfig, ZoneKind};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -44,14 +42,14 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn counters(bl: &Dnsbl, zone: &str) -> ZoneCounters {
+fn counters(bl: &Dnsbl, zone: &str) -> herald::metrics::DnsblZone {
     bl.counters()
         .into_iter()
         .find(|c| c.zone == zone)
         .unwrap_or_else(|| panic!("no counters for {zone}"))
 }
 
-fn errors(c: &ZoneCounters, cause: ErrorCause) -> u64 {
+fn errors(c: &herald::metrics::DnsblZone, cause: ErrorCause) -> u64 {
     c.errors
         .iter()
         .find(|(n, _)| *n == cause.name())
@@ -153,7 +151,10 @@ async fn documented_error_codes_and_foreign_answers_are_not_listings() {
     assert_eq!(errors(&c, ErrorCause::NotBlocklistAnswer), 1, "{c:?}");
     assert_eq!(c.listings, 0);
     // The same counters on /metrics.
-    let text = herald::admin::Metrics::default().render(&Default::default());
+    let text = herald::admin::Metrics::default().render(&herald::metrics::Gauges {
+        dnsbl: herald::policy::dnsbl::counters(),
+        ..Default::default()
+    });
     for line in [
         "herald_dnsbl_lookups_total{zone=\"bl-err.test\"} 3\n",
         "herald_dnsbl_listings_total{zone=\"bl-err.test\"} 0\n",

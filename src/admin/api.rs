@@ -12,9 +12,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{AdminState, metrics::Gauges, metrics::TOP_DOMAINS};
+use super::AdminState;
 use crate::clock::{rfc3339, unix_now};
 use crate::config::Span;
+use crate::metrics::{Gauges, TOP_DOMAINS};
 use crate::queue::spool::SpoolDamage;
 use crate::queue::{MessageView, QueueId, RcptStatus, Recipient};
 use crate::report::SmtpDetail;
@@ -349,6 +350,8 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
     domains.truncate(TOP_DOMAINS);
     let suspended = st.control.counts();
     let damage = st.queue.spool_damage();
+    let stream = crate::report::stream::counters();
+    let shared = crate::suppression::redis::counters();
     let gauges = Gauges {
         queue_messages: st.queue.len() as u64,
         queue_domains: domains,
@@ -360,6 +363,13 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
         spool_lost_messages: damage.lost_queue_ids.len() as u64,
         spool_quarantined_files: damage.quarantined.len() as u64,
         spool_full: st.queue.spool_full(),
+        redis_fallbacks: crate::limits::redis_fallbacks(),
+        stream_sent: stream.sent,
+        stream_dropped: stream.dropped,
+        stream_pending: stream.pending,
+        suppression_redis_pending: shared.pending,
+        suppression_redis_errors: shared.redis_errors,
+        dnsbl: crate::policy::dnsbl::counters(),
     };
     (
         [(

@@ -34,7 +34,7 @@
 pub mod api;
 pub mod cli;
 pub mod control;
-pub mod metrics;
+
 pub mod suppressions;
 
 use std::net::SocketAddr;
@@ -48,9 +48,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminConfig, Secret};
+pub use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::suppression::Suppressions;
-pub use metrics::Metrics;
 
 /// What the handlers read and steer.
 pub struct AdminState {

@@ -449,7 +449,7 @@ impl Control {
             .unwrap_or_default()
     }
 
-    /// Called for every event (from [`crate::report::Reporter`]): counts a
+    /// Called for every event (as a sink of the event bus): counts a
     /// tenant's delivered, bounced, expired and complained recipients, and
     /// pauses the tenant when a rate crosses its limit. Returns the event
     /// that announces a new pause (`rejected`, rule `tenant_paused`), to be
@@ -796,5 +796,13 @@ mod tests {
             assert!(c.observe(&e).is_none());
         }
         assert!(c.paused("acme").is_none());
+    }
+}
+
+/// Fed every event by the bus; a new pause is announced after the event
+/// that caused it.
+impl crate::report::EventSink for Control {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        Control::observe(self, event)
     }
 }

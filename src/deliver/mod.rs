@@ -60,7 +60,7 @@ pub trait AttemptSink: Send + Sync + 'static {
     fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>);
 
     /// Where delivery counts its connections; none in tests.
-    fn metrics(&self) -> Option<&Arc<crate::admin::Metrics>> {
+    fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
         None
     }
 }
@@ -70,7 +70,7 @@ impl AttemptSink for Queue {
         Queue::complete_attempt(self, id, outcomes)
     }
 
-    fn metrics(&self) -> Option<&Arc<crate::admin::Metrics>> {
+    fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
         Some(self.reporter().metrics())
     }
 }

@@ -283,8 +283,8 @@ impl ZoneStats {
                 .is_ok()
     }
 
-    fn counts(&self, zone: &str) -> ZoneCounters {
-        ZoneCounters {
+    fn counts(&self, zone: &str) -> crate::metrics::DnsblZone {
+        crate::metrics::DnsblZone {
             zone: zone.to_string(),
             lookups: self.lookups.load(Ordering::Relaxed),
             listings: self.listings.load(Ordering::Relaxed),
@@ -293,26 +293,8 @@ impl ZoneStats {
     }
 }
 
-/// A snapshot of one zone's counters.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ZoneCounters {
-    pub zone: String,
-    /// Queries sent (cache misses).
-    pub lookups: u64,
-    /// Lookups that found a listing.
-    pub listings: u64,
-    /// Lookups without a verdict, by cause ([`ErrorCause::name`]).
-    pub errors: [(&'static str, u64); 4],
-}
-
-impl ZoneCounters {
-    pub fn errors_total(&self) -> u64 {
-        self.errors.iter().map(|(_, n)| n).sum()
-    }
-}
-
 /// Counters of every zone used in this process, for `/metrics`.
-pub fn counters() -> Vec<ZoneCounters> {
+pub fn counters() -> Vec<crate::metrics::DnsblZone> {
     let map = STATS.lock().unwrap_or_else(|p| p.into_inner());
     map.iter().map(|(z, s)| s.counts(z)).collect()
 }
@@ -374,7 +356,7 @@ impl Dnsbl {
 
     /// This instance's zones' counters (shared with other instances using
     /// the same zone; see [`counters`]).
-    pub fn counters(&self) -> Vec<ZoneCounters> {
+    pub fn counters(&self) -> Vec<crate::metrics::DnsblZone> {
         self.inner
             .zones
             .iter()

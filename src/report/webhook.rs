@@ -57,8 +57,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Event;
-use crate::admin::Metrics;
 use crate::config::{Config, Secret, WebhooksConfig};
+use crate::metrics::Metrics;
 
 /// When nothing is pending and the log is larger than this, it is emptied.
 pub const TRUNCATE_AT: u64 = 16 << 20;
@@ -826,5 +826,13 @@ mod tests {
         let rec: Record =
             serde_json::from_slice(&bytes[m.offset as usize..m.offset as usize + m.len]).unwrap();
         assert!(matches!(rec, Record::Event { seq: 3, .. }));
+    }
+}
+
+/// Fed every event by the bus.
+impl super::EventSink for Outbox {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        self.offer(event);
+        None
     }
 }

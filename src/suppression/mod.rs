@@ -187,8 +187,7 @@ impl Suppressions {
         self.store.lookup(tenant, &normalize(address), unix_now())
     }
 
-    /// Called for every event emitted (from [`crate::report::Reporter`]):
-    /// adds the recipient of a hard `invalid_recipient` bounce or of a
+    /// Adds the recipient of a hard `invalid_recipient` bounce or of a
     /// complaint. Never blocks: the store writes in the background.
     pub fn observe(&self, e: &Event) {
         let source = match e.event {
@@ -620,5 +619,17 @@ mod tests {
         assert_eq!(v["event"], "suppressed");
         assert_eq!(v["reason"], "550 5.1.1 user unknown");
         assert_eq!(v["smtp"]["enhanced"], "5.1.1");
+    }
+}
+
+/// Fed every event by the bus. Not herald's own DSNs (null sender, no
+/// tenant): a report that cannot reach a tenant's sender says nothing about
+/// the app's recipients, and would land on the no-tenant list.
+impl crate::report::EventSink for Suppressions {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        if !(event.sender.is_empty() && event.tenant.is_none()) {
+            Suppressions::observe(self, event);
+        }
+        None
     }
 }

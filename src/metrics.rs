@@ -2,7 +2,7 @@
 //! Prometheus text exposition format (version 0.0.4).
 //!
 //! Counters derived from events are fed by [`Metrics::observe`], which
-//! [`crate::report::Reporter::emit`] calls for every event: a few relaxed
+//! the event bus calls for every event: a few relaxed
 //! atomic additions indexed by closed enums, no lock and no allocation on
 //! that path. The one exception is the per-rule rejection count, whose label
 //! set is open; it takes a mutex, on rejections only. Gauges (queue size,
@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::report::{Classification, Event, EventKind};
+use crate::event::{Classification, Event, EventKind};
 
 /// Every [`Classification`], in the order of [`class_index`].
 const CLASSES: [Classification; 9] = [
@@ -185,7 +185,7 @@ pub struct Metrics {
     expired: AtomicU64,
     complained: AtomicU64,
     suppressed: AtomicU64,
-    /// Webhook requests answered 2xx (see [`crate::report::webhook`]).
+    /// Webhook requests answered 2xx (by the webhook sender).
     pub webhooks_delivered: AtomicU64,
     /// Webhook events given up (no 2xx within `retry_for`) or not stored.
     pub webhooks_failed: AtomicU64,
@@ -246,18 +246,40 @@ pub struct Gauges {
     pub queue_domains: Vec<(String, u64, u64)>,
     /// SMTP client connections open on the submission listeners.
     pub connections_open: u64,
-    /// Delivery suspensions and reputation pauses in force
-    /// (see [`crate::control`]).
+    /// Delivery suspensions and reputation pauses in force.
     pub suspended_domains: u64,
     pub suspended_tenants: u64,
     pub paused_tenants: u64,
     /// What the spool's replay found damaged at start-up, and the files in
-    /// its `corrupt/` directory (see [`crate::queue::spool::SpoolDamage`]).
+    /// its `corrupt/` directory.
     pub spool_damaged_records: u64,
     pub spool_lost_messages: u64,
     pub spool_quarantined_files: u64,
     /// The spool has no room for new messages.
     pub spool_full: bool,
+    /// Rate-limit checks answered locally because Redis did not answer.
+    pub redis_fallbacks: u64,
+    /// The Redis events stream: events added, dropped, waiting.
+    pub stream_sent: u64,
+    pub stream_dropped: u64,
+    pub stream_pending: u64,
+    /// The shared suppression list: changes waiting, failed operations.
+    pub suppression_redis_pending: u64,
+    pub suppression_redis_errors: u64,
+    /// DNSBL counters by zone.
+    pub dnsbl: Vec<DnsblZone>,
+}
+
+/// One DNSBL zone's counters (the zones come from the config: a closed set).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsblZone {
+    pub zone: String,
+    /// Queries sent (cache misses).
+    pub lookups: u64,
+    /// Lookups that found a listing.
+    pub listings: u64,
+    /// Lookups without a verdict, by cause.
+    pub errors: [(&'static str, u64); 4],
 }
 
 /// Domains shown with their own queue gauges; the rest only count in the
@@ -389,41 +411,39 @@ impl Metrics {
             &mut out,
             "herald_ratelimit_redis_fallbacks_total",
             "Rate-limit checks answered by local limits because Redis did not answer.",
-            crate::limits::redis_fallbacks(),
+            g.redis_fallbacks,
         );
-        let stream = crate::report::stream::counters();
         counter(
             &mut out,
             "herald_events_stream_sent_total",
             "Events added to the Redis events stream.",
-            stream.sent,
+            g.stream_sent,
         );
         counter(
             &mut out,
             "herald_events_stream_dropped_total",
             "Events not added to the Redis events stream (buffer full while Redis was down); they are in the events log.",
-            stream.dropped,
+            g.stream_dropped,
         );
         gauge(
             &mut out,
             "herald_events_stream_pending",
             "Events waiting to be added to the Redis events stream.",
-            stream.pending,
+            g.stream_pending,
         );
-        let supp = crate::suppression::redis::counters();
         gauge(
             &mut out,
             "herald_suppression_redis_pending",
             "Suppression list changes waiting to be shared through Redis.",
-            supp.pending,
+            g.suppression_redis_pending,
         );
         counter(
             &mut out,
             "herald_suppression_redis_errors_total",
             "Failed Redis operations of the shared suppression list (the node then uses its own copy).",
-            supp.redis_errors,
+            g.suppression_redis_errors,
         );
-        dnsbl(&mut out, &crate::policy::dnsbl::counters());
+        dnsbl(&mut out, &g.dnsbl);
         gauge(
             &mut out,
             "herald_webhooks_backlog",
@@ -569,7 +589,7 @@ fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
 }
 
 /// DNSBL counters by zone (the zones come from the config: a closed set).
-fn dnsbl(out: &mut String, zones: &[crate::policy::dnsbl::ZoneCounters]) {
+fn dnsbl(out: &mut String, zones: &[DnsblZone]) {
     header(
         out,
         "herald_dnsbl_lookups_total",

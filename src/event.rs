@@ -1,0 +1,187 @@
+//! Lifecycle events: the closed set of what becomes of a message and each
+//! recipient ([`Event`]), the same JSON in the events log, webhooks and the
+//! Redis stream. Stages emit them on the bus of the `report` module.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Envelope, QueueId};
+use crate::reply::Reply;
+
+/// The closed set of lifecycle events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Received,
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Rejected,
+    Complained,
+    Suppressed,
+}
+
+/// Why a delivery failed, in words an app can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classification {
+    InvalidRecipient,
+    MailboxFull,
+    MessageTooLarge,
+    SpamBlock,
+    Policy,
+    Dns,
+    Tls,
+    Network,
+    Other,
+}
+
+/// The SMTP reply in an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmtpDetail {
+    pub code: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enhanced: Option<String>,
+    pub text: String,
+}
+
+impl From<&Reply> for SmtpDetail {
+    fn from(r: &Reply) -> Self {
+        SmtpDetail {
+            code: r.code,
+            enhanced: r.enhanced.map(|e| e.to_string()),
+            text: r.text.clone(),
+        }
+    }
+}
+
+/// One event: the same JSON in the log, webhooks and the Redis stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event: EventKind,
+    /// Unique per event (128 random bits, hex): webhooks are delivered at
+    /// least once, so the app deduplicates on this.
+    #[serde(default)]
+    pub event_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_id: Option<QueueId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub sender: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mx: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<SmtpDetail>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<Classification>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permanent: Option<bool>,
+    /// For `received`: the recipients accepted; for `deferred`: next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// For `rejected`: the client and the rule that refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// For `suppressed`: why the address is on the suppression list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For `received`: the outbound spam score (see `[policy.spam]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spam_score: Option<f64>,
+    /// For `received`: policy findings that did not refuse the message
+    /// (DMARC would fail with `[policy.dmarc] action = "warn"`, a blocklist
+    /// listing with `action = "log"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warnings: Option<Vec<String>>,
+    /// For `received`: this submission repeated a Message-ID the tenant
+    /// sent within `[history] idempotency_window`; `queue_id` is the first
+    /// submission's and nothing is sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+}
+
+impl Event {
+    /// An event with only the kind, sender and time set.
+    pub fn new(event: EventKind, sender: &str) -> Event {
+        Event {
+            event,
+            event_id: format!("{:032x}", rand::random::<u128>()),
+            queue_id: None,
+            message_id: None,
+            tenant: None,
+            sender: sender.to_string(),
+            recipient: None,
+            timestamp: crate::clock::rfc3339_now(),
+            attempt: None,
+            mx: None,
+            tls: None,
+            smtp: None,
+            classification: None,
+            permanent: None,
+            recipients: None,
+            next_attempt: None,
+            size: None,
+            client_ip: None,
+            rule: None,
+            reason: None,
+            spam_score: None,
+            warnings: None,
+            duplicate: None,
+        }
+    }
+
+    /// An event about a queued message, filled from its envelope.
+    pub fn for_message(event: EventKind, id: QueueId, env: &Envelope) -> Event {
+        let mut e = Event::new(event, &env.sender);
+        e.queue_id = Some(id);
+        e.message_id = env.message_id.clone();
+        e.tenant = env.tenant.clone();
+        e
+    }
+
+    pub fn with_reply(mut self, reply: &Reply) -> Event {
+        self.smtp = Some(reply.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_json_has_the_documented_shape() {
+        let mut e = Event::new(EventKind::Bounced, "billing@acme.example");
+        e.recipient = Some("bob@example.net".into());
+        e.smtp = Some(SmtpDetail {
+            code: 550,
+            enhanced: Some("5.1.1".into()),
+            text: "no such user".into(),
+        });
+        e.classification = Some(Classification::InvalidRecipient);
+        e.permanent = Some(true);
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "bounced");
+        assert_eq!(v["smtp"]["enhanced"], "5.1.1");
+        assert_eq!(v["classification"], "invalid_recipient");
+        assert!(v.get("mx").is_none());
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}
