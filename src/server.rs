@@ -262,6 +262,16 @@ pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
     if let Some(soft) = crate::receive::limits::raise_fd_limit() {
         tracing::debug!(open_files = soft, "open-files limit");
     }
+    // Message bodies are large, short-lived buffers. glibc raises its mmap
+    // threshold after each large free, so that later bodies come from the
+    // heap and stay there once freed; a fixed threshold keeps them mapped
+    // and gives their memory back to the system when they are done.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before the
+    // relay starts allocating bodies.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let running = start(config).await?;
     wait_for_signal().await;
     running.shutdown().await;

@@ -927,7 +927,7 @@ async fn nul_bytes_are_refused() {
 /// room comes back when a message is done.
 #[tokio::test]
 async fn receiving_bytes_are_bounded() {
-    let mut h = harness("max_receiving_bytes = \"20KiB\"").await;
+    let mut h = harness("max_receiving_bytes = \"40KiB\"").await;
     let addr = h.addrs[TRUSTED];
     let start = |size: Option<u32>| async move {
         let mut c = TestClient::connect(addr).await;
@@ -944,7 +944,9 @@ async fn receiving_bytes_are_bounded() {
     // 16,000 bytes announced: held from DATA on.
     let mut big = start(Some(16_000)).await;
     big.cmd("DATA").await.assert_code(354);
-    // The next one does not fit next to it.
+    let mut big2 = start(Some(16_000)).await;
+    big2.cmd("DATA").await.assert_code(354);
+    // The next one does not fit next to them.
     let mut next = start(None).await;
     let r = next.cmd("DATA").await;
     assert_eq!((r.code, r.enhanced()), (452, Some("4.3.1")), "{r}");
@@ -955,9 +957,15 @@ async fn receiving_bytes_are_bounded() {
         .await;
     big.read_reply().await.assert_code(250);
     h.job().await;
+    big2.send_raw(b"From: x@acme.test\r\n\r\nsmall too\r\n.\r\n")
+        .await;
+    big2.read_reply().await.assert_code(250);
+    h.job().await;
 
-    // Two small ones fit; one of them growing past the room is refused at
-    // its end, and the other is not disturbed.
+    // Next to a large one, two small ones fit; one of them growing past the
+    // room is refused at its end, and the others are not disturbed.
+    let mut large = start(Some(16_000)).await;
+    large.cmd("DATA").await.assert_code(354);
     let mut a = start(None).await;
     let mut b = start(None).await;
     a.cmd("DATA").await.assert_code(354);
@@ -970,6 +978,10 @@ async fn receiving_bytes_are_bounded() {
     assert_eq!((r.code, r.enhanced()), (452, Some("4.3.1")), "{r}");
     b.send_raw(b"From: x@acme.test\r\n\r\nfine\r\n.\r\n").await;
     b.read_reply().await.assert_code(250);
+    large
+        .send_raw(b"From: x@acme.test\r\n\r\nfine too\r\n.\r\n")
+        .await;
+    large.read_reply().await.assert_code(250);
 }
 
 /// Clients not yet known (no login from their IP, not trusted) may hold

@@ -175,7 +175,7 @@ impl Default for ServerConfig {
             max_recipients: 100,
             max_connections: 10_000,
             max_connections_per_ip: 500,
-            max_unauthenticated_per_ip: 20,
+            max_unauthenticated_per_ip: 50,
             reserved_connections: None,
             auth_known_for: Span(std::time::Duration::from_secs(7 * 86_400)),
             command_timeout: Span(std::time::Duration::from_secs(300)),
@@ -884,10 +884,10 @@ impl Config {
                 "must be at least server.data_timeout: a transaction includes its DATA",
             );
         }
-        if self.server.max_receiving_bytes.0 < self.server.max_message_size.0 {
+        if self.server.max_receiving_bytes.0 < 2 * self.server.max_message_size.0 {
             errs.push(
                 "server.max_receiving_bytes",
-                "must be at least server.max_message_size, or no message of the largest size could be received",
+                "must be at least twice server.max_message_size (a message and its spool record while it is written), or no message of the largest size could be taken",
             );
         }
 

@@ -164,15 +164,15 @@ impl Record {
             recipients,
         })
         .expect("envelope serializes");
-        let mut payload = Vec::with_capacity(4 + meta.len() + body.len());
-        payload.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&meta);
-        let body_offset = Layout::V2.record_header() + payload.len() as u64;
-        payload.extend_from_slice(body);
-        Record {
-            bytes: format::frame(KIND_MESSAGE, &payload),
-            body_offset,
-        }
+        let header = Layout::V2.record_header() as usize;
+        let mut bytes = Vec::with_capacity(header + 4 + meta.len() + body.len());
+        bytes.resize(header, 0);
+        bytes.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&meta);
+        let body_offset = bytes.len() as u64;
+        bytes.extend_from_slice(body);
+        format::frame_in_place(KIND_MESSAGE, &mut bytes);
+        Record { bytes, body_offset }
     }
 
     pub fn update(id: QueueId, index: usize, recipient: &Recipient) -> Record {
@@ -502,10 +502,16 @@ impl Head {
     }
 }
 
-/// Records placed after the head's last record and not yet written.
+/// Records placed after the head's last record and not yet written, in
+/// order: small ones gathered in `buf`, large ones kept as they are (a
+/// message body is not copied a second time).
 #[derive(Default)]
 struct Pending {
+    /// Written before `buf`.
+    large: Vec<(Vec<u8>, Vec<u8>)>,
     buf: Vec<u8>,
+    /// Bytes in `large` and `buf`.
+    len: u64,
     acks: Vec<(Ack, BodyLoc)>,
     /// Records nobody waits for, kept to be written again if this write
     /// fails.
@@ -666,7 +672,7 @@ impl Writer {
         replies: &mut Vec<Reply>,
     ) {
         if let Some(h) = &self.head {
-            let end = h.len + p.buf.len() as u64;
+            let end = h.len + p.len;
             if end > self.segment_size && end > SEGMENT_HEADER {
                 let _ = self.commit(p, true, replies);
                 // Synced (or poisoned): either way the next record goes
@@ -693,11 +699,20 @@ impl Writer {
             return Ok(());
         };
         let overdue = h.dirty && h.last_sync.elapsed() >= BACKGROUND_SYNC;
-        let mut result = h.write(&p.buf);
+        let mut result = Ok(());
+        for (before, record) in std::mem::take(&mut p.large) {
+            if result.is_ok() {
+                result = h.write(&before).and_then(|()| h.write(&record));
+            }
+        }
+        if result.is_ok() {
+            result = h.write(&p.buf);
+        }
         if result.is_ok() && (sync || overdue || !p.acks.is_empty()) {
             result = h.sync(&self.shared.syncs);
         }
         p.buf.clear();
+        p.len = 0;
         match &result {
             Ok(()) => {
                 replies.extend(p.acks.drain(..).map(|(ack, loc)| (ack, Ok(loc))));
@@ -897,9 +912,9 @@ type Reply = (Ack, io::Result<BodyLoc>);
 /// Places a record after what `p` holds in head `h`: seals it for its
 /// offset and notes where its body is.
 fn put(h: &Head, mut record: Record, ack: Option<Ack>, p: &mut Pending) {
-    let offset = h.len + p.buf.len() as u64;
+    let offset = h.len + p.len;
     h.key.seal(&mut record.bytes, offset);
-    p.buf.extend_from_slice(&record.bytes);
+    p.len += record.bytes.len() as u64;
     match ack {
         Some(ack) => {
             let loc = BodyLoc {
@@ -908,10 +923,22 @@ fn put(h: &Head, mut record: Record, ack: Option<Ack>, p: &mut Pending) {
                 len: (record.bytes.len() as u64).saturating_sub(record.body_offset),
             };
             p.acks.push((ack, loc));
+            if record.bytes.len() >= LARGE_RECORD {
+                p.large.push((std::mem::take(&mut p.buf), record.bytes));
+            } else {
+                p.buf.extend_from_slice(&record.bytes);
+            }
         }
-        None => p.unacked.push(record),
+        None => {
+            p.buf.extend_from_slice(&record.bytes);
+            p.unacked.push(record);
+        }
     }
 }
+
+/// A record at least this large is written from its own buffer rather
+/// than copied into the batch.
+const LARGE_RECORD: usize = 64 << 10;
 
 /// Errors that mean the disk (or the quota) has no room.
 fn no_room(kind: io::ErrorKind) -> bool {
@@ -1038,6 +1065,45 @@ mod tests {
         assert_eq!(spool2.read_body(found[0].body).unwrap(), b"body A\r\n");
         assert!(spool2.damage().is_empty());
         spool2.close().await;
+    }
+
+    /// Large records are written from their own buffers, small ones
+    /// gathered: in one batch, mixed, every record lands in order.
+    #[tokio::test]
+    async fn large_and_small_records_in_one_batch_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _, _) = Spool::open(dir.path()).unwrap();
+        let env = envelope();
+        let bodies: Vec<Vec<u8>> = [10, LARGE_RECORD + 7, 3, 3 * LARGE_RECORD, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![b'a' + i as u8; n])
+            .collect();
+        let ids: Vec<QueueId> = bodies.iter().map(|_| QueueId::generate()).collect();
+        let waits: Vec<_> = ids
+            .iter()
+            .zip(&bodies)
+            .map(|(id, b)| spool.append_durable(Record::message(*id, &env, &rcpts(), b)))
+            .collect();
+        for (w, body) in futures_util::future::join_all(waits)
+            .await
+            .into_iter()
+            .zip(&bodies)
+        {
+            assert_eq!(&spool.read_body(w.unwrap()).unwrap(), body);
+        }
+        spool.append(Record::done(ids[2]));
+        spool.close().await;
+        let (spool, found, _) = Spool::open(dir.path()).unwrap();
+        let mut want = ids.clone();
+        want.remove(2);
+        assert_eq!(found.iter().map(|r| r.id).collect::<Vec<_>>(), want);
+        for r in &found {
+            let i = ids.iter().position(|id| *id == r.id).unwrap();
+            assert_eq!(spool.read_body(r.body).unwrap(), bodies[i]);
+        }
+        assert!(spool.damage().is_empty());
+        spool.close().await;
     }
 
     #[tokio::test]

@@ -13,18 +13,27 @@
 //! `server.max_unauthenticated_per_ip` connections per IP and cannot take
 //! the last `server.reserved_connections` slots, so a flood from strangers
 //! (or a password-guessing botnet) never locks the apps out. A session that
-//! logs in stops counting as a stranger's.
+//! logs in stops counting as a stranger's. The known IPs are kept in
+//! `known_clients.json` in the spool directory, so that a restart (or a
+//! flood right after one) does not turn the apps into strangers.
 //!
 //! IPv6 clients are counted per address, not per /64.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::unix_now;
 
 /// Known IPs remembered at most before expired ones are pruned.
 const KNOWN_PRUNE_AT: usize = 100_000;
+/// A known IP's saved expiry is renewed once it is this much out of date.
+const KNOWN_RESAVE_AFTER: u64 = 86_400;
+/// The file of known IPs, in the spool directory.
+pub const KNOWN_FILE: &str = "known_clients.json";
 
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,19 +89,24 @@ pub struct ConnLimits {
     /// Slots strangers may use: `max_total` less the reserve.
     max_unknown: usize,
     counts: Mutex<Counts>,
-    /// IPs that logged in, and until when they count as known.
-    known: Mutex<HashMap<IpAddr, Instant>>,
+    /// IPs that logged in, and until when (Unix seconds) they count as known.
+    known: Mutex<HashMap<IpAddr, u64>>,
     known_for: Duration,
+    /// Where the known IPs are kept across restarts; the lock orders saves.
+    known_file: Option<PathBuf>,
+    save_lock: Mutex<()>,
 }
 
 /// The settings of [`ConnLimits`], from `[server]`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnLimitsConfig {
     pub max_total: usize,
     pub max_per_ip: usize,
     pub max_unknown_per_ip: usize,
     pub reserved: usize,
     pub known_for: Duration,
+    /// Where known IPs are kept across restarts (none: in memory only).
+    pub known_file: Option<PathBuf>,
 }
 
 impl ConnLimitsConfig {
@@ -113,20 +127,24 @@ impl ConnLimitsConfig {
             max_unknown_per_ip: s.max_unauthenticated_per_ip,
             reserved,
             known_for: s.auth_known_for.as_duration(),
+            known_file: Some(s.spool_dir.join(KNOWN_FILE)),
         }
     }
 }
 
 impl ConnLimits {
     pub fn new(c: ConnLimitsConfig) -> Arc<ConnLimits> {
+        let known = c.known_file.as_deref().map(load_known).unwrap_or_default();
         Arc::new(ConnLimits {
             max_total: c.max_total,
             max_per_ip: c.max_per_ip,
             max_unknown_per_ip: c.max_unknown_per_ip.min(c.max_per_ip),
             max_unknown: c.max_total - c.reserved.min(c.max_total),
             counts: Mutex::new(Counts::default()),
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(known),
             known_for: c.known_for,
+            known_file: c.known_file,
+            save_lock: Mutex::new(()),
         })
     }
 
@@ -139,7 +157,7 @@ impl ConnLimits {
     /// Whether `ip` logged in successfully within `server.auth_known_for`.
     pub fn is_known(&self, ip: IpAddr) -> bool {
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        known.get(&ip).is_some_and(|until| *until > Instant::now())
+        known.get(&ip).is_some_and(|until| *until > unix_now())
     }
 
     /// Takes a slot for a connection from `ip`, or says which limit is full.
@@ -207,13 +225,57 @@ impl ConnLimits {
         }
     }
 
-    fn remember_login(&self, ip: IpAddr) {
-        let now = Instant::now();
-        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        if known.len() >= KNOWN_PRUNE_AT {
-            known.retain(|_, until| *until > now);
+    fn remember_login(self: &Arc<Self>, ip: IpAddr) {
+        let now = unix_now();
+        let until = now.saturating_add(self.known_for.as_secs());
+        let stale = {
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            if known.len() >= KNOWN_PRUNE_AT {
+                known.retain(|_, u| *u > now);
+            }
+            let before = known.insert(ip, until);
+            before.is_none_or(|b| b + KNOWN_RESAVE_AFTER < until)
+        };
+        if stale && self.known_file.is_some() {
+            // A new (or long unseen) IP: rare, so each is saved at once.
+            let me = Arc::clone(self);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || me.save_known())),
+                Err(_) => me.save_known(),
+            }
         }
-        known.insert(ip, now + self.known_for);
+    }
+
+    /// Writes the known IPs to their file (temp file, fsync, rename).
+    fn save_known(&self) {
+        let Some(path) = &self.known_file else {
+            return;
+        };
+        // Serialised, and each save takes the map as it is then: the last
+        // save writes the newest state.
+        let _order = self
+            .save_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = unix_now();
+        let entries: Vec<(IpAddr, u64)> = self
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, u)| **u > now)
+            .map(|(ip, u)| (*ip, *u))
+            .collect();
+        let result = (|| {
+            let tmp = path.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec(&entries)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the IPs that logged in; after a restart they count as strangers until they log in again");
+        }
     }
 }
 
@@ -233,6 +295,22 @@ impl ConnSlot {
         if std::mem::take(&mut self.unknown) {
             self.limits.forget_unknown(self.ip);
         }
+    }
+}
+
+/// The known IPs saved by an earlier run, without the expired ones. A
+/// missing or unreadable file only means nobody is known yet.
+fn load_known(path: &std::path::Path) -> HashMap<IpAddr, u64> {
+    let now = unix_now();
+    match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice::<Vec<(IpAddr, u64)>>(&bytes) {
+            Ok(entries) => entries.into_iter().filter(|(_, u)| *u > now).collect(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable file of IPs that logged in");
+                HashMap::new()
+            }
+        },
+        Err(_) => HashMap::new(),
     }
 }
 
@@ -292,10 +370,13 @@ pub fn raise_fd_limit() -> Option<u64> {
 }
 
 /// Message bytes being received at once, over all sessions
-/// (`server.max_receiving_bytes`).
+/// (`server.max_receiving_bytes`): the buffers of messages arriving, and
+/// while a message is written to the spool, its record too.
 pub struct ByteBudget {
     limit: usize,
     used: AtomicUsize,
+    /// Woken whenever bytes are given back.
+    released: tokio::sync::Notify,
 }
 
 impl ByteBudget {
@@ -303,6 +384,7 @@ impl ByteBudget {
         Arc::new(ByteBudget {
             limit,
             used: AtomicUsize::new(0),
+            released: tokio::sync::Notify::new(),
         })
     }
 
@@ -349,6 +431,25 @@ impl Reservation {
         true
     }
 
+    /// Like [`Reservation::grow_to`], waiting up to `wait` for other
+    /// reservations to give bytes back.
+    pub async fn grow_to_within(&mut self, bytes: usize, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        let budget = Arc::clone(&self.budget);
+        loop {
+            let released = budget.released.notified();
+            let mut released = std::pin::pin!(released);
+            // Registered before the check, so a release in between wakes us.
+            released.as_mut().enable();
+            if self.grow_to(bytes) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -357,6 +458,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.released.notify_waiters();
     }
 }
 
@@ -371,6 +473,7 @@ mod tests {
             max_unknown_per_ip: max_per_ip,
             reserved: 0,
             known_for: Duration::from_secs(60),
+            known_file: None,
         })
     }
 
@@ -408,6 +511,7 @@ mod tests {
             max_unknown_per_ip: 2,
             reserved: 4,
             known_for: Duration::from_secs(60),
+            known_file: None,
         });
         let ip = |i: u8| IpAddr::from([192, 0, 2, i]);
         let mut held = Vec::new();
@@ -445,6 +549,31 @@ mod tests {
     }
 
     #[test]
+    fn known_ips_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |known_for: u64| ConnLimitsConfig {
+            max_total: 10,
+            max_per_ip: 10,
+            max_unknown_per_ip: 1,
+            reserved: 0,
+            known_for: Duration::from_secs(known_for),
+            known_file: Some(dir.path().join(KNOWN_FILE)),
+        };
+        let l = ConnLimits::new(config(3600));
+        let app: IpAddr = "192.0.2.20".parse().unwrap();
+        let mut slot = l.acquire(app, false).unwrap();
+        slot.logged_in();
+        drop(slot);
+        drop(l);
+        let l = ConnLimits::new(config(3600));
+        assert!(l.is_known(app));
+        assert!(!l.is_known("192.0.2.21".parse().unwrap()));
+        // Garbage in the file: nobody is known, nothing fails.
+        std::fs::write(dir.path().join(KNOWN_FILE), b"{not json").unwrap();
+        assert!(!ConnLimits::new(config(3600)).is_known(app));
+    }
+
+    #[test]
     fn the_fd_limit_lowers_max_connections() {
         let s = crate::config::ServerConfig::default();
         let c = ConnLimitsConfig::from_server(&s, Some(768));
@@ -469,5 +598,20 @@ mod tests {
         drop(r1);
         assert_eq!(b.used(), 0);
         let _r2 = b.reserve(100).unwrap();
+    }
+
+    #[tokio::test]
+    async fn growing_waits_for_bytes_given_back() {
+        let b = ByteBudget::new(100);
+        let held = b.reserve(80).unwrap();
+        let mut r = b.reserve(10).unwrap();
+        assert!(!r.grow_to_within(50, Duration::from_millis(10)).await);
+        let give_back = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            drop(held);
+        });
+        assert!(r.grow_to_within(50, Duration::from_secs(30)).await);
+        give_back.await.unwrap();
+        assert_eq!(b.used(), 50);
     }
 }

@@ -576,7 +576,7 @@ impl Session {
                         return (pos, Step::Continue);
                     }
                     self.mode = Mode::Command;
-                    self.finish_message().await
+                    self.finish_message_boxed().await
                 }
                 Mode::Bdat {
                     size,
@@ -603,7 +603,7 @@ impl Session {
                     };
                     match fate {
                         ChunkFate::Discard(reply) => self.error(reply),
-                        ChunkFate::Store if last => self.finish_message().await,
+                        ChunkFate::Store if last => self.finish_message_boxed().await,
                         ChunkFate::Store => {
                             self.reply(&Reply::new(
                                 250,
@@ -619,6 +619,12 @@ impl Session {
                 return (pos, step);
             }
         }
+    }
+
+    /// The end of a message, on the heap: policy, signing and the spool
+    /// write make a large future, which an idle session should not carry.
+    async fn finish_message_boxed(&mut self) -> Step {
+        Box::pin(self.finish_message()).await
     }
 
     /// One command line, LF included.
@@ -818,9 +824,7 @@ mod tests {
 
     /// What a panic in a command handler leads to: a 451 for the client,
     /// the transaction dropped, the session closed.
-    #[tokio::test]
-    async fn a_bug_answers_451_and_closes() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn test_context(dir: &tempfile::TempDir) -> Arc<ReceiveContext> {
         let d = dir.path().display();
         let config = Arc::new(
             crate::config::Config::from_toml_str(&format!(
@@ -834,14 +838,20 @@ mod tests {
         let (jobs, _rx) = tokio::sync::mpsc::unbounded_channel();
         let queue = crate::queue::Queue::open(&config, reporter.clone(), jobs).unwrap();
         let dns = crate::dns::Dns::new(&config.dns).unwrap();
-        let ctx = Arc::new(ReceiveContext::new(
+        Arc::new(ReceiveContext::new(
             config,
             queue,
             dns,
             reporter,
             None,
             tokio_util::sync::CancellationToken::new(),
-        ));
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_bug_answers_451_and_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = test_context(&dir).await;
         let mut s = Session::new(ctx, 0, "192.0.2.7:4000".parse().unwrap(), false);
         s.mode = Mode::Auth(SaslState::LoginUsername);
         let payload: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
@@ -852,6 +862,26 @@ mod tests {
         );
         assert!(s.txn.is_none());
         assert!(matches!(s.mode, Mode::Command));
+    }
+
+    /// An idle session holds its whole future: keep it small (thousands of
+    /// idle connections each hold one).
+    #[tokio::test]
+    async fn an_idle_sessions_future_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = test_context(&dir).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let slot = ctx
+            .limits
+            .acquire("127.0.0.1".parse().unwrap(), true)
+            .unwrap();
+        let s = Session::new(ctx, 0, "127.0.0.1:4000".parse().unwrap(), true);
+        let run = s.run(tcp, slot);
+        let size = std::mem::size_of_val(&run);
+        assert!(size < 4096, "a session's future takes {size} bytes");
     }
 
     #[test]

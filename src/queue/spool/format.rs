@@ -211,12 +211,21 @@ pub(super) fn read_segment_header(bytes: &[u8]) -> Option<SegmentStart> {
 /// offset is known.
 pub(super) fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(Layout::V2.record_header() as usize + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc(kind, payload).to_le_bytes());
-    out.push(kind);
-    out.extend_from_slice(&[0u8; 8]);
+    out.resize(Layout::V2.record_header() as usize, 0);
     out.extend_from_slice(payload);
+    frame_in_place(kind, &mut out);
     out
+}
+
+/// Fills in the header of a record whose payload was written after room
+/// for the header (so that a large body is copied once, not twice).
+pub(super) fn frame_in_place(kind: u8, record: &mut [u8]) {
+    let header = Layout::V2.record_header() as usize;
+    let (head, payload) = record.split_at_mut(header);
+    head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&crc(kind, payload).to_le_bytes());
+    head[8] = kind;
+    head[9..].fill(0);
 }
 
 /// The same record in format 1 (tests build old segments with it).
