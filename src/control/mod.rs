@@ -624,6 +624,14 @@ impl Inner {
     }
 }
 
+/// Fed every event by the bus; a new pause is announced after the event
+/// that caused it.
+impl crate::report::EventSink for Control {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        Control::observe(self, event)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -796,13 +804,5 @@ mod tests {
             assert!(c.observe(&e).is_none());
         }
         assert!(c.paused("acme").is_none());
-    }
-}
-
-/// Fed every event by the bus; a new pause is announced after the event
-/// that caused it.
-impl crate::report::EventSink for Control {
-    fn observe(&self, event: &Event) -> Option<Event> {
-        Control::observe(self, event)
     }
 }

@@ -229,6 +229,14 @@ impl Writer {
     }
 }
 
+/// Fed every event by the bus.
+impl super::EventSink for EventStream {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        self.offer(event);
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,13 +276,5 @@ mod tests {
         s.offer(&e);
         s.offer(&e);
         assert!(counters().dropped >= before + 2);
-    }
-}
-
-/// Fed every event by the bus.
-impl super::EventSink for EventStream {
-    fn observe(&self, event: &Event) -> Option<Event> {
-        self.offer(event);
-        None
     }
 }

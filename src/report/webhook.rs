@@ -716,6 +716,14 @@ where
     Ok(resp.map_err(|e| format!("HTTP: {e}"))?.status())
 }
 
+/// Fed every event by the bus.
+impl super::EventSink for Outbox {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        self.offer(event);
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,13 +834,5 @@ mod tests {
         let rec: Record =
             serde_json::from_slice(&bytes[m.offset as usize..m.offset as usize + m.len]).unwrap();
         assert!(matches!(rec, Record::Event { seq: 3, .. }));
-    }
-}
-
-/// Fed every event by the bus.
-impl super::EventSink for Outbox {
-    fn observe(&self, event: &Event) -> Option<Event> {
-        self.offer(event);
-        None
     }
 }

@@ -447,6 +447,18 @@ pub fn suppressed_event(
     e
 }
 
+/// Fed every event by the bus. Not herald's own DSNs (null sender, no
+/// tenant): a report that cannot reach a tenant's sender says nothing about
+/// the app's recipients, and would land on the no-tenant list.
+impl crate::report::EventSink for Suppressions {
+    fn observe(&self, event: &Event) -> Option<Event> {
+        if !(event.sender.is_empty() && event.tenant.is_none()) {
+            Suppressions::observe(self, event);
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,17 +631,5 @@ mod tests {
         assert_eq!(v["event"], "suppressed");
         assert_eq!(v["reason"], "550 5.1.1 user unknown");
         assert_eq!(v["smtp"]["enhanced"], "5.1.1");
-    }
-}
-
-/// Fed every event by the bus. Not herald's own DSNs (null sender, no
-/// tenant): a report that cannot reach a tenant's sender says nothing about
-/// the app's recipients, and would land on the no-tenant list.
-impl crate::report::EventSink for Suppressions {
-    fn observe(&self, event: &Event) -> Option<Event> {
-        if !(event.sender.is_empty() && event.tenant.is_none()) {
-            Suppressions::observe(self, event);
-        }
-        None
     }
 }
