@@ -28,3 +28,4 @@ pub mod report;
 pub mod server;
 pub mod suppression;
 pub mod tls;
+pub mod verp;

@@ -356,8 +356,7 @@ async fn repeated_or_unknown_reports_count_at_most_once() {
         let report = arf(&return_path, "reader@one.test", "<inv-5@acme.test>");
         // A token for a message herald never sent (valid MAC: the secret
         // is the test's), naming an address of the report's choosing.
-        let verp =
-            herald::policy::verp::Verp::new("bounces.relay.test", b"bounce-test-secret-0123456789");
+        let verp = herald::verp::Verp::new("bounces.relay.test", b"bounce-test-secret-0123456789");
         let stranger = verp.address(herald::queue::QueueId(42), 0);
         let forged = dsn(&stranger, "victim@one.test", "<other@acme.test>");
         let mut c = w.bounce_client().await;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::dns::{TestDns, Zone};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
 use common::relay::{Setup, TestRelay, queue_id};
-use herald::policy::verp::Verp;
 use herald::queue::QueueId;
+use herald::verp::Verp;
 
 const WAIT: Duration = Duration::from_secs(20);
 const SECRET: &str = "test-verp-secret-0123456789";

@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use crate::clock::{rfc3339, unix_now};
 use crate::config::Span;
+use crate::envelope::{QueueId, RcptStatus, Recipient};
 use crate::metrics::{Gauges, TOP_DOMAINS};
+use crate::queue::MessageView;
 use crate::queue::spool::SpoolDamage;
-use crate::queue::{MessageView, QueueId, RcptStatus, Recipient};
 use crate::report::SmtpDetail;
 
 /// An error answered as `{"error": "..."}` with its status code. The text

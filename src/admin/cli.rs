@@ -538,7 +538,7 @@ fn show_text(m: &MessageDetail) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::QueueId;
+    use crate::envelope::QueueId;
 
     #[test]
     fn ages_are_short() {

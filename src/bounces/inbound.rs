@@ -5,10 +5,11 @@
 //! bounce or a complaint adds the address).
 
 use crate::bounces::{Action, Bounce, BouncedRecipient, Complaint, Report};
-use crate::policy::verp::Verp;
-use crate::queue::{Queue, QueueId};
+use crate::envelope::QueueId;
+use crate::queue::Queue;
 use crate::reply::{Enhanced, Reply};
 use crate::report::{Event, EventKind, Reporter};
+use crate::verp::Verp;
 
 /// Reads `message`, sent to `recipients` on the bounce listener, and emits
 /// an event per affected recipient. Returns how many events it emitted.
@@ -95,7 +96,7 @@ fn targets(
 
 /// Every VERP address of `verp` in `text` (bounded: the first 8).
 fn scan_for_verp(verp: &Verp, text: &[u8]) -> Vec<(QueueId, usize)> {
-    let prefix = format!("{}+", crate::policy::verp::PREFIX);
+    let prefix = format!("{}+", crate::verp::PREFIX);
     let text = String::from_utf8_lossy(text);
     let lower = text.to_ascii_lowercase();
     let mut out = Vec::new();

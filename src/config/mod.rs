@@ -5,6 +5,7 @@
 //! and reported together, each with its key path (`listener[1].tls`).
 //! Durations and sizes are parsed here (see [`units`]), never later.
 
+pub mod senders;
 pub mod units;
 
 use std::collections::HashSet;
@@ -20,6 +21,40 @@ pub use units::{Rate, Size, Span};
 
 /// The file `herald serve` reads when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/herald.toml";
+
+/// Checks the VERP keys of `[bounces]`.
+fn validate_verp(cfg: &BouncesConfig, errs: &mut ConfigErrors) {
+    let Some(domain) = &cfg.return_path_domain else {
+        return;
+    };
+    if domain.is_empty()
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+        || !domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        errs.push(
+            "bounces.return_path_domain",
+            "must be a domain name, e.g. \"bounces.relay.example.net\"",
+        );
+    }
+    match &cfg.verp_secret {
+        None => errs.push(
+            "bounces.verp_secret",
+            "needed with return_path_domain: it authenticates the bounce addresses (at least 16 random characters, e.g. `openssl rand -hex 32`)",
+        ),
+        Some(s) if s.expose().len() < MIN_VERP_SECRET_LEN => errs.push(
+            "bounces.verp_secret",
+            format!("too short: use at least {MIN_VERP_SECRET_LEN} random characters"),
+        ),
+        Some(_) => {}
+    }
+}
+
+/// Shortest `[bounces] verp_secret`: the MAC of bounce addresses is only as
+/// good as its key.
+pub const MIN_VERP_SECRET_LEN: usize = 16;
 
 /// One problem in the config, tied to the key it is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -956,7 +991,7 @@ impl Config {
                 );
             }
             for (j, pat) in t.allowed_senders.iter().enumerate() {
-                if let Err(e) = crate::receive::senders::validate_pattern(pat) {
+                if let Err(e) = crate::config::senders::validate_pattern(pat) {
                     errs.push(format!("{p}.allowed_senders[{j}]"), e);
                 }
             }
@@ -1011,7 +1046,7 @@ impl Config {
             errs.push("webhooks.backoff_max", "must be at least backoff_min");
         }
 
-        crate::policy::verp::validate(&self.bounces, errs);
+        validate_verp(&self.bounces, errs);
         if self.history.retention.0.as_secs() == 0 {
             errs.push("history.retention", "must be at least 1s");
         }
@@ -1184,6 +1219,27 @@ fn array<T: DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn config_needs_a_long_secret() {
+        let mut cfg = BouncesConfig {
+            return_path_domain: Some("bounces.relay.example".into()),
+            ..Default::default()
+        };
+        let mut errs = ConfigErrors::default();
+        validate_verp(&cfg, &mut errs);
+        assert_eq!(errs.0[0].path, "bounces.verp_secret");
+        cfg.verp_secret = Some(crate::config::Secret::new("short"));
+        let mut errs = ConfigErrors::default();
+        validate_verp(&cfg, &mut errs);
+        assert!(errs.0[0].message.contains("too short"));
+        assert!(!errs.0[0].message.contains("short\""));
+        cfg.verp_secret = Some(crate::config::Secret::new("0123456789abcdef"));
+        let mut errs = ConfigErrors::default();
+        validate_verp(&cfg, &mut errs);
+        assert!(errs.0.is_empty());
+        assert!(crate::verp::Verp::from_config(&cfg).is_some());
+    }
+
     use super::*;
 
     const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M";

@@ -2,9 +2,8 @@
 //!
 //! - **Suspended delivery** to a destination domain or for a tenant: mail is
 //!   accepted as usual and stays queued; delivery hands such jobs straight
-//!   back ([`Control::hold_if_suspended`], as
-//!   [`crate::queue::AttemptResult::Held`]): no connection, no attempt
-//!   counted, no event, nothing bounces. A held recipient is looked at again
+//!   back ([`Control::hold_if_suspended`]) and the queue keeps them held:
+//!   no connection, no attempt counted, no event, nothing bounces. A held recipient is looked at again
 //!   every [`HOLD_RECHECK`] (a safety net only): a resume makes the
 //!   recipients concerned due at once (see `admin::control`).
 //!   The queue lifetime keeps running, counted from acceptance as always,
@@ -376,7 +375,7 @@ impl Control {
 
     /// Lifts the suspension of `domain`: the suspension lifted, if there was
     /// one. The caller then makes the domain's recipients due
-    /// ([`crate::queue::Queue::retry_where`]).
+    /// (the queue retries them).
     pub async fn resume_domain(
         &self,
         domain: &str,

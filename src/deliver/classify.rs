@@ -10,7 +10,7 @@
 //! otherwise, e.g. for a server that answers 5xx to greylisting.
 //!
 //! The same rules serve synchronous replies ([`classify`]) and late
-//! bounces ([`classify_parts`], fed from [`crate::bounces`]).
+//! bounces ([`classify_parts`], fed by the bounce parser).
 
 use std::sync::RwLock;
 

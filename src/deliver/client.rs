@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::queue::{Notify, Ret};
+use crate::envelope::{Notify, Ret};
 use crate::reply::{Enhanced, Reply};
 
 /// Size of the read buffer. Replies are small; a pipelined group of 100

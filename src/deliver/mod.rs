@@ -26,8 +26,10 @@
 //! verdict, or no host answering at all while no other connection to the
 //! domain is up, is per destination and settles every job queued for it.
 
+pub mod cert;
 pub mod classify;
 pub mod client;
+pub mod explain;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod smarthost;
@@ -57,7 +59,7 @@ use client::{
 /// Where attempt outcomes go: the queue in production, a recorder in tests.
 pub trait AttemptSink: Send + Sync + 'static {
     /// Records what an attempt did for some recipients of a message.
-    fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>);
+    fn complete_attempt(&self, id: crate::envelope::QueueId, outcomes: Vec<RcptOutcome>);
 
     /// Where delivery counts its connections; none in tests.
     fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
@@ -66,7 +68,7 @@ pub trait AttemptSink: Send + Sync + 'static {
 }
 
 impl AttemptSink for Queue {
-    fn complete_attempt(&self, id: crate::queue::QueueId, outcomes: Vec<RcptOutcome>) {
+    fn complete_attempt(&self, id: crate::envelope::QueueId, outcomes: Vec<RcptOutcome>) {
         Queue::complete_attempt(self, id, outcomes)
     }
 
@@ -126,7 +128,7 @@ fn start_inner(
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
         rate_limits: crate::limits::RateLimits::new(&config),
-        verp: crate::policy::verp::Verp::from_config(&config.bounces),
+        verp: crate::verp::Verp::from_config(&config.bounces),
         smarthosts: smarthost::Routes::new(&config),
         config,
         dns,
@@ -153,7 +155,7 @@ struct Ctx {
     /// `[limits] domains` / `domain_default` (traffic shaping).
     rate_limits: crate::limits::RateLimits,
     /// `[bounces] return_path_domain`: one VERP sender per recipient.
-    verp: Option<crate::policy::verp::Verp>,
+    verp: Option<crate::verp::Verp>,
     /// Suspended domains and tenants: their jobs go back unattempted.
     control: Option<crate::control::Control>,
     /// `[[smarthost]]` routing by tenant and sender domain.
@@ -541,7 +543,7 @@ async fn connection_task(ctx: Arc<Ctx>, domain: Arc<Domain>) {
 /// recipients do not stay "in flight" (and unscheduled) until a restart.
 struct PanicGuard<'a> {
     ctx: &'a Ctx,
-    id: crate::queue::QueueId,
+    id: crate::envelope::QueueId,
     indices: Vec<usize>,
 }
 
@@ -1056,7 +1058,7 @@ async fn transact(
 
 /// With VERP each recipient gets its own envelope sender, hence its own
 /// transaction; a bounce (null sender) keeps its null sender.
-fn with_verp(job: DeliveryJob, verp: &crate::policy::verp::Verp) -> Vec<DeliveryJob> {
+fn with_verp(job: DeliveryJob, verp: &crate::verp::Verp) -> Vec<DeliveryJob> {
     if job.envelope.sender.is_empty() {
         return vec![job];
     }
@@ -1285,7 +1287,7 @@ mod tests {
 
     struct Discard;
     impl AttemptSink for Discard {
-        fn complete_attempt(&self, _: crate::queue::QueueId, _: Vec<RcptOutcome>) {}
+        fn complete_attempt(&self, _: crate::envelope::QueueId, _: Vec<RcptOutcome>) {}
     }
 
     fn broken_tls() -> fake::Script {
@@ -1331,8 +1333,8 @@ mod tests {
 
     fn job(domain: &str) -> DeliveryJob {
         DeliveryJob {
-            id: crate::queue::QueueId::generate(),
-            envelope: Arc::new(crate::queue::Envelope {
+            id: crate::envelope::QueueId::generate(),
+            envelope: Arc::new(crate::envelope::Envelope {
                 sender: "app@acme.test".into(),
                 tenant: None,
                 message_id: None,
@@ -1349,7 +1351,7 @@ mod tests {
                 index: 0,
                 address: format!("a@{domain}"),
                 orcpt: None,
-                notify: crate::queue::Notify::default(),
+                notify: crate::envelope::Notify::default(),
                 attempt: 1,
             }],
             return_path: None,
@@ -1359,7 +1361,7 @@ mod tests {
     /// Records outcomes for the tests.
     struct Outcomes(Mutex<Vec<Vec<RcptOutcome>>>);
     impl AttemptSink for Outcomes {
-        fn complete_attempt(&self, _: crate::queue::QueueId, o: Vec<RcptOutcome>) {
+        fn complete_attempt(&self, _: crate::envelope::QueueId, o: Vec<RcptOutcome>) {
             self.0.lock().unwrap().push(o);
         }
     }

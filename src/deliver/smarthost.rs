@@ -20,7 +20,7 @@
 //! transaction; VERP is not used (the provider wants the account's sender).
 //!
 //! Failures are explained with the same table as `herald smtp-test`
-//! ([`crate::diagnose::explain`]): the deferral's text names the smarthost,
+//! ([`crate::deliver::explain`]): the deferral's text names the smarthost,
 //! its reply, the likely cause and the fix. Anything up to and including
 //! AUTH defers (a wrong password is the postmaster's to fix; the mail waits
 //! until the queue lifetime ends), a refused MAIL FROM follows its reply
@@ -39,10 +39,10 @@ use serde::Deserialize;
 
 use super::client::{ClientError, SmtpClient, Stage, Timeouts, Tls};
 use crate::config::{ConfigErrors, Secret, TenantConfig};
-use crate::diagnose::cert::{CertOutcome, RecordingVerifier};
-use crate::diagnose::explain::{Advice, Step, explain_certificate, explain_reply};
+use crate::deliver::cert::{CertOutcome, RecordingVerifier};
+use crate::deliver::explain::{Advice, Step, explain_certificate, explain_reply};
 use crate::dns::Dns;
-use crate::queue::Envelope;
+use crate::envelope::Envelope;
 use crate::reply::{Enhanced, Reply};
 use crate::report::Classification;
 
@@ -290,7 +290,7 @@ impl Routes {
                 }
             } else {
                 let verifier = system
-                    .get_or_insert_with(|| crate::diagnose::cert::system_roots(&provider))
+                    .get_or_insert_with(|| crate::deliver::cert::system_roots(&provider))
                     .clone();
                 match verifier {
                     Some(v) => Trust::Roots(v),

@@ -7,18 +7,16 @@
 //!   AUTH, MAIL FROM), for "my SMTP settings fail".
 //! * [`domain_check`]: `herald domain check`, a sending domain's MX, SPF,
 //!   DKIM, DMARC, MTA-STS and TLS-RPT records, each with the fix.
-//! * [`explain`]: the table of known server replies (Gmail, Microsoft 365,
-//!   generic) and certificate problems → likely cause and fix.
-//! * [`cert`]: certificate verification against the system's trust store
-//!   that records the precise problem instead of just failing the handshake.
+//!
+//! Both explain what they find with the delivery stage's own table of known
+//! replies and certificate problems (`deliver::explain`, `deliver::cert`),
+//! so a smarthost's deferral and `smtp-test` say the same thing.
 //!
 //! What they trust: nothing the remote server says; its replies are shown as
 //! data and matched against the table, never interpreted further. Secrets
 //! (the tenant's SMTP password) are held in [`crate::config::Secret`] and
 //! never printed, logged or put in a report.
 
-pub mod cert;
 pub mod domain_check;
-pub mod explain;
 pub mod password;
 pub mod smtp_test;

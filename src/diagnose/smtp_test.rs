@@ -24,12 +24,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::cert::{CertOutcome, RecordingVerifier};
-use super::explain::{Advice, Step, explain_certificate, explain_reply};
 use crate::config::Secret;
+use crate::deliver::cert::{CertOutcome, RecordingVerifier};
 use crate::deliver::client::{
     Capabilities, ClientError, MailParams, SmtpClient, Stage, Timeouts, Tls,
 };
+use crate::deliver::explain::{Advice, Step, explain_certificate, explain_reply};
 use crate::reply::Reply;
 
 /// How the connection is secured.

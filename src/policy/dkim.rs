@@ -52,7 +52,7 @@ use rustls::pki_types::pem::PemObject as _;
 
 use super::Verdict;
 use crate::config::{Config, ConfigError, ConfigErrors, DkimAlgorithm};
-use crate::queue::Envelope;
+use crate::envelope::Envelope;
 use crate::reply::Enhanced;
 
 /// Header fields signed, in this order (RFC 6376 §5.4.1 recommends the
@@ -292,7 +292,7 @@ impl Signer {
         let may_use_domain = match tenant {
             None => true,
             Some(t) => self.tenants.get(t).is_some_and(|patterns| {
-                crate::receive::senders::allowed(patterns, from.unwrap_or(""))
+                crate::config::senders::allowed(patterns, from.unwrap_or(""))
             }),
         };
         if may_use_domain {

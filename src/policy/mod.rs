@@ -6,20 +6,19 @@
 //! [`Verdict`]; a check that could not decide (timeout, DNS error) never
 //! rejects. [`dkim`] signing runs last, in the receive stage, on a message
 //! every check accepted. Rate limits are checked earlier, at MAIL and RCPT
-//! ([`crate::limits`]).
+//! (the `limits` module).
 
 pub mod alignment;
 pub mod dkim;
 pub mod dnsbl;
 pub mod spam;
-pub mod verp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::dns::Dns;
-use crate::queue::Envelope;
+use crate::envelope::Envelope;
 use crate::reply::{Enhanced, Reply};
 use alignment::Alignment;
 use dnsbl::{Dnsbl, Listing, ZoneAction};
@@ -103,7 +102,7 @@ impl Policy {
         let patterns = self.from_bound.get(tenant?)?;
         let bad = from.iter().find(|a| {
             let domain = a.rsplit_once('@').map_or("", |(_, d)| d);
-            !crate::receive::senders::domain_allowed(patterns, domain)
+            !crate::config::senders::domain_allowed(patterns, domain)
         })?;
         Some(Verdict::reject(
             "from_not_allowed",

@@ -5,7 +5,7 @@
 //! [`crate::bounces::inbound`] instead of the queue.
 
 use super::session::{Session, Step};
-use crate::queue::Recipient;
+use crate::envelope::Recipient;
 use crate::reply::{Enhanced, Reply, codes};
 
 /// Role addresses at the return-path domain that take reports too.

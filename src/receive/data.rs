@@ -23,8 +23,8 @@ use super::mail::too_big;
 use super::message::{self, Protocol, TraceInfo};
 use super::session::{Body, ChunkFate, Mode, Session, Step};
 use crate::clock::unix_now;
+use crate::envelope::QueueId;
 use crate::policy::{self, Verdict};
-use crate::queue::QueueId;
 use crate::queue::history::Claim;
 use crate::reply::{Enhanced, Reply, codes};
 use crate::report::{Event, EventKind};
@@ -508,7 +508,12 @@ impl Session {
     /// `[history] idempotency_window`: 250 with the first queue id, and not
     /// sent again (an app that retries after a lost 250 must not mail an
     /// invoice twice).
-    fn duplicate(&mut self, envelope: &crate::queue::Envelope, first: QueueId, size: u64) -> Step {
+    fn duplicate(
+        &mut self,
+        envelope: &crate::envelope::Envelope,
+        first: QueueId,
+        size: u64,
+    ) -> Step {
         tracing::info!(client_ip = %self.ip, queue_id = %first, message_id = envelope.message_id.as_deref().unwrap_or(""), "duplicate submission; not sent again");
         let mut event = Event::for_message(EventKind::Received, first, envelope);
         event.size = Some(size);

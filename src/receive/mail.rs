@@ -13,11 +13,11 @@
 
 use smtp_proto::MailFrom;
 
-use super::senders;
 use super::session::{Session, Step, Transaction};
 use crate::clock::unix_now;
+use crate::config::senders;
 use crate::config::{AuthMode, TenantConfig};
-use crate::queue::{Envelope, Ret};
+use crate::envelope::{Envelope, Ret};
 use crate::reply::{Enhanced, Reply, codes};
 use crate::report::{Event, EventKind};
 

@@ -28,7 +28,7 @@ pub mod longlines;
 mod mail;
 pub mod message;
 mod rcpt;
-pub mod senders;
+
 mod session;
 
 use std::io;
@@ -77,7 +77,7 @@ pub struct ReceiveContext {
     /// knows herald's keys.
     pub policy: Arc<crate::policy::Policy>,
     /// `[bounces]` VERP addresses, for the bounce listener.
-    pub verp: Option<crate::policy::verp::Verp>,
+    pub verp: Option<crate::verp::Verp>,
     /// Tenants paused for reputation are refused at MAIL FROM; nothing is
     /// paused unless set with [`ReceiveContext::with_control`].
     pub control: crate::control::Control,
@@ -127,7 +127,7 @@ impl ReceiveContext {
         ));
         ReceiveContext {
             policy,
-            verp: crate::policy::verp::Verp::from_config(&config.bounces),
+            verp: crate::verp::Verp::from_config(&config.bounces),
             limits: ConnLimits::new(conn_limits),
             receiving: ByteBudget::new(
                 usize::try_from(server.max_receiving_bytes.0).unwrap_or(usize::MAX),

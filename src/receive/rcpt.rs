@@ -16,7 +16,7 @@ use smtp_proto::RcptTo;
 
 use super::session::{Session, Step};
 use crate::dns::MxLookup;
-use crate::queue::{Notify, Recipient};
+use crate::envelope::{Notify, Recipient};
 use crate::reply::{Enhanced, Reply, codes};
 
 /// Checks the forward path and returns its domain (lower case, without a

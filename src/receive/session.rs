@@ -32,7 +32,7 @@ use super::ReceiveContext;
 use super::auth::SaslState;
 use super::limits::ConnSlot;
 use crate::config::{AuthMode, ListenerConfig, TenantConfig, TlsMode};
-use crate::queue::{Envelope, QueueId, Recipient};
+use crate::envelope::{Envelope, QueueId, Recipient};
 use crate::reply::{Enhanced, Reply, codes};
 
 /// Longest command line accepted, CRLF included: smtp-proto's limit, well

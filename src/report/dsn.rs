@@ -935,7 +935,8 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
     /// never reported.
     #[tokio::test]
     async fn queue_sends_one_dsn_per_attempt_to_the_sender() {
-        use crate::queue::{AttemptResult, Queue, QueueId, RcptOutcome};
+        use crate::envelope::QueueId;
+        use crate::queue::{AttemptResult, Queue, RcptOutcome};
         use crate::report::{Classification, Reporter};
         use std::time::Duration;
 

@@ -462,7 +462,7 @@ impl crate::report::EventSink for Suppressions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::QueueId;
+    use crate::envelope::QueueId;
     use crate::report::SmtpDetail;
 
     fn config(extra: &str) -> Config {
