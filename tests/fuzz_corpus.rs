@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, RngAlgorithm, TestRng, TestRunner};
 
 fn root() -> &'static Path {
@@ -65,29 +66,48 @@ fn replay(inputs: &[(PathBuf, Vec<u8>)], f: fn(&[u8])) {
     }
 }
 
-/// Proptest over `strategy` until `budget` has passed or `cases` ran. The
-/// generator is seeded the same way every run, so a failure here is a
+/// Runs `f` on inputs from `strategy` until `cases` ran or `budget` has
+/// passed; a failing input is shrunk (within another `budget`) and reported.
+/// The generator is seeded the same way every run, so a failure here is a
 /// failure on every machine, not a flake; finding new inputs at random is
 /// the fuzzer's job.
 fn explore(budget: Duration, cases: u32, strategy: impl Strategy<Value = Vec<u8>>, f: fn(&[u8])) {
+    let fails = |input: &[u8]| catch_unwind(AssertUnwindSafe(|| f(input))).is_err();
     let deadline = Instant::now() + budget;
     let mut runner = TestRunner::new_with_rng(
-        ProptestConfig {
-            cases,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        },
+        ProptestConfig::default(),
         TestRng::deterministic_rng(RngAlgorithm::ChaCha),
     );
-    let result = runner.run(&strategy, |input| {
-        // Past the budget cases pass without running: the run ends soon.
-        if Instant::now() < deadline {
-            f(&input);
+    for _ in 0..cases {
+        if Instant::now() >= deadline {
+            return;
         }
-        Ok(())
-    });
-    if let Err(e) = result {
-        panic!("{e}");
+        let mut tree = strategy.new_tree(&mut runner).expect("strategy");
+        if !fails(&tree.current()) {
+            continue;
+        }
+        // Proptest's own shrinking walk: simplify while it still fails,
+        // step back when it passes.
+        let mut smallest = tree.current();
+        let stop = Instant::now() + budget;
+        if tree.simplify() {
+            while Instant::now() < stop {
+                let input = tree.current();
+                if fails(&input) {
+                    smallest = input;
+                    if !tree.simplify() {
+                        break;
+                    }
+                } else if !tree.complicate() {
+                    break;
+                }
+            }
+        }
+        panic!(
+            "fails on {} bytes: b\"{}\"",
+            smallest.len(),
+            smallest.escape_ascii()
+        );
     }
 }
 
@@ -404,7 +424,7 @@ fn smtp_session_corpus_and_properties() {
     replay(&generated(fuzz::session::seeds()), fuzz::session::run);
     explore(
         Duration::from_secs(6),
-        400,
+        2000,
         smtp_session(),
         fuzz::session::run,
     );
@@ -416,7 +436,7 @@ fn headers_and_spam_corpus_and_properties() {
     replay(&inputs, fuzz::message::run);
     explore(
         Duration::from_secs(3),
-        400,
+        3000,
         message(&inputs),
         fuzz::message::run,
     );
@@ -428,7 +448,7 @@ fn bounce_parser_corpus_and_properties() {
     replay(&inputs, fuzz::bounce::run);
     explore(
         Duration::from_secs(3),
-        400,
+        3000,
         message(&inputs),
         fuzz::bounce::run,
     );
@@ -442,7 +462,7 @@ fn spool_replay_corpus_and_properties() {
     let segments = seeds.into_iter().map(|(_, d)| d).collect();
     explore(
         Duration::from_secs(2),
-        200,
+        1000,
         segment(segments),
         fuzz::spool::run,
     );
@@ -454,7 +474,7 @@ fn smtp_reply_corpus_and_properties() {
     replay(&generated(fuzz::reply::seeds()), fuzz::reply::run);
     explore(
         Duration::from_secs(3),
-        400,
+        2000,
         reply_script(),
         fuzz::reply::run,
     );
@@ -466,7 +486,7 @@ fn config_load_corpus_and_properties() {
         &corpus("config_load", &["config", "tests/bad_configs"]),
         fuzz::config::run,
     );
-    explore(Duration::from_secs(2), 400, toml_text(), fuzz::config::run);
+    explore(Duration::from_secs(2), 5000, toml_text(), fuzz::config::run);
 }
 
 /// Writes the generated seeds to `fuzz/seeds/<target>/`.
