@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use herald::bounces::{self, Report};
-use herald::policy::verp::Verp;
+use herald::verp::Verp;
 
 fn verp() -> &'static Verp {
     static VERP: OnceLock<Verp> = OnceLock::new();

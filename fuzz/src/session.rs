@@ -26,7 +26,7 @@ use herald::config::Config;
 use herald::deliver::classify;
 use herald::dns::Dns;
 use herald::policy::dkim::Signer;
-use herald::policy::verp::Verp;
+use herald::verp::Verp;
 use herald::queue::{AttemptResult, DeliveryJob, Queue, QueueId, RcptOutcome};
 use herald::receive::{self, ReceiveContext};
 use herald::reply::{Enhanced, Reply};

@@ -17,9 +17,9 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use herald::config::Config;
-use herald::queue::{
-    AttemptResult, Envelope, Notify, Queue, QueueId, RcptOutcome, Recipient, Ret, unix_now,
-};
+use herald::clock::unix_now;
+use herald::envelope::{Envelope, Notify, QueueId, Recipient, Ret};
+use herald::queue::{AttemptResult, Queue, RcptOutcome};
 use herald::reply::{Enhanced, Reply};
 use herald::report::{Classification, Reporter};
 use tokio::runtime::Runtime;

@@ -733,7 +733,12 @@ impl Config {
         for key in table.keys() {
             if !KNOWN.contains(&key.as_str()) {
                 errs.push(
-                    key.clone(),
+                    // An empty name still needs a visible key path.
+                    if key.is_empty() {
+                        "\"\"".to_string()
+                    } else {
+                        key.clone()
+                    },
                     format!("unknown section; known ones are {}", KNOWN.join(", ")),
                 );
             }
