@@ -32,7 +32,7 @@ async fn run(writers: usize, duration: Duration) -> (f64, f64) {
     let _ = std::fs::remove_dir_all(dir);
     let (spool, _, _) = Spool::open(dir).expect("open spool");
     let spool = Arc::new(spool);
-    let body = vec![b'x'; 2048];
+    let body = bytes::Bytes::from(vec![b'x'; 2048]);
     let rcpts = vec![Recipient::new("rcpt@dest.example".into())];
     let start = Instant::now();
     let syncs0 = spool.syncs();
@@ -45,7 +45,7 @@ async fn run(writers: usize, duration: Duration) -> (f64, f64) {
             let env = envelope();
             let mut n = 0u64;
             while start.elapsed() < duration {
-                let rec = Record::message(QueueId::generate(), &env, &rcpts, &body);
+                let rec = Record::message(QueueId::generate(), &env, &rcpts, body.clone());
                 spool.append_durable(rec).await.expect("append");
                 n += 1;
             }

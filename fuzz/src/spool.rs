@@ -16,8 +16,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use herald::config::Config;
 use herald::clock::unix_now;
+use herald::config::Config;
 use herald::envelope::{Envelope, Notify, QueueId, Recipient, Ret};
 use herald::queue::{AttemptResult, Queue, RcptOutcome};
 use herald::reply::{Enhanced, Reply};

@@ -5,8 +5,15 @@
 //! and reported together, each with its key path (`listener[1].tls`).
 //! Durations and sizes are parsed here (see [`units`]), never later.
 
+pub mod classification;
+pub mod dmarc;
+pub mod dnsbl;
+pub mod reputation;
 pub mod senders;
+pub mod smarthost;
+pub mod spam;
 pub mod units;
+pub mod webhook;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -135,14 +142,13 @@ pub struct Config {
     pub dsn: DsnConfig,
     pub policy: PolicyConfig,
     pub history: HistoryConfig,
-    /// `[reputation]`: the tenant reputation guard (see [`crate::control`]).
-    pub reputation: crate::control::ReputationConfig,
+    /// `[reputation]`: the tenant reputation guard.
+    pub reputation: reputation::ReputationConfig,
     /// `[classification]`: rules that label failures, tried before the
-    /// built-in ones (see [`crate::deliver::classify`]).
-    pub classification: crate::deliver::classify::ClassificationConfig,
-    /// `[[smarthost]]`: providers some mail is relayed through (see
-    /// [`crate::deliver::smarthost`]).
-    pub smarthosts: Vec<crate::deliver::smarthost::SmarthostConfig>,
+    /// built-in ones.
+    pub classification: classification::ClassificationConfig,
+    /// `[[smarthost]]`: providers some mail is relayed through.
+    pub smarthosts: Vec<smarthost::SmarthostConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -316,8 +322,7 @@ fn yes() -> bool {
     true
 }
 
-/// `[dsn]`: bounce reports to the envelope sender (see
-/// [`crate::report::dsn`]).
+/// `[dsn]`: bounce reports to the envelope sender.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct DsnConfig {
@@ -518,8 +523,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// `[suppression]`: the per-tenant list of addresses not to send to
-/// (see [`crate::suppression`]).
+/// `[suppression]`: the per-tenant list of addresses not to send to.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct SuppressionConfig {
@@ -530,8 +534,7 @@ pub struct SuppressionConfig {
     pub file: Option<PathBuf>,
 }
 
-/// `[webhooks]`: how events are POSTed to each tenant's `webhook_url`
-/// (see [`crate::report::webhook`]).
+/// `[webhooks]`: how events are POSTed to each tenant's `webhook_url`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct WebhooksConfig {
@@ -576,8 +579,8 @@ pub struct ClusterConfig {
     /// the connect timeout of the events stream and the shared suppression
     /// list (at least 200 ms; their batches get at least 1 s to answer).
     pub redis_timeout: Span,
-    /// The Redis stream every event is XADDed to (see
-    /// [`crate::report::stream`]); default `<key_prefix>:events`.
+    /// The Redis stream every event is XADDed to; default
+    /// `<key_prefix>:events`.
     pub events_stream: Option<String>,
     /// `MAXLEN ~` of that stream: Redis trims it to about this many events.
     pub events_stream_maxlen: u64,
@@ -604,21 +607,21 @@ impl Default for ClusterConfig {
     }
 }
 
-/// `[policy]`: checks on each message before it is accepted (see
-/// [`crate::policy`]). Each part owns its keys and their validation.
+/// `[policy]`: checks on each message before it is accepted. Each part has
+/// its keys and their validation in a module of its own here.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct PolicyConfig {
     /// `[policy.spam]`: outbound spam heuristics.
-    pub spam: crate::policy::spam::SpamConfig,
+    pub spam: spam::SpamConfig,
     /// `[policy.dmarc]`: would the message pass DMARC at the receiver.
-    pub dmarc: crate::policy::alignment::DmarcConfig,
+    pub dmarc: dmarc::DmarcConfig,
     /// `[[policy.dnsbl]]`: DNS blocklist zones.
-    pub dnsbl: Vec<crate::policy::dnsbl::ZoneConfig>,
+    pub dnsbl: Vec<dnsbl::ZoneConfig>,
 }
 
 /// `[history]`: finished messages remembered for the status API, late
-/// bounces and idempotent submission (see [`crate::queue::history`]).
+/// bounces and idempotent submission.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct HistoryConfig {
@@ -642,9 +645,19 @@ impl Default for HistoryConfig {
     }
 }
 
+/// How long, and how much, is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryLimits {
+    pub retention_secs: u64,
+    pub max_messages: usize,
+    /// A tenant's Message-ID seen within this many seconds is a duplicate;
+    /// 0 = idempotent submission off.
+    pub idempotency_secs: u64,
+}
+
 impl HistoryConfig {
-    pub fn limits(&self) -> crate::queue::history::Limits {
-        crate::queue::history::Limits {
+    pub fn limits(&self) -> HistoryLimits {
+        HistoryLimits {
             retention_secs: self.retention.0.as_secs(),
             max_messages: self.max_messages,
             idempotency_secs: self.idempotency_window.0.as_secs(),
@@ -652,7 +665,7 @@ impl HistoryConfig {
     }
 }
 
-/// `[limits]`: rate limits (see [`crate::limits`]). Every limit
+/// `[limits]`: rate limits. Every limit
 /// is unset by default: no limit.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
@@ -748,7 +761,7 @@ impl Config {
         // stay right when an earlier item failed to parse.
         let listeners: Vec<Option<ListenerConfig>> = array(&table, "listener", &mut errs);
         let tenants: Vec<Option<TenantConfig>> = array(&table, "tenant", &mut errs);
-        let smarthosts: Vec<Option<crate::deliver::smarthost::SmarthostConfig>> =
+        let smarthosts: Vec<Option<smarthost::SmarthostConfig>> =
             array(&table, "smarthost", &mut errs);
         let cfg = Config {
             server: section(&table, "server", &mut errs).unwrap_or_default(),
@@ -776,7 +789,7 @@ impl Config {
             smarthosts: smarthosts.iter().flatten().cloned().collect(),
         };
         cfg.validate(&listeners, &tenants, &mut errs);
-        crate::deliver::smarthost::validate(&smarthosts, &tenants, &mut errs);
+        smarthost::validate(&smarthosts, &tenants, &mut errs);
         let mut cfg = cfg;
         if let Some(address) = cfg.bounces.listener {
             if cfg.bounces.return_path_domain.is_none() {
@@ -924,10 +937,10 @@ impl Config {
                 "must be at least server.data_timeout: a transaction includes its DATA",
             );
         }
-        if self.server.max_receiving_bytes.0 < 2 * self.server.max_message_size.0 {
+        if self.server.max_receiving_bytes.0 < self.server.max_message_size.0 {
             errs.push(
                 "server.max_receiving_bytes",
-                "must be at least twice server.max_message_size (a message and its spool record while it is written), or no message of the largest size could be taken",
+                "must be at least server.max_message_size, or no message of the largest size could be received",
             );
         }
 
@@ -1001,7 +1014,7 @@ impl Config {
                 }
             }
             if let Some(url) = &t.webhook_url {
-                if let Err(e) = crate::report::webhook::Target::parse(url) {
+                if let Err(e) = webhook::Target::parse(url) {
                     errs.push(format!("{p}.webhook_url"), e);
                 }
                 if t.webhook_secret
@@ -1061,11 +1074,11 @@ impl Config {
                 "must not be longer than history.retention",
             );
         }
-        crate::policy::spam::validate(&self.policy.spam, "policy.spam", errs);
-        crate::control::reputation::validate(&self.reputation, "reputation", errs);
-        crate::policy::alignment::validate(&self.policy.dmarc, "policy.dmarc", errs);
+        spam::validate(&self.policy.spam, "policy.spam", errs);
+        reputation::validate(&self.reputation, "reputation", errs);
+        dmarc::validate(&self.policy.dmarc, "policy.dmarc", errs);
         for (i, zone) in self.policy.dnsbl.iter().enumerate() {
-            crate::policy::dnsbl::validate(zone, &format!("policy.dnsbl[{i}]"), errs);
+            dnsbl::validate(zone, &format!("policy.dnsbl[{i}]"), errs);
         }
 
         if let Err(e) = self.dns.nameserver_addrs() {

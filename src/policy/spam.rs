@@ -15,14 +15,12 @@
 //! of hints reaches the threshold. A plain invoice (text + HTML + PDF)
 //! fires none of them.
 
-use std::collections::BTreeMap;
-
 use mail_parser::{
     Address, HeaderName, HeaderValue, Message, MessageParser, MimeHeaders, PartType,
 };
-use serde::Deserialize;
 
-use crate::config::ConfigErrors;
+use crate::config::spam::RULES;
+pub use crate::config::spam::SpamConfig;
 
 /// Body text (text and HTML parts together) scanned per message; the rest
 /// of a larger body is not looked at.
@@ -52,25 +50,6 @@ const CAPS_MIN_SHARE: f64 = 0.8;
 /// Nesting of message/rfc822 parts followed for attachments.
 const MAX_NESTING: usize = 3;
 
-/// The rules, in report order: name, default weight.
-const RULES: [(&str, f64); 15] = [
-    ("date_malformed", 1.0),
-    ("message_id_malformed", 1.0),
-    ("from_malformed", 2.0),
-    ("display_name_domain", 2.5),
-    ("subject_caps", 1.5),
-    ("subject_punctuation", 1.5),
-    ("html_only", 1.0),
-    ("link_mismatch", 3.0),
-    ("ip_url", 2.0),
-    ("url_shortener", 1.5),
-    ("executable_attachment", 5.0),
-    ("macro_attachment", 2.5),
-    ("archive_executable", 5.0),
-    ("hidden_text", 2.0),
-    ("too_many_recipients", 2.0),
-];
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Rule {
     DateMalformed,
@@ -93,112 +72,6 @@ enum Rule {
 impl Rule {
     fn name(self) -> &'static str {
         RULES[self as usize].0
-    }
-}
-
-/// The names of every rule, as used in `[policy.spam.weights]`.
-pub fn rule_names() -> impl Iterator<Item = &'static str> {
-    RULES.iter().map(|(n, _)| *n)
-}
-
-/// A rule's default weight; `None` for an unknown name.
-pub fn default_weight(rule: &str) -> Option<f64> {
-    RULES.iter().find(|(n, _)| *n == rule).map(|(_, w)| *w)
-}
-
-/// Hosts of common URL shorteners: a shortened link hides where it goes.
-const DEFAULT_SHORTENERS: &[&str] = &[
-    "bit.ly",
-    "bitly.com",
-    "tinyurl.com",
-    "t.co",
-    "goo.gl",
-    "ow.ly",
-    "is.gd",
-    "buff.ly",
-    "rebrand.ly",
-    "cutt.ly",
-    "t.ly",
-    "v.gd",
-    "tiny.cc",
-    "shorturl.at",
-    "rb.gy",
-    "s.id",
-    "lnkd.in",
-    "bl.ink",
-    "short.io",
-    "soo.gd",
-    "clck.ru",
-    "qrco.de",
-    "tr.im",
-    "x.co",
-];
-
-/// `[policy.spam]`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default)]
-pub struct SpamConfig {
-    /// Score messages at all.
-    pub enabled: bool,
-    /// Score at which a message is refused.
-    pub threshold: f64,
-    /// Weight per rule name, replacing the default; 0 turns a rule off.
-    pub weights: BTreeMap<String, f64>,
-    /// Most addresses in To: and Cc: together before `too_many_recipients`.
-    pub max_header_recipients: usize,
-    /// Hosts of URL shorteners (a subdomain matches too).
-    pub shorteners: Vec<String>,
-}
-
-impl Default for SpamConfig {
-    fn default() -> Self {
-        SpamConfig {
-            enabled: true,
-            threshold: 5.0,
-            weights: BTreeMap::new(),
-            max_header_recipients: 50,
-            shorteners: DEFAULT_SHORTENERS.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-}
-
-/// Checks `[policy.spam]`; `path` is its key path.
-pub fn validate(cfg: &SpamConfig, path: &str, errs: &mut ConfigErrors) {
-    if !(cfg.threshold.is_finite() && cfg.threshold > 0.0) {
-        errs.push(format!("{path}.threshold"), "must be a number more than 0");
-    }
-    for (name, weight) in &cfg.weights {
-        if default_weight(name).is_none() {
-            let known: Vec<&str> = rule_names().collect();
-            errs.push(
-                format!("{path}.weights.{name}"),
-                format!("unknown rule; the rules are: {}", known.join(", ")),
-            );
-        } else if !(weight.is_finite() && *weight >= 0.0) {
-            errs.push(
-                format!("{path}.weights.{name}"),
-                "must be a number of 0 or more (0 turns the rule off)",
-            );
-        }
-    }
-    if cfg.max_header_recipients == 0 {
-        errs.push(
-            format!("{path}.max_header_recipients"),
-            "must be at least 1",
-        );
-    }
-    for (i, host) in cfg.shorteners.iter().enumerate() {
-        let ok = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-            && host.contains('.');
-        if !ok {
-            errs.push(
-                format!("{path}.shorteners[{i}]"),
-                "must be a host name such as \"bit.ly\" (no scheme, no path)",
-            );
-        }
     }
 }
 
@@ -1547,6 +1420,8 @@ pub fn zip_names(data: &[u8], max: usize) -> Option<Vec<&[u8]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConfigErrors;
+    use crate::config::spam::{rule_names, validate};
 
     #[test]
     fn a_long_plain_text_message_is_parsed_only_as_far_as_it_is_scanned() {

@@ -22,6 +22,7 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::HistoryLimits;
 use crate::envelope::{Envelope, QueueId, Recipient};
 
 const FILE: &str = "history.jsonl";
@@ -38,19 +39,9 @@ pub struct Finished {
     pub finished_at: u64,
 }
 
-/// How long, and how much, is kept.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub retention_secs: u64,
-    pub max_messages: usize,
-    /// A tenant's Message-ID seen within this many seconds is a duplicate;
-    /// 0 = idempotent submission off.
-    pub idempotency_secs: u64,
-}
-
 pub struct History {
     inner: Mutex<Inner>,
-    limits: Limits,
+    limits: HistoryLimits,
     /// Lines for the writer thread: (JSON, finished_at).
     writer: Option<mpsc::Sender<Line>>,
 }
@@ -150,7 +141,7 @@ fn latest_key(tenant: Option<&str>, message_id: &str) -> (String, String) {
 
 impl History {
     /// Loads what `dir` holds within the retention and starts the writer.
-    pub fn open(dir: &Path, limits: Limits, now: u64) -> std::io::Result<History> {
+    pub fn open(dir: &Path, limits: HistoryLimits, now: u64) -> std::io::Result<History> {
         let mut found: Vec<Finished> = Vec::new();
         // When the current file's oldest line passes the retention, it is
         // rotated: only that file's own lines count for it.
@@ -214,7 +205,7 @@ impl History {
     }
 
     /// A history that keeps nothing on disk (tests, tools).
-    pub fn in_memory(limits: Limits) -> History {
+    pub fn in_memory(limits: HistoryLimits) -> History {
         History {
             inner: Mutex::new(Inner::default()),
             limits,
@@ -510,7 +501,7 @@ mod tests {
     use super::*;
     use crate::envelope::RcptStatus;
 
-    const LIMITS: Limits = Limits {
+    const LIMITS: HistoryLimits = HistoryLimits {
         retention_secs: 100,
         max_messages: 3,
         idempotency_secs: 10,

@@ -257,7 +257,7 @@ impl Queue {
         if self.closed.load(Ordering::Acquire) {
             return Err(QueueError::Closed);
         }
-        let record = Record::message(id, &envelope, &recipients, &body);
+        let record = Record::message(id, &envelope, &recipients, body.clone());
         let started = std::time::Instant::now();
         self.inner.lock().expect("queue lock").pending_enqueues += 1;
         let loc = match self.spool.append_durable(record).await {
@@ -284,9 +284,23 @@ impl Queue {
                 body: loc,
                 timer: None,
             };
-            let jobs = entry.take_due_jobs(id, unix_now(), &body);
+            // Handed to delivery with the body it has in memory, unless that
+            // would pass max_bytes_in_flight (a slow destination must not
+            // keep every accepted body in memory): then the scheduler reads
+            // it back from the spool when there is room.
+            let room = inner.bytes_in_flight == 0
+                || inner.bytes_in_flight + entry.body.len <= self.max_bytes_in_flight;
+            let now = unix_now();
+            let jobs = if room {
+                entry.take_due_jobs(id, now, &body)
+            } else {
+                Vec::new()
+            };
             if entry.busy() {
                 inner.bytes_in_flight += entry.body.len;
+            } else if let Some(due) = entry.next_due() {
+                set_timer(&mut inner.timers, id, &mut entry, Some(due));
+                self.wake.notify_one();
             }
             inner.messages.insert(id, entry);
             self.collect_segments(&mut inner);
@@ -629,8 +643,12 @@ impl Queue {
                 let Some(e) = inner.messages.get(&id).filter(|e| e.body == loc) else {
                     continue;
                 };
-                self.spool
-                    .append_acked(Record::message(id, &e.envelope, &e.recipients, &body))
+                self.spool.append_acked(Record::message(
+                    id,
+                    &e.envelope,
+                    &e.recipients,
+                    Bytes::from(body),
+                ))
             };
             let new_loc = match written.await {
                 Ok(l) => l,
@@ -1344,6 +1362,45 @@ mod tests {
         assert!(!q.dispatch_due().await);
         let second = rx.try_recv().expect("room again after a reply");
         assert_ne!(second.id, first.id);
+        assert!(rx.try_recv().is_err());
+        q.close().await;
+    }
+
+    /// Freshly accepted messages count against the in-flight limit too: past
+    /// it they wait on disk (their in-memory body is not kept) and are read
+    /// back once deliveries finish.
+    #[tokio::test]
+    async fn new_messages_past_the_in_flight_limit_wait_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.delivery.max_bytes_in_flight = crate::config::Size(1000);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let id = QueueId::generate();
+            q.enqueue(
+                id,
+                envelope(),
+                vec![Recipient::new("a@one.test".into())],
+                Bytes::from(vec![b'a' + i; 600]),
+            )
+            .await
+            .unwrap();
+            ids.push(id);
+        }
+        let first = rx.try_recv().expect("the first goes at once");
+        assert_eq!(first.id, ids[0]);
+        assert!(rx.try_recv().is_err(), "the others would pass the limit");
+        q.complete_attempt(first.id, only(0, delivered()));
+        assert!(!q.dispatch_due().await, "one more fits, not two");
+        let second = rx.try_recv().expect("room again");
+        assert_eq!(second.id, ids[1]);
+        assert_eq!(
+            &second.body[..],
+            &[b'b'; 600][..],
+            "read back from the spool"
+        );
         assert!(rx.try_recv().is_err());
         q.close().await;
     }

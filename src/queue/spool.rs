@@ -56,6 +56,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -140,8 +141,12 @@ impl SpoolDamage {
 
 /// An encoded record ready for the writer.
 pub struct Record {
+    /// The header and the payload, but for a message's body.
     bytes: Vec<u8>,
-    /// Offset of the body inside `bytes`, for `Message` records.
+    /// A message's body, shared with the queue's in-memory copy: the record
+    /// does not copy it (it is written from where it is).
+    body: Bytes,
+    /// Offset of the body inside the record, for `Message` records.
     body_offset: u64,
 }
 
@@ -150,7 +155,7 @@ impl Record {
         id: QueueId,
         envelope: &Envelope,
         recipients: &[Recipient],
-        body: &[u8],
+        body: Bytes,
     ) -> Record {
         #[derive(Serialize)]
         struct Ref<'a> {
@@ -165,14 +170,28 @@ impl Record {
         })
         .expect("envelope serializes");
         let header = Layout::V2.record_header() as usize;
-        let mut bytes = Vec::with_capacity(header + 4 + meta.len() + body.len());
+        let mut bytes = Vec::with_capacity(header + 4 + meta.len());
         bytes.resize(header, 0);
         bytes.extend_from_slice(&(meta.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&meta);
         let body_offset = bytes.len() as u64;
-        bytes.extend_from_slice(body);
-        format::frame_in_place(KIND_MESSAGE, &mut bytes);
-        Record { bytes, body_offset }
+        format::frame_parts(KIND_MESSAGE, &mut bytes, &body);
+        Record {
+            bytes,
+            body,
+            body_offset,
+        }
+    }
+
+    /// Bytes on disk.
+    fn len(&self) -> usize {
+        self.bytes.len() + self.body.len()
+    }
+
+    /// The whole record in one buffer (tests write segments by hand).
+    #[cfg(test)]
+    fn contiguous(&self) -> Vec<u8> {
+        [&self.bytes[..], &self.body[..]].concat()
     }
 
     pub fn update(id: QueueId, index: usize, recipient: &Recipient) -> Record {
@@ -184,6 +203,7 @@ impl Record {
         .expect("recipient serializes");
         Record {
             bytes: format::frame(KIND_UPDATE, &payload),
+            body: Bytes::new(),
             body_offset: 0,
         }
     }
@@ -191,6 +211,7 @@ impl Record {
     pub fn done(id: QueueId) -> Record {
         Record {
             bytes: format::frame(KIND_DONE, &id.0.to_le_bytes()),
+            body: Bytes::new(),
             body_offset: 0,
         }
     }
@@ -507,8 +528,9 @@ impl Head {
 /// message body is not copied a second time).
 #[derive(Default)]
 struct Pending {
-    /// Written before `buf`.
-    large: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Written before `buf`: what was gathered before each large record,
+    /// and the record.
+    large: Vec<(Vec<u8>, Record)>,
     buf: Vec<u8>,
     /// Bytes in `large` and `buf`.
     len: u64,
@@ -658,7 +680,7 @@ impl Writer {
             return false;
         };
         while let Some(record) = backlog.pop_front() {
-            *backlog_bytes -= record.bytes.len();
+            *backlog_bytes -= record.len();
             put(h, record, None, p);
         }
         true
@@ -702,7 +724,10 @@ impl Writer {
         let mut result = Ok(());
         for (before, record) in std::mem::take(&mut p.large) {
             if result.is_ok() {
-                result = h.write(&before).and_then(|()| h.write(&record));
+                result = h
+                    .write(&before)
+                    .and_then(|()| h.write(&record.bytes))
+                    .and_then(|()| h.write(&record.body));
             }
         }
         if result.is_ok() {
@@ -738,7 +763,7 @@ impl Writer {
 
     /// Keeps a record nobody waits for until there is a head segment.
     fn keep(&mut self, record: Record, front: bool) {
-        if self.backlog_bytes + record.bytes.len() > MAX_BACKLOG_BYTES {
+        if self.backlog_bytes + record.len() > MAX_BACKLOG_BYTES {
             if self.dropped == 0 {
                 tracing::error!(
                     "too many recipient-state records wait for room in the spool: dropping them (after a restart those recipients may be delivered again)"
@@ -747,7 +772,7 @@ impl Writer {
             self.dropped += 1;
             return;
         }
-        self.backlog_bytes += record.bytes.len();
+        self.backlog_bytes += record.len();
         if front {
             self.backlog.push_front(record);
         } else {
@@ -914,23 +939,25 @@ type Reply = (Ack, io::Result<BodyLoc>);
 fn put(h: &Head, mut record: Record, ack: Option<Ack>, p: &mut Pending) {
     let offset = h.len + p.len;
     h.key.seal(&mut record.bytes, offset);
-    p.len += record.bytes.len() as u64;
+    p.len += record.len() as u64;
     match ack {
         Some(ack) => {
             let loc = BodyLoc {
                 segment: h.seq,
                 offset: offset + record.body_offset,
-                len: (record.bytes.len() as u64).saturating_sub(record.body_offset),
+                len: (record.len() as u64).saturating_sub(record.body_offset),
             };
             p.acks.push((ack, loc));
-            if record.bytes.len() >= LARGE_RECORD {
-                p.large.push((std::mem::take(&mut p.buf), record.bytes));
+            if record.len() >= LARGE_RECORD {
+                p.large.push((std::mem::take(&mut p.buf), record));
             } else {
                 p.buf.extend_from_slice(&record.bytes);
+                p.buf.extend_from_slice(&record.body);
             }
         }
         None => {
             p.buf.extend_from_slice(&record.bytes);
+            p.buf.extend_from_slice(&record.body);
             p.unacked.push(record);
         }
     }
@@ -950,6 +977,22 @@ fn no_room(kind: io::ErrorKind) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A message record with its body inline, as tests build segments from
+    /// one buffer.
+    pub(super) fn message_record(
+        id: QueueId,
+        env: &Envelope,
+        rcpts: &[Recipient],
+        body: &[u8],
+    ) -> Record {
+        let r = Record::message(id, env, rcpts, Bytes::copy_from_slice(body));
+        Record {
+            bytes: r.contiguous(),
+            body: Bytes::new(),
+            body_offset: r.body_offset,
+        }
+    }
+
     use super::*;
     use crate::clock::unix_now;
     use crate::envelope::RcptStatus;
@@ -994,7 +1037,7 @@ mod tests {
         let mut at = SEGMENT_HEADER;
         for i in 0..n {
             let id = QueueId::generate();
-            let rec = Record::message(id, &envelope(), &rcpts(), &body(i));
+            let rec = message_record(id, &envelope(), &rcpts(), &body(i));
             starts.push(at);
             at += rec.bytes.len() as u64;
             let loc = spool.append_durable(rec).await.unwrap();
@@ -1042,11 +1085,11 @@ mod tests {
         let a = QueueId::generate();
         let b = QueueId::generate();
         let loc_a = spool
-            .append_durable(Record::message(a, &env, &rcpts, b"body A\r\n"))
+            .append_durable(message_record(a, &env, &rcpts, b"body A\r\n"))
             .await
             .unwrap();
         spool
-            .append_durable(Record::message(b, &env, &rcpts, b"body B\r\n"))
+            .append_durable(message_record(b, &env, &rcpts, b"body B\r\n"))
             .await
             .unwrap();
         assert_eq!(spool.read_body(loc_a).unwrap(), b"body A\r\n");
@@ -1083,7 +1126,7 @@ mod tests {
         let waits: Vec<_> = ids
             .iter()
             .zip(&bodies)
-            .map(|(id, b)| spool.append_durable(Record::message(*id, &env, &rcpts(), b)))
+            .map(|(id, b)| spool.append_durable(message_record(*id, &env, &rcpts(), b)))
             .collect();
         for (w, body) in futures_util::future::join_all(waits)
             .await
@@ -1111,14 +1154,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _, head) = Spool::open(dir.path()).unwrap();
         let id = QueueId::generate();
-        let kept = Record::message(id, &envelope(), &rcpts(), b"kept\r\n");
+        let kept = message_record(id, &envelope(), &rcpts(), b"kept\r\n");
         let end = SEGMENT_HEADER + kept.bytes.len() as u64;
         spool.append_durable(kept).await.unwrap();
         spool.close().await;
         // A crash in the middle of the next write leaves half a record
         // before the zero-filled space.
         let head_seg = spool_head(dir.path(), head);
-        let mut torn = Record::message(QueueId::generate(), &envelope(), &rcpts(), b"lost\r\n");
+        let mut torn = message_record(QueueId::generate(), &envelope(), &rcpts(), b"lost\r\n");
         head_seg.seal(&mut torn.bytes, end);
         let f = OpenOptions::new()
             .write(true)
@@ -1231,7 +1274,7 @@ mod tests {
             let id = QueueId(0xF0F0_0000 + i);
             let mut env = envelope();
             env.sender = "attacker@evil.test".into();
-            let mut rec = Record::message(
+            let mut rec = message_record(
                 id,
                 &env,
                 &[Recipient::new("victim@far.test".into())],
@@ -1259,19 +1302,19 @@ mod tests {
                 QueueId::generate(),
             );
             let first = spool
-                .append_durable(Record::message(a, &envelope(), &rcpts(), b"first\r\n"))
+                .append_durable(message_record(a, &envelope(), &rcpts(), b"first\r\n"))
                 .await
                 .unwrap();
-            let probe = Record::message(b, &envelope(), &rcpts(), b"");
+            let probe = message_record(b, &envelope(), &rcpts(), b"");
             let body_at = first.offset + first.len + probe.body_offset;
             let (evil, forged) = forged_body(body_at);
             let loc = spool
-                .append_durable(Record::message(b, &envelope(), &rcpts(), &evil))
+                .append_durable(message_record(b, &envelope(), &rcpts(), &evil))
                 .await
                 .unwrap();
             assert_eq!(loc.offset, body_at);
             spool
-                .append_durable(Record::message(c, &envelope(), &rcpts(), b"last\r\n"))
+                .append_durable(message_record(c, &envelope(), &rcpts(), b"last\r\n"))
                 .await
                 .unwrap();
             spool.close().await;
@@ -1312,7 +1355,7 @@ mod tests {
             let records = || -> Vec<Record> {
                 all.iter()
                     .enumerate()
-                    .map(|(i, id)| Record::message(*id, &envelope(), &rcpts(), &body(i)))
+                    .map(|(i, id)| message_record(*id, &envelope(), &rcpts(), &body(i)))
                     .collect()
             };
             let starts = write_v1(dir.path(), 1, &records());
@@ -1352,14 +1395,14 @@ mod tests {
             let (spool, _, seq) = Spool::open(dir.path()).unwrap();
             let (m, n) = (QueueId::generate(), QueueId::generate());
             let loc = spool
-                .append_durable(Record::message(m, &envelope(), &rcpts(), b"m\r\n"))
+                .append_durable(message_record(m, &envelope(), &rcpts(), b"m\r\n"))
                 .await
                 .unwrap();
             let mut delivered = rcpts()[0].clone();
             delivered.status = RcptStatus::Delivered;
             spool.append(Record::update(m, 0, &delivered));
             spool
-                .append_durable(Record::message(n, &envelope(), &rcpts(), b"n\r\n"))
+                .append_durable(message_record(n, &envelope(), &rcpts(), b"n\r\n"))
                 .await
                 .unwrap();
             spool.close().await;
@@ -1390,7 +1433,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (spool, _, seq) = Spool::open(dir.path()).unwrap();
             let m = QueueId::generate();
-            let first = Record::message(m, &envelope(), &rcpts(), b"m\r\n");
+            let first = message_record(m, &envelope(), &rcpts(), b"m\r\n");
             spool.append_durable(first).await.unwrap();
             let mut deferred = rcpts()[0].clone();
             deferred.status = RcptStatus::Deferred;
@@ -1512,7 +1555,7 @@ mod tests {
             let id = QueueId::generate();
             let body = format!("{i}{}\r\n", "x".repeat(400));
             let loc = spool
-                .append_durable(Record::message(id, &envelope(), &rcpts(), body.as_bytes()))
+                .append_durable(message_record(id, &envelope(), &rcpts(), body.as_bytes()))
                 .await
                 .unwrap();
             assert_eq!(spool.read_body(loc).unwrap(), body.as_bytes());
@@ -1569,7 +1612,7 @@ mod tests {
             bodies_intact(&spool, &found, &all);
             assert!(spool.is_full());
             let e = spool
-                .append_durable(Record::message(
+                .append_durable(message_record(
                     QueueId::generate(),
                     &envelope(),
                     &rcpts(),
@@ -1614,7 +1657,7 @@ mod tests {
             let mut accepted = Vec::new();
             let refusal = loop {
                 let id = QueueId::generate();
-                let rec = Record::message(id, &envelope(), &rcpts(), &[b'x'; 8 << 10]);
+                let rec = message_record(id, &envelope(), &rcpts(), &[b'x'; 8 << 10]);
                 match spool.append_durable(rec).await {
                     Ok(_) => accepted.push(id),
                     Err(e) => break e,
@@ -1624,7 +1667,7 @@ mod tests {
             assert_eq!(refusal.kind(), io::ErrorKind::StorageFull, "{refusal}");
             // Refused at once from now on, without a head segment.
             let again = spool
-                .append_durable(Record::message(
+                .append_durable(message_record(
                     QueueId::generate(),
                     &envelope(),
                     &rcpts(),
@@ -1644,7 +1687,7 @@ mod tests {
             until_writable(&spool).await;
             let late = QueueId::generate();
             spool
-                .append_durable(Record::message(late, &envelope(), &rcpts(), b"late\r\n"))
+                .append_durable(message_record(late, &envelope(), &rcpts(), b"late\r\n"))
                 .await
                 .unwrap();
             spool.close().await;
@@ -1671,6 +1714,7 @@ mod tests {
 /// record that was not written as one, and loses only the damaged record.
 #[cfg(test)]
 mod prop_tests {
+    use super::tests::message_record;
     use super::*;
     use crate::clock::unix_now;
     use format::frame_v1;
@@ -1701,7 +1745,7 @@ mod prop_tests {
         for (i, body) in bodies.iter().enumerate() {
             let id = QueueId(i as u128 + 1);
             let rcpts = vec![Recipient::new(format!("r{i}@one.test"))];
-            let mut r = Record::message(id, &envelope(i), &rcpts, body);
+            let mut r = message_record(id, &envelope(i), &rcpts, body);
             key.seal(&mut r.bytes, file.len() as u64);
             spans.push((file.len(), file.len() + r.bytes.len()));
             file.extend_from_slice(&r.bytes);
@@ -1769,7 +1813,7 @@ mod prop_tests {
                 out.extend(std::iter::repeat_n(b'.', pad));
                 let id = QueueId(1000 + i as u128);
                 let rcpts = vec![Recipient::new("victim@far.test".into())];
-                let mut r = Record::message(id, &envelope(1000), &rcpts, b"spam");
+                let mut r = message_record(id, &envelope(1000), &rcpts, b"spam");
                 SegmentKey::random().seal(&mut r.bytes, offset);
                 out.extend_from_slice(&if v1 { frame_v1(&r.bytes) } else { r.bytes });
             }

@@ -33,8 +33,6 @@ use crate::report::{Event, EventKind};
 const HEADER_ROOM: usize = 512;
 /// First allocation for a message of unknown size.
 const INITIAL_BODY: usize = 8 * 1024;
-/// How long a received message waits for room to be written.
-const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The refusal of a message with a line end other than CRLF.
 pub fn bare_line_end() -> Reply {
@@ -290,8 +288,9 @@ impl Session {
             reservation,
             ..
         } = body;
-        // Held until the queue has the message (it then counts it itself).
-        let mut reservation = reservation;
+        // Held until the queue has the message (it then counts it itself;
+        // the spool writes the same buffer, it does not copy it).
+        let _reservation = reservation;
         let sender = txn.envelope.sender.clone();
 
         if short {
@@ -422,19 +421,6 @@ impl Session {
             buf.shrink_to_fit();
         }
         let size = buf.len() as u64;
-        // The spool's record is a second copy while it is written: it counts
-        // too. Other messages' writes end within moments, so wait for room
-        // a little before refusing a message already received.
-        if !reservation
-            .grow_to_within(2 * buf.len() + HEADER_ROOM, ROOM_WAIT)
-            .await
-        {
-            let reply = no_room();
-            tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: server.max_receiving_bytes reached");
-            self.reject_event("receiving_budget", &reply, &sender, None);
-            self.reply(&reply);
-            return Step::Continue;
-        }
         let history = self.ctx.queue.history();
         if let Some(mid) = &app_message_id {
             let rcpts = txn.recipients.iter().map(|r| r.address.as_str());

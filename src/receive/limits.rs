@@ -370,13 +370,10 @@ pub fn raise_fd_limit() -> Option<u64> {
 }
 
 /// Message bytes being received at once, over all sessions
-/// (`server.max_receiving_bytes`): the buffers of messages arriving, and
-/// while a message is written to the spool, its record too.
+/// (`server.max_receiving_bytes`).
 pub struct ByteBudget {
     limit: usize,
     used: AtomicUsize,
-    /// Woken whenever bytes are given back.
-    released: tokio::sync::Notify,
 }
 
 impl ByteBudget {
@@ -384,7 +381,6 @@ impl ByteBudget {
         Arc::new(ByteBudget {
             limit,
             used: AtomicUsize::new(0),
-            released: tokio::sync::Notify::new(),
         })
     }
 
@@ -431,25 +427,6 @@ impl Reservation {
         true
     }
 
-    /// Like [`Reservation::grow_to`], waiting up to `wait` for other
-    /// reservations to give bytes back.
-    pub async fn grow_to_within(&mut self, bytes: usize, wait: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + wait;
-        let budget = Arc::clone(&self.budget);
-        loop {
-            let released = budget.released.notified();
-            let mut released = std::pin::pin!(released);
-            // Registered before the check, so a release in between wakes us.
-            released.as_mut().enable();
-            if self.grow_to(bytes) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return false;
-            }
-        }
-    }
-
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -458,7 +435,6 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        self.budget.released.notify_waiters();
     }
 }
 
@@ -598,20 +574,5 @@ mod tests {
         drop(r1);
         assert_eq!(b.used(), 0);
         let _r2 = b.reserve(100).unwrap();
-    }
-
-    #[tokio::test]
-    async fn growing_waits_for_bytes_given_back() {
-        let b = ByteBudget::new(100);
-        let held = b.reserve(80).unwrap();
-        let mut r = b.reserve(10).unwrap();
-        assert!(!r.grow_to_within(50, Duration::from_millis(10)).await);
-        let give_back = tokio::spawn(async move {
-            tokio::task::yield_now().await;
-            drop(held);
-        });
-        assert!(r.grow_to_within(50, Duration::from_secs(30)).await);
-        give_back.await.unwrap();
-        assert_eq!(b.used(), 50);
     }
 }

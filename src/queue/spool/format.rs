@@ -213,19 +213,24 @@ pub(super) fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(Layout::V2.record_header() as usize + payload.len());
     out.resize(Layout::V2.record_header() as usize, 0);
     out.extend_from_slice(payload);
-    frame_in_place(kind, &mut out);
+    frame_parts(kind, &mut out, &[]);
     out
 }
 
-/// Fills in the header of a record whose payload was written after room
-/// for the header (so that a large body is copied once, not twice).
-pub(super) fn frame_in_place(kind: u8, record: &mut [u8]) {
+/// Fills in the header of a record whose payload is what follows the room
+/// left for the header in `head`, then `rest` (a message's body, written
+/// from where it is rather than copied).
+pub(super) fn frame_parts(kind: u8, head: &mut [u8], rest: &[u8]) {
     let header = Layout::V2.record_header() as usize;
-    let (head, payload) = record.split_at_mut(header);
-    head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    head[4..8].copy_from_slice(&crc(kind, payload).to_le_bytes());
-    head[8] = kind;
-    head[9..].fill(0);
+    let (h, first) = head.split_at_mut(header);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&[kind]);
+    crc.update(first);
+    crc.update(rest);
+    h[..4].copy_from_slice(&((first.len() + rest.len()) as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    h[8] = kind;
+    h[9..].fill(0);
 }
 
 /// The same record in format 1 (tests build old segments with it).
