@@ -170,7 +170,7 @@ class _SinkSession:
         return look[k + len(_END):]
 
 
-def _sink_main(addr, ids_path, count, ready):
+def _sink_main(addr, ids_path, count, ready, rate=None):
     import asyncio
 
     host, port = addr.rsplit(":", 1)
@@ -190,12 +190,22 @@ def _sink_main(addr, ids_path, count, ready):
 
     class Proto(asyncio.Protocol):
         def connection_made(self, transport):
+            self.transport = transport
             sock = transport.get_extra_info("socket")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.s = _SinkSession(rec, transport)
 
         def data_received(self, data):
             self.s.feed(data)
+            if rate:
+                # A slow destination: each connection reads at most `rate`
+                # bytes per second (TCP pushes back on the sender).
+                self.transport.pause_reading()
+                asyncio.get_running_loop().call_later(len(data) / rate, self._resume)
+
+        def _resume(self):
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -211,14 +221,16 @@ def _sink_main(addr, ids_path, count, ready):
 class Sink:
     """The recording sink, in its own process (the clients' threads would
     otherwise share one interpreter lock with it). `ids_path`: file that
-    gets one Message-ID per delivered message; None discards them too."""
+    gets one Message-ID per delivered message; None discards them too.
+    `rate`: bytes per second each connection reads at most (None: as fast
+    as it can)."""
 
-    def __init__(self, addr, ids_path=None):
+    def __init__(self, addr, ids_path=None, rate=None):
         self.addr = addr
         self.ids_path = ids_path
         self._count = multiprocessing.Value("q", 0, lock=False)
         ready = multiprocessing.Event()
-        self.p = multiprocessing.Process(target=_sink_main, args=(addr, ids_path, self._count, ready),
+        self.p = multiprocessing.Process(target=_sink_main, args=(addr, ids_path, self._count, ready, rate),
                                          daemon=True)
         self.p.start()
         if not ready.wait(10):
@@ -434,18 +446,23 @@ class Smtp:
         """One transaction; `data` is the dot-stuffed message without the
         final dot (bytes, or a list of bytes sent one after the other).
         Returns the reply to the end of data, or the first refusal before
-        it."""
+        it; `self.stage` then names the command it answered (MAIL, RCPT,
+        DATA, or "end" for the end of data)."""
         mail = f"MAIL FROM:<{sender}>" + (f" SIZE={size}" if size else "")
+        self.stage = "MAIL"
         c, t = self.cmd(mail)
         if c != 250:
             return c, t
+        self.stage = "RCPT"
         c, t = self.cmd(f"RCPT TO:<{rcpt}>")
         if c != 250:
             self.cmd("RSET")
             return c, t
+        self.stage = "DATA"
         c, t = self.cmd("DATA")
         if c != 354:
             return c, t
+        self.stage = "end"
         for part in data if isinstance(data, list) else [data]:
             self.sock.sendall(part)
         self.sock.sendall(b".\r\n")

@@ -9,8 +9,12 @@ data otherwise. Clients then wait a moment (0.2-0.5 s) and send again, until
 all 100 are accepted. Delivery goes to a sink that discards bodies.
 
 Runs, each with a fresh herald and spool: --budgets x (SIZE=, no SIZE=).
-The 4GiB budget is the baseline: nothing is refused, so it shows what the
-default budget saves. One JSON line per run, appended to --out.
+The 4GiB budget is the baseline: next to nothing is refused, so it shows
+what the default budget saves. --sink-rate makes the destination slow (each sink
+connection reads at most that many bytes per second), to see what accepted
+messages waiting for delivery hold. Each refusal is counted by where it
+came (refusals_by_stage: at DATA, or at the end of data after the whole
+message was sent). One JSON line per run, appended to --out.
 """
 import argparse
 import collections
@@ -35,34 +39,43 @@ ap.add_argument("--message-size", default="25MiB", help="server.max_message_size
 ap.add_argument("--listen", default="127.0.0.1:2745")
 ap.add_argument("--sink", default="127.0.0.2:2746")
 ap.add_argument("--hold-delivery", default="no,yes",
-                help="yes: the sink is down until all are accepted, so that RSS while "
-                     "receiving is the receive path's alone (deliveries fail to connect)")
+                help="yes: the sink is down until all are accepted (deliveries fail to "
+                     "connect); retries still read bodies back up to max_bytes_in_flight, so "
+                     "add --delivery-in-flight 1MiB for the receive path alone")
 ap.add_argument("--delivery-in-flight", default=None,
                 help="[delivery] max_bytes_in_flight (default: herald's, 256MiB)")
+ap.add_argument("--sink-rate", default=None,
+                help="a slow destination: each sink connection reads at most this many "
+                     "bytes per second (e.g. 1MiB); default: as fast as it can")
 ap.add_argument("--drain-timeout", type=float, default=600)
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
 
 max_size = int(args.message_size.removesuffix("MiB")) * MIB
+sink_rate = None
+if args.sink_rate:
+    sink_rate = int(float(args.sink_rate.removesuffix("MiB")) * MIB) if args.sink_rate.endswith("MiB") \
+        else int(float(args.sink_rate.removesuffix("KiB")) * 1024)
 # The message stays a little under the limit: the limit counts the message
 # as received, and SIZE= announces the limit itself.
 line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/\r\n"
 BODY = line * ((max_size - 64 * 1024) // len(line))
 
 
-def sample_rss(pid, stop, samples):
+def sample_rss(pid, stop, samples, counts):
+    """VmRSS every 100 ms; `counts()` gives (accepted, delivered) then."""
     while not stop.is_set():
         s = benchlib.proc_status(pid)
         if s is None:
             return
-        samples.append((time.monotonic(), s["VmRSS"]))
+        samples.append((time.monotonic(), s["VmRSS"], *counts()))
         stop.wait(0.1)
 
 
 def one_run(dns, budget, with_size, hold):
     wd = benchlib.workdir("big_transfers")
     ids = os.path.join(wd, "delivered.txt")
-    sink = None if hold else benchlib.Sink(args.sink, ids_path=ids)
+    sink = None if hold else benchlib.Sink(args.sink, ids_path=ids, rate=sink_rate)
     listeners = f"""[[listener]]
 address = "{args.listen}"
 tls = "none"
@@ -80,12 +93,14 @@ trusted_networks = ["127.0.0.0/8"]
     rss_start = benchlib.rss_mib(herald.pid)
     stop = threading.Event()
     samples = []
-    sampler = threading.Thread(target=sample_rss, args=(herald.pid, stop, samples), daemon=True)
-    sampler.start()
-
     codes = collections.Counter()
+    stages = collections.Counter()
     refused_clients = set()
     accepted_at = {}
+    sinks = [sink]
+    sampler = threading.Thread(target=sample_rss, daemon=True, args=(
+        herald.pid, stop, samples, lambda: (len(accepted_at), sinks[0].count if sinks[0] else 0)))
+    sampler.start()
     go = threading.Barrier(args.clients)
     lock = threading.Lock()
 
@@ -113,6 +128,10 @@ trusted_networks = ["127.0.0.0/8"]
             key = text[:9] if code != 250 else "250"
             with lock:
                 codes[key] += 1
+                if code != 250:
+                    # At DATA (nothing sent) or at the end of data (the
+                    # whole message sent for nothing).
+                    stages[f"{text[:9]} at {conn.stage}"] += 1
                 if code == 250:
                     accepted_at[n] = time.monotonic()
                 else:
@@ -134,7 +153,8 @@ trusted_networks = ["127.0.0.0/8"]
         t.join()
     t_accepted = time.monotonic()
     if sink is None:
-        sink = benchlib.Sink(args.sink, ids_path=ids)
+        sink = benchlib.Sink(args.sink, ids_path=ids, rate=sink_rate)
+        sinks[0] = sink
     while sink.count < args.clients and time.monotonic() - t_accepted < args.drain_timeout:
         time.sleep(0.2)
     t_drained = time.monotonic()
@@ -149,13 +169,17 @@ trusted_networks = ["127.0.0.0/8"]
     delivered = len(set(sink.new_ids()))
 
     def peak(a, b):
-        vals = [kib for t, kib in samples if a <= t <= b]
+        vals = [kib for t, kib, *_ in samples if a <= t <= b]
         return round(max(vals) / 1024, 1) if vals else None
 
-    timeline = []
-    for t, kib in samples:
+    timeline, counts_timeline = [], []
+    for t, kib, acc, dlv in samples:
         if not timeline or t - t0 >= timeline[-1][0] + 1:
             timeline.append((round(t - t0, 1), round(kib / 1024)))
+            counts_timeline.append((round(t - t0, 1), acc, dlv))
+    # RSS at its peak, and how many messages were accepted but not yet
+    # delivered then (their bodies may still be in memory for delivery).
+    top = max(samples, key=lambda x: x[1]) if samples else None
     budget_mib = int(budget.removesuffix("MiB")) if budget.endswith("MiB") \
         else int(budget.removesuffix("GiB")) * 1024
     rec = {
@@ -166,10 +190,14 @@ trusted_networks = ["127.0.0.0/8"]
         "size_param": with_size,
         "delivery_held": hold,
         "delivery_max_bytes_in_flight": args.delivery_in_flight or "256MiB",
+        "sink_rate_per_connection": args.sink_rate,
         "accepted": len(accepted_at),
         "first_try_250": args.clients - len(refused_clients),
         "clients_refused_at_least_once": len(refused_clients),
         "replies": dict(codes),
+        "refusals_by_stage": dict(stages),
+        "refused_after_data_mib": round(sum(n for k, n in stages.items() if k.endswith(" at end"))
+                                        * (len(BODY) + 100) / MIB),
         "all_accepted_s": round(t_accepted - t0, 1),
         "drain_s": round(t_drained - t_accepted, 1),
         "delivered": delivered,
@@ -183,6 +211,9 @@ trusted_networks = ["127.0.0.0/8"]
         # keeps of freed buffers).
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))},
         "rss_timeline_s_mib": timeline,
+        "accepted_delivered_timeline": counts_timeline,
+        "at_peak": {"t_s": round(top[0] - t0, 1), "rss_mib": round(top[1] / 1024),
+                    "accepted": top[2], "delivered": top[3]} if top else None,
         "herald_log_errors": errors,
         "time": benchlib.now(),
     }

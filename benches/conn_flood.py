@@ -19,6 +19,12 @@ strangers' slots.
    without. During the flood a new stranger (127.0.0.5) must get 421.
    Then herald is restarted on the same spool, the flood opened again at
    once, and the app tries again (flood-after-restart).
+3. Restart before a flood (--restart-before-flood), on its own: a fresh
+   herald, the app logs in once (its IP is then known, and should be in
+   <spool_dir>/known_clients.json), herald is stopped (SIGTERM, or SIGKILL
+   with --restart-signal kill) and started again on the same spool and
+   config, the flood is opened at once, and the app must still get in
+   (flood-restart-before-flood).
 
 One JSON line per measurement, appended to --out.
 """
@@ -38,6 +44,13 @@ import benchlib  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--rss", action="store_true", help="run the memory part")
 ap.add_argument("--flood", action="store_true", help="run the flood part")
+ap.add_argument("--restart-before-flood", action="store_true",
+                help="run only the restart case: login, restart, flood, app")
+ap.add_argument("--restart-signal", choices=("term", "kill"), default="term",
+                help="how --restart-before-flood stops herald")
+ap.add_argument("--drop-known-file", action="store_true",
+                help="control for --restart-before-flood: delete known_clients.json "
+                     "while herald is stopped (the app should then be refused)")
 ap.add_argument("--counts", default="1000,5000,10000")
 ap.add_argument("--flood-connections", type=int, default=10000)
 ap.add_argument("--app-runs", type=int, default=50)
@@ -49,7 +62,7 @@ ap.add_argument("--app-source", default="127.0.0.4")
 ap.add_argument("--stranger-source", default="127.0.0.5")
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
-if not (args.rss or args.flood):
+if not (args.rss or args.flood or args.restart_before_flood):
     args.rss = args.flood = True
 
 PASSWORD = "bench-password"
@@ -191,6 +204,44 @@ def stranger():
     return {"code": code, "reply": text}
 
 
+def known_file(wd):
+    """What <spool_dir>/known_clients.json holds (None when it is absent)."""
+    try:
+        with open(os.path.join(wd, "spool", "known_clients.json")) as f:
+            return json.load(f)
+    except OSError:
+        return None
+    except ValueError as e:
+        return {"unreadable": str(e)}
+
+
+def flood_after_restart(h, wd, scenario, how, drop_known=False):
+    """herald `h` has seen the app log in: stop it (SIGTERM or SIGKILL),
+    start it on the same spool and config, open the flood at once, and
+    time the app during and after it."""
+    rec = {"scenario": scenario, "flood_connections": args.flood_connections,
+           "restart_signal": how, "known_file_before_restart": known_file(wd)}
+    if how == "kill":
+        h.kill9()
+    else:
+        h.stop()
+    if drop_known:
+        os.remove(os.path.join(wd, "spool", "known_clients.json"))
+        rec["known_file_dropped"] = True
+    rec["restart_to_listening_s"] = round(h.start(wait_for=args.submission), 2)
+    flood = Flood(args.submission, args.flood_source, args.flood_connections)
+    rec["flood"] = dict(flood.report)
+    rec["stranger_during_flood"] = stranger()
+    rec["during_flood"] = app_series("restart-flood", min(args.app_runs, 10))
+    rec["rss_flood_mib"] = benchlib.rss_mib(h.pid)
+    rec["flood"] = flood.release()
+    time.sleep(1)
+    rec["after_flood"] = app_series("restart-after", min(args.app_runs, 10))
+    rec["herald_log_errors"] = h.log_lines("ERROR", "panicked")
+    h.stop()
+    return rec
+
+
 # ------------------------------------------------------------- main -----
 dns = benchlib.Dns()
 sink = benchlib.Sink(args.sink)
@@ -245,19 +296,16 @@ try:
 
         # The same flood right after a restart (a deploy, a crash): the app
         # logged in 50+ times within the last minute, before the restart.
-        h.stop()
+        emit(flood_after_restart(h, wd, "flood-after-restart", "term"))
+    if args.restart_before_flood:
+        # On its own: one login, then the restart, then the flood.
+        wd = benchlib.workdir("conn_flood")
+        h = benchlib.Herald(herald_config(wd, dns.addr, tenant_hash), wd)
         h.start(wait_for=args.submission)
-        rec = {"scenario": "flood-after-restart", "flood_connections": args.flood_connections}
-        flood = Flood(args.submission, args.flood_source, args.flood_connections)
-        rec["flood"] = dict(flood.report)
-        rec["stranger_during_flood"] = stranger()
-        rec["during_flood"] = app_series("restart-flood", min(args.app_runs, 10))
-        rec["flood"] = flood.release()
-        time.sleep(1)
-        rec["after_flood"] = app_series("restart-after", min(args.app_runs, 10))
-        rec["herald_log_errors"] = h.log_lines("ERROR", "panicked")
-        h.stop()
-        emit(rec)
+        app_transaction(0, "login")
+        time.sleep(1)  # the login's save is written in the background
+        emit(flood_after_restart(h, wd, "flood-restart-before-flood", args.restart_signal,
+                                 drop_known=args.drop_known_file))
 finally:
     sink.stop()
     dns.stop()
