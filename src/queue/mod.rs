@@ -2,6 +2,7 @@
 //! hands due recipients to delivery, applies the retry schedule and expires
 //! what has waited too long.
 
+pub mod dsn;
 pub mod history;
 
 pub mod schedule;
@@ -21,8 +22,8 @@ use crate::clock::{rfc3339, unix_now};
 use crate::config::Config;
 pub use crate::envelope::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
 use crate::reply::{Enhanced, Reply};
-use crate::report::dsn::{self, DsnRecipient, DsnSettings};
 use crate::report::{Classification, Event, EventKind, Reporter};
+use dsn::{DsnRecipient, DsnSettings};
 use schedule::{NextStep, RetrySchedule};
 use spool::{BodyLoc, Record, Spool};
 

@@ -8,7 +8,6 @@
 //! suppression list and the reputation guard are sinks too, registered by
 //! the server at start-up.
 
-pub mod dsn;
 pub mod stream;
 pub mod webhook;
 

@@ -26,8 +26,8 @@ use std::fmt::Write as _;
 
 use crate::config::Config;
 use crate::envelope::{Envelope, Notify, Recipient, Ret};
+use crate::event::EventKind;
 use crate::reply::Reply;
-use crate::report::EventKind;
 
 /// Longest remote reply text copied into a DSN; keeps every line far below
 /// the 998-octet limit of RFC 5322 §2.1.1.
