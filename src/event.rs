@@ -95,7 +95,7 @@ pub struct Event {
     pub size: Option<u64>,
     /// For `rejected`: the client and the rule that refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_ip: Option<String>,
+    pub client_ip: Option<std::net::IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// For `suppressed`: why the address is on the suppression list.

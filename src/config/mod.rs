@@ -833,10 +833,6 @@ impl Config {
             .unwrap_or(&self.server.hostname)
     }
 
-    pub fn tenant_by_username(&self, username: &str) -> Option<&TenantConfig> {
-        self.tenants.iter().find(|t| t.username == username)
-    }
-
     /// Where the suppression list is kept (`[suppression] file`).
     pub fn suppression_file(&self) -> PathBuf {
         self.suppression

@@ -37,7 +37,7 @@ impl Rule {
 static RULES: RwLock<Vec<Rule>> = RwLock::new(Vec::new());
 
 /// Makes `config`'s rules the ones [`classify`] and [`classify_parts`] try
-/// first. Called by the server at start-up (and again on a reload).
+/// first. Called by the server at start-up.
 pub fn install(config: &ClassificationConfig) {
     let mut rules = RULES.write().unwrap_or_else(|e| e.into_inner());
     *rules = config.rules.clone();

@@ -81,18 +81,7 @@ impl AttemptSink for Queue {
 /// is cancelled or every sender is gone; on shutdown it finishes the
 /// transactions in flight, reports the jobs it has not started as
 /// [`AttemptResult::NotAttempted`], says QUIT, and the returned task ends.
-pub fn start(
-    config: Arc<Config>,
-    dns: Dns,
-    queue: Arc<Queue>,
-    jobs: mpsc::UnboundedReceiver<DeliveryJob>,
-    shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    start_with(config, dns, queue, jobs, shutdown)
-}
-
-/// [`start`], holding back the jobs whose domain or tenant is suspended
-/// (see [`crate::control`]).
+/// Jobs whose domain or tenant `control` has suspended are held back.
 pub fn start_with_control(
     config: Arc<Config>,
     dns: Dns,
@@ -104,7 +93,8 @@ pub fn start_with_control(
     start_inner(config, dns, queue, jobs, shutdown, Some(control))
 }
 
-/// [`start`] with any [`AttemptSink`].
+/// The delivery stage reporting to any [`AttemptSink`], without
+/// suspensions (tests drive it with a sink of their own).
 pub fn start_with(
     config: Arc<Config>,
     dns: Dns,

@@ -159,7 +159,8 @@ pub fn error_code_meaning(code: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// Counters of one zone, shared by every [`Dnsbl`] of the process that
-/// uses it (so a config reload keeps counting) and read by `/metrics`.
+/// uses it (tests and `herald dnsbl check` build their own) and read by
+/// `/metrics`.
 #[derive(Default)]
 struct ZoneStats {
     lookups: AtomicU64,

@@ -17,8 +17,8 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -196,7 +196,7 @@ impl History {
             writer,
         };
         {
-            let mut inner = history.inner.lock().expect("history lock");
+            let mut inner = history.inner.lock().unwrap_or_else(PoisonError::into_inner);
             for f in found {
                 history.insert(&mut inner, f, now);
             }
@@ -230,7 +230,7 @@ impl History {
             &envelope.sender,
             recipients,
         );
-        let mut inner = self.inner.lock().expect("history lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         self.index(&mut inner, k, id, envelope.received_at, false);
     }
 
@@ -256,7 +256,7 @@ impl History {
             &envelope.sender,
             recipients,
         );
-        let mut inner = self.inner.lock().expect("history lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         self.expire_submissions(&mut inner, now);
         match inner.submissions.get(&k) {
             Some(c) if c.pending => Claim::InFlight,
@@ -270,7 +270,7 @@ impl History {
 
     /// The claimed message is stored: later submissions are duplicates.
     pub fn confirm(&self, id: QueueId) {
-        let mut inner = self.inner.lock().expect("history lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(k) = inner.pending.remove(&id)
             && let Some(c) = inner.submissions.get_mut(&k)
         {
@@ -280,7 +280,7 @@ impl History {
 
     /// Forgets a claim whose message was not stored after all.
     pub fn release(&self, id: QueueId) {
-        let mut inner = self.inner.lock().expect("history lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(k) = inner.pending.remove(&id)
             && inner.submissions.get(&k).is_some_and(|c| c.id == id)
         {
@@ -291,7 +291,7 @@ impl History {
     /// The latest queue id a tenant's Message-ID was accepted under, if it
     /// is still remembered.
     pub fn by_message_id(&self, tenant: Option<&str>, message_id: &str) -> Option<QueueId> {
-        let inner = self.inner.lock().expect("history lock");
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(id) = inner.latest.get(&latest_key(tenant, message_id)) {
             return Some(*id);
         }
@@ -314,7 +314,7 @@ impl History {
     /// address) may send the same report many times, and each copy must
     /// not count again against the tenant's reputation.
     pub fn first_report(&self, id: QueueId, index: usize, kind: u8) -> bool {
-        let mut inner = self.inner.lock().expect("history lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if !inner.reports.insert((id, index, kind)) {
             return false;
         }
@@ -335,7 +335,7 @@ impl History {
             let _ = w.send((line, f.finished_at));
         }
         let now = f.finished_at;
-        let mut inner = self.inner.lock().expect("history lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         self.insert(&mut inner, f, now);
     }
 
@@ -350,7 +350,11 @@ impl History {
 
     /// Finished messages remembered now.
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("history lock").by_id.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -10,7 +10,7 @@ pub mod spool;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -106,6 +106,10 @@ const COMPACT_EVERY: Duration = Duration::from_secs(30);
 
 /// The queue of one node. Shared by the receive stage (enqueue), delivery
 /// (attempt outcomes) and admin (inspection).
+///
+/// A poisoned lock is taken over, as everywhere in herald: a panic caught in
+/// one session or delivery leaves at worst one entry half-updated, and
+/// refusing every later message for it would turn one bug into an outage.
 pub struct Queue {
     spool: Spool,
     inner: Mutex<Inner>,
@@ -242,7 +246,7 @@ impl Queue {
             me: me.clone(),
             history,
         });
-        queue.collect_segments(&mut queue.inner.lock().expect("queue lock"));
+        queue.collect_segments(&mut queue.inner.lock().unwrap_or_else(PoisonError::into_inner));
         Ok(queue)
     }
 
@@ -260,11 +264,14 @@ impl Queue {
         }
         let record = Record::message(id, &envelope, &recipients, body.clone());
         let started = std::time::Instant::now();
-        self.inner.lock().expect("queue lock").pending_enqueues += 1;
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pending_enqueues += 1;
         let loc = match self.spool.append_durable(record).await {
             Ok(loc) => loc,
             Err(e) => {
-                let mut inner = self.inner.lock().expect("queue lock");
+                let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
                 inner.pending_enqueues -= 1;
                 self.collect_segments(&mut inner);
                 return Err(e.into());
@@ -274,7 +281,7 @@ impl Queue {
         metrics.enqueue_latency.observe(started.elapsed());
         let envelope = Arc::new(envelope);
         let jobs = {
-            let mut inner = self.inner.lock().expect("queue lock");
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             *inner.live.entry(loc.segment).or_default() += 1;
             inner.pending_enqueues -= 1;
             inner.newest_segment = inner.newest_segment.max(loc.segment);
@@ -320,7 +327,7 @@ impl Queue {
         let mut rng = rand::rng();
         let mut events = Vec::new();
         let mut reports: Vec<DsnRecipient> = Vec::new();
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = inner.messages.get_mut(&id) else {
             return;
         };
@@ -491,7 +498,7 @@ impl Queue {
 
     /// Releases a segment pinned by [`Queue::send_dsn`]'s caller.
     fn unpin(&self, segment: u64) {
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = inner.live.get_mut(&segment) {
             *n -= 1;
             if *n == 0 {
@@ -567,7 +574,7 @@ impl Queue {
         tokio::spawn(self.clone().run_compactor(shutdown.clone()));
         loop {
             let wait = {
-                let inner = self.inner.lock().expect("queue lock");
+                let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
                 match inner.timers.first() {
                     Some(&(t, _)) => Duration::from_secs(t.saturating_sub(unix_now())),
                     None => Duration::from_secs(3600),
@@ -614,7 +621,7 @@ impl Queue {
     /// messages moved.
     pub async fn compact_once(&self) -> usize {
         let (segment, ids) = {
-            let inner = self.inner.lock().expect("queue lock");
+            let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(&segment) = inner.live.keys().next() else {
                 return 0;
             };
@@ -640,7 +647,7 @@ impl Queue {
             // The snapshot and its place in the log are taken under the lock,
             // so no update of this message can fall between them.
             let written = {
-                let inner = self.inner.lock().expect("queue lock");
+                let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
                 let Some(e) = inner.messages.get(&id).filter(|e| e.body == loc) else {
                     continue;
                 };
@@ -658,7 +665,7 @@ impl Queue {
                     return moved;
                 }
             };
-            let mut inner = self.inner.lock().expect("queue lock");
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             inner.newest_segment = inner.newest_segment.max(new_loc.segment);
             // Finished meanwhile: its Done record follows the copy in the log.
             let Some(e) = inner.messages.get_mut(&id) else {
@@ -688,7 +695,7 @@ impl Queue {
         let now = unix_now();
         let mut complete = true;
         let due: Vec<(QueueId, BodyLoc)> = {
-            let mut inner = self.inner.lock().expect("queue lock");
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             let mut out = Vec::new();
             let mut budget = self
                 .max_bytes_in_flight
@@ -728,7 +735,7 @@ impl Queue {
                 }
             };
             let jobs = {
-                let mut inner = self.inner.lock().expect("queue lock");
+                let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
                 let Inner {
                     messages,
                     timers,
@@ -755,7 +762,7 @@ impl Queue {
     }
 
     fn retry_later(&self, id: QueueId, at: u64) {
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Inner {
             messages, timers, ..
         } = &mut *inner;
@@ -768,7 +775,7 @@ impl Queue {
     /// message is not in the queue.
     pub fn retry_now(&self, id: QueueId) -> bool {
         let now = unix_now();
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = inner.messages.get_mut(&id) else {
             return false;
         };
@@ -784,7 +791,7 @@ impl Queue {
     /// number of messages in the queue.
     pub fn flush(&self) -> usize {
         let now = unix_now();
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let ids: Vec<QueueId> = inner.messages.keys().copied().collect();
         for &id in &ids {
             if let Some(entry) = inner.messages.get_mut(&id) {
@@ -803,7 +810,7 @@ impl Queue {
     /// messages concerned.
     pub fn retry_where(&self, pred: impl Fn(&Envelope, &Recipient) -> bool) -> usize {
         let now = unix_now();
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut ids = Vec::new();
         for (id, entry) in inner.messages.iter_mut() {
             let mut any = false;
@@ -828,7 +835,7 @@ impl Queue {
     /// the arrival (Unix seconds) of the oldest message among them. For
     /// metrics; walks the whole queue under its lock.
     pub fn waiting_by_domain(&self) -> HashMap<String, (u64, u64)> {
-        let inner = self.inner.lock().expect("queue lock");
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out: HashMap<String, (u64, u64)> = HashMap::new();
         for e in inner.messages.values() {
             for r in e.recipients.iter().filter(|r| !r.status.is_final()) {
@@ -842,7 +849,7 @@ impl Queue {
 
     /// Removes a message from the queue without delivering it further.
     pub fn delete(&self, id: QueueId) -> bool {
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = inner.messages.get_mut(&id) else {
             return false;
         };
@@ -890,14 +897,14 @@ impl Queue {
 
     /// Messages in the queue, oldest first.
     pub fn list(&self) -> Vec<MessageView> {
-        let inner = self.inner.lock().expect("queue lock");
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut v: Vec<MessageView> = inner.messages.iter().map(|(id, e)| e.view(*id)).collect();
         v.sort_by_key(|m| m.id);
         v
     }
 
     pub fn get(&self, id: QueueId) -> Option<MessageView> {
-        let inner = self.inner.lock().expect("queue lock");
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner.messages.get(&id).map(|e| e.view(id))
     }
 
@@ -939,7 +946,11 @@ impl Queue {
 
     /// Number of messages not yet finished.
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("queue lock").messages.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .messages
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -406,7 +406,7 @@ impl Session {
                 let mut e = Event::new(EventKind::Rejected, &sender).with_reply(&reply);
                 e.message_id = txn.envelope.message_id.clone();
                 e.tenant = txn.envelope.tenant.clone();
-                e.client_ip = Some(self.ip.to_string());
+                e.client_ip = Some(self.ip);
                 e.rule = Some(rule.to_string());
                 e.permanent = Some(reply.is_permanent());
                 self.ctx.reporter.emit(e);
@@ -440,7 +440,7 @@ impl Session {
         let mut event = Event::for_message(EventKind::Received, id, &txn.envelope);
         event.recipients = Some(txn.recipients.iter().map(|r| r.address.clone()).collect());
         event.size = Some(size);
-        event.client_ip = Some(self.ip.to_string());
+        event.client_ip = Some(self.ip);
         event.spam_score = spam_score;
         warnings.extend(notes);
         if !warnings.is_empty() {
@@ -503,7 +503,7 @@ impl Session {
         tracing::info!(client_ip = %self.ip, queue_id = %first, message_id = envelope.message_id.as_deref().unwrap_or(""), "duplicate submission; not sent again");
         let mut event = Event::for_message(EventKind::Received, first, envelope);
         event.size = Some(size);
-        event.client_ip = Some(self.ip.to_string());
+        event.client_ip = Some(self.ip);
         event.duplicate = Some(true);
         self.ctx.reporter.emit(event);
         self.reply(&Reply::new(

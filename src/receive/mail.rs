@@ -173,7 +173,7 @@ impl Session {
             tracing::info!(client_ip = %self.ip, tenant = %t, "MAIL refused: tenant paused for reputation");
             let mut e = Event::new(EventKind::Rejected, &from.address).with_reply(&reply);
             e.tenant = Some(t);
-            e.client_ip = Some(self.ip.to_string());
+            e.client_ip = Some(self.ip);
             e.rule = Some(crate::control::RULE_TENANT_PAUSED.to_string());
             e.reason = Some(format!("paused: {}", pause.reason));
             e.permanent = Some(reply.is_permanent());
@@ -257,7 +257,7 @@ impl Session {
         let mut e = Event::new(EventKind::Rejected, sender).with_reply(reply);
         e.tenant = self.tenant_name();
         e.recipient = recipient.map(str::to_string);
-        e.client_ip = Some(self.ip.to_string());
+        e.client_ip = Some(self.ip);
         e.rule = Some(rule.to_string());
         e.permanent = Some(reply.is_permanent());
         self.ctx.reporter.emit(e);

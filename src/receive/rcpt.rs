@@ -188,7 +188,7 @@ impl Session {
                 tenant,
                 &sender,
                 &to.address,
-                self.ip.to_string(),
+                self.ip,
                 &reply,
                 &entry,
             ));

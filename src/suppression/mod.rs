@@ -216,18 +216,6 @@ impl Suppressions {
         self.record(tenant, recipient, source, &reason, queue_id);
     }
 
-    /// Adds a recipient that complained (ARF, RFC 5965) about a tenant's
-    /// message. For the complaints intake; does not block.
-    pub fn record_complaint(
-        &self,
-        tenant: &str,
-        address: &str,
-        reason: &str,
-        queue_id: Option<String>,
-    ) {
-        self.record(tenant, address, Source::Complaint, reason, queue_id);
-    }
-
     /// Adds an entry from a bounce or complaint unless the address is
     /// already on the list (its first reason and date are kept).
     fn record(
@@ -433,7 +421,7 @@ pub fn suppressed_event(
     tenant: Option<String>,
     sender: &str,
     recipient: &str,
-    client_ip: String,
+    client_ip: std::net::IpAddr,
     reply: &Reply,
     entry: &Entry,
 ) -> Event {
@@ -623,7 +611,7 @@ mod tests {
             Some("acme".into()),
             "s@acme.test",
             "Bob@one.test",
-            "127.0.0.1".into(),
+            "127.0.0.1".parse().unwrap(),
             &r,
             &e,
         );
