@@ -55,6 +55,93 @@ impl From<&Reply> for SmtpDetail {
     }
 }
 
+/// The rule behind a `rejected` event, named in its `rule` field and in
+/// `herald_rejected_total{rule}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectRule {
+    /// MAIL FROM outside the tenant's `allowed_senders`.
+    SenderNotAllowed,
+    /// `MAIL FROM:<>` from a tenant.
+    NullSender,
+    /// A From: header domain outside the tenant's domains.
+    FromNotAllowed,
+    /// `[limits] tenant_messages`.
+    RateLimitTenantMessages,
+    /// `[limits] tenant_recipients`.
+    RateLimitTenantRecipients,
+    /// `[limits] ip_connections`.
+    RateLimitIpConnections,
+    /// The tenant is paused by the reputation guard.
+    TenantPaused,
+    /// Over `server.max_message_size` (SIZE= or actual).
+    MessageTooLarge,
+    /// `server.max_receiving_bytes` had no room.
+    ReceivingBudget,
+    /// A bare LF or CR (SMTP smuggling).
+    BareLineEnd,
+    /// A NUL byte in the message.
+    NulByte,
+    /// A line over 998 octets that cannot be re-encoded.
+    LineTooLong,
+    /// A recipient address that is not valid.
+    RecipientSyntax,
+    /// The recipient domain publishes a null MX.
+    RecipientNullMx,
+    /// The recipient domain has no MX and no address.
+    RecipientNoMailServer,
+    /// The recipient domain's lookup failed for now (451).
+    RecipientDnsTempfail,
+    /// The recipient is on the tenant's suppression list.
+    SuppressionList,
+    /// No usable From: header.
+    HeaderFrom,
+    /// A blocklist with `action = "reject"` lists the client or a domain.
+    Dnsbl,
+    /// DMARC would fail at the receiver (`[policy.dmarc]`).
+    Dmarc,
+    /// The spam score reached the threshold.
+    SpamScore,
+    /// The message could not be signed.
+    DkimSign,
+}
+
+impl RejectRule {
+    /// The name in events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectRule::SenderNotAllowed => "sender_not_allowed",
+            RejectRule::NullSender => "null_sender",
+            RejectRule::FromNotAllowed => "from_not_allowed",
+            RejectRule::RateLimitTenantMessages => "rate_limit_tenant_messages",
+            RejectRule::RateLimitTenantRecipients => "rate_limit_tenant_recipients",
+            RejectRule::RateLimitIpConnections => "rate_limit_ip_connections",
+            RejectRule::TenantPaused => "tenant_paused",
+            RejectRule::MessageTooLarge => "message_too_large",
+            RejectRule::ReceivingBudget => "receiving_budget",
+            RejectRule::BareLineEnd => "bare_line_end",
+            RejectRule::NulByte => "nul_byte",
+            RejectRule::LineTooLong => "line_too_long",
+            RejectRule::RecipientSyntax => "recipient_syntax",
+            RejectRule::RecipientNullMx => "recipient_null_mx",
+            RejectRule::RecipientNoMailServer => "recipient_no_mail_server",
+            RejectRule::RecipientDnsTempfail => "recipient_dns_tempfail",
+            RejectRule::SuppressionList => "suppression_list",
+            RejectRule::HeaderFrom => "header_from",
+            RejectRule::Dnsbl => "dnsbl",
+            RejectRule::Dmarc => "dmarc",
+            RejectRule::SpamScore => "spam_score",
+            RejectRule::DkimSign => "dkim_sign",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One event: the same JSON in the log, webhooks and the Redis stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -97,7 +184,7 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<std::net::IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<RejectRule>,
     /// For `suppressed`: why the address is on the suppression list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -300,7 +300,7 @@ impl Metrics {
                 self.received_bytes
                     .fetch_add(e.size.unwrap_or(0), Ordering::Relaxed);
             }
-            EventKind::Rejected => self.rejected.inc(e.rule.as_deref().unwrap_or("unknown")),
+            EventKind::Rejected => self.rejected.inc(e.rule.map_or("unknown", |r| r.as_str())),
             EventKind::Delivered => {
                 one(&self.delivered);
                 if e.tls.is_some() {
@@ -683,7 +683,7 @@ mod tests {
         d.tls = Some("TLSv1.3".into());
         m.observe(&d);
         let mut r = Event::new(EventKind::Rejected, "a@b.test");
-        r.rule = Some("sender_not_allowed".into());
+        r.rule = Some(crate::event::RejectRule::SenderNotAllowed);
         m.observe(&r);
         let text = m.render(&Gauges::default());
         assert_eq!(

@@ -202,7 +202,7 @@ async fn unpublished_key_and_unauthorised_ips_would_fail_naming_both() {
     let Some(Verdict::Reject { reply, rule }) = verdict else {
         panic!("expected a reject, got {verdict:?}")
     };
-    assert_eq!(rule, "dmarc");
+    assert_eq!(rule.as_str(), "dmarc");
     assert_eq!(reply.to_string().get(..10), Some("550 5.7.26"));
     for want in [
         "nokey.test",

@@ -49,9 +49,6 @@ pub use reputation::{PauseReply, Rates, ReputationConfig, Window};
 /// spool over and over.
 pub const HOLD_RECHECK: Duration = Duration::from_secs(300);
 
-/// The rule name in `rejected` events of a paused tenant.
-pub const RULE_TENANT_PAUSED: &str = "tenant_paused";
-
 /// The state file's name in `server.spool_dir`.
 pub const STATE_FILE: &str = "control.json";
 
@@ -508,7 +505,7 @@ impl Control {
         let reply = self.pause_reply(tenant, &pause);
         let mut ev = Event::new(EventKind::Rejected, "").with_reply(&reply);
         ev.tenant = Some(tenant.to_string());
-        ev.rule = Some(RULE_TENANT_PAUSED.to_string());
+        ev.rule = Some(crate::event::RejectRule::TenantPaused);
         ev.reason = Some(format!("paused: {}", pause.reason));
         ev.permanent = Some(reply.is_permanent());
         Some(ev)
@@ -748,7 +745,7 @@ mod tests {
         );
         let ev = c.observe(&hard()).expect("2 of 3 is over 5%");
         assert_eq!(ev.event, EventKind::Rejected);
-        assert_eq!(ev.rule.as_deref(), Some(RULE_TENANT_PAUSED));
+        assert_eq!(ev.rule, Some(crate::event::RejectRule::TenantPaused));
         assert_eq!(ev.smtp.as_ref().unwrap().code, 550);
         assert!(
             ev.reason

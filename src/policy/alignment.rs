@@ -284,7 +284,7 @@ pub fn verdict_for(action: DmarcAction, v: &AlignmentVerdict) -> (Option<Verdict
                         Enhanced(5, 7, 26),
                         reply_text("Message refused: it would fail DMARC", &f.lines()),
                     ),
-                    rule: "dmarc",
+                    rule: crate::event::RejectRule::Dmarc,
                 }),
                 None,
             ),
@@ -298,7 +298,7 @@ pub fn verdict_for(action: DmarcAction, v: &AlignmentVerdict) -> (Option<Verdict
                             &f.lines(),
                         ),
                     ),
-                    rule: "dmarc",
+                    rule: crate::event::RejectRule::Dmarc,
                 }),
                 None,
             ),
@@ -1051,7 +1051,7 @@ mod tests {
             (reply.code, reply.enhanced),
             (550, Some(Enhanced(5, 7, 26)))
         );
-        assert_eq!(rule, "dmarc");
+        assert_eq!(rule, crate::event::RejectRule::Dmarc);
         for want in [
             "acme.example would fail DMARC",
             "p=reject",
@@ -1079,7 +1079,7 @@ mod tests {
             (reply.code, reply.enhanced),
             (451, Some(Enhanced(4, 7, 26)))
         );
-        assert_eq!(rule, "dmarc");
+        assert_eq!(rule, crate::event::RejectRule::Dmarc);
         assert!(reply.text.contains("acme.example"));
 
         let (v, warning) = verdict_for(DmarcAction::Warn, &failure());

@@ -171,7 +171,7 @@ pub fn sign_failed() -> Verdict {
             Enhanced(4, 3, 0),
             "Message not accepted: it could not be DKIM-signed; please try again later",
         ),
-        rule: "dkim_sign",
+        rule: crate::event::RejectRule::DkimSign,
     }
 }
 

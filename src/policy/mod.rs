@@ -19,6 +19,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::dns::Dns;
 use crate::envelope::Envelope;
+pub use crate::event::RejectRule;
 use crate::reply::{Enhanced, Reply};
 use alignment::Alignment;
 use dnsbl::{Dnsbl, Listing, ZoneAction};
@@ -31,18 +32,18 @@ pub enum Verdict {
     /// 4xx: try again later.
     Tempfail {
         reply: Reply,
-        rule: &'static str,
+        rule: RejectRule,
     },
     /// 5xx: do not send this.
     Reject {
         reply: Reply,
-        rule: &'static str,
+        rule: RejectRule,
     },
 }
 
 impl Verdict {
     pub fn reject(
-        rule: &'static str,
+        rule: RejectRule,
         code: u16,
         enhanced: Enhanced,
         text: impl Into<String>,
@@ -105,7 +106,7 @@ impl Policy {
             !crate::config::senders::domain_allowed(patterns, domain)
         })?;
         Some(Verdict::reject(
-            "from_not_allowed",
+            RejectRule::FromNotAllowed,
             550,
             Enhanced(5, 7, 1),
             format!(
@@ -236,7 +237,7 @@ fn from_address(message: &[u8]) -> Result<FromField, Verdict> {
         })
         .ok_or_else(|| {
             Verdict::reject(
-                "header_from",
+                RejectRule::HeaderFrom,
                 550,
                 Enhanced(5, 6, 0),
                 "Message refused: it has no From: header field with a valid address (RFC 5322 section 3.6.2)",
@@ -255,7 +256,7 @@ fn describe_listing(l: &Listing) -> String {
 fn listed(listings: &[Listing]) -> Option<Verdict> {
     let l = listings.iter().find(|l| l.action == ZoneAction::Reject)?;
     Some(Verdict::reject(
-        "dnsbl",
+        RejectRule::Dnsbl,
         554,
         Enhanced(5, 7, 1),
         format!("Message refused: {}", describe_listing(l)),
@@ -271,7 +272,7 @@ fn spam_refusal(fired: &[FiredRule], score: f64, threshold: f64) -> Verdict {
         .map(|r| format!("{} ({:.1})", r.name, r.weight))
         .collect();
     Verdict::reject(
-        "spam_score",
+        RejectRule::SpamScore,
         550,
         Enhanced(5, 7, 1),
         format!(
@@ -300,7 +301,7 @@ mod tests {
         for bad in [&b"Subject: x\r\n\r\nhi\r\n"[..], b"From: nobody\r\n\r\n"] {
             match from_address(bad) {
                 Err(Verdict::Reject { rule, reply }) => {
-                    assert_eq!(rule, "header_from");
+                    assert_eq!(rule, RejectRule::HeaderFrom);
                     assert_eq!(reply.code, 550);
                 }
                 other => panic!("{other:?}"),
@@ -325,7 +326,7 @@ mod tests {
         let Verdict::Reject { reply, rule } = spam_refusal(&fired, 5.5, 5.0) else {
             panic!()
         };
-        assert_eq!((rule, reply.code), ("spam_score", 550));
+        assert_eq!((rule, reply.code), (RejectRule::SpamScore, 550));
         assert_eq!(reply.enhanced, Some(Enhanced(5, 7, 1)));
         assert!(
             reply
@@ -351,7 +352,7 @@ mod tests {
         let Some(Verdict::Reject { reply, rule }) = listed(&[log, l]) else {
             panic!()
         };
-        assert_eq!((rule, reply.code), ("dnsbl", 554));
+        assert_eq!((rule, reply.code), (RejectRule::Dnsbl, 554));
         assert_eq!(
             reply.text,
             "Message refused: 192.0.2.1 is listed by zen.example: https://zen.example/query/ip/192.0.2.1"

@@ -24,6 +24,7 @@ use super::message::{self, Protocol, TraceInfo};
 use super::session::{Body, ChunkFate, Mode, Session, Step};
 use crate::clock::unix_now;
 use crate::envelope::QueueId;
+use crate::event::RejectRule;
 use crate::policy::{self, Verdict};
 use crate::queue::history::Claim;
 use crate::reply::{Enhanced, Reply, codes};
@@ -94,7 +95,7 @@ impl Session {
         let body = match self.new_body(false) {
             Ok(body) => body,
             Err(reply) => {
-                self.end_transaction("receiving_budget", &reply);
+                self.end_transaction(RejectRule::ReceivingBudget, &reply);
                 self.reply(&reply);
                 return Step::Continue;
             }
@@ -130,7 +131,12 @@ impl Session {
                 codes::bad_sequence("Send MAIL first")
             };
             if let Some(txn) = self.txn.take() {
-                self.reject_event("message_too_large", &reply, &txn.envelope.sender, None);
+                self.reject_event(
+                    RejectRule::MessageTooLarge,
+                    &reply,
+                    &txn.envelope.sender,
+                    None,
+                );
             }
             tracing::info!(client_ip = %self.ip, size, "BDAT refused, closing");
             self.reply(&reply);
@@ -147,7 +153,7 @@ impl Session {
                         }
                     }
                     Err(reply) => {
-                        self.end_transaction("receiving_budget", &reply);
+                        self.end_transaction(RejectRule::ReceivingBudget, &reply);
                         self.mode = Mode::Bdat {
                             size,
                             remaining: size,
@@ -170,7 +176,12 @@ impl Session {
                 // refused (no transaction).
                 let reply = too_big(max);
                 if let Some(txn) = self.txn.take() {
-                    self.reject_event("message_too_large", &reply, &txn.envelope.sender, None);
+                    self.reject_event(
+                        RejectRule::MessageTooLarge,
+                        &reply,
+                        &txn.envelope.sender,
+                        None,
+                    );
                 }
                 ChunkFate::Discard(reply)
             } else if self
@@ -189,7 +200,7 @@ impl Session {
                 ChunkFate::Store
             } else {
                 let reply = no_room();
-                self.end_transaction("receiving_budget", &reply);
+                self.end_transaction(RejectRule::ReceivingBudget, &reply);
                 ChunkFate::Discard(reply)
             }
         };
@@ -205,9 +216,9 @@ impl Session {
 
     /// Ends the transaction with a `rejected` event for `reply`, which the
     /// caller sends (at once for DATA, after the chunk for BDAT).
-    fn end_transaction(&mut self, rule: &str, reply: &Reply) {
+    fn end_transaction(&mut self, rule: RejectRule, reply: &Reply) {
         if let Some(txn) = self.txn.take() {
-            tracing::info!(client_ip = %self.ip, rule, reply = %reply, "message refused");
+            tracing::info!(client_ip = %self.ip, rule = %rule, reply = %reply, "message refused");
             self.reject_event(rule, reply, &txn.envelope.sender, None);
         }
     }
@@ -296,7 +307,7 @@ impl Session {
         if short {
             let reply = no_room();
             tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: server.max_receiving_bytes reached");
-            self.reject_event("receiving_budget", &reply, &sender, None);
+            self.reject_event(RejectRule::ReceivingBudget, &reply, &sender, None);
             self.reply(&reply);
             return Step::Continue;
         }
@@ -304,14 +315,14 @@ impl Session {
         if over {
             let reply = too_big(self.ctx.config.server.max_message_size.0);
             tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: too large");
-            self.reject_event("message_too_large", &reply, &sender, None);
+            self.reject_event(RejectRule::MessageTooLarge, &reply, &sender, None);
             self.reply(&reply);
             return Step::Continue;
         }
         if let Some(at) = message::find_bare_line_end(&buf[prefix_len..]) {
             let reply = bare_line_end();
             tracing::info!(client_ip = %self.ip, queue_id = %id, offset = at, "message refused: bare LF or CR");
-            self.reject_event("bare_line_end", &reply, &sender, None);
+            self.reject_event(RejectRule::BareLineEnd, &reply, &sender, None);
             self.reply(&reply);
             // What follows may be a smuggled transaction (a sender that
             // ended DATA at "\n.\r\n" or "\r\n.\r\r\n"): never read it
@@ -321,7 +332,7 @@ impl Session {
         if let Some(at) = buf[prefix_len..].iter().position(|&b| b == 0) {
             let reply = nul_byte();
             tracing::info!(client_ip = %self.ip, queue_id = %id, offset = at, "message refused: NUL byte");
-            self.reject_event("nul_byte", &reply, &sender, None);
+            self.reject_event(RejectRule::NulByte, &reply, &sender, None);
             self.reply(&reply);
             return Step::Continue;
         }
@@ -352,7 +363,7 @@ impl Session {
             Err(e) => {
                 let reply = Reply::new(554, Enhanced(5, 6, 3), e.reply_text());
                 tracing::info!(client_ip = %self.ip, queue_id = %id, line = e.line, length = e.length, "message refused: a line over 998 octets cannot be re-encoded");
-                self.reject_event("line_too_long", &reply, &sender, None);
+                self.reject_event(RejectRule::LineTooLong, &reply, &sender, None);
                 self.reply(&reply);
                 return Step::Continue;
             }
@@ -402,12 +413,12 @@ impl Session {
         match verdict {
             Verdict::Accept => {}
             Verdict::Tempfail { reply, rule } | Verdict::Reject { reply, rule } => {
-                tracing::info!(client_ip = %self.ip, queue_id = %id, rule, reply = %reply, "message refused by policy");
+                tracing::info!(client_ip = %self.ip, queue_id = %id, rule = %rule, reply = %reply, "message refused by policy");
                 let mut e = Event::new(EventKind::Rejected, &sender).with_reply(&reply);
                 e.message_id = txn.envelope.message_id.clone();
                 e.tenant = txn.envelope.tenant.clone();
                 e.client_ip = Some(self.ip);
-                e.rule = Some(rule.to_string());
+                e.rule = Some(rule);
                 e.permanent = Some(reply.is_permanent());
                 self.ctx.reporter.emit(e);
                 self.reply(&reply);

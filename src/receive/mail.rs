@@ -18,6 +18,7 @@ use crate::clock::unix_now;
 use crate::config::senders;
 use crate::config::{AuthMode, TenantConfig};
 use crate::envelope::{Envelope, Ret};
+use crate::event::RejectRule;
 use crate::reply::{Enhanced, Reply, codes};
 use crate::report::{Event, EventKind};
 
@@ -158,6 +159,9 @@ impl Session {
         }
         let max = self.ctx.config.server.max_message_size.0;
         if let Err(reply) = check_parameters(&from, max) {
+            if reply.code == 552 {
+                self.reject_event(RejectRule::MessageTooLarge, &reply, &from.address, None);
+            }
             self.reply(&reply);
             return Step::Continue;
         }
@@ -174,7 +178,7 @@ impl Session {
             let mut e = Event::new(EventKind::Rejected, &from.address).with_reply(&reply);
             e.tenant = Some(t);
             e.client_ip = Some(self.ip);
-            e.rule = Some(crate::control::RULE_TENANT_PAUSED.to_string());
+            e.rule = Some(RejectRule::TenantPaused);
             e.reason = Some(format!("paused: {}", pause.reason));
             e.permanent = Some(reply.is_permanent());
             self.ctx.reporter.emit(e);
@@ -186,7 +190,7 @@ impl Session {
         {
             let reply = null_sender_refused(t);
             tracing::info!(client_ip = %self.ip, tenant = %t.name, "null sender refused");
-            self.reject_event("null_sender", &reply, "", None);
+            self.reject_event(RejectRule::NullSender, &reply, "", None);
             self.reply(&reply);
             return Step::Continue;
         }
@@ -200,7 +204,7 @@ impl Session {
                 sender = %from.address,
                 "sender not allowed"
             );
-            self.reject_event("sender_not_allowed", &reply, &from.address, None);
+            self.reject_event(RejectRule::SenderNotAllowed, &reply, &from.address, None);
             self.reply(&reply);
             return Step::Continue;
         }
@@ -210,7 +214,12 @@ impl Session {
         {
             tracing::info!(client_ip = %self.ip, limit = %e, "MAIL refused: rate limit");
             let reply = e.reply();
-            self.reject_event("rate_limit_tenant_messages", &reply, &from.address, None);
+            self.reject_event(
+                RejectRule::RateLimitTenantMessages,
+                &reply,
+                &from.address,
+                None,
+            );
             self.reply(&reply);
             return Step::Continue;
         }
@@ -249,7 +258,7 @@ impl Session {
     /// Emits a `rejected` event for a refusal an app wants to hear about.
     pub(super) fn reject_event(
         &self,
-        rule: &str,
+        rule: RejectRule,
         reply: &Reply,
         sender: &str,
         recipient: Option<&str>,
@@ -258,7 +267,7 @@ impl Session {
         e.tenant = self.tenant_name();
         e.recipient = recipient.map(str::to_string);
         e.client_ip = Some(self.ip);
-        e.rule = Some(rule.to_string());
+        e.rule = Some(rule);
         e.permanent = Some(reply.is_permanent());
         self.ctx.reporter.emit(e);
     }

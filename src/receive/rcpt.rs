@@ -17,6 +17,7 @@ use smtp_proto::RcptTo;
 use super::session::{Session, Step};
 use crate::dns::MxLookup;
 use crate::envelope::{Notify, Recipient};
+use crate::event::RejectRule;
 use crate::reply::{Enhanced, Reply, codes};
 
 /// Checks the forward path and returns its domain (lower case, without a
@@ -162,6 +163,13 @@ impl Session {
         let domain = match check_recipient(&to.address, txn.envelope.smtputf8) {
             Ok(d) => d,
             Err(reply) => {
+                let sender = txn.envelope.sender.clone();
+                self.reject_event(
+                    RejectRule::RecipientSyntax,
+                    &reply,
+                    &sender,
+                    Some(&to.address),
+                );
                 self.reply(&reply);
                 return Step::Continue;
             }
@@ -207,7 +215,7 @@ impl Session {
                     tracing::info!(client_ip = %self.ip, limit = %e, "RCPT refused: rate limit");
                     let reply = e.reply();
                     self.reject_event(
-                        "rate_limit_tenant_recipients",
+                        RejectRule::RateLimitTenantRecipients,
                         &reply,
                         &sender,
                         Some(&to.address),
@@ -224,17 +232,21 @@ impl Session {
                 self.reply(&codes::recipient_ok());
                 return Step::Continue;
             }
-            Ok(MxLookup::NullMx) => (null_mx(&domain), Some("recipient_null_mx")),
-            Ok(MxLookup::NoMailServer) => {
-                (no_mail_server(&domain), Some("recipient_no_mail_server"))
-            }
+            Ok(MxLookup::NullMx) => (null_mx(&domain), Some(RejectRule::RecipientNullMx)),
+            Ok(MxLookup::NoMailServer) => (
+                no_mail_server(&domain),
+                Some(RejectRule::RecipientNoMailServer),
+            ),
             Err(e) => {
                 tracing::warn!(client_ip = %self.ip, domain = %domain, error = %e, "recipient domain lookup failed");
-                (dns_tempfail(&domain), None)
+                (
+                    dns_tempfail(&domain),
+                    Some(RejectRule::RecipientDnsTempfail),
+                )
             }
         };
         if let Some(rule) = rule {
-            tracing::info!(client_ip = %self.ip, recipient = %to.address, rule, "recipient refused");
+            tracing::info!(client_ip = %self.ip, recipient = %to.address, rule = %rule, "recipient refused");
             self.reject_event(rule, &reply, &sender, Some(&to.address));
         }
         self.reply(&reply);

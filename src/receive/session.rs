@@ -33,6 +33,7 @@ use super::auth::SaslState;
 use super::limits::ConnSlot;
 use crate::config::{AuthMode, ListenerConfig, TenantConfig, TlsMode};
 use crate::envelope::{Envelope, QueueId, Recipient};
+use crate::event::RejectRule;
 use crate::reply::{Enhanced, Reply, codes};
 
 /// Longest command line accepted, CRLF included: smtp-proto's limit, well
@@ -298,7 +299,7 @@ impl Session {
         if let Err(e) = self.ctx.rate_limits.ip_connection(self.ip).await {
             tracing::info!(client_ip = %self.ip, limit = %e, "connection refused: rate limit");
             let reply = e.connect_reply();
-            self.reject_event("rate_limit_ip_connections", &reply, "", None);
+            self.reject_event(RejectRule::RateLimitIpConnections, &reply, "", None);
             self.reply(&reply);
             let _ = self.flush(&mut stream).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;

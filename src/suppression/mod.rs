@@ -429,7 +429,7 @@ pub fn suppressed_event(
     e.tenant = tenant;
     e.recipient = Some(recipient.to_string());
     e.client_ip = Some(client_ip);
-    e.rule = Some("suppression_list".into());
+    e.rule = Some(crate::event::RejectRule::SuppressionList);
     e.reason = Some(entry.reason.clone());
     e.permanent = Some(true);
     e
