@@ -28,6 +28,7 @@ use crate::config::Secret;
 use crate::deliver::client::{
     ClientError, MailParams, RcptParams, SmtpClient, Timeouts, Tls, TransactionReplies,
 };
+use crate::deliver::failure;
 
 /// How the load generator secures its connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -395,7 +396,7 @@ async fn worker(plan: Arc<Plan>, shared: Arc<Shared>) -> WorkerStats {
                 match plan.connect().await {
                     Ok(c) => c,
                     Err(e) => {
-                        stats.fail(&shared, error_key(&e));
+                        stats.fail(&shared, failure::kind(&e));
                         continue;
                     }
                 }
@@ -413,7 +414,7 @@ async fn worker(plan: Arc<Plan>, shared: Arc<Shared>) -> WorkerStats {
                 }
                 Err(what) => stats.fail(&shared, what),
             },
-            Err(e) => stats.fail(&shared, error_key(&e.error)),
+            Err(e) => stats.fail(&shared, failure::kind(&e.error)),
         }
         if plan.opts.reuse && c.is_usable() {
             conn = Some(c);
@@ -444,20 +445,6 @@ fn verdict(tx: &TransactionReplies) -> Result<(), String> {
         Some(e) => format!("{} {e}", reply.code),
         None => reply.code.to_string(),
     })
-}
-
-/// A failure that is not a transaction reply, grouped by kind.
-fn error_key(e: &ClientError) -> String {
-    match e {
-        ClientError::Rejected { stage, reply } => match reply.enhanced {
-            Some(en) => format!("{} {en} {stage}", reply.code),
-            None => format!("{} {stage}", reply.code),
-        },
-        // Keep OS detail out of the key so that one cause is one line.
-        ClientError::Io { stage, .. } => format!("connection lost {stage}"),
-        ClientError::Connect(err) => format!("cannot connect: {}", err.kind()),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

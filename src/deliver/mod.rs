@@ -30,6 +30,7 @@ pub mod cert;
 pub mod classify;
 pub mod client;
 pub mod explain;
+pub mod failure;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod smarthost;
@@ -1144,107 +1145,14 @@ fn failure(reply: &Reply) -> AttemptResult {
 }
 
 /// A failure that is not an SMTP reply, described as the 4xx reply the
-/// queue records (RFC 3463 codes: 4.4.1 no answer, 4.4.2 bad connection,
-/// 4.7.5 cryptographic failure).
+/// queue records.
 fn synthesize(e: &ClientError, host: &str, addr: SocketAddr) -> (Reply, Classification) {
-    use Classification::{Network, Other, Tls};
     let at = format!("{host} [{}]:{}", addr.ip(), addr.port());
-    let r = |enh: Enhanced, text: String| Reply::new(451, enh, text);
-    match e {
-        ClientError::Refused => (
-            r(Enhanced(4, 4, 1), format!("Connection to {at} refused")),
-            Network,
-        ),
-        ClientError::Connect(err) => (
-            r(
-                Enhanced(4, 4, 1),
-                format!("Connection to {at} failed: {err}"),
-            ),
-            Network,
-        ),
-        ClientError::Timeout(Stage::Connect) => (
-            r(Enhanced(4, 4, 1), format!("Connection to {at} timed out")),
-            Network,
-        ),
-        ClientError::Timeout(Stage::TlsHandshake) => (
-            r(
-                Enhanced(4, 7, 5),
-                format!("TLS handshake with {at} timed out"),
-            ),
-            Tls,
-        ),
-        ClientError::Timeout(stage) => (
-            r(
-                Enhanced(4, 4, 2),
-                format!("Connection to {at} timed out {stage}"),
-            ),
-            Network,
-        ),
-        ClientError::Closed(stage) => (
-            r(
-                Enhanced(4, 4, 2),
-                format!("Connection to {at} closed by the server {stage}"),
-            ),
-            Network,
-        ),
-        ClientError::Io { stage, source } => (
-            r(
-                Enhanced(4, 4, 2),
-                format!("Connection to {at} lost {stage}: {source}"),
-            ),
-            Network,
-        ),
-        ClientError::Tls(err) => (
-            r(
-                Enhanced(4, 7, 5),
-                format!("TLS handshake with {at} failed: {err}"),
-            ),
-            Tls,
-        ),
-        ClientError::Protocol { stage, what } => (
-            r(
-                Enhanced(4, 5, 0),
-                format!("{at} broke the SMTP protocol {stage}: {what}"),
-            ),
-            Network,
-        ),
-        ClientError::Rejected { stage, reply } => {
-            // The remote's refusal of the session is kept in the text, and
-            // its enhanced code (made transient) in ours: trying the next
-            // host or later is the answer to a refused greeting or EHLO.
-            let enh = reply.enhanced_or_default();
-            let what = match stage {
-                Stage::Greeting => "refused the session",
-                Stage::Ehlo | Stage::Helo => "refused EHLO and HELO",
-                Stage::StartTls => "refused STARTTLS",
-                _ => "refused",
-            };
-            let class = match stage {
-                Stage::StartTls => Tls,
-                _ => classify(reply),
-            };
-            (
-                r(Enhanced(4, enh.1, enh.2), format!("{at} {what}: {reply}")),
-                class,
-            )
-        }
-        ClientError::NoStartTls => (
-            r(
-                Enhanced(4, 7, 10),
-                format!("{at} does not offer STARTTLS, and delivery.starttls is \"required\""),
-            ),
-            Tls,
-        ),
-        ClientError::NoAuthMechanism | ClientError::InvalidArgument(_) | ClientError::NotUsable => {
-            (
-                r(
-                    Enhanced(4, 3, 0),
-                    format!("Local error talking to {at}: {e}"),
-                ),
-                Other,
-            )
-        }
+    let mut f = failure::SessionFailure::of(e, &at, addr.port());
+    if matches!(e, ClientError::NoStartTls) {
+        f.what.push_str(", and delivery.starttls is \"required\"");
     }
+    (f.deferral(), f.class)
 }
 
 #[cfg(test)]

@@ -35,12 +35,13 @@ use std::sync::Arc;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 
-use super::client::{ClientError, SmtpClient, Stage, Timeouts, Tls};
+use super::client::{ClientError, SmtpClient, Timeouts, Tls};
 use crate::config::Secret;
 use crate::config::smarthost::load_roots;
 pub use crate::config::smarthost::{SmarthostConfig, SmarthostTls};
 use crate::deliver::cert::{CertOutcome, RecordingVerifier};
 use crate::deliver::explain::{Advice, Step, explain_certificate, explain_reply};
+use crate::deliver::failure::SessionFailure;
 use crate::dns::Dns;
 use crate::envelope::Envelope;
 use crate::reply::{Enhanced, Reply};
@@ -331,168 +332,36 @@ impl Smarthost {
         )
     }
 
+    /// A failed session as the deferral the queue records, explained for
+    /// this smarthost's config.
     fn failure(
         &self,
         e: ClientError,
         addr: SocketAddr,
         checked: Option<&RecordingVerifier>,
     ) -> Failure {
-        use Classification::{Network, Other, Policy, Tls};
-        let host = &self.host;
-        let at = format!("smarthost {host} [{}]:{}", addr.ip(), addr.port());
-        let port = addr.port();
-        let fail = |enh: Enhanced, text: String, class, try_next| Failure {
-            reply: Reply::new(451, enh, text),
-            class,
-            try_next,
+        // A refusal is named by the host the tenant configured (its reply
+        // follows); a broken connection also by the address tried.
+        let at = match e {
+            ClientError::Rejected { .. } => format!("smarthost {}", self.host),
+            _ => format!("smarthost {} [{}]:{}", self.host, addr.ip(), addr.port()),
         };
-        match e {
-            ClientError::Refused => fail(
-                Enhanced(4, 4, 1),
-                self.explained(
-                    &format!("Connection to {at} refused"),
-                    None,
-                    &Advice::new(
-                        "nothing listens on that port",
-                        "check port: submission is usually 587 (tls = \"starttls\") or 465 (tls = \"implicit\")",
-                    ),
-                ),
-                Network,
-                true,
+        let mut f = SessionFailure::of(&e, &at, addr.port());
+        if let ClientError::Tls(_) = e
+            && let Some(CertOutcome::Failed { error, self_signed }) =
+                checked.and_then(RecordingVerifier::outcome)
+        {
+            f.what = format!("{at}: TLS certificate not accepted");
+            f.advice = explain_certificate(&error, &self.host, self_signed);
+        }
+        Failure {
+            reply: Reply::new(
+                451,
+                f.enhanced,
+                self.explained(&f.what, f.reply.as_ref(), &f.advice),
             ),
-            ClientError::Timeout(Stage::Connect) => fail(
-                Enhanced(4, 4, 1),
-                self.explained(
-                    &format!("Connection to {at} timed out"),
-                    None,
-                    &Advice::new(
-                        format!("outbound connections to port {port} are probably blocked by a firewall"),
-                        format!("ask the network admin to allow outbound connections to port {port}, or use the provider's other submission port (587 or 465)"),
-                    ),
-                ),
-                Network,
-                true,
-            ),
-            ClientError::Connect(err) => fail(
-                Enhanced(4, 4, 1),
-                format!("Connection to {at} failed: {err}"),
-                Network,
-                true,
-            ),
-            ClientError::Tls(msg) => match checked.and_then(RecordingVerifier::outcome) {
-                Some(CertOutcome::Failed { error, self_signed }) => fail(
-                    Enhanced(4, 7, 5),
-                    self.explained(
-                        &format!("{at}: TLS certificate not accepted"),
-                        None,
-                        &explain_certificate(&error, host, self_signed),
-                    ),
-                    Tls,
-                    false,
-                ),
-                // Verified, or no certificate problem: the handshake itself.
-                _ => fail(
-                    Enhanced(4, 7, 5),
-                    self.explained(
-                        &format!("TLS handshake with {at} failed: {msg}"),
-                        None,
-                        &Advice::new(
-                            "the TLS handshake failed: the port may speak the other TLS mode, or only old TLS versions",
-                            "check tls and port: \"implicit\" is usually port 465, \"starttls\" port 587",
-                        ),
-                    ),
-                    Tls,
-                    false,
-                ),
-            },
-            ClientError::Timeout(Stage::TlsHandshake) => fail(
-                Enhanced(4, 7, 5),
-                self.explained(
-                    &format!("TLS handshake with {at} timed out"),
-                    None,
-                    &Advice::new(
-                        "the server did not take part in a TLS handshake",
-                        "check tls and port: \"implicit\" is usually port 465, \"starttls\" port 587",
-                    ),
-                ),
-                Tls,
-                false,
-            ),
-            ClientError::NoStartTls => fail(
-                Enhanced(4, 7, 10),
-                self.explained(
-                    &format!("{at} does not offer STARTTLS"),
-                    None,
-                    &Advice::new(
-                        "herald sends neither the password nor mail to a smarthost in plaintext",
-                        "use tls = \"implicit\" with port 465, or ask the provider which port offers STARTTLS (usually 587)",
-                    ),
-                ),
-                Tls,
-                false,
-            ),
-            ClientError::NoAuthMechanism => fail(
-                Enhanced(4, 7, 8),
-                self.explained(
-                    &format!("{at} offers no AUTH PLAIN or LOGIN"),
-                    None,
-                    &Advice::new(
-                        "the server offers no password login herald can use",
-                        "ask the provider to allow password logins (PLAIN or LOGIN) for SMTP; accounts limited to OAuth cannot be used with a password",
-                    ),
-                ),
-                Policy,
-                false,
-            ),
-            ClientError::Rejected { stage, reply } => {
-                let enh = reply.enhanced_or_default();
-                let enh = Enhanced(4, enh.1, enh.2);
-                let (what, step, class, try_next) = match stage {
-                    Stage::Greeting => ("refused the session", Step::Banner, super::classify(&reply), true),
-                    Stage::Ehlo | Stage::Helo => ("refused EHLO", Step::Ehlo, super::classify(&reply), true),
-                    Stage::StartTls => ("refused STARTTLS", Step::Tls, Tls, false),
-                    Stage::Auth => ("refused AUTH", Step::Auth, Policy, false),
-                    _ => ("refused", Step::Ehlo, super::classify(&reply), true),
-                };
-                let advice = explain_reply(step, &reply);
-                fail(
-                    enh,
-                    self.explained(&format!("smarthost {host} {what}"), Some(&reply), &advice),
-                    class,
-                    try_next,
-                )
-            }
-            ClientError::Timeout(stage) => fail(
-                Enhanced(4, 4, 2),
-                format!("Connection to {at} timed out {stage}"),
-                Network,
-                true,
-            ),
-            ClientError::Closed(stage) => fail(
-                Enhanced(4, 4, 2),
-                format!("Connection to {at} closed by the server {stage}"),
-                Network,
-                true,
-            ),
-            ClientError::Io { stage, source } => fail(
-                Enhanced(4, 4, 2),
-                format!("Connection to {at} lost {stage}: {source}"),
-                Network,
-                true,
-            ),
-            ClientError::Protocol { stage, what } => fail(
-                Enhanced(4, 5, 0),
-                format!("{at} broke the SMTP protocol {stage}: {what}"),
-                Network,
-                true,
-            ),
-            // Only the user name can be meant here (it is in the config).
-            e @ (ClientError::InvalidArgument(_) | ClientError::NotUsable) => fail(
-                Enhanced(4, 3, 0),
-                format!("Local error talking to {at}: {e}"),
-                Other,
-                false,
-            ),
+            class: f.class,
+            try_next: f.try_next,
         }
     }
 

@@ -30,6 +30,7 @@ use crate::deliver::client::{
     Capabilities, ClientError, MailParams, SmtpClient, Stage, Timeouts, Tls,
 };
 use crate::deliver::explain::{Advice, Step, explain_certificate, explain_reply};
+use crate::deliver::failure::advice;
 use crate::reply::Reply;
 
 /// How the connection is secured.
@@ -479,29 +480,14 @@ impl Diagnosis<'_> {
             .join("; ");
         // The most telling failure decides the advice: a timeout (something
         // drops the packets) over a refusal over anything else.
-        let advice = if failures
-            .iter()
-            .any(|(_, e)| matches!(e, ClientError::Timeout(_)))
-        {
-            Advice::new(
-                format!("outbound connections to port {port} are probably blocked by a firewall"),
-                format!(
-                    "many cloud providers block 25; try 587 or 465, or ask the network admin to allow outbound connections to port {port}"
-                ),
-            )
-        } else if failures
-            .iter()
-            .any(|(_, e)| matches!(e, ClientError::Refused))
-        {
-            Advice::new(
-                "nothing listens on that port; check the port number",
-                "submission is usually 587 (with --starttls) or 465 (with --tls); check the provider's documentation",
-            )
-        } else {
-            Advice::new(
-                "this machine has no route to the server",
-                "check this machine's network connection (and IPv6 connectivity if only IPv6 failed)",
-            )
+        let telling = failures.iter().map(|(_, e)| e).min_by_key(|e| match e {
+            ClientError::Timeout(_) => 0,
+            ClientError::Refused => 1,
+            _ => 2,
+        });
+        let advice = match telling {
+            Some(e) => advice(e, port),
+            None => advice(&ClientError::NotUsable, port),
         };
         self.fail(Step::Connect, detail, None, advice);
     }
@@ -527,7 +513,7 @@ impl Diagnosis<'_> {
                         ),
                         "use --starttls instead of --tls (implicit TLS is usually port 465)",
                     ),
-                    None => tls_error_advice(&e),
+                    None => advice(&e, self.port),
                 };
                 self.fail(Step::Tls, detail, None, advice);
             }
@@ -545,7 +531,9 @@ impl Diagnosis<'_> {
         match e {
             ClientError::Rejected { reply, .. } => self.refused(Step::Banner, reply),
             ClientError::Timeout(_) => {
-                let advice = if self.opts.security != Security::Tls && self.probe_implicit_tls(addr).await {
+                let advice = if self.opts.security != Security::Tls
+                    && self.probe_implicit_tls(addr).await
+                {
                     Advice::new(
                         "this looks like an implicit-TLS port: use --tls (the server waits for a TLS handshake before it greets)",
                         "add --tls (or use port 587 with --starttls)",
@@ -556,32 +544,35 @@ impl Diagnosis<'_> {
                         "try again later; check the port number with the provider",
                     )
                 };
-                self.fail(Step::Banner, format!("no banner within {limit}"), None, advice);
+                self.fail(
+                    Step::Banner,
+                    format!("no banner within {limit}"),
+                    None,
+                    advice,
+                );
             }
-            ClientError::Closed(_) | ClientError::Io { .. } => self.fail(
-                Step::Banner,
-                format!("the connection was closed without a greeting ({e})"),
-                None,
-                Advice::new(
-                    "the server drops connections from this client (a blocklisted address or a connection limit), or another service listens on this port",
-                    "check the port number; ask the provider whether this address is blocked",
-                ),
-            ),
-            ClientError::Protocol { what, .. } => self.fail(
-                Step::Banner,
-                format!("the server's first words are not SMTP ({what})"),
-                None,
-                Advice::new(
-                    "something other than an SMTP server listens on this port",
-                    "check the port number: submission is usually 587 or 465",
-                ),
-            ),
-            other => self.fail(
-                Step::Banner,
-                other.to_string(),
-                None,
-                Advice::new("the session failed before the greeting", "try again; check the port number"),
-            ),
+            ClientError::Closed(_) | ClientError::Io { .. } => {
+                let advice = advice(&e, self.port);
+                self.fail(
+                    Step::Banner,
+                    format!("the connection was closed without a greeting ({e})"),
+                    None,
+                    advice,
+                )
+            }
+            ClientError::Protocol { what, .. } => {
+                let advice = advice(&e, self.port);
+                self.fail(
+                    Step::Banner,
+                    format!("the server's first words are not SMTP ({what})"),
+                    None,
+                    advice,
+                )
+            }
+            other => {
+                let advice = advice(&other, self.port);
+                self.fail(Step::Banner, other.to_string(), None, advice)
+            }
         }
     }
 
@@ -740,7 +731,7 @@ impl Diagnosis<'_> {
                             ClientError::Tls(m) => format!("TLS handshake failed: {m}"),
                             _ => format!("no TLS handshake within {limit}"),
                         };
-                        self.fail(Step::Tls, detail, None, tls_error_advice(&e));
+                        self.fail(Step::Tls, detail, None, advice(&e, self.port));
                         return;
                     }
                     Err(e) => {
@@ -847,35 +838,16 @@ impl Diagnosis<'_> {
     /// anything else is a broken connection.
     fn client_failed(&mut self, step: Step, e: ClientError) {
         let limit = self.limit();
+        let advice = advice(&e, self.port);
         match e {
             ClientError::Rejected { reply, .. } => self.refused(step, reply),
-            ClientError::Timeout(_) => self.fail(
-                step,
-                format!("no reply within {limit}"),
-                None,
-                Advice::new(
-                    "the server stopped answering",
-                    "try again later, or with a longer --timeout",
-                ),
-            ),
-            ClientError::InvalidArgument(what) => self.fail(
-                step,
-                format!("{what} contains a line break"),
-                None,
-                Advice::new(
-                    "the value given cannot be sent",
-                    "check the value given on the command line",
-                ),
-            ),
-            other => self.fail(
-                step,
-                other.to_string(),
-                None,
-                Advice::new(
-                    "the connection failed",
-                    "try again; if it persists, ask the provider",
-                ),
-            ),
+            ClientError::Timeout(_) => {
+                self.fail(step, format!("no reply within {limit}"), None, advice)
+            }
+            ClientError::InvalidArgument(what) => {
+                self.fail(step, format!("{what} contains a line break"), None, advice)
+            }
+            other => self.fail(step, other.to_string(), None, advice),
         }
     }
 }
@@ -907,35 +879,6 @@ fn extensions(caps: &Capabilities) -> Vec<String> {
         vec!["no extensions".into()]
     } else {
         out
-    }
-}
-
-/// Why a handshake failed, from rustls's message.
-fn tls_error_advice(e: &ClientError) -> Advice {
-    let text = e.to_string();
-    if text.contains("ProtocolVersion")
-        || text.contains("protocol version")
-        || text.contains("PeerIncompatible")
-    {
-        Advice::new(
-            "the server only speaks an old TLS version (1.0 or 1.1) or ciphers herald refuses",
-            "ask the provider to enable TLS 1.2 or 1.3",
-        )
-    } else if matches!(e, ClientError::Timeout(_)) {
-        Advice::new(
-            "the server did not take part in a TLS handshake",
-            "check the TLS mode: --tls for port 465, --starttls for 587",
-        )
-    } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
-        Advice::new(
-            "the server did not answer in TLS",
-            "check the TLS mode: --tls for port 465, --starttls for 587",
-        )
-    } else {
-        Advice::new(
-            "the TLS handshake failed",
-            "try the other TLS mode (--tls on 465, --starttls on 587); if it persists, ask the provider",
-        )
     }
 }
 
