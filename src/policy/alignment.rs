@@ -14,9 +14,9 @@
 //!   evaluated by mail-auth's verifier (include, redirect, a, mx, ip4,
 //!   ip6, macros, the 10-lookup limit).
 //!
-//! The organizational domain is found the way mail-auth's DMARC verifier
-//! finds it: by the DNS tree walk over `_dmarc` records (no public suffix
-//! list is in the dependency graph, and DMARCbis replaced the PSL with it).
+//! The DMARC records and the organizational domain come from
+//! [`super::dmarc`] (the DNS tree walk over `_dmarc` records, as mail-auth's
+//! DMARC verifier does it), which `herald domain check` reads too.
 //!
 //! Trust: the domains come from the message (untrusted) but are only used
 //! as DNS names. A lookup that fails temporarily (timeout, SERVFAIL,
@@ -39,14 +39,13 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use mail_auth::dmarc::{Alignment as Mode, Dmarc, Policy, Psd};
-use mail_auth::hickory_resolver::proto::op::ResponseCode;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{MessageAuthenticator, Parameters, ResolverCache, SpfResult};
 use tokio::sync::OnceCell;
 
 use super::Verdict;
 use super::dkim::{self, Key, Published, Signer};
+use super::dmarc::{Mode, Policy, applied_policy, in_domain, organizational_domain};
 use crate::config::Config;
 pub use crate::config::dmarc::{DmarcAction, DmarcConfig};
 use crate::dns::Dns;
@@ -542,7 +541,7 @@ impl Alignment {
         };
 
         // 1. The DMARC record that applies (RFC 9989 §4.10.1).
-        let walk = match self.walk(from, &rec).await {
+        let walk = match super::dmarc::walk(&self.auth, from, Some(&rec)).await {
             Ok(w) => w,
             Err(e) => return unknown(format!("cannot read the DMARC record of {from}: {e}")),
         };
@@ -627,45 +626,6 @@ impl Alignment {
         left.clamp(self.cfg.min_ttl.0, self.cfg.max_ttl.0)
     }
 
-    /// DNS tree walk (RFC 9989 §4.10): every DMARC record from `domain` up
-    /// to its top-level domain, longest name first; at most eight queries.
-    async fn walk(
-        &self,
-        domain: &str,
-        rec: &TtlRecorder,
-    ) -> Result<Vec<(String, Arc<Dmarc>)>, String> {
-        let labels: Vec<&str> = domain.split('.').filter(|l| !l.is_empty()).collect();
-        let total = labels.len();
-        let mut found = Vec::new();
-        if total < 2 {
-            return Ok(found);
-        }
-        let mut count = total;
-        loop {
-            let name = labels[total - count..].join(".");
-            let key = format!("_dmarc.{name}.");
-            match self.auth.txt_lookup::<Dmarc>(key, Some(rec)).await {
-                Ok(record) => {
-                    let stop = matches!(record.psd, Psd::Yes | Psd::No);
-                    found.push((name, record));
-                    if stop {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    if let Some(trouble) = dns_trouble(&e) {
-                        return Err(trouble);
-                    }
-                }
-            }
-            if count == 1 {
-                break;
-            }
-            count = if count >= 8 { 7 } else { count - 1 };
-        }
-        Ok(found)
-    }
-
     /// Whether `domain` aligns with the author domain `author` whose
     /// organizational domain is `org` (RFC 7489 §3.1).
     async fn aligned(
@@ -682,7 +642,7 @@ impl Alignment {
         if mode == Mode::Strict || !in_domain(domain, org) {
             return Ok(false);
         }
-        let walk = self.walk(domain, rec).await?;
+        let walk = super::dmarc::walk(&self.auth, domain, Some(rec)).await?;
         Ok(organizational_domain(&walk, domain).eq_ignore_ascii_case(org))
     }
 
@@ -836,105 +796,6 @@ fn public_of(key: &Key) -> Vec<u8> {
 }
 
 /// A temporary failure, as opposed to an answer saying there is no record.
-fn dns_trouble(e: &mail_auth::Error) -> Option<String> {
-    use mail_auth::{DnsError, Error};
-    match e {
-        Error::Dns(DnsError::RecordNotFound(code))
-            if *code == ResponseCode::NXDomain || *code == ResponseCode::NoError =>
-        {
-            None
-        }
-        Error::Dns(DnsError::RecordNotFound(code)) => Some(format!("DNS answered {code}")),
-        Error::Dns(DnsError::Resolver(reason)) => Some(reason.clone()),
-        // No record that parses as DMARC: there is none.
-        _ => None,
-    }
-}
-
-/// The record that applies to `from` and the policy it sets for it.
-struct Applied {
-    domain: String,
-    policy: Policy,
-    adkim: Mode,
-    aspf: Mode,
-}
-
-/// RFC 9989 §4.10.1: the author domain's own record, else the
-/// organizational domain's (its `sp`), else the shortest one found.
-fn applied_policy(walk: &[(String, Arc<Dmarc>)], from: &str) -> Option<Applied> {
-    let org = organizational_domain(walk, from);
-    let (name, record, own) = if let Some((n, r)) = walk.iter().find(|(n, _)| n == from) {
-        (n, r, true)
-    } else {
-        let (n, r) = walk.iter().find(|(n, _)| n == org).or(walk.last())?;
-        (n, r, false)
-    };
-    let mut policy = if record.p == Policy::Unspecified {
-        // Without p=, a record with rua= means p=none; without either,
-        // DMARC does not apply.
-        if record.rua.is_empty() {
-            return None;
-        }
-        Policy::None
-    } else if own {
-        record.p
-    } else {
-        // A non-existent subdomain would get np=; herald's From: domains
-        // exist, so sp= applies.
-        record.sp
-    };
-    // t=y: the policy is applied one level lower (RFC 9989 §4.7).
-    if record.t {
-        policy = match policy {
-            Policy::Reject => Policy::Quarantine,
-            Policy::Quarantine => Policy::None,
-            other => other,
-        };
-    }
-    Some(Applied {
-        domain: name.clone(),
-        policy,
-        adkim: record.adkim,
-        aspf: record.aspf,
-    })
-}
-
-/// RFC 9989 §4.10.2: the organizational domain from a tree walk.
-fn organizational_domain<'a>(walk: &'a [(String, Arc<Dmarc>)], start: &'a str) -> &'a str {
-    for (name, record) in walk {
-        match record.psd {
-            Psd::No => return name,
-            Psd::Yes if name != start => {
-                let depth = name.split('.').count() + 1;
-                let labels = start.split('.').count();
-                return drop_labels(start, labels.saturating_sub(depth));
-            }
-            _ => {}
-        }
-    }
-    walk.last().map_or(start, |(n, _)| n.as_str())
-}
-
-fn drop_labels(domain: &str, n: usize) -> &str {
-    let mut rest = domain;
-    for _ in 0..n {
-        match rest.split_once('.') {
-            Some((_, r)) => rest = r,
-            None => return "",
-        }
-    }
-    rest
-}
-
-/// `domain` is `parent` or below it.
-fn in_domain(domain: &str, parent: &str) -> bool {
-    // Bytes: either name may be UTF-8 (an SMTPUTF8 return path, a DNS
-    // name), where `d - p` could fall inside a character.
-    let (domain, parent) = (domain.as_bytes(), parent.as_bytes());
-    let (d, p) = (domain.len(), parent.len());
-    d >= p && domain[d - p..].eq_ignore_ascii_case(parent) && (d == p || domain[d - p - 1] == b'.')
-}
-
 fn spf_name(r: SpfResult) -> &'static str {
     match r {
         SpfResult::Pass => "pass",
@@ -1141,58 +1002,6 @@ mod tests {
     }
 
     #[test]
-    fn organizational_domain_follows_the_tree_walk() {
-        let rec = |t: &str| Arc::new(Dmarc::parse(t.as_bytes()).unwrap());
-        use mail_auth::common::parse::TxtRecordParser as _;
-        // Shortest name with a record.
-        let walk = vec![
-            ("a.b.example".to_string(), rec("v=DMARC1; p=none")),
-            ("b.example".to_string(), rec("v=DMARC1; p=reject")),
-        ];
-        assert_eq!(organizational_domain(&walk, "a.b.example"), "b.example");
-        // psd=y: one label below the public suffix domain.
-        let walk = vec![("example".to_string(), rec("v=DMARC1; p=reject; psd=y"))];
-        assert_eq!(
-            organizational_domain(&walk, "x.acme.example"),
-            "acme.example"
-        );
-        assert_eq!(
-            organizational_domain(&[], "x.acme.example"),
-            "x.acme.example"
-        );
-        assert!(in_domain("bounces.Acme.example", "acme.example"));
-        assert!(in_domain("acme.example", "acme.example"));
-        assert!(!in_domain("notacme.example", "acme.example"));
-        assert!(!in_domain("example", "acme.example"));
-        // UTF-8 names, the parent's length ending inside a character.
-        assert!(!in_domain("ü.example", "x.example"));
-        assert!(!in_domain("aé.example", "b.example"));
-        assert!(!in_domain("😀", "x"));
-        assert!(in_domain("mail.bücher.example", "bücher.example"));
-    }
-
-    #[test]
-    fn applied_policy_uses_sp_for_subdomains_and_t_lowers_it() {
-        use mail_auth::common::parse::TxtRecordParser as _;
-        let rec = |t: &str| Arc::new(Dmarc::parse(t.as_bytes()).unwrap());
-        let walk = vec![(
-            "acme.example".to_string(),
-            rec("v=DMARC1; p=reject; sp=quarantine"),
-        )];
-        let own = applied_policy(&walk, "acme.example").unwrap();
-        assert_eq!(own.policy, Policy::Reject);
-        let sub = applied_policy(&walk, "mail.acme.example").unwrap();
-        assert_eq!(sub.policy, Policy::Quarantine);
-        assert_eq!(sub.domain, "acme.example");
-        let walk = vec![("acme.example".to_string(), rec("v=DMARC1; p=reject; t=y"))];
-        assert_eq!(
-            applied_policy(&walk, "acme.example").unwrap().policy,
-            Policy::Quarantine
-        );
-        assert!(applied_policy(&[], "acme.example").is_none());
-    }
-
-    #[test]
     fn config_defaults_and_errors() {
         let d = DmarcConfig::default();
         assert_eq!(d.action, DmarcAction::Warn);
@@ -1224,6 +1033,7 @@ mod tests {
 #[cfg(test)]
 mod prop_tests {
     use super::*;
+    use crate::policy::dmarc::Dmarc;
     use mail_auth::common::parse::TxtRecordParser as _;
     use proptest::prelude::*;
 
@@ -1246,12 +1056,6 @@ mod prop_tests {
             prop_assert!(suggest_spf(&record, &[ip]).starts_with("v=spf1 ip4:192.0.2.1 "));
             let _ = mail_auth::spf::Spf::parse(record.as_bytes());
             let _ = Dmarc::parse(record.as_bytes());
-            prop_assert!(in_domain(&a, &a));
-            let below = format!("{b}.{a}");
-            prop_assert!(in_domain(&below, &a));
-            let _ = in_domain(&a, &b);
-            let _ = organizational_domain(&[], &a);
-            let _ = drop_labels(&a, b.len() % 8);
             let long = b.repeat(40);
             let text = reply_text(&a, &[record, long]);
             prop_assert!(text.split('\n').skip(1).all(|l| l.len() <= MAX_REPLY_TEXT));

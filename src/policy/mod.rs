@@ -10,6 +10,7 @@
 
 pub mod alignment;
 pub mod dkim;
+pub mod dmarc;
 pub mod dnsbl;
 pub mod spam;
 

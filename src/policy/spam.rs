@@ -632,31 +632,10 @@ fn domain_token(token: &str, in_url: bool) -> Option<String> {
     Some(host)
 }
 
-/// The registrable part of a host, approximated without the public suffix
-/// list: the last two labels, or three under a two-letter country code
-/// with a short second level (`example.co.uk`).
+/// The registrable part of a host (`example.co.uk`), by the Public Suffix
+/// List.
 fn site(host: &str) -> &str {
-    let host = host.trim_end_matches('.');
-    let mut dots = host.rmatch_indices('.').map(|(i, _)| i);
-    let (Some(last), second) = (dots.next(), dots.next()) else {
-        return host;
-    };
-    let tld = &host[last + 1..];
-    let sld_start = second.map_or(0, |i| i + 1);
-    let sld = &host[sld_start..last];
-    if tld.len() == 2
-        && matches!(
-            sld,
-            "co" | "com" | "net" | "org" | "gov" | "ac" | "edu" | "ne" | "or" | "go"
-        )
-        && let Some(third) = dots.next()
-    {
-        return &host[third + 1..];
-    }
-    if sld_start == 0 && tld.len() == 2 && sld.len() <= 3 {
-        return host;
-    }
-    &host[sld_start..]
+    super::dmarc::registrable_domain(host)
 }
 
 /// Two hosts of one organisation: equal, one inside the other, or the same
