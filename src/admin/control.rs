@@ -31,11 +31,29 @@ use crate::clock::unix_now;
 use crate::config::AdminConfig;
 use crate::control::{ControlError, Pause, PauseReply, Rates, Suspension, reputation::percent};
 
+/// What a suspension holds back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SuspensionKind {
+    /// Mail to a recipient domain.
+    Domain,
+    /// Mail from a tenant.
+    Tenant,
+}
+
+impl std::fmt::Display for SuspensionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SuspensionKind::Domain => "domain",
+            SuspensionKind::Tenant => "tenant",
+        })
+    }
+}
+
 /// One suspension as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SuspensionView {
-    /// `domain` or `tenant`.
-    pub kind: String,
+    pub kind: SuspensionKind,
     pub name: String,
     /// RFC 3339.
     pub since: String,
@@ -45,9 +63,9 @@ pub struct SuspensionView {
 }
 
 impl SuspensionView {
-    fn new(kind: &str, name: &str, s: &Suspension) -> SuspensionView {
+    fn new(kind: SuspensionKind, name: &str, s: &Suspension) -> SuspensionView {
         SuspensionView {
-            kind: kind.into(),
+            kind,
             name: name.into(),
             since: rfc3339(s.since),
             age_seconds: unix_now().saturating_sub(s.since),
@@ -180,12 +198,12 @@ pub async fn list(_: Authorized, State(st): State<Arc<AdminState>>) -> Json<Susp
         domains: s
             .suspended_domains
             .iter()
-            .map(|(n, s)| SuspensionView::new("domain", n, s))
+            .map(|(n, s)| SuspensionView::new(SuspensionKind::Domain, n, s))
             .collect(),
         tenants: s
             .suspended_tenants
             .iter()
-            .map(|(n, s)| SuspensionView::new("tenant", n, s))
+            .map(|(n, s)| SuspensionView::new(SuspensionKind::Tenant, n, s))
             .collect(),
         paused_tenants: s
             .paused_tenants
@@ -215,7 +233,7 @@ pub async fn suspend(
                 .suspend_domain(&d, n.reason)
                 .await
                 .map_err(control_error)?;
-            (SuspensionView::new("domain", &d, &s), new)
+            (SuspensionView::new(SuspensionKind::Domain, &d, &s), new)
         }
         (None, Some(t)) => {
             st.control.check_tenant(&t).map_err(|e| match e {
@@ -227,7 +245,7 @@ pub async fn suspend(
                 .suspend_tenant(&t, n.reason)
                 .await
                 .map_err(control_error)?;
-            (SuspensionView::new("tenant", &t, &s), new)
+            (SuspensionView::new(SuspensionKind::Tenant, &t, &s), new)
         }
         _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, usage)),
     };
@@ -267,7 +285,7 @@ pub async fn resume(
             // queue by now (see control::Inner::gate) and is found here.
             let messages = st.queue.retry_where(|_, r| r.domain() == d);
             Ok(Json(ResumeResult {
-                suspension: SuspensionView::new("domain", &d, &s),
+                suspension: SuspensionView::new(SuspensionKind::Domain, &d, &s),
                 messages,
             }))
         }
@@ -287,7 +305,7 @@ pub async fn resume(
                 .queue
                 .retry_where(|env, _| env.tenant.as_deref() == Some(name.as_str()));
             Ok(Json(ResumeResult {
-                suspension: SuspensionView::new("tenant", &name, &s),
+                suspension: SuspensionView::new(SuspensionKind::Tenant, &name, &s),
                 messages,
             }))
         }
@@ -316,7 +334,7 @@ pub async fn tenant(
         delivery_suspended: s
             .suspended_tenants
             .get(&name)
-            .map(|x| SuspensionView::new("tenant", &name, x)),
+            .map(|x| SuspensionView::new(SuspensionKind::Tenant, &name, x)),
         reputation: ReputationView {
             enabled: c.enabled,
             window: c.window,
@@ -550,10 +568,7 @@ pub async fn run(admin: &AdminConfig, cmd: ControlCommand) -> Result<String, Str
 }
 
 fn label(s: &SuspensionView) -> String {
-    match s.kind.as_str() {
-        "domain" => format!("domain {}", s.name),
-        _ => format!("tenant {}", s.name),
-    }
+    format!("{} {}", s.kind, s.name)
 }
 
 fn listing_text(l: &SuspensionListing) -> String {
@@ -563,7 +578,7 @@ fn listing_text(l: &SuspensionListing) -> String {
         .chain(&l.tenants)
         .map(|s| {
             vec![
-                s.kind.clone(),
+                s.kind.to_string(),
                 s.name.clone(),
                 "delivery suspended".into(),
                 format!("{} ({} ago)", s.since, age(s.age_seconds)),
@@ -668,7 +683,7 @@ mod tests {
     fn listing_shows_suspensions_and_pauses() {
         let l = SuspensionListing {
             domains: vec![SuspensionView {
-                kind: "domain".into(),
+                kind: SuspensionKind::Domain,
                 name: "one.test".into(),
                 since: rfc3339(1000),
                 age_seconds: 250,
