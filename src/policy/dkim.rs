@@ -51,6 +51,7 @@ use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject as _;
 
 use super::Verdict;
+use super::headers::HeaderView;
 use crate::config::{Config, ConfigError, ConfigErrors, DkimAlgorithm};
 use crate::envelope::Envelope;
 use crate::reply::Enhanced;
@@ -317,15 +318,27 @@ impl Signer {
         if self.keys.is_empty() {
             return &[];
         }
-        let from = from_address(message);
-        self.keys_for(envelope.tenant.as_deref(), from.as_deref())
+        let headers = HeaderView::read(message);
+        self.keys_for(envelope.tenant.as_deref(), headers.from_address())
     }
 
     /// Signs `message` with the keys [`Signer::select`] picks and returns it
     /// with the DKIM-Signature fields prepended; unchanged when no key
     /// applies. RSA work runs on the blocking pool.
     pub async fn sign(&self, envelope: &Envelope, message: Vec<u8>) -> Result<Vec<u8>, SignError> {
-        let keys = self.select(envelope, message.as_slice());
+        let headers = HeaderView::read(&message);
+        self.sign_with_headers(envelope, &headers, message).await
+    }
+
+    /// [`Signer::sign`] with the header block already read (by the policy
+    /// stage, over the same message).
+    pub async fn sign_with_headers(
+        &self,
+        envelope: &Envelope,
+        headers: &HeaderView,
+        message: Vec<u8>,
+    ) -> Result<Vec<u8>, SignError> {
+        let keys = self.keys_for(envelope.tenant.as_deref(), headers.from_address());
         if keys.is_empty() {
             return Ok(message);
         }
@@ -354,17 +367,6 @@ pub fn sign_with(keys: &[Arc<Key>], message: Vec<u8>) -> Result<Vec<u8>, SignErr
     out.extend_from_slice(&headers);
     out.extend_from_slice(&message);
     Ok(out)
-}
-
-/// The first address of the first From: field.
-fn from_address(message: &[u8]) -> Option<String> {
-    mail_parser::MessageParser::new()
-        .parse_headers(message)
-        .as_ref()
-        .and_then(|m| m.from())
-        .and_then(|a| a.first())
-        .and_then(|a| a.address())
-        .map(str::to_string)
 }
 
 fn err(path: String, message: impl Into<String>) -> ConfigError {

@@ -12,6 +12,7 @@ pub mod alignment;
 pub mod dkim;
 pub mod dmarc;
 pub mod dnsbl;
+pub mod headers;
 pub mod spam;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ pub use crate::event::RejectRule;
 use crate::reply::{Enhanced, Reply};
 use alignment::Alignment;
 use dnsbl::{Dnsbl, Listing, ZoneAction};
+use headers::HeaderView;
 use spam::{FiredRule, SpamRules};
 
 /// The outcome of the policy stage.
@@ -65,6 +67,9 @@ pub struct Outcome {
     /// Findings that did not refuse the message (DMARC `warn`, blocklist
     /// `log` listings): logged and put in the `received` event.
     pub warnings: Vec<String>,
+    /// The header block as the checks read it; DKIM signing picks its keys
+    /// from it.
+    pub headers: HeaderView,
 }
 
 /// The checks, built once from config.
@@ -130,16 +135,24 @@ impl Policy {
     /// Runs every check on `message` (as it will be queued, before DKIM
     /// signing).
     pub async fn check(&self, envelope: &Envelope, message: &[u8]) -> Outcome {
+        let headers = HeaderView::read(message);
+        let mut outcome = self.judge(envelope, message, &headers).await;
+        outcome.headers = headers;
+        outcome
+    }
+
+    async fn judge(&self, envelope: &Envelope, message: &[u8], headers: &HeaderView) -> Outcome {
         let mut outcome = Outcome {
             verdict: Verdict::Accept,
             spam_score: None,
             warnings: Vec::new(),
+            headers: HeaderView::default(),
         };
         let FromField {
             address: from,
             domain: from_domain,
             all,
-        } = match from_address(message) {
+        } = match from_field(headers) {
             Ok(f) => f,
             Err(verdict) => {
                 outcome.verdict = verdict;
@@ -150,12 +163,17 @@ impl Policy {
             outcome.verdict = verdict;
             return outcome;
         }
-        let spam = self.spam.enabled().then(|| self.spam.score(message));
+        let spam = self
+            .spam
+            .enabled()
+            .then(|| self.spam.score_with(message, headers));
 
         let mut domains = vec![from_domain];
         match &spam {
             Some(report) => domains.extend(report.url_domains.iter().cloned()),
-            None if !self.dnsbl.is_empty() => domains.extend(spam::url_domains(message)),
+            None if !self.dnsbl.is_empty() => {
+                domains.extend(spam::url_domains_with(message, headers))
+            }
             None => {}
         }
         // The lookups of both checks at once: each is bounded by its own
@@ -214,26 +232,16 @@ struct FromField {
 
 /// The From: addresses, or the refusal of a message without a usable
 /// From: (RFC 5322 §3.6.2).
-fn from_address(message: &[u8]) -> Result<FromField, Verdict> {
-    let parsed = mail_parser::MessageParser::new().parse_headers(message);
-    let all: Vec<String> = parsed
-        .as_ref()
-        .and_then(|m| m.from())
-        .map(|a| {
-            a.iter()
-                .filter_map(|a| a.address())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    all.first()
+fn from_field(headers: &HeaderView) -> Result<FromField, Verdict> {
+    headers
+        .from_address()
         .and_then(|a| {
             let (_, d) = a.rsplit_once('@')?;
             let d = d.trim_end_matches('.').to_ascii_lowercase();
             (!d.is_empty()).then(|| FromField {
-                address: a.clone(),
+                address: a.to_string(),
                 domain: d,
-                all: all.clone(),
+                all: headers.from.clone(),
             })
         })
         .ok_or_else(|| {
@@ -289,6 +297,7 @@ mod tests {
 
     #[test]
     fn from_address_needs_an_address() {
+        let from_address = |m: &[u8]| from_field(&HeaderView::read(m));
         let f = from_address(b"From: Billing <Billing@Acme.Example>\r\n\r\nhi\r\n").unwrap();
         assert_eq!(
             (f.address.as_str(), f.domain.as_str()),

@@ -19,6 +19,7 @@ use mail_parser::{
     Address, HeaderName, HeaderValue, Message, MessageParser, MimeHeaders, PartType,
 };
 
+use super::headers::HeaderView;
 use crate::config::spam::RULES;
 pub use crate::config::spam::SpamConfig;
 
@@ -160,11 +161,16 @@ impl SpamRules {
     /// Scores a whole message (header and body, as it will be queued).
     /// Rules with weight 0 are not evaluated; `url_domains` is always filled.
     pub fn score(&self, message: &[u8]) -> SpamReport {
+        self.score_with(message, &HeaderView::read(message))
+    }
+
+    /// [`SpamRules::score`] with the header block already read.
+    pub fn score_with(&self, message: &[u8], headers: &HeaderView) -> SpamReport {
         let mut sc = Scorer {
             rules: self,
             report: SpamReport::default(),
         };
-        let Some(msg) = MessageParser::new().parse(parse_window(message)) else {
+        let Some(msg) = MessageParser::new().parse(parse_window(message, headers)) else {
             sc.fire(Rule::FromMalformed, || {
                 "the message could not be parsed".into()
             });
@@ -186,16 +192,11 @@ impl SpamRules {
 /// looked at — mail-parser would still decode all of it (half the cost of
 /// scoring a long plain-text message). Cut after a line end, so that no
 /// encoded word or base64 quantum is split.
-fn parse_window(message: &[u8]) -> &[u8] {
+fn parse_window<'m>(message: &'m [u8], headers: &HeaderView) -> &'m [u8] {
     if message.len() <= PART_SCAN_SIZE * 2 {
         return message;
     }
-    let Some(head) = MessageParser::new().parse_headers(message) else {
-        return message;
-    };
-    let text = head
-        .content_type()
-        .is_none_or(|ct| ct.ctype().eq_ignore_ascii_case("text"));
+    let text = headers.text_only;
     // The header ends at the first empty line.
     let Some(body) = message
         .windows(4)
@@ -217,7 +218,12 @@ fn parse_window(message: &[u8]) -> &[u8] {
 /// URL host names in the text and HTML parts of a message (lower case,
 /// deduplicated, at most [`MAX_URL_DOMAINS`]), without scoring it.
 pub fn url_domains(message: &[u8]) -> Vec<String> {
-    match MessageParser::new().parse(parse_window(message)) {
+    url_domains_with(message, &HeaderView::read(message))
+}
+
+/// [`url_domains`] with the header block already read.
+pub fn url_domains_with(message: &[u8], headers: &HeaderView) -> Vec<String> {
+    match MessageParser::new().parse(parse_window(message, headers)) {
         Some(msg) => scan_bodies(&msg, &[]).0.domains,
         None => Vec::new(),
     }
@@ -1409,15 +1415,21 @@ mod tests {
         while m.len() < 3 * PART_SCAN_SIZE {
             m.extend_from_slice(line.as_bytes());
         }
-        let w = parse_window(&m);
+        let w = parse_window(&m, &HeaderView::read(&m));
         assert!(w.len() < m.len() && w.len() > PART_SCAN_SIZE, "{}", w.len());
         assert!(w.ends_with(b"\r\n"));
         // Structured messages are parsed whole (a ZIP's directory is at
         // its end), and so are short ones.
         let mut multi = b"Content-Type: multipart/mixed; boundary=x\r\n\r\n".to_vec();
         multi.extend_from_slice(&m);
-        assert_eq!(parse_window(&multi).len(), multi.len());
-        assert_eq!(parse_window(&m[..PART_SCAN_SIZE]).len(), PART_SCAN_SIZE);
+        assert_eq!(
+            parse_window(&multi, &HeaderView::read(&multi)).len(),
+            multi.len()
+        );
+        assert_eq!(
+            parse_window(&m[..PART_SCAN_SIZE], &HeaderView::read(&m)).len(),
+            PART_SCAN_SIZE
+        );
     }
 
     const INVOICE_PDF: &[u8] = include_bytes!("../../tests/fixtures/invoice-pdf.eml");

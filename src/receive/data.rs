@@ -389,6 +389,7 @@ impl Session {
             mut verdict,
             spam_score,
             mut warnings,
+            headers,
         } = self.ctx.policy.check(&txn.envelope, &buf).await;
         for warning in &warnings {
             tracing::warn!(client_ip = %self.ip, queue_id = %id, warning = %warning, "policy warning");
@@ -400,7 +401,7 @@ impl Session {
             match self
                 .ctx
                 .dkim
-                .sign(&txn.envelope, std::mem::take(&mut buf))
+                .sign_with_headers(&txn.envelope, &headers, std::mem::take(&mut buf))
                 .await
             {
                 Ok(signed) => buf = signed,
