@@ -15,6 +15,9 @@ pub mod spam;
 pub mod units;
 pub mod webhook;
 
+#[cfg(test)]
+pub mod test_support;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -1256,7 +1259,7 @@ mod tests {
 
     use super::*;
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M";
+    use test_support::TEST_HASH as HASH;
 
     fn paths(text: &str) -> Vec<String> {
         Config::from_toml_str(text)

@@ -643,14 +643,11 @@ mod tests {
             tls = "none"
             auth = "none"
             trusted_networks = ["127.0.0.0/8"]
-            [[tenant]]
-            name = "acme"
-            username = "acme"
-            password_hash = "$argon2id$v=19$m=1024,t=1,p=1$B6L8QT2wCAPY51s0DWRqFQ$NNVWFBUvhPRSg6faKHKflje/Y7dsH5sVf70a5Hhp2pw"
-            allowed_senders = ["*@acme.test"]
+            {tenant}
             {extra}
             "#,
-            dir.display()
+            dir.display(),
+            tenant = crate::config::test_support::tenant("acme", r#""*@acme.test""#)
         );
         Config::from_toml_str(&text).expect("valid config")
     }

@@ -408,7 +408,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, ConfigErrors};
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M";
+    use crate::config::test_support::TEST_HASH as HASH;
 
     fn config(extra: &str) -> Result<Config, ConfigErrors> {
         Config::from_toml_str(&format!(

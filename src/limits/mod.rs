@@ -504,15 +504,11 @@ tls = "none"
 auth = "none"
 trusted_networks = ["127.0.0.0/8"]
 
-[[tenant]]
-name = "acme"
-username = "acme"
-password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M"
-allowed_senders = ["*@acme.example"]
-
+{tenant}
 [limits]
 {limits}
-"#
+"#,
+            tenant = crate::config::test_support::tenant("acme", r#""*@acme.example""#)
         );
         Config::from_toml_str(&text).unwrap()
     }

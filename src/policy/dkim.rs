@@ -861,13 +861,13 @@ mod tests {
             r#"
             [[listener]]
             address = "127.0.0.1:0"
-            [[tenant]]
-            name = "acme"
-            username = "acme"
-            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M"
-            allowed_senders = ["*@acme.example", "*@*.acme.example"]
+            {tenant}
             {dkim}
-            "#
+            "#,
+            tenant = crate::config::test_support::tenant(
+                "acme",
+                r#""*@acme.example", "*@*.acme.example""#
+            )
         ))
         .expect("valid config")
     }

@@ -902,7 +902,7 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
 
     #[test]
     fn tenants_turn_dsns_off_in_config() {
-        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Zb7K+3e0fJrDPGjR2uUnEEc2F5w4ujSgmvNC6uxjl5M";
+        let hash = crate::config::test_support::TEST_HASH;
         let cfg = Config::from_toml_str(&format!(
             r#"
             [[listener]]

@@ -721,21 +721,20 @@ mod tests {
 
     #[test]
     fn config_needs_a_secret_with_the_url_and_sane_webhooks_keys() {
-        let text = r#"
+        let text = format!(
+            r#"
             [[listener]]
             address = "127.0.0.1:2587"
-            [[tenant]]
-            name = "acme"
-            username = "acme"
-            password_hash = "$argon2id$v=19$m=1024,t=1,p=1$B6L8QT2wCAPY51s0DWRqFQ$NNVWFBUvhPRSg6faKHKflje/Y7dsH5sVf70a5Hhp2pw"
-            allowed_senders = ["*@acme.test"]
+            {}
             webhook_url = "gopher://x/"
             [webhooks]
             max_concurrency = 0
             backoff_min = "1m"
             backoff_max = "10s"
-            "#;
-        let errs = Config::from_toml_str(text).unwrap_err();
+            "#,
+            crate::config::test_support::tenant("acme", r#""*@acme.test""#)
+        );
+        let errs = Config::from_toml_str(&text).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
         for want in [
             "tenant[0].webhook_url",

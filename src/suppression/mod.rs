@@ -564,9 +564,10 @@ mod tests {
 
     #[tokio::test]
     async fn manual_entries_are_validated_and_expire() {
-        let cfg = config(
-            "[[tenant]]\nname = \"acme\"\nusername = \"acme\"\npassword_hash = \"$argon2id$v=19$m=1024,t=1,p=1$B6L8QT2wCAPY51s0DWRqFQ$NNVWFBUvhPRSg6faKHKflje/Y7dsH5sVf70a5Hhp2pw\"\nallowed_senders = [\"*@acme.test\"]\n[suppression]\nexpire_after = \"1d\"\n",
-        );
+        let cfg = config(&format!(
+            "{}[suppression]\nexpire_after = \"1d\"\n",
+            crate::config::test_support::tenant("acme", r#""*@acme.test""#)
+        ));
         let s = Suppressions::with_store(Arc::new(LocalStore::in_memory()), &cfg);
         assert!(s.manual_entry("nope", "a@b.test", None, None).is_err());
         assert!(
