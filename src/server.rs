@@ -259,7 +259,7 @@ impl Running {
 pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
     // Each client connection is a file descriptor: take what the hard limit
     // allows before the limits are sized from it.
-    if let Some(soft) = crate::receive::limits::raise_fd_limit() {
+    if let Some(soft) = crate::receive::admission::raise_fd_limit() {
         tracing::debug!(open_files = soft, "open-files limit");
     }
     // Message bodies are large, short-lived buffers. glibc raises its mmap

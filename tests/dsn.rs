@@ -394,12 +394,7 @@ async fn dsn_disabled_in_config_sends_none() {
         .wait_events("bounce", 1, WAIT, |e| field(e, "event") == "bounced")
         .await;
     // Nothing is queued for the sender: the queue empties.
-    common::within(WAIT, "queue to empty", async {
-        while !w.relay.running().queue.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    w.relay.wait_queue_empty(WAIT).await;
     assert!(w.sender_mx.messages().is_empty());
 }
 

@@ -22,7 +22,7 @@ const LAYERS: &[&str] = &[
     "dns",
     "verp",
     // Shared services and event sinks.
-    "limits",
+    "ratelimit",
     "report",
     "suppression",
     "control",

@@ -364,7 +364,7 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
         spool_lost_messages: damage.lost_queue_ids.len() as u64,
         spool_quarantined_files: damage.quarantined.len() as u64,
         spool_full: st.queue.spool_full(),
-        redis_fallbacks: crate::limits::redis_fallbacks(),
+        redis_fallbacks: crate::ratelimit::redis_fallbacks(),
         stream_sent: stream.sent,
         stream_dropped: stream.dropped,
         stream_pending: stream.pending,

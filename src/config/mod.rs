@@ -650,7 +650,7 @@ impl Default for HistoryConfig {
 
 /// How long, and how much, is kept.
 #[derive(Clone, Copy, Debug)]
-pub struct HistoryLimits {
+pub struct HistoryRetention {
     pub retention_secs: u64,
     pub max_messages: usize,
     /// A tenant's Message-ID seen within this many seconds is a duplicate;
@@ -659,8 +659,8 @@ pub struct HistoryLimits {
 }
 
 impl HistoryConfig {
-    pub fn limits(&self) -> HistoryLimits {
-        HistoryLimits {
+    pub fn limits(&self) -> HistoryRetention {
+        HistoryRetention {
             retention_secs: self.retention.0.as_secs(),
             max_messages: self.max_messages,
             idempotency_secs: self.idempotency_window.0.as_secs(),

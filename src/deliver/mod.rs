@@ -118,7 +118,7 @@ fn start_inner(
         control,
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
-        rate_limits: crate::limits::RateLimits::new(&config),
+        rate_limits: crate::ratelimit::RateLimits::new(&config),
         verp: crate::verp::Verp::from_config(&config.bounces),
         smarthosts: smarthost::Routes::new(&config),
         config,
@@ -144,7 +144,7 @@ struct Ctx {
     shutdown: CancellationToken,
     next_source: AtomicUsize,
     /// `[limits] domains` / `domain_default` (traffic shaping).
-    rate_limits: crate::limits::RateLimits,
+    rate_limits: crate::ratelimit::RateLimits,
     /// `[bounces] return_path_domain`: one VERP sender per recipient.
     verp: Option<crate::verp::Verp>,
     /// Suspended domains and tenants: their jobs go back unattempted.
@@ -1175,7 +1175,7 @@ mod tests {
             tls: Tls::opportunistic(),
             shutdown: CancellationToken::new(),
             next_source: AtomicUsize::new(0),
-            rate_limits: crate::limits::RateLimits::new(&config),
+            rate_limits: crate::ratelimit::RateLimits::new(&config),
             verp: None,
             control: None,
             smarthosts: smarthost::Routes::default(),

@@ -121,14 +121,14 @@ pub struct Summary {
 
 /// The whole check of one domain.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub struct DomainReport {
     pub domain: String,
     pub items: Vec<Item>,
     pub summary: Summary,
 }
 
-impl Report {
-    fn new(domain: String, items: Vec<Item>) -> Report {
+impl DomainReport {
+    fn new(domain: String, items: Vec<Item>) -> DomainReport {
         let mut summary = Summary::default();
         for i in &items {
             match i.status {
@@ -138,7 +138,7 @@ impl Report {
             }
         }
         summary.status = items.iter().map(|i| i.status).max();
-        Report {
+        DomainReport {
             domain,
             items,
             summary,
@@ -151,7 +151,7 @@ impl Report {
     }
 }
 
-impl fmt::Display for Report {
+impl fmt::Display for DomainReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "herald domain check: {}", self.domain)?;
         let indent = " ".repeat(32);
@@ -211,7 +211,12 @@ pub fn normalize_domain(domain: &str) -> Result<String, String> {
 /// Checks `domain` with herald's keys, sending IPs and return-path domain
 /// from `config`, asking `dns`. Never fails: DNS trouble becomes "could not
 /// check" items.
-pub async fn check_domain(config: &Config, dns: &Dns, domain: &str, opts: &Options) -> Report {
+pub async fn check_domain(
+    config: &Config,
+    dns: &Dns,
+    domain: &str,
+    opts: &Options,
+) -> DomainReport {
     match Signer::load(config) {
         Ok(signer) => check_domain_with_signer(config, &signer, dns, domain, opts).await,
         Err(e) => run(config, Err(e.to_string()), dns, domain, opts).await,
@@ -226,7 +231,7 @@ pub async fn check_domain_with_signer(
     dns: &Dns,
     domain: &str,
     opts: &Options,
-) -> Report {
+) -> DomainReport {
     run(config, Ok(signer), dns, domain, opts).await
 }
 
@@ -236,11 +241,11 @@ async fn run(
     dns: &Dns,
     domain: &str,
     opts: &Options,
-) -> Report {
+) -> DomainReport {
     let domain = match normalize_domain(domain) {
         Ok(d) => d,
         Err(e) => {
-            return Report::new(
+            return DomainReport::new(
                 domain.to_string(),
                 vec![Item::new("domain", Status::Fail, e, None)],
             );
@@ -341,7 +346,7 @@ async fn run(
     items.push(check_mta_sts(dns, &domain).await);
     items.push(check_tls_rpt(dns, &domain).await);
     items.extend(rp_items);
-    Report::new(domain, items)
+    DomainReport::new(domain, items)
 }
 
 // ---------------------------------------------------------------------------
@@ -2048,7 +2053,7 @@ mod tests {
 
     #[test]
     fn fix_lines_show_name_type_and_quoted_value() {
-        let r = Report::new(
+        let r = DomainReport::new(
             "acme.example".into(),
             vec![
                 Item::pass("mx", "MX: mx.acme.example (10)"),

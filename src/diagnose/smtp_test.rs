@@ -100,7 +100,7 @@ pub struct StepResult {
 
 /// The whole diagnosis; serialised as is for `--json`.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub struct SmtpTestReport {
     pub server: String,
     pub security: Security,
     /// Every step passed (skipped ones that were not asked for count as passed).
@@ -108,7 +108,7 @@ pub struct Report {
     pub steps: Vec<StepResult>,
 }
 
-impl Report {
+impl SmtpTestReport {
     pub fn failures(&self) -> usize {
         self.steps
             .iter()
@@ -120,7 +120,7 @@ impl Report {
 /// What a step that never ran says.
 const NOT_REACHED: &str = "not reached: an earlier step failed";
 
-impl fmt::Display for Report {
+impl fmt::Display for SmtpTestReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "herald smtp-test: {} ({})", self.server, self.security)?;
         let indent = " ".repeat(25);
@@ -188,7 +188,7 @@ pub fn default_helo() -> String {
 
 /// Runs the diagnosis. `opts.server` must pass [`parse_server`]; a bad one
 /// gives a report whose only step fails.
-pub async fn run(opts: &Options) -> Report {
+pub async fn run(opts: &Options) -> SmtpTestReport {
     let mut d = Diagnosis {
         opts,
         host: String::new(),
@@ -212,7 +212,7 @@ pub async fn run(opts: &Options) -> Report {
         ),
     }
     let steps = complete(opts.security, d.steps);
-    Report {
+    SmtpTestReport {
         server: opts.server.clone(),
         security: opts.security,
         ok: steps.iter().all(|s| s.status != Status::Fail),

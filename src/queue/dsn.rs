@@ -180,7 +180,7 @@ pub struct DsnRecipient {
 }
 
 /// Everything one DSN is made of.
-pub struct Report<'a> {
+pub struct Notification<'a> {
     /// `server.hostname`.
     pub reporting_mta: &'a str,
     /// The original message's queue id.
@@ -198,7 +198,7 @@ pub struct Report<'a> {
     pub max_full: usize,
 }
 
-impl Report<'_> {
+impl Notification<'_> {
     /// The DSN's Message-ID, with angle brackets.
     pub fn message_id(&self) -> String {
         format!("<{}.dsn@{}>", self.token, ascii(self.reporting_mta))
@@ -214,7 +214,7 @@ impl Report<'_> {
 /// when it is at most `max_full` octets and 7-bit (an 8-bit body cannot go
 /// inside a 7-bit report unchanged); otherwise — and without RET — only the
 /// header, with any non-ASCII octet replaced by `?`.
-pub fn build(r: &Report<'_>) -> Vec<u8> {
+pub fn build(r: &Notification<'_>) -> Vec<u8> {
     let host = ascii(r.reporting_mta);
     let boundary = format!("{}/{}", r.token, host);
     let worst = r
@@ -226,7 +226,7 @@ pub fn build(r: &Report<'_>) -> Vec<u8> {
     let subject = match worst {
         Action::Failed => "Undelivered Mail Returned to Sender",
         Action::Delayed => "Delayed Mail (still being retried)",
-        Action::Relayed => "Successful Mail Delivery Report",
+        Action::Relayed => "Successful Mail Delivery Notification",
     };
     let mut out = String::with_capacity(2048 + r.original.len().min(r.max_full));
     line(
@@ -304,7 +304,7 @@ pub fn build(r: &Report<'_>) -> Vec<u8> {
     bytes
 }
 
-fn human_part(out: &mut String, r: &Report<'_>, host: &str, worst: Action) {
+fn human_part(out: &mut String, r: &Notification<'_>, host: &str, worst: Action) {
     line(out, &format!("This is the mail system at host {host}."));
     line(out, "");
     match worst {
@@ -364,7 +364,7 @@ fn human_part(out: &mut String, r: &Report<'_>, host: &str, worst: Action) {
     }
 }
 
-fn status_part(out: &mut String, r: &Report<'_>, host: &str) {
+fn status_part(out: &mut String, r: &Notification<'_>, host: &str) {
     // Per-message fields (RFC 3464 §2.2).
     line(out, &format!("Reporting-MTA: dns; {host}"));
     line(out, &format!("X-Herald-Queue-ID: {}", ascii(r.queue_id)));
@@ -600,8 +600,12 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
         }
     }
 
-    fn report<'a>(env: &'a Envelope, rcpts: &'a [DsnRecipient], original: &'a [u8]) -> Report<'a> {
-        Report {
+    fn report<'a>(
+        env: &'a Envelope,
+        rcpts: &'a [DsnRecipient],
+        original: &'a [u8],
+    ) -> Notification<'a> {
+        Notification {
             reporting_mta: "relay.test",
             queue_id: "0123456789ABCDEF0123",
             envelope: env,

@@ -22,7 +22,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::HistoryLimits;
+use crate::config::HistoryRetention;
 use crate::envelope::{Envelope, QueueId, Recipient};
 
 const FILE: &str = "history.jsonl";
@@ -41,7 +41,7 @@ pub struct Finished {
 
 pub struct History {
     inner: Mutex<Inner>,
-    limits: HistoryLimits,
+    limits: HistoryRetention,
     /// Lines for the writer thread: (JSON, finished_at).
     writer: Option<mpsc::Sender<Line>>,
 }
@@ -141,7 +141,7 @@ fn latest_key(tenant: Option<&str>, message_id: &str) -> (String, String) {
 
 impl History {
     /// Loads what `dir` holds within the retention and starts the writer.
-    pub fn open(dir: &Path, limits: HistoryLimits, now: u64) -> std::io::Result<History> {
+    pub fn open(dir: &Path, limits: HistoryRetention, now: u64) -> std::io::Result<History> {
         let mut found: Vec<Finished> = Vec::new();
         // When the current file's oldest line passes the retention, it is
         // rotated: only that file's own lines count for it.
@@ -205,7 +205,7 @@ impl History {
     }
 
     /// A history that keeps nothing on disk (tests, tools).
-    pub fn in_memory(limits: HistoryLimits) -> History {
+    pub fn in_memory(limits: HistoryRetention) -> History {
         History {
             inner: Mutex::new(Inner::default()),
             limits,
@@ -505,7 +505,7 @@ mod tests {
     use super::*;
     use crate::envelope::RcptStatus;
 
-    const LIMITS: HistoryLimits = HistoryLimits {
+    const LIMITS: HistoryRetention = HistoryRetention {
         retention_secs: 100,
         max_messages: 3,
         idempotency_secs: 10,

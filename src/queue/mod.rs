@@ -466,7 +466,7 @@ impl Queue {
             me.unpin(loc.segment);
             let dsn_id = QueueId::generate();
             let (token, qid) = (dsn_id.to_string(), id.to_string());
-            let report = dsn::Report {
+            let report = dsn::Notification {
                 reporting_mta: &settings.hostname,
                 queue_id: &qid,
                 envelope: &envelope,

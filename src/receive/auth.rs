@@ -33,7 +33,7 @@ use blake2::digest::consts::U32;
 use blake2::digest::{KeyInit, Mac};
 use tokio::sync::Semaphore;
 
-use super::session::{Mode, Session, Step};
+use super::session::{Mode, Next, Session};
 use crate::config::{AuthMode, TenantConfig};
 use crate::reply::{Enhanced, Reply, codes};
 
@@ -456,7 +456,7 @@ impl Authenticator {
 
 impl Session {
     /// `AUTH <mechanism> [initial-response]`.
-    pub(super) async fn auth(&mut self, mechanism: u64, initial_response: &str) -> Step {
+    pub(super) async fn auth(&mut self, mechanism: u64, initial_response: &str) -> Next {
         let l = self.listener_cfg();
         if l.auth == AuthMode::None {
             return self.error(codes::not_implemented(
@@ -485,15 +485,15 @@ impl Session {
     }
 
     /// `421` and close: this IP failed `server.max_auth_failures` times.
-    fn locked_out(&mut self) -> Step {
+    fn locked_out(&mut self) -> Next {
         tracing::warn!(client_ip = %self.ip, "AUTH refused: too many failures from this address");
         self.mode = Mode::Command;
         self.reply(&too_many_failures());
-        Step::Close
+        Next::Close
     }
 
     /// A SASL response line (CRLF included) in `state`.
-    pub(super) async fn sasl_line(&mut self, state: SaslState, line: &[u8]) -> Step {
+    pub(super) async fn sasl_line(&mut self, state: SaslState, line: &[u8]) -> Next {
         if self.ctx.auth.locked(self.ip) {
             return self.locked_out();
         }
@@ -503,12 +503,12 @@ impl Session {
         }
     }
 
-    async fn sasl(&mut self, s: Sasl) -> Step {
+    async fn sasl(&mut self, s: Sasl) -> Next {
         match s {
             Sasl::Challenge(state, reply) => {
                 self.mode = Mode::Auth(state);
                 self.reply(&reply);
-                Step::Continue
+                Next::Continue
             }
             Sasl::Fail(reply) => {
                 self.mode = Mode::Command;
@@ -526,7 +526,7 @@ impl Session {
         }
     }
 
-    async fn verify(&mut self, creds: Credentials) -> Step {
+    async fn verify(&mut self, creds: Credentials) -> Next {
         self.auth_delay().await;
         let ctx = Arc::clone(&self.ctx);
         // Boxed: holds the blocking task's handle only while it runs.
@@ -536,7 +536,7 @@ impl Session {
                 self.logged_in();
                 tracing::info!(client_ip = %self.ip, tenant = %ctx.config.tenants[tenant].name, "authenticated");
                 self.reply(&codes::auth_ok());
-                Step::Continue
+                Next::Continue
             }
             Verdict::Invalid => self.auth_failed(Some(&creds.username)),
             Verdict::Locked => self.locked_out(),
@@ -544,7 +544,7 @@ impl Session {
     }
 
     /// Answers 535 to a failure already counted for the client's IP.
-    fn auth_failed(&mut self, username: Option<&str>) -> Step {
+    fn auth_failed(&mut self, username: Option<&str>) -> Next {
         let failures = self.ctx.auth.failures(self.ip);
         // The username helps the operator find the misconfigured app; the
         // password never appears anywhere.
@@ -555,7 +555,7 @@ impl Session {
             "authentication failed"
         );
         self.reply(&invalid_credentials());
-        Step::Continue
+        Next::Continue
     }
 
     /// Each failure remembered for this IP delays its AUTH replies by

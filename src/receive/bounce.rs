@@ -4,7 +4,7 @@
 //! RFC 2142), relays nothing, and hands each message to
 //! [`crate::bounces::inbound`] instead of the queue.
 
-use super::session::{Session, Step};
+use super::session::{Next, Session};
 use crate::envelope::Recipient;
 use crate::reply::{Enhanced, Reply, codes};
 
@@ -19,7 +19,7 @@ impl Session {
     /// RCPT TO on the bounce listener: a VERP address with a valid token,
     /// or a role address of the return-path domain; 550 5.1.1 for anything
     /// else.
-    pub(super) fn bounce_rcpt(&mut self, address: String) -> Step {
+    pub(super) fn bounce_rcpt(&mut self, address: String) -> Next {
         // RFC 5321 §4.1.1.3: a bare <postmaster> must be accepted too.
         let bare_postmaster = address.eq_ignore_ascii_case("postmaster");
         let known = bare_postmaster
@@ -41,19 +41,19 @@ impl Session {
                     "<{address}>: no such mailbox; this server takes only delivery reports for addresses it sent from"
                 ),
             ));
-            return Step::Continue;
+            return Next::Continue;
         }
         if let Some(txn) = self.txn.as_mut() {
             txn.recipients.push(Recipient::new(address));
         }
         self.reply(&codes::recipient_ok());
-        Step::Continue
+        Next::Continue
     }
 
     /// The end of a report's DATA: read it, emit what it says, say 250 —
     /// also for what is not a report (an auto-reply), which is dropped
     /// rather than bounced back into a loop.
-    pub(super) fn bounce_message(&mut self, recipients: &[Recipient], message: &[u8]) -> Step {
+    pub(super) fn bounce_message(&mut self, recipients: &[Recipient], message: &[u8]) -> Next {
         let rcpts: Vec<&str> = recipients.iter().map(|r| r.address.as_str()).collect();
         let taken = crate::bounces::inbound::ingest(
             self.ctx.verp.as_ref(),
@@ -64,6 +64,6 @@ impl Session {
         );
         tracing::info!(client_ip = %self.ip, events = taken, "report taken in");
         self.reply(&Reply::new(250, Enhanced(2, 0, 0), "Ok: report taken in"));
-        Step::Continue
+        Next::Continue
     }
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::mail::too_big;
 use super::message::{self, Protocol, TraceInfo};
-use super::session::{Body, ChunkFate, Mode, Session, Step};
+use super::session::{Body, ChunkFate, Mode, Next, Session};
 use crate::clock::unix_now;
 use crate::envelope::QueueId;
 use crate::event::RejectRule;
@@ -83,7 +83,7 @@ impl Session {
         None
     }
 
-    pub(super) fn data(&mut self) -> Step {
+    pub(super) fn data(&mut self) -> Next {
         if let Some(reply) = self.message_refusal() {
             return self.error(reply);
         }
@@ -97,12 +97,12 @@ impl Session {
             Err(reply) => {
                 self.end_transaction(RejectRule::ReceivingBudget, &reply);
                 self.reply(&reply);
-                return Step::Continue;
+                return Next::Continue;
             }
         };
         let mut rx = DataReceiver::new();
         let Some(txn) = self.txn.as_mut() else {
-            return Step::Continue;
+            return Next::Continue;
         };
         let body = txn.body.insert(body);
         // smtp-proto only sees ".CRLF" as the end after a CRLF: feed it the
@@ -112,10 +112,10 @@ impl Session {
         body.buf.truncate(body.prefix_len);
         self.mode = Mode::Data { rx, discard: None };
         self.reply(&codes::start_data());
-        Step::Continue
+        Next::Continue
     }
 
-    pub(super) fn bdat(&mut self, size: usize, last: bool) -> Step {
+    pub(super) fn bdat(&mut self, size: usize, last: bool) -> Next {
         let max = self.ctx.config.server.max_message_size.0;
         let deadline = Instant::now() + self.ctx.config.server.data_timeout.as_duration();
         // RFC 3030 §2 wants a refused chunk read and dropped, but an absurd
@@ -140,7 +140,7 @@ impl Session {
             }
             tracing::info!(client_ip = %self.ip, size, "BDAT refused, closing");
             self.reply(&reply);
-            return Step::Close;
+            return Next::Close;
         }
         let fate = if let Some(reply) = self.message_refusal() {
             ChunkFate::Discard(reply)
@@ -161,7 +161,7 @@ impl Session {
                             fate: ChunkFate::Discard(reply),
                             deadline,
                         };
-                        return Step::Continue;
+                        return Next::Continue;
                     }
                 }
             }
@@ -211,7 +211,7 @@ impl Session {
             fate,
             deadline,
         };
-        Step::Continue
+        Next::Continue
     }
 
     /// Ends the transaction with a `rejected` event for `reply`, which the
@@ -279,15 +279,15 @@ impl Session {
 
     /// The message is complete (end of DATA, or BDAT LAST): check it, store
     /// it, reply. The transaction ends here whatever the outcome.
-    pub(super) async fn finish_message(&mut self) -> Step {
+    pub(super) async fn finish_message(&mut self) -> Next {
         let started = Instant::now();
         let Some(mut txn) = self.txn.take() else {
             self.reply(&codes::local_error());
-            return Step::Continue;
+            return Next::Continue;
         };
         let Some(body) = txn.body.take() else {
             self.reply(&codes::local_error());
-            return Step::Continue;
+            return Next::Continue;
         };
         let Body {
             id,
@@ -309,7 +309,7 @@ impl Session {
             tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: server.max_receiving_bytes reached");
             self.reject_event(RejectRule::ReceivingBudget, &reply, &sender, None);
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
 
         if over {
@@ -317,7 +317,7 @@ impl Session {
             tracing::info!(client_ip = %self.ip, queue_id = %id, "message refused: too large");
             self.reject_event(RejectRule::MessageTooLarge, &reply, &sender, None);
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
         if let Some(at) = message::find_bare_line_end(&buf[prefix_len..]) {
             let reply = bare_line_end();
@@ -327,14 +327,14 @@ impl Session {
             // What follows may be a smuggled transaction (a sender that
             // ended DATA at "\n.\r\n" or "\r\n.\r\r\n"): never read it
             // as commands. Postfix's smtpd_forbid_bare_newline does the same.
-            return Step::Close;
+            return Next::Close;
         }
         if let Some(at) = buf[prefix_len..].iter().position(|&b| b == 0) {
             let reply = nul_byte();
             tracing::info!(client_ip = %self.ip, queue_id = %id, offset = at, "message refused: NUL byte");
             self.reject_event(RejectRule::NulByte, &reply, &sender, None);
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
         // A BDAT body need not end with a line end; the queue stores what
         // goes on the wire after DATA, which must.
@@ -365,7 +365,7 @@ impl Session {
                 tracing::info!(client_ip = %self.ip, queue_id = %id, line = e.line, length = e.length, "message refused: a line over 998 octets cannot be re-encoded");
                 self.reject_event(RejectRule::LineTooLong, &reply, &sender, None);
                 self.reply(&reply);
-                return Step::Continue;
+                return Next::Continue;
             }
         }
 
@@ -423,7 +423,7 @@ impl Session {
                 e.permanent = Some(reply.is_permanent());
                 self.ctx.reporter.emit(e);
                 self.reply(&reply);
-                return Step::Continue;
+                return Next::Continue;
             }
         }
 
@@ -445,7 +445,7 @@ impl Session {
                         Enhanced(4, 3, 0),
                         "The first submission of this message (same Message-ID) is still being stored; try again in a moment",
                     ));
-                    return Step::Continue;
+                    return Next::Continue;
                 }
             }
         }
@@ -499,7 +499,7 @@ impl Session {
                 });
             }
         }
-        Step::Continue
+        Next::Continue
     }
 
     /// A message whose Message-ID this tenant already submitted within
@@ -511,7 +511,7 @@ impl Session {
         envelope: &crate::envelope::Envelope,
         first: QueueId,
         size: u64,
-    ) -> Step {
+    ) -> Next {
         tracing::info!(client_ip = %self.ip, queue_id = %first, message_id = envelope.message_id.as_deref().unwrap_or(""), "duplicate submission; not sent again");
         let mut event = Event::for_message(EventKind::Received, first, envelope);
         event.size = Some(size);
@@ -526,6 +526,6 @@ impl Session {
                 "Ok: duplicate Message-ID, accepted before and not sent again; queued as {first}"
             ),
         ));
-        Step::Continue
+        Next::Continue
     }
 }

@@ -13,7 +13,7 @@
 
 use smtp_proto::MailFrom;
 
-use super::session::{Session, Step, Transaction};
+use super::session::{Next, Session, Transaction};
 use crate::clock::unix_now;
 use crate::config::senders;
 use crate::config::{AuthMode, TenantConfig};
@@ -128,10 +128,10 @@ pub fn null_sender_refused(tenant: &TenantConfig) -> Reply {
 }
 
 impl Session {
-    pub(super) async fn mail_from(&mut self, from: MailFrom<String>) -> Step {
+    pub(super) async fn mail_from(&mut self, from: MailFrom<String>) -> Next {
         if self.ctx.shutdown.is_cancelled() {
             self.reply(&codes::shutting_down());
-            return Step::Close;
+            return Next::Close;
         }
         if self.helo.is_none() {
             return self.error(codes::bad_sequence("Send EHLO or HELO first"));
@@ -163,7 +163,7 @@ impl Session {
                 self.reject_event(RejectRule::MessageTooLarge, &reply, &from.address, None);
             }
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
         // The reputation guard (see crate::control): a paused tenant's
         // submissions wait for the postmaster.
@@ -183,7 +183,7 @@ impl Session {
             e.permanent = Some(reply.is_permanent());
             self.ctx.reporter.emit(e);
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
         if let Some(t) = self.tenant_cfg()
             && from.address.is_empty()
@@ -192,7 +192,7 @@ impl Session {
             tracing::info!(client_ip = %self.ip, tenant = %t.name, "null sender refused");
             self.reject_event(RejectRule::NullSender, &reply, "", None);
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
         if let Some(t) = self.tenant_cfg()
             && !senders::allowed(&t.allowed_senders, &from.address)
@@ -206,7 +206,7 @@ impl Session {
             );
             self.reject_event(RejectRule::SenderNotAllowed, &reply, &from.address, None);
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
         // `limits.tenant_messages`: counted when a transaction starts.
         if let Some(t) = self.tenant
@@ -221,7 +221,7 @@ impl Session {
                 None,
             );
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
 
         let declared_size = from.size;
@@ -252,7 +252,7 @@ impl Session {
                 + self.ctx.config.server.transaction_timeout.as_duration(),
         });
         self.reply(&codes::sender_ok());
-        Step::Continue
+        Next::Continue
     }
 
     /// Emits a `rejected` event for a refusal an app wants to hear about.

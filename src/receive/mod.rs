@@ -20,10 +20,10 @@
 //! get `421 4.3.2` too. The handle returned by [`start`] ends when every
 //! session has.
 
+pub mod admission;
 pub mod auth;
 mod bounce;
 mod data;
-pub mod limits;
 pub mod longlines;
 mod mail;
 pub mod message;
@@ -50,8 +50,8 @@ use crate::queue::Queue;
 use crate::reply::{Enhanced, Reply};
 use crate::report::Reporter;
 use crate::suppression::Suppressions;
+use admission::{ByteBudget, ConnLimits, ConnLimitsConfig, LimitHit};
 use auth::Authenticator;
-use limits::{ByteBudget, ConnLimits, ConnLimitsConfig, LimitHit};
 use session::Session;
 
 /// How long sessions still running after the grace period get to say 421
@@ -91,7 +91,7 @@ pub struct ReceiveContext {
     /// `server.max_receiving_bytes`: message bytes being received at once.
     pub(crate) receiving: Arc<ByteBudget>,
     /// `[limits]`: tenant message/recipient rates, connections per IP.
-    pub(crate) rate_limits: crate::limits::RateLimits,
+    pub(crate) rate_limits: crate::ratelimit::RateLimits,
     auth: Authenticator,
     tls_refusals: Arc<Semaphore>,
     /// Unix second of the last "connection refused" warning (rate limit).
@@ -111,7 +111,7 @@ impl ReceiveContext {
         shutdown: CancellationToken,
     ) -> ReceiveContext {
         let server = &config.server;
-        let conn_limits = ConnLimitsConfig::from_server(server, limits::fd_capacity());
+        let conn_limits = ConnLimitsConfig::from_server(server, admission::fd_capacity());
         if conn_limits.max_total < server.max_connections {
             tracing::warn!(
                 max_connections = server.max_connections,
@@ -132,7 +132,7 @@ impl ReceiveContext {
             receiving: ByteBudget::new(
                 usize::try_from(server.max_receiving_bytes.0).unwrap_or(usize::MAX),
             ),
-            rate_limits: crate::limits::RateLimits::new(&config),
+            rate_limits: crate::ratelimit::RateLimits::new(&config),
             auth: Authenticator::new(
                 server.auth_failure_window.as_duration(),
                 server.max_auth_failures,

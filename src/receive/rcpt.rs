@@ -14,7 +14,7 @@
 
 use smtp_proto::RcptTo;
 
-use super::session::{Session, Step};
+use super::session::{Next, Session};
 use crate::dns::MxLookup;
 use crate::envelope::{Notify, Recipient};
 use crate::event::RejectRule;
@@ -121,7 +121,7 @@ pub fn dns_tempfail(domain: &str) -> Reply {
 }
 
 impl Session {
-    pub(super) async fn rcpt_to(&mut self, to: RcptTo<String>) -> Step {
+    pub(super) async fn rcpt_to(&mut self, to: RcptTo<String>) -> Next {
         let bounces = self.is_bounce_listener();
         if self.tenant.is_none() && !self.trusted && !bounces {
             return self.error(codes::auth_required());
@@ -142,7 +142,7 @@ impl Session {
                 Enhanced(4, 5, 3),
                 format!("Too many recipients: at most {max} per message, send the others in another message"),
             ));
-            return Step::Continue;
+            return Next::Continue;
         }
         if to.flags
             & (smtp_proto::RCPT_CONNEG
@@ -155,7 +155,7 @@ impl Session {
                 Enhanced(5, 5, 4),
                 "The RRVS and CONNEG parameters are not supported",
             ));
-            return Step::Continue;
+            return Next::Continue;
         }
         if bounces {
             return self.bounce_rcpt(to.address);
@@ -171,7 +171,7 @@ impl Session {
                     Some(&to.address),
                 );
                 self.reply(&reply);
-                return Step::Continue;
+                return Next::Continue;
             }
         };
         // The same recipient twice would get the message twice.
@@ -181,7 +181,7 @@ impl Session {
             .any(|r| same_address(&r.address, &to.address))
         {
             self.reply(&codes::recipient_ok());
-            return Step::Continue;
+            return Next::Continue;
         }
         let sender = txn.envelope.sender.clone();
 
@@ -201,7 +201,7 @@ impl Session {
                 &entry,
             ));
             self.reply(&reply);
-            return Step::Continue;
+            return Next::Continue;
         }
 
         // Boxed: the resolver's future is large and rarely alive.
@@ -221,7 +221,7 @@ impl Session {
                         Some(&to.address),
                     );
                     self.reply(&reply);
-                    return Step::Continue;
+                    return Next::Continue;
                 }
                 let mut r = Recipient::new(to.address);
                 r.orcpt = to.orcpt.map(|o| format!("rfc822;{o}"));
@@ -230,7 +230,7 @@ impl Session {
                     txn.recipients.push(r);
                 }
                 self.reply(&codes::recipient_ok());
-                return Step::Continue;
+                return Next::Continue;
             }
             Ok(MxLookup::NullMx) => (null_mx(&domain), Some(RejectRule::RecipientNullMx)),
             Ok(MxLookup::NoMailServer) => (
@@ -250,7 +250,7 @@ impl Session {
             self.reject_event(rule, &reply, &sender, Some(&to.address));
         }
         self.reply(&reply);
-        Step::Continue
+        Next::Continue
     }
 }
 

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::ReceiveContext;
+use super::admission::ConnSlot;
 use super::auth::SaslState;
-use super::limits::ConnSlot;
 use crate::config::{AuthMode, ListenerConfig, TenantConfig, TlsMode};
 use crate::envelope::{Envelope, QueueId, Recipient};
 use crate::event::RejectRule;
@@ -95,7 +95,7 @@ pub(super) struct Body {
     /// `too_big`, but the end gets 452.
     pub no_room: bool,
     /// The share of `server.max_receiving_bytes` this message holds.
-    pub reservation: super::limits::Reservation,
+    pub reservation: super::admission::Reservation,
     pub bdat: bool,
     /// End of the whole transfer (`server.data_timeout`).
     pub deadline: Instant,
@@ -157,7 +157,7 @@ fn names_bare_postmaster(line: &[u8]) -> bool {
 
 /// What the session does after a piece of input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Step {
+pub(super) enum Next {
     Continue,
     Close,
     StartTls,
@@ -246,21 +246,21 @@ impl Session {
 
     /// Queues the reply to a protocol error and counts it; past
     /// `server.max_bad_commands` the session ends with 421 instead.
-    pub(super) fn error(&mut self, reply: Reply) -> Step {
+    pub(super) fn error(&mut self, reply: Reply) -> Next {
         self.bad_commands += 1;
         if self.bad_commands > self.ctx.config.server.max_bad_commands {
             tracing::info!(client_ip = %self.ip, "too many bad commands, closing");
             self.reply(&codes::too_many_errors());
-            return Step::Close;
+            return Next::Close;
         }
         self.reply(&reply);
-        Step::Continue
+        Next::Continue
     }
 
     /// Counts a command that moves no mail (NOOP, RSET, ...); past
     /// `server.max_junk_commands` since the last accepted message the
     /// session ends with 421, so it cannot be held open forever.
-    fn junk(&mut self) -> Option<Step> {
+    fn junk(&mut self) -> Option<Next> {
         self.junk_commands += 1;
         if self.junk_commands > self.ctx.config.server.max_junk_commands {
             tracing::info!(client_ip = %self.ip, "too many commands without a message, closing");
@@ -269,7 +269,7 @@ impl Session {
                 Enhanced(4, 7, 0),
                 "Too many commands without sending a message, closing the connection",
             ));
-            return Some(Step::Close);
+            return Some(Next::Close);
         }
         None
     }
@@ -317,13 +317,13 @@ impl Session {
             inbuf.drain(..used);
             self.track_line_start(used, inbuf.is_empty());
             match step {
-                Step::Continue => {}
-                Step::Close => {
+                Next::Continue => {}
+                Next::Close => {
                     let _ = self.flush(&mut stream).await;
                     let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
                     return;
                 }
-                Step::StartTls => {
+                Next::StartTls => {
                     if self.flush(&mut stream).await.is_err() {
                         return;
                     }
@@ -388,7 +388,7 @@ impl Session {
     /// (451, so an app tries again later rather than never hearing back),
     /// the operator gets the context, and the session ends, since its state
     /// may be half-updated.
-    fn internal_error(&mut self, panic: &(dyn std::any::Any + Send)) -> Step {
+    fn internal_error(&mut self, panic: &(dyn std::any::Any + Send)) -> Next {
         let what = panic
             .downcast_ref::<&str>()
             .copied()
@@ -414,7 +414,7 @@ impl Session {
             Enhanced(4, 3, 0),
             "Internal error: the message was not accepted; try again later",
         ));
-        Step::Close
+        Next::Close
     }
 
     /// Keeps `line_started` for the command line left incomplete after
@@ -516,7 +516,7 @@ impl Session {
 
     /// Handles as much of `input` as forms complete units (command lines,
     /// SASL lines, message data). Returns the bytes used and what next.
-    async fn process(&mut self, input: &[u8]) -> (usize, Step) {
+    async fn process(&mut self, input: &[u8]) -> (usize, Next) {
         let mut pos = 0;
         loop {
             let rest = &input[pos..];
@@ -527,9 +527,9 @@ impl Session {
                             // Keep nothing of an over-long line; its end
                             // gets the reply.
                             self.skipping_line = true;
-                            return (input.len(), Step::Continue);
+                            return (input.len(), Next::Continue);
                         }
-                        return (pos, Step::Continue);
+                        return (pos, Next::Continue);
                     };
                     let line = &rest[..=lf];
                     pos += lf + 1;
@@ -574,7 +574,7 @@ impl Session {
                     };
                     pos += rest.len() - it.as_slice().len();
                     if !done {
-                        return (pos, Step::Continue);
+                        return (pos, Next::Continue);
                     }
                     self.mode = Mode::Command;
                     self.finish_message_boxed().await
@@ -595,7 +595,7 @@ impl Session {
                     pos += n;
                     *remaining -= n;
                     if *remaining > 0 {
-                        return (pos, Step::Continue);
+                        return (pos, Next::Continue);
                     }
                     let (size, last) = (*size, *last);
                     let Mode::Bdat { fate, .. } = std::mem::replace(&mut self.mode, Mode::Command)
@@ -611,12 +611,12 @@ impl Session {
                                 Enhanced(2, 0, 0),
                                 format!("Ok: {size} octets received"),
                             ));
-                            Step::Continue
+                            Next::Continue
                         }
                     }
                 }
             };
-            if step != Step::Continue {
+            if step != Next::Continue {
                 return (pos, step);
             }
         }
@@ -624,12 +624,12 @@ impl Session {
 
     /// The end of a message, on the heap: policy, signing and the spool
     /// write make a large future, which an idle session should not carry.
-    async fn finish_message_boxed(&mut self) -> Step {
+    async fn finish_message_boxed(&mut self) -> Next {
         Box::pin(self.finish_message()).await
     }
 
     /// One command line, LF included.
-    async fn command(&mut self, line: &[u8]) -> Step {
+    async fn command(&mut self, line: &[u8]) -> Next {
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r.into_owned(),
             Err(e) => return self.parse_error(e),
@@ -671,15 +671,15 @@ impl Session {
             Request::Rset => {
                 self.txn = None;
                 self.reply(&codes::reset_ok());
-                Step::Continue
+                Next::Continue
             }
             Request::Noop { .. } => {
                 self.reply(&codes::ok());
-                Step::Continue
+                Next::Continue
             }
             Request::Quit => {
                 self.reply(&codes::bye());
-                Step::Close
+                Next::Close
             }
             // RFC 5321 §3.5.3: 252 when we will not say whether a mailbox
             // exists, which for a relay is always.
@@ -689,7 +689,7 @@ impl Session {
                     Enhanced(2, 5, 0),
                     "Cannot verify the address, but will accept the message and attempt delivery",
                 ));
-                Step::Continue
+                Next::Continue
             }
             Request::Help { .. } => {
                 self.reply(&Reply::new(
@@ -697,7 +697,7 @@ impl Session {
                     Enhanced(2, 0, 0),
                     "herald: EHLO HELO AUTH STARTTLS MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT",
                 ));
-                Step::Continue
+                Next::Continue
             }
             Request::Expn { .. }
             | Request::Etrn { .. }
@@ -711,7 +711,7 @@ impl Session {
     }
 
     /// The reply to a line smtp-proto could not parse.
-    fn parse_error(&mut self, e: smtp_proto::Error) -> Step {
+    fn parse_error(&mut self, e: smtp_proto::Error) -> Next {
         use smtp_proto::Error as E;
         let reply = match e {
             E::UnknownCommand => codes::unknown_command(),
@@ -749,7 +749,7 @@ impl Session {
         self.error(reply)
     }
 
-    fn ehlo(&mut self, host: String, esmtp: bool) -> Step {
+    fn ehlo(&mut self, host: String, esmtp: bool) -> Next {
         // RFC 5321 §4.1.4: EHLO/HELO in a session resets the transaction.
         self.txn = None;
         let hostname = &self.ctx.config.server.hostname;
@@ -767,7 +767,7 @@ impl Session {
             text,
         });
         self.helo = Some(Helo { name: host, esmtp });
-        Step::Continue
+        Next::Continue
     }
 
     /// The EHLO keywords for this session's state.
@@ -797,7 +797,7 @@ impl Session {
         l.auth != AuthMode::None && (self.tls.is_some() || l.allow_plaintext_auth)
     }
 
-    fn starttls(&mut self) -> Step {
+    fn starttls(&mut self) -> Next {
         if self.tls.is_some() {
             return self.error(codes::bad_sequence("TLS is already active"));
         }
@@ -812,10 +812,10 @@ impl Session {
                 Enhanced(4, 7, 0),
                 "TLS not available due to temporary reason",
             ));
-            return Step::Continue;
+            return Next::Continue;
         }
         self.reply(&codes::ready_tls());
-        Step::StartTls
+        Next::StartTls
     }
 }
 
@@ -856,7 +856,7 @@ mod tests {
         let mut s = Session::new(ctx, 0, "192.0.2.7:4000".parse().unwrap(), false);
         s.mode = Mode::Auth(SaslState::LoginUsername);
         let payload: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
-        assert_eq!(s.internal_error(payload.as_ref()), Step::Close);
+        assert_eq!(s.internal_error(payload.as_ref()), Next::Close);
         assert_eq!(
             String::from_utf8(s.out.clone()).unwrap(),
             "451 4.3.0 Internal error: the message was not accepted; try again later\r\n"

@@ -174,6 +174,17 @@ token = "{ADMIN_TOKEN}"
         self.dir.path().join("events.jsonl")
     }
 
+    /// Waits until the queue holds nothing (a message leaves it shortly
+    /// after its last event is emitted).
+    pub async fn wait_queue_empty(&self, timeout: Duration) {
+        super::within(timeout, "the queue to empty", async {
+            while !self.running().queue.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
     pub fn running(&self) -> &Running {
         self.running.as_ref().expect("relay is running")
     }
