@@ -638,15 +638,12 @@ mod tests {
             [server]
             hostname = "relay.test"
             spool_dir = "{}"
-            [[listener]]
-            address = "127.0.0.1:0"
-            tls = "none"
-            auth = "none"
-            trusted_networks = ["127.0.0.0/8"]
+            {listener}
             {tenant}
             {extra}
             "#,
             dir.display(),
+            listener = crate::config::test_support::RELAY_LISTENER,
             tenant = crate::config::test_support::tenant("acme", r#""*@acme.test""#)
         );
         Config::from_toml_str(&text).expect("valid config")

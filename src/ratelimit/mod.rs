@@ -498,16 +498,12 @@ mod tests {
     fn config(limits: &str) -> Config {
         let text = format!(
             r#"
-[[listener]]
-address = "127.0.0.1:0"
-tls = "none"
-auth = "none"
-trusted_networks = ["127.0.0.0/8"]
-
+{listener}
 {tenant}
 [limits]
 {limits}
 "#,
+            listener = crate::config::test_support::RELAY_LISTENER,
             tenant = crate::config::test_support::tenant("acme", r#""*@acme.example""#)
         );
         Config::from_toml_str(&text).unwrap()
