@@ -104,6 +104,11 @@ impl Dns {
         })
     }
 
+    /// The metrics registry lookups are counted into, if any.
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
+        self.metrics.as_ref()
+    }
+
     /// Counts lookups and failures into `metrics`; set before the first clone.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Dns {
         self.metrics = Some(metrics);

@@ -206,6 +206,52 @@ pub struct Metrics {
     pub dns_latency: Histogram,
     /// DNS lookups that failed temporarily, by cause.
     pub dns_failures: Labeled,
+    /// Rate-limit checks answered locally because Redis did not answer.
+    pub redis_fallbacks: AtomicU64,
+    /// The Redis events stream: events added, dropped, waiting (set by the
+    /// stream's writer).
+    pub stream_sent: AtomicU64,
+    pub stream_dropped: AtomicU64,
+    pub stream_pending: AtomicU64,
+    /// The shared suppression list: changes waiting for Redis, failed
+    /// Redis operations.
+    pub suppression_redis_pending: AtomicU64,
+    pub suppression_redis_errors: AtomicU64,
+    /// DNSBL counters by zone, handed to each zone's checker.
+    dnsbl: Mutex<BTreeMap<String, std::sync::Arc<DnsblCounters>>>,
+}
+
+/// The causes of a DNSBL lookup without a verdict, as the
+/// `herald_dnsbl_errors_total` label names them; [`DnsblCounters::errors`]
+/// is indexed in this order.
+pub const DNSBL_ERROR_CAUSES: [&str; 4] = ["timeout", "dns", "error_code", "not_blocklist_answer"];
+
+/// One DNSBL zone's live counters.
+#[derive(Debug, Default)]
+pub struct DnsblCounters {
+    /// Queries sent (cache misses).
+    pub lookups: AtomicU64,
+    /// Lookups that found a listing.
+    pub listings: AtomicU64,
+    /// Lookups without a verdict, by [`DNSBL_ERROR_CAUSES`].
+    pub errors: [AtomicU64; 4],
+}
+
+impl DnsblCounters {
+    /// The counters now, for zone `zone`.
+    pub fn read(&self, zone: &str) -> DnsblZone {
+        DnsblZone {
+            zone: zone.to_string(),
+            lookups: self.lookups.load(Ordering::Relaxed),
+            listings: self.listings.load(Ordering::Relaxed),
+            errors: std::array::from_fn(|i| {
+                (
+                    DNSBL_ERROR_CAUSES[i],
+                    self.errors[i].load(Ordering::Relaxed),
+                )
+            }),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -232,6 +278,13 @@ impl Default for Metrics {
             connections_out: Labeled::default(),
             dns_latency: Histogram::new(DNS_BOUNDS),
             dns_failures: Labeled::default(),
+            redis_fallbacks: AtomicU64::new(0),
+            stream_sent: AtomicU64::new(0),
+            stream_dropped: AtomicU64::new(0),
+            stream_pending: AtomicU64::new(0),
+            suppression_redis_pending: AtomicU64::new(0),
+            suppression_redis_errors: AtomicU64::new(0),
+            dnsbl: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -287,6 +340,19 @@ pub struct DnsblZone {
 pub const TOP_DOMAINS: usize = 20;
 
 impl Metrics {
+    /// The counters of DNSBL zone `zone` (lower case), shared by every
+    /// checker of it.
+    pub fn dnsbl_zone(&self, zone: &str) -> std::sync::Arc<DnsblCounters> {
+        let mut map = self.dnsbl.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(zone.to_string()).or_default().clone()
+    }
+
+    /// Every DNSBL zone's counters now, by zone name.
+    pub fn dnsbl_zones(&self) -> Vec<DnsblZone> {
+        let map = self.dnsbl.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(zone, c)| c.read(zone)).collect()
+    }
+
     /// Counts one event. Called for every event, on the hot path.
     pub fn observe(&self, e: &Event) {
         let one = |c: &AtomicU64| {

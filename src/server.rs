@@ -97,17 +97,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_listener = admin::bind(&config.admin)
         .await
         .map_err(StartError::Listen)?;
-    let suppressions =
-        Suppressions::open(&config)
-            .await
-            .map_err(|source| StartError::Suppressions {
-                path: config.suppression_file().display().to_string(),
-                source,
-            })?;
     let (reporter, events_task) = Reporter::start(&config.events.log)
         .await
         .map_err(|source| StartError::Events {
             path: config.events.log.display().to_string(),
+            source,
+        })?;
+    let suppressions = Suppressions::open(&config, reporter.metrics().clone())
+        .await
+        .map_err(|source| StartError::Suppressions {
+            path: config.suppression_file().display().to_string(),
             source,
         })?;
     let control = crate::control::Control::open(&config).map_err(|source| StartError::Control {
@@ -133,17 +132,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         reporter.add_sink(Arc::new(w.outbox()));
     }
     // `[cluster] redis_url`: every event also goes to the Redis stream.
-    let stream_task = match crate::report::stream::EventStream::start(&config) {
-        Some(Ok((s, task))) => {
-            reporter.add_sink(Arc::new(s));
-            Some(task)
-        }
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "events stream disabled");
-            None
-        }
-        None => None,
-    };
+    let stream_task =
+        match crate::report::stream::EventStream::start(&config, reporter.metrics().clone()) {
+            Some(Ok((s, task))) => {
+                reporter.add_sink(Arc::new(s));
+                Some(task)
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "events stream disabled");
+                None
+            }
+            None => None,
+        };
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;

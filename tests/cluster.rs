@@ -196,7 +196,7 @@ async fn events_stream_is_capped_and_named_by_config() {
         })
         .await;
     let mut conn = connect().await;
-    let sent_before = herald::report::stream::counters().sent;
+    let sent_before = relay.metric("herald_events_stream_sent_total").await;
     // Wait until the last logged event is in the stream.
     let deadline = Instant::now() + WAIT;
     let last = log_lines(&relay).pop().unwrap();
@@ -423,8 +423,8 @@ async fn redis_down_mail_flows_and_the_list_works_locally() {
     );
 
     // The outage shows in the metrics.
-    let supp = herald::suppression::redis::counters();
-    assert!(supp.redis_errors > 0, "{supp:?}");
+    let errors = relay.metric("herald_suppression_redis_errors_total").await;
+    assert!(errors > 0, "no Redis errors counted");
     let metrics = common::http::request(
         relay.admin,
         "GET",
@@ -567,7 +567,11 @@ async fn shared_store_keeps_the_local_semantics_and_converges() {
             dir.path().join(name).display()
         );
         let config = herald::config::Config::from_toml_str(&text).unwrap();
-        async move { Suppressions::open(&config).await.unwrap() }
+        async move {
+            Suppressions::open(&config, Default::default())
+                .await
+                .unwrap()
+        }
     };
     let a = open("a.jsonl").await;
     let b = open("b.jsonl").await;

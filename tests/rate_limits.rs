@@ -187,7 +187,12 @@ async fn unreachable_redis_leaves_local_limits_in_force() {
     try_send(&mut c, 1).await.assert_code(250);
     try_send(&mut c, 2).await.assert_code(451);
     w.sink.wait_for_messages(2, WAIT);
-    assert!(herald::ratelimit::redis_fallbacks() >= 3);
+    assert!(
+        w.relay
+            .metric("herald_ratelimit_redis_fallbacks_total")
+            .await
+            >= 3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,8 +260,8 @@ async fn redis_gcra_script_matches_the_local_math() {
     );
     let config = herald::config::Config::from_toml_str(&text).unwrap();
     // Two nodes' worth of limiters, one shared state.
-    let a = herald::ratelimit::RateLimits::new(&config);
-    let b = herald::ratelimit::RateLimits::new(&config);
+    let a = herald::ratelimit::RateLimits::new(&config, Default::default());
+    let b = herald::ratelimit::RateLimits::new(&config, Default::default());
     let ip = "192.0.2.7".parse().unwrap();
     a.ip_connection(ip).await.unwrap();
     b.ip_connection(ip).await.unwrap();

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -351,8 +352,6 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
     domains.truncate(TOP_DOMAINS);
     let suspended = st.control.counts();
     let damage = st.queue.spool_damage();
-    let stream = crate::report::stream::counters();
-    let shared = crate::suppression::redis::counters();
     let gauges = Gauges {
         queue_messages: st.queue.len() as u64,
         queue_domains: domains,
@@ -364,13 +363,13 @@ pub async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
         spool_lost_messages: damage.lost_queue_ids.len() as u64,
         spool_quarantined_files: damage.quarantined.len() as u64,
         spool_full: st.queue.spool_full(),
-        redis_fallbacks: crate::ratelimit::redis_fallbacks(),
-        stream_sent: stream.sent,
-        stream_dropped: stream.dropped,
-        stream_pending: stream.pending,
-        suppression_redis_pending: shared.pending,
-        suppression_redis_errors: shared.redis_errors,
-        dnsbl: crate::policy::dnsbl::counters(),
+        redis_fallbacks: st.metrics.redis_fallbacks.load(Ordering::Relaxed),
+        stream_sent: st.metrics.stream_sent.load(Ordering::Relaxed),
+        stream_dropped: st.metrics.stream_dropped.load(Ordering::Relaxed),
+        stream_pending: st.metrics.stream_pending.load(Ordering::Relaxed),
+        suppression_redis_pending: st.metrics.suppression_redis_pending.load(Ordering::Relaxed),
+        suppression_redis_errors: st.metrics.suppression_redis_errors.load(Ordering::Relaxed),
+        dnsbl: st.metrics.dnsbl_zones(),
     };
     (
         [(

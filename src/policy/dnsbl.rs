@@ -16,7 +16,7 @@
 //! Every (zone, name) is looked up at once, each bounded by its zone's
 //! `timeout`; results, listed or not, are cached for their DNS TTL.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::ExitCode;
@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 pub use crate::config::dnsbl::{ZoneAction, ZoneConfig, ZoneKind};
 use crate::dns::Dns;
+use crate::metrics::{DNSBL_ERROR_CAUSES, DnsblCounters};
 
 /// One listing found.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,13 +77,6 @@ pub enum ErrorCause {
     NotBlocklistAnswer,
 }
 
-const CAUSES: [ErrorCause; 4] = [
-    ErrorCause::Timeout,
-    ErrorCause::Dns,
-    ErrorCause::ErrorCode,
-    ErrorCause::NotBlocklistAnswer,
-];
-
 impl ErrorCause {
     fn index(self) -> usize {
         match self {
@@ -94,12 +88,7 @@ impl ErrorCause {
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            ErrorCause::Timeout => "timeout",
-            ErrorCause::Dns => "dns",
-            ErrorCause::ErrorCode => "error_code",
-            ErrorCause::NotBlocklistAnswer => "not_blocklist_answer",
-        }
+        DNSBL_ERROR_CAUSES[self.index()]
     }
 }
 
@@ -158,28 +147,17 @@ pub fn error_code_meaning(code: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// Counters of one zone, shared by every [`Dnsbl`] of the process that
-/// uses it (tests and `herald dnsbl check` build their own) and read by
-/// `/metrics`.
+/// When a zone's last no-verdict warning was logged, to log at most one
+/// per [`WARN_EVERY`].
 #[derive(Default)]
-struct ZoneStats {
-    lookups: AtomicU64,
-    listings: AtomicU64,
-    errors: [AtomicU64; 4],
+struct WarnClock {
     /// Seconds since [`EPOCH`] of the last warning logged, plus one.
     last_warn: AtomicU64,
 }
 
 static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
-static STATS: LazyLock<Mutex<BTreeMap<String, Arc<ZoneStats>>>> =
-    LazyLock::new(|| Mutex::new(BTreeMap::new()));
 
-fn stats_for(zone: &str) -> Arc<ZoneStats> {
-    let mut map = STATS.lock().unwrap_or_else(|p| p.into_inner());
-    map.entry(zone.to_string()).or_default().clone()
-}
-
-impl ZoneStats {
+impl WarnClock {
     /// Whether a warning may be logged now (at most one per [`WARN_EVERY`]).
     fn warn_allowed(&self) -> bool {
         let now = EPOCH.elapsed().as_secs() + 1;
@@ -190,28 +168,15 @@ impl ZoneStats {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
-
-    fn counts(&self, zone: &str) -> crate::metrics::DnsblZone {
-        crate::metrics::DnsblZone {
-            zone: zone.to_string(),
-            lookups: self.lookups.load(Ordering::Relaxed),
-            listings: self.listings.load(Ordering::Relaxed),
-            errors: CAUSES.map(|c| (c.name(), self.errors[c.index()].load(Ordering::Relaxed))),
-        }
-    }
-}
-
-/// Counters of every zone used in this process, for `/metrics`.
-pub fn counters() -> Vec<crate::metrics::DnsblZone> {
-    let map = STATS.lock().unwrap_or_else(|p| p.into_inner());
-    map.iter().map(|(z, s)| s.counts(z)).collect()
 }
 
 struct Zone {
     cfg: ZoneConfig,
     /// Lower case, without the trailing dot.
     name: String,
-    stats: Arc<ZoneStats>,
+    /// The zone's counters in the metrics registry.
+    stats: Arc<DnsblCounters>,
+    warned: WarnClock,
 }
 
 struct CacheEntry {
@@ -232,13 +197,17 @@ pub struct Dnsbl {
 }
 
 impl Dnsbl {
+    /// Counts into the resolver's metrics registry (a private one when it
+    /// has none, as in `herald dnsbl check`).
     pub fn new(zones: &[ZoneConfig], dns: Dns) -> Dnsbl {
+        let metrics = dns.metrics().cloned().unwrap_or_default();
         let zones = zones
             .iter()
             .map(|cfg| {
                 let name = cfg.zone.trim().trim_end_matches('.').to_ascii_lowercase();
                 Zone {
-                    stats: stats_for(&name),
+                    stats: metrics.dnsbl_zone(&name),
+                    warned: WarnClock::default(),
                     name,
                     cfg: cfg.clone(),
                 }
@@ -262,13 +231,13 @@ impl Dnsbl {
         self.inner.zones.iter().any(|z| z.cfg.kind == ZoneKind::Ip)
     }
 
-    /// This instance's zones' counters (shared with other instances using
-    /// the same zone; see [`counters`]).
+    /// This checker's zones' counters (shared through the metrics registry
+    /// with every checker of the same zone).
     pub fn counters(&self) -> Vec<crate::metrics::DnsblZone> {
         self.inner
             .zones
             .iter()
-            .map(|z| z.stats.counts(&z.name))
+            .map(|z| z.stats.read(&z.name))
             .collect()
     }
 
@@ -459,7 +428,7 @@ impl Inner {
     /// Counts and logs a lookup without a verdict.
     fn no_verdict(&self, zone: &Zone, qname: &str, cause: ErrorCause, detail: String) -> Outcome {
         zone.stats.errors[cause.index()].fetch_add(1, Ordering::Relaxed);
-        if zone.stats.warn_allowed() {
+        if zone.warned.warn_allowed() {
             tracing::warn!(
                 zone = %zone.name,
                 name = qname,

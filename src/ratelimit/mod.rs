@@ -13,7 +13,7 @@
 //! Redis is never on the critical path for mail: a check that fails or
 //! takes longer than `cluster.redis_timeout` falls back to the local
 //! limiter, the outage is logged once (and its end once), every fallback is
-//! counted ([`redis_fallbacks`]), and Redis is tried again after
+//! counted (`herald_ratelimit_redis_fallbacks_total`), and Redis is tried again after
 //! [`REDIS_RETRY_PAUSE`]. During an outage each node enforces each limit on
 //! its own, so the cluster as a whole may let through up to N times a limit.
 //!
@@ -30,6 +30,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Rate};
+use crate::metrics::Metrics;
 use crate::reply::{Enhanced, Reply};
 
 /// After a failed Redis check, local limits are used for this long before
@@ -46,16 +48,6 @@ pub const REDIS_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Keyed limiters forget idle keys every this many checks.
 const RETAIN_EVERY: u64 = 4096;
-
-/// Checks answered by the local limiter because Redis was unreachable.
-static REDIS_FALLBACKS: AtomicU64 = AtomicU64::new(0);
-
-/// How many rate-limit checks fell back to local limits since start
-/// because Redis did not answer (the `herald_ratelimit_redis_fallbacks_total`
-/// metric).
-pub fn redis_fallbacks() -> u64 {
-    REDIS_FALLBACKS.load(Ordering::Relaxed)
-}
 
 /// The GCRA script. `KEYS[1]`: the limit and subject. `ARGV[1]`: emission
 /// interval `T` in microseconds; `ARGV[2]`: burst. Returns 0 when the unit
@@ -223,10 +215,12 @@ struct Shared {
     down_until: AtomicU64,
     /// An outage is going on (logged at its start and end only).
     outage: AtomicBool,
+    /// Counts the checks answered locally.
+    metrics: Arc<Metrics>,
 }
 
 impl Shared {
-    fn new(config: &Config, url: &str) -> Result<Shared, String> {
+    fn new(config: &Config, url: &str, metrics: Arc<Metrics>) -> Result<Shared, String> {
         let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
         let timeout = config.cluster.redis_timeout.as_duration();
         let cfg = redis::aio::ConnectionManagerConfig::new()
@@ -243,6 +237,7 @@ impl Shared {
             start: Instant::now(),
             down_until: AtomicU64::new(0),
             outage: AtomicBool::new(false),
+            metrics,
         })
     }
 
@@ -258,7 +253,7 @@ impl Shared {
         rate: &Rate,
     ) -> Option<Result<(), Duration>> {
         if self.now_ms() < self.down_until.load(Ordering::Relaxed) {
-            REDIS_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+            self.metrics.redis_fallbacks.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let key = format!("{}:rl:{}:{subject}", self.prefix, kind.key());
@@ -287,7 +282,7 @@ impl Shared {
             self.now_ms() + REDIS_RETRY_PAUSE.as_millis() as u64,
             Ordering::Relaxed,
         );
-        REDIS_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+        self.metrics.redis_fallbacks.fetch_add(1, Ordering::Relaxed);
         if !self.outage.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = %failure, "Redis unreachable: using local rate limits until it answers again");
         }
@@ -311,8 +306,9 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    /// The limits of `config`; none when `[limits]` sets none.
-    pub fn new(config: &Config) -> RateLimits {
+    /// The limits of `config`; none when `[limits]` sets none. Checks
+    /// Redis could not answer are counted in `metrics`.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> RateLimits {
         let l = &config.limits;
         let per_tenant = |pick: &dyn Fn(&crate::config::TenantLimits) -> Option<Rate>,
                           default: Option<Rate>| {
@@ -329,7 +325,7 @@ impl RateLimits {
                 .collect::<Vec<_>>()
         };
         let shared = config.cluster.redis_url.as_deref().and_then(|url| {
-            Shared::new(config, url)
+            Shared::new(config, url, metrics)
                 .inspect_err(|e| tracing::error!(error = %e, "rate limits stay local"))
                 .ok()
         });
@@ -542,7 +538,7 @@ mod tests {
 
     #[tokio::test]
     async fn tenant_limit_refuses_with_the_limit_and_the_wait() {
-        let l = RateLimits::new(&config(r#"tenant_messages = "3/m""#));
+        let l = RateLimits::new(&config(r#"tenant_messages = "3/m""#), Arc::default());
         for _ in 0..3 {
             l.tenant_message(0).await.unwrap();
         }
@@ -562,15 +558,18 @@ mod tests {
 
     #[tokio::test]
     async fn per_tenant_override_and_domains() {
-        let l = RateLimits::new(&config(
-            r#"tenant_messages = "1/m"
+        let l = RateLimits::new(
+            &config(
+                r#"tenant_messages = "1/m"
 domain_default = "1/h"
 [limits.tenants.acme]
 messages = "2/m"
 [limits.domains]
 "Gmail.com" = "2/h"
 "#,
-        ));
+            ),
+            Arc::default(),
+        );
         l.tenant_message(0).await.unwrap();
         l.tenant_message(0).await.unwrap();
         assert!(l.tenant_message(0).await.is_err());
@@ -586,7 +585,7 @@ messages = "2/m"
 
     #[tokio::test]
     async fn ip_limit_and_no_limits() {
-        let l = RateLimits::new(&config(r#"ip_connections = "2/s burst 1""#));
+        let l = RateLimits::new(&config(r#"ip_connections = "2/s burst 1""#), Arc::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         l.ip_connection(ip).await.unwrap();
         let e = l.ip_connection(ip).await.unwrap_err();
@@ -594,7 +593,7 @@ messages = "2/m"
             "421 4.7.0 client 192.0.2.1 exceeded 2 connections/second; retry after 1 s"
         ));
         l.ip_connection("192.0.2.2".parse().unwrap()).await.unwrap();
-        let none = RateLimits::new(&config(""));
+        let none = RateLimits::new(&config(""), Arc::default());
         assert!(!none.shapes_delivery());
         for _ in 0..1000 {
             none.tenant_message(0).await.unwrap();
@@ -604,14 +603,17 @@ messages = "2/m"
 
     #[tokio::test]
     async fn domain_ready_waits_and_stops_on_cancel() {
-        let l = RateLimits::new(&config(r#"domain_default = "20/s burst 1""#));
+        let l = RateLimits::new(
+            &config(r#"domain_default = "20/s burst 1""#),
+            Arc::default(),
+        );
         let stop = CancellationToken::new();
         let start = Instant::now();
         for _ in 0..3 {
             assert!(l.domain_ready("x.example", &stop).await);
         }
         assert!(start.elapsed() >= Duration::from_millis(90));
-        let slow = RateLimits::new(&config(r#"domain_default = "1/h burst 1""#));
+        let slow = RateLimits::new(&config(r#"domain_default = "1/h burst 1""#), Arc::default());
         assert!(slow.domain_ready("x.example", &stop).await);
         stop.cancel();
         assert!(!slow.domain_ready("x.example", &stop).await);
@@ -619,13 +621,14 @@ messages = "2/m"
 
     #[tokio::test]
     async fn unreachable_redis_falls_back_to_local_limits() {
-        let l = RateLimits::new(&config(
-            "tenant_messages = \"2/m\"\n[cluster]\nredis_url = \"redis://127.0.0.1:9\"",
-        ));
-        let before = redis_fallbacks();
+        let metrics = Arc::new(Metrics::default());
+        let l = RateLimits::new(
+            &config("tenant_messages = \"2/m\"\n[cluster]\nredis_url = \"redis://127.0.0.1:9\""),
+            metrics.clone(),
+        );
         l.tenant_message(0).await.unwrap();
         l.tenant_message(0).await.unwrap();
         assert!(l.tenant_message(0).await.is_err());
-        assert!(redis_fallbacks() >= before + 3);
+        assert_eq!(metrics.redis_fallbacks.load(Ordering::Relaxed), 3);
     }
 }

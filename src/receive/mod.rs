@@ -132,7 +132,7 @@ impl ReceiveContext {
             receiving: ByteBudget::new(
                 usize::try_from(server.max_receiving_bytes.0).unwrap_or(usize::MAX),
             ),
-            rate_limits: crate::ratelimit::RateLimits::new(&config),
+            rate_limits: crate::ratelimit::RateLimits::new(&config, reporter.metrics().clone()),
             auth: Authenticator::new(
                 server.auth_failure_window.as_duration(),
                 server.max_auth_failures,

@@ -18,7 +18,8 @@
 //! the webhook outbox remain the durable record of every event.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 
 use super::Event;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// Events held for Redis at most: in the channel, and again in the
 /// writer's batch. Beyond it new events are dropped (and counted).
@@ -42,35 +44,12 @@ const WRITE_TICK: Duration = Duration::from_millis(20);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-static SENT: AtomicU64 = AtomicU64::new(0);
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-static PENDING: AtomicU64 = AtomicU64::new(0);
-
-/// The stream's counters, for the metrics page.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Events added to the stream since start.
-    pub sent: u64,
-    /// Events never added: the buffer was full (Redis down or too slow),
-    /// or Redis was still down at shutdown.
-    pub dropped: u64,
-    /// Events waiting to be sent now.
-    pub pending: u64,
-}
-
-/// `herald_events_stream_*` figures.
-pub fn counters() -> Counters {
-    Counters {
-        sent: SENT.load(Ordering::Relaxed),
-        dropped: DROPPED.load(Ordering::Relaxed),
-        pending: PENDING.load(Ordering::Relaxed),
-    }
-}
-
 /// Hands events to the stream writer; cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct EventStream {
     tx: mpsc::Sender<Event>,
+    /// `herald_events_stream_*`.
+    metrics: Arc<Metrics>,
 }
 
 impl EventStream {
@@ -80,14 +59,16 @@ impl EventStream {
     /// what is left was sent (one attempt when Redis is down).
     pub fn start(
         config: &Config,
+        metrics: Arc<Metrics>,
     ) -> Option<Result<(EventStream, tokio::task::JoinHandle<()>), String>> {
         let url = config.cluster.redis_url.as_deref()?;
-        Some(Self::start_with(config, url))
+        Some(Self::start_with(config, url, metrics))
     }
 
     fn start_with(
         config: &Config,
         url: &str,
+        metrics: Arc<Metrics>,
     ) -> Result<(EventStream, tokio::task::JoinHandle<()>), String> {
         let client = ::redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
         let timeout = config.cluster.redis_timeout.as_duration();
@@ -105,15 +86,16 @@ impl EventStream {
             stream: config.cluster.events_stream_name(),
             maxlen: config.cluster.events_stream_maxlen,
             deadline: response * 2,
+            metrics: metrics.clone(),
         };
-        Ok((EventStream { tx }, tokio::spawn(writer.run(rx))))
+        Ok((EventStream { tx, metrics }, tokio::spawn(writer.run(rx))))
     }
 
     /// Queues the event for the stream; drops (and counts) it when the
     /// buffer is full.
     pub fn offer(&self, event: &Event) {
         if self.tx.try_send(event.clone()).is_err() {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+            self.metrics.stream_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -124,6 +106,7 @@ struct Writer {
     maxlen: u64,
     /// Bound on one pipeline, whatever the connection manager does.
     deadline: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -143,7 +126,7 @@ impl Writer {
                     Ok(ev) => match serde_json::to_string(&ev) {
                         Ok(json) => pending.push_back(json),
                         Err(_) => {
-                            DROPPED.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.stream_dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     },
                     Err(mpsc::error::TryRecvError::Empty) => break,
@@ -153,7 +136,9 @@ impl Writer {
                     }
                 }
             }
-            PENDING.store((pending.len() + rx.len()) as u64, Ordering::Relaxed);
+            self.metrics
+                .stream_pending
+                .store((pending.len() + rx.len()) as u64, Ordering::Relaxed);
             if pending.is_empty() || (!closed && Instant::now() < retry_at) {
                 if closed {
                     return;
@@ -166,19 +151,21 @@ impl Writer {
                 match self.send(pending.range(..n)).await {
                     Ok(()) => {
                         pending.drain(..n);
-                        SENT.fetch_add(n as u64, Ordering::Relaxed);
+                        self.metrics
+                            .stream_sent
+                            .fetch_add(n as u64, Ordering::Relaxed);
                         backoff = BACKOFF_MIN;
                         if let Some(start) = outage.take() {
                             tracing::info!(
                                 stream = %self.stream,
-                                dropped = DROPPED.load(Ordering::Relaxed) - start,
+                                dropped = self.metrics.stream_dropped.load(Ordering::Relaxed) - start,
                                 "Redis reachable again: events go to the stream again"
                             );
                         }
                     }
                     Err(e) => {
                         if outage.is_none() {
-                            outage = Some(DROPPED.load(Ordering::Relaxed));
+                            outage = Some(self.metrics.stream_dropped.load(Ordering::Relaxed));
                             tracing::warn!(
                                 stream = %self.stream,
                                 error = %e,
@@ -191,11 +178,15 @@ impl Writer {
                     }
                 }
             }
-            PENDING.store((pending.len() + rx.len()) as u64, Ordering::Relaxed);
+            self.metrics
+                .stream_pending
+                .store((pending.len() + rx.len()) as u64, Ordering::Relaxed);
             if closed {
                 if !pending.is_empty() {
-                    DROPPED.fetch_add(pending.len() as u64, Ordering::Relaxed);
-                    PENDING.store(0, Ordering::Relaxed);
+                    self.metrics
+                        .stream_dropped
+                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                    self.metrics.stream_pending.store(0, Ordering::Relaxed);
                     tracing::warn!(
                         stream = %self.stream,
                         events = pending.len(),
@@ -263,18 +254,20 @@ mod tests {
 
     #[tokio::test]
     async fn single_node_has_no_stream() {
-        assert!(EventStream::start(&config("").unwrap()).is_none());
+        assert!(EventStream::start(&config("").unwrap(), Arc::default()).is_none());
     }
 
     #[tokio::test]
     async fn a_full_buffer_drops_and_counts() {
         let (tx, _rx) = mpsc::channel(1);
-        let s = EventStream { tx };
+        let s = EventStream {
+            tx,
+            metrics: Arc::default(),
+        };
         let e = Event::new(super::super::EventKind::Received, "a@b.test");
-        let before = counters().dropped;
         s.offer(&e);
         s.offer(&e);
         s.offer(&e);
-        assert!(counters().dropped >= before + 2);
+        assert_eq!(s.metrics.stream_dropped.load(Ordering::Relaxed), 2);
     }
 }

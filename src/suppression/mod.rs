@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::rfc3339;
 use crate::clock::unix_now;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::reply::{Enhanced, Reply};
 use crate::report::{Classification, Event, EventKind};
 pub use local::LocalStore;
@@ -151,10 +152,11 @@ impl Suppressions {
     /// directory), loaded and compacted; with `[cluster] redis_url`, the
     /// list shared through Redis with that file as this node's replica
     /// ([`redis::RedisStore`]).
-    pub async fn open(config: &Config) -> std::io::Result<Suppressions> {
+    /// `metrics` counts the shared list's Redis trouble.
+    pub async fn open(config: &Config, metrics: Arc<Metrics>) -> std::io::Result<Suppressions> {
         let path = config.suppression_file();
         let store: Arc<dyn SuppressionStore> = match config.cluster.redis_url.as_deref() {
-            Some(url) => Arc::new(redis::RedisStore::open(&path, config, url).await?),
+            Some(url) => Arc::new(redis::RedisStore::open(&path, config, url, metrics).await?),
             None => Arc::new(LocalStore::open(&path).await?),
         };
         Ok(Suppressions::with_store(store, config))

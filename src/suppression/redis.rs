@@ -60,6 +60,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Entry, LocalStore, StoreError, StoreFuture, SuppressionStore};
 use crate::clock::unix_now;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// `MAXLEN ~` of the change stream. A node that falls further behind (it
 /// was cut off) reloads the whole list anyway.
@@ -81,25 +82,6 @@ const BATCH: usize = 500;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-static PENDING: AtomicU64 = AtomicU64::new(0);
-static REDIS_ERRORS: AtomicU64 = AtomicU64::new(0);
-
-/// The shared list's figures, for the metrics page.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Local changes waiting for Redis.
-    pub pending: u64,
-    /// Failed Redis operations (writes, loads, stream reads) since start.
-    pub redis_errors: u64,
-}
-
-pub fn counters() -> Counters {
-    Counters {
-        pending: PENDING.load(Ordering::Relaxed),
-        redis_errors: REDIS_ERRORS.load(Ordering::Relaxed),
-    }
-}
 
 /// One change to push.
 #[derive(Clone, Debug)]
@@ -137,6 +119,8 @@ struct State {
     generation: AtomicU64,
     /// Local changes not yet taken by Redis (or dropped).
     pending: AtomicUsize,
+    /// `herald_suppression_redis_*`.
+    metrics: Arc<Metrics>,
 }
 
 /// See the module documentation.
@@ -171,7 +155,12 @@ fn connection(
 impl RedisStore {
     /// Opens the local replica at `path` (see [`LocalStore::open`]) and
     /// starts the writer and follower tasks. Does not wait for Redis.
-    pub async fn open(path: &Path, config: &Config, url: &str) -> std::io::Result<RedisStore> {
+    pub async fn open(
+        path: &Path,
+        config: &Config,
+        url: &str,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<RedisStore> {
         let timeout = config.cluster.redis_timeout.as_duration();
         let connect = timeout.max(Duration::from_millis(200));
         let response = timeout.max(Duration::from_secs(1));
@@ -183,7 +172,10 @@ impl RedisStore {
         let keys = Keys {
             prefix: config.cluster.key_prefix.clone(),
         };
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            metrics,
+            ..State::default()
+        });
         let stop = CancellationToken::new();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(
@@ -300,7 +292,7 @@ impl Writer {
                 }
             };
             self.trim(&mut queue);
-            PENDING.store(
+            self.state.metrics.suppression_redis_pending.store(
                 self.state.pending.load(Ordering::SeqCst) as u64,
                 Ordering::Relaxed,
             );
@@ -328,7 +320,10 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    REDIS_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    self.state
+                        .metrics
+                        .suppression_redis_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     if !outage {
                         outage = true;
                         tracing::warn!(error = %e, "Redis unreachable: suppression changes are kept locally and retried");
@@ -372,7 +367,7 @@ impl Writer {
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
-            PENDING.store(
+            self.state.metrics.suppression_redis_pending.store(
                 self.state.pending.load(Ordering::SeqCst) as u64,
                 Ordering::Relaxed,
             );
@@ -563,7 +558,10 @@ impl Follower {
     }
 
     fn failed(&self, outage: &mut bool, error: &str) {
-        REDIS_ERRORS.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .metrics
+            .suppression_redis_errors
+            .fetch_add(1, Ordering::Relaxed);
         if !*outage {
             *outage = true;
             tracing::warn!(error = %error, "Redis unreachable: RCPT checks use this node's copy of the suppression list");

@@ -174,6 +174,17 @@ token = "{ADMIN_TOKEN}"
         self.dir.path().join("events.jsonl")
     }
 
+    /// A counter or gauge without labels from the relay's `/metrics` page.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let page =
+            super::http::request(self.admin, "GET", "/metrics", Some(self.admin_token), None)
+                .await
+                .text();
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
+    }
+
     /// Waits until the queue holds nothing (a message leaves it shortly
     /// after its last event is emitted).
     pub async fn wait_queue_empty(&self, timeout: Duration) {
