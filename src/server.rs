@@ -76,7 +76,6 @@ pub enum StartError {
 /// bound addresses are in [`Running::smtp_addrs`].
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    crate::deliver::classify::install(&config.classification);
     let tls = if config.needs_tls() {
         Some(tls::acceptor(&config).map_err(|e| StartError::Config(e.to_string()))?)
     } else {

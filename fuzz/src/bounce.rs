@@ -27,7 +27,7 @@ pub fn run(data: &[u8]) {
             );
             let _ = b.failed().count();
             for r in &b.recipients {
-                let _ = r.classify();
+                let _ = r.classify(&herald::deliver::Classifier::default());
                 for addr in [&r.final_recipient, &r.original_recipient]
                     .into_iter()
                     .flatten()

@@ -161,7 +161,7 @@ async fn session(addr: SocketAddr, flags: u8) {
 fn checked(reply: &Reply) {
     assert!((200..600).contains(&reply.code), "{reply:?}");
     if !reply.is_positive() {
-        let _ = classify::classify(reply);
+        let _ = classify::Classifier::default().classify(reply);
     }
     let _ = reply.to_string();
 }
@@ -185,8 +185,8 @@ fn lines(script: &[u8]) {
             .unwrap_or(0);
         let rest = line.get(4..).unwrap_or("");
         let reply = Reply::from_wire(code, rest);
-        let _ = classify::classify_parts(reply.enhanced, code, &reply.text);
-        let _ = classify::classify(&reply);
+        let _ = classify::Classifier::default().classify_parts(reply.enhanced, code, &reply.text);
+        let _ = classify::Classifier::default().classify(&reply);
         round_trip(&reply);
     }
 }

@@ -5,6 +5,7 @@
 //! bounce or a complaint adds the address).
 
 use crate::bounces::{Action, Bounce, BouncedRecipient, Complaint, Report};
+use crate::deliver::classify::Classifier;
 use crate::envelope::QueueId;
 use crate::queue::Queue;
 use crate::reply::{Enhanced, Reply};
@@ -14,6 +15,7 @@ use crate::verp::Verp;
 /// Reads `message`, sent to `recipients` on the bounce listener, and emits
 /// an event per affected recipient. Returns how many events it emitted.
 pub fn ingest(
+    classifier: &Classifier,
     verp: Option<&Verp>,
     queue: &Queue,
     reporter: &Reporter,
@@ -42,7 +44,7 @@ pub fn ingest(
             continue;
         };
         let events = match &report {
-            Report::Bounce(b) => bounce_events(&about, b),
+            Report::Bounce(b) => bounce_events(classifier, &about, b),
             Report::Complaint(c) => vec![complaint_event(&about, c)],
         };
         for e in events {
@@ -153,7 +155,7 @@ impl About {
 /// One event per recipient the bounce reports failed (`bounced`) or
 /// delayed (`deferred`); a bounce with no usable recipient block still
 /// bounces the VERP recipient.
-fn bounce_events(about: &About, bounce: &Bounce) -> Vec<Event> {
+fn bounce_events(classifier: &Classifier, about: &About, bounce: &Bounce) -> Vec<Event> {
     let relevant: Vec<&BouncedRecipient> = bounce
         .recipients
         .iter()
@@ -193,7 +195,7 @@ fn bounce_events(about: &About, bounce: &Bounce) -> Vec<Event> {
             };
             let reply = reply_of(r);
             let mut e = about.event(kind).with_reply(&reply);
-            e.classification = Some(crate::deliver::classify::classify(&reply));
+            e.classification = Some(classifier.classify(&reply));
             e.permanent = Some(kind == EventKind::Bounced && !reply.is_transient());
             e.mx = r
                 .remote_mta

@@ -25,6 +25,7 @@ pub mod parse;
 
 pub use parse::parse;
 
+use crate::deliver::classify::Classifier;
 use crate::reply::Enhanced;
 
 /// What a message sent to the return path turned out to be.
@@ -137,10 +138,10 @@ pub struct BouncedRecipient {
 
 impl BouncedRecipient {
     /// The category and permanence of this failure, by the same rules as a
-    /// reply at delivery time ([`crate::deliver::classify::classify_parts`]):
-    /// its status (derived or not), SMTP code (0 when none) and diagnostic.
-    pub fn classify(&self) -> (crate::report::Classification, bool) {
-        crate::deliver::classify::classify_parts(
+    /// reply at delivery time ([`Classifier::classify_parts`]): its status
+    /// (derived or not), SMTP code (0 when none) and diagnostic.
+    pub fn classify(&self, classifier: &Classifier) -> (crate::report::Classification, bool) {
+        classifier.classify_parts(
             self.status,
             self.smtp_code.unwrap_or(0),
             self.diagnostic.as_deref().unwrap_or(""),

@@ -1457,22 +1457,22 @@ mod tests {
         use crate::report::Classification;
         let b = bounce(fixture!("postfix-dsn-2rcpt.eml"));
         assert_eq!(
-            b.recipients[0].classify(),
+            b.recipients[0].classify(&crate::deliver::classify::Classifier::default()),
             (Classification::MailboxFull, true)
         );
         assert_eq!(
-            b.recipients[1].classify(),
+            b.recipients[1].classify(&crate::deliver::classify::Classifier::default()),
             (Classification::InvalidRecipient, true)
         );
         let b = bounce(fixture!("delayed-dsn.eml"));
         assert_eq!(
-            b.recipients[0].classify(),
+            b.recipients[0].classify(&crate::deliver::classify::Classifier::default()),
             (Classification::MailboxFull, false)
         );
         // Exim's "Unrouteable address": no code, a derived 5.1.1.
         let b = bounce(fixture!("exim.eml"));
         assert_eq!(
-            b.recipients[1].classify(),
+            b.recipients[1].classify(&crate::deliver::classify::Classifier::default()),
             (Classification::InvalidRecipient, true)
         );
     }

@@ -9,10 +9,11 @@
 //! without a code, the enhanced code's class) unless a config rule says
 //! otherwise, e.g. for a server that answers 5xx to greylisting.
 //!
-//! The same rules serve synchronous replies ([`classify`]) and late
-//! bounces ([`classify_parts`], fed by the bounce parser).
+//! One [`Classifier`], built from the config where the relay starts, serves
+//! synchronous replies ([`Classifier::classify`]) and late bounces
+//! ([`Classifier::classify_parts`], fed by the bounce parser).
 
-use std::sync::RwLock;
+use std::sync::Arc;
 
 pub use crate::config::classification::{ClassificationConfig, Rule};
 use crate::reply::{Enhanced, Reply};
@@ -33,25 +34,40 @@ impl Rule {
     }
 }
 
-/// The configured rules, installed once at start-up by [`install`].
-static RULES: RwLock<Vec<Rule>> = RwLock::new(Vec::new());
-
-/// Makes `config`'s rules the ones [`classify`] and [`classify_parts`] try
-/// first. Called by the server at start-up.
-pub fn install(config: &ClassificationConfig) {
-    let mut rules = RULES.write().unwrap_or_else(|e| e.into_inner());
-    *rules = config.rules.clone();
+/// The configured rules, then the built-in defaults. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Classifier {
+    rules: Arc<[Rule]>,
 }
 
-/// Classifies a failure from its parts: an enhanced code if any, the basic
-/// code (0 when a late bounce gave none) and the text. Returns the category
-/// and whether the failure is permanent.
-pub fn classify_parts(enhanced: Option<Enhanced>, code: u16, text: &str) -> (Classification, bool) {
-    let rules = RULES.read().unwrap_or_else(|e| e.into_inner());
-    classify_with(&rules, enhanced, code, text)
+impl Classifier {
+    /// `[[classification.rules]]` first, then the defaults.
+    pub fn new(config: &ClassificationConfig) -> Classifier {
+        Classifier {
+            rules: config.rules.clone().into(),
+        }
+    }
+
+    /// Classifies a failure from its parts: an enhanced code if any, the
+    /// basic code (0 when a late bounce gave none) and the text. Returns
+    /// the category and whether the failure is permanent.
+    pub fn classify_parts(
+        &self,
+        enhanced: Option<Enhanced>,
+        code: u16,
+        text: &str,
+    ) -> (Classification, bool) {
+        classify_with(&self.rules, enhanced, code, text)
+    }
+
+    /// Labels a failure reply for events and bounces.
+    pub fn classify(&self, reply: &Reply) -> Classification {
+        self.classify_parts(reply.enhanced, reply.code, &reply.text)
+            .0
+    }
 }
 
-/// [`classify_parts`] with the given rules instead of the installed ones.
+/// [`Classifier::classify_parts`] with the given rules.
 pub fn classify_with(
     rules: &[Rule],
     enhanced: Option<Enhanced>,
@@ -179,12 +195,6 @@ const POLICY: &[&str] = &[
 const TLS: &[&str] = &["tls", "encryption", "certificate"];
 const GREYLIST: &[&str] = &["greylist", "graylist", "grey-list", "gray-list"];
 
-/// Labels a failure reply for events and bounces (installed rules first,
-/// then the defaults).
-pub fn classify(reply: &Reply) -> Classification {
-    classify_parts(reply.enhanced, reply.code, &reply.text).0
-}
-
 /// The built-in defaults; `text` is lower-cased.
 fn built_in(enhanced: Option<Enhanced>, code: u16, text: &str) -> Classification {
     let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
@@ -260,7 +270,7 @@ mod tests {
     use Classification::*;
 
     fn c(code: u16, text: &str) -> Classification {
-        classify(&Reply::from_wire(code, text))
+        Classifier::default().classify(&Reply::from_wire(code, text))
     }
 
     #[test]
@@ -1009,7 +1019,7 @@ mod prop_tests {
             status in prop::option::of((0u8..10, 0u16..1000, 0u16..1000)),
         ) {
             let reply = Reply::from_wire(code, &text);
-            let _ = classify(&reply);
+            let _ = Classifier::default().classify(&reply);
             let enhanced = status.map(|(c, s, d)| Enhanced(c, s, d));
             let (_, permanent) = classify_with(&[], enhanced, code, &text);
             match code / 100 {

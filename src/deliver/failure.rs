@@ -7,7 +7,7 @@
 //! The advice is worded for the command line (`--starttls`, `--tls`);
 //! smarthosts translate it to their config keys.
 
-use super::classify::classify;
+use super::classify::Classifier;
 use super::client::{ClientError, Stage};
 use super::explain::{Advice, Step, explain_reply};
 use crate::event::Classification;
@@ -36,7 +36,8 @@ pub struct SessionFailure {
 impl SessionFailure {
     /// Reads `e`; `at` names the server (`mx.example [192.0.2.1]:25`) and
     /// `port` is the port connected to, which the advice may name.
-    pub fn of(e: &ClientError, at: &str, port: u16) -> SessionFailure {
+    pub fn of(classifier: &Classifier, e: &ClientError, at: &str, port: u16) -> SessionFailure {
+        let classify = |r: &Reply| classifier.classify(r);
         use Classification::{Network, Other, Policy, Tls};
         let f = |enhanced, what: String, class, try_next| SessionFailure {
             enhanced,
@@ -296,7 +297,7 @@ mod tests {
 
     #[test]
     fn network_failures_are_transient_and_name_the_server() {
-        let f = SessionFailure::of(&ClientError::Refused, AT, 25);
+        let f = SessionFailure::of(&Classifier::default(), &ClientError::Refused, AT, 25);
         assert_eq!(f.enhanced, Enhanced(4, 4, 1));
         assert_eq!(f.class, Classification::Network);
         assert!(f.try_next);
@@ -304,7 +305,12 @@ mod tests {
             f.deferral().to_string(),
             "451 4.4.1 Connection to mx1.example.net [192.0.2.1]:25 refused"
         );
-        let f = SessionFailure::of(&ClientError::Timeout(Stage::Greeting), AT, 25);
+        let f = SessionFailure::of(
+            &Classifier::default(),
+            &ClientError::Timeout(Stage::Greeting),
+            AT,
+            25,
+        );
         assert_eq!(f.enhanced, Enhanced(4, 4, 2));
         assert!(
             f.text().contains("timed out waiting for the greeting"),
@@ -320,7 +326,7 @@ mod tests {
             ClientError::Timeout(Stage::TlsHandshake),
             ClientError::NoStartTls,
         ] {
-            let f = SessionFailure::of(&e, AT, 25);
+            let f = SessionFailure::of(&Classifier::default(), &e, AT, 25);
             assert_eq!(f.class, Classification::Tls, "{e}");
             assert_eq!(f.enhanced.1, 7, "{e}");
             assert!(!f.try_next, "{e}");
@@ -334,7 +340,7 @@ mod tests {
             stage: Stage::Greeting,
             reply,
         };
-        let f = SessionFailure::of(&e, AT, 25);
+        let f = SessionFailure::of(&Classifier::default(), &e, AT, 25);
         assert_eq!(f.enhanced, Enhanced(4, 7, 1));
         assert!(
             f.text().ends_with("refused the session: 554 5.7.1 go away"),
@@ -353,7 +359,7 @@ mod tests {
             stage: Stage::Auth,
             reply,
         };
-        let f = SessionFailure::of(&e, AT, 587);
+        let f = SessionFailure::of(&Classifier::default(), &e, AT, 587);
         assert_eq!(f.class, Classification::Policy);
         assert!(f.advice.cause.contains("app password"), "{:?}", f.advice);
     }

@@ -51,7 +51,7 @@ use crate::queue::{AttemptResult, DeliveryJob, Queue, RcptOutcome};
 use crate::reply::{Enhanced, Reply};
 use crate::report::Classification;
 
-pub use classify::classify;
+pub use classify::Classifier;
 use client::{
     ClientError, MailParams, RcptParams, SmtpClient, Stage, Timeouts, Tls, TransactionError,
     TransactionReplies, TxStage,
@@ -124,6 +124,7 @@ fn start_inner(
         ),
         verp: crate::verp::Verp::from_config(&config.bounces),
         smarthosts: smarthost::Routes::new(&config),
+        classifier: Classifier::new(&config.classification),
         config,
         dns,
         sink,
@@ -148,6 +149,8 @@ struct Ctx {
     next_source: AtomicUsize,
     /// `[limits] domains` / `domain_default` (traffic shaping).
     rate_limits: crate::ratelimit::RateLimits,
+    /// `[classification]`: labels every failure.
+    classifier: Classifier,
     /// `[bounces] return_path_domain`: one VERP sender per recipient.
     verp: Option<crate::verp::Verp>,
     /// Suspended domains and tenants: their jobs go back unattempted.
@@ -642,7 +645,7 @@ async fn deliver_job(
             },
         };
         let reused = s.sent > 0;
-        match transact(&mut s, &job).await {
+        match transact(&ctx.classifier, &mut s, &job).await {
             Ok(outcomes) => {
                 ctx.report(&job, outcomes);
                 s.sent += 1;
@@ -659,10 +662,10 @@ async fn deliver_job(
                 let (reply, class) = match e.error {
                     // The server said why it ends the session: keep its words.
                     ClientError::Rejected { reply, .. } => {
-                        let class = classify(&reply);
+                        let class = ctx.classifier.classify(&reply);
                         (reply, class)
                     }
-                    error => synthesize(&error, &s.mx, s.client.peer()),
+                    error => synthesize(&ctx.classifier, &error, &s.mx, s.client.peer()),
                 };
                 tracing::info!(domain = %domain.name, mx = %s.mx, queue_id = %job.id, reply = %reply, "transaction failed");
                 let mx = s.mx.clone();
@@ -889,7 +892,7 @@ async fn open(
     host: &str,
     addr: SocketAddr,
 ) -> Result<SmtpClient, (Reply, Classification)> {
-    let fail = |e: ClientError| synthesize(&e, host, addr);
+    let fail = |e: ClientError| synthesize(&ctx.classifier, &e, host, addr);
     let source = ctx.source_for(addr.ip());
     let mut client = SmtpClient::connect(addr, source, ctx.timeouts)
         .await
@@ -934,6 +937,7 @@ async fn open(
 /// One job over an open session: local checks, the transaction, and the
 /// per-recipient outcomes.
 async fn transact(
+    classifier: &Classifier,
     s: &mut Session,
     job: &DeliveryJob,
 ) -> Result<Vec<RcptOutcome>, TransactionError> {
@@ -1030,7 +1034,7 @@ async fn transact(
         && !tx.mail.is_positive()
     {
         let explained = sh.mail_refused(&tx.mail, job.sender());
-        let result = match failure(&tx.mail) {
+        let result = match failure(classifier, &tx.mail) {
             AttemptResult::Bounced(_, class) => AttemptResult::Bounced(explained, class),
             AttemptResult::Deferred(_, class) => AttemptResult::Deferred(explained, class),
             other => other,
@@ -1047,7 +1051,7 @@ async fn transact(
             })
             .collect());
     }
-    Ok(outcomes(job, &tx, mx, tls, next_hop_dsn))
+    Ok(outcomes(classifier, job, &tx, mx, tls, next_hop_dsn))
 }
 
 /// With VERP each recipient gets its own envelope sender, hence its own
@@ -1091,6 +1095,7 @@ fn needs_utf8(job: &DeliveryJob) -> bool {
 
 /// Per-recipient outcomes from a transaction's replies.
 fn outcomes(
+    classifier: &Classifier,
     job: &DeliveryJob,
     tx: &TransactionReplies,
     mx: &str,
@@ -1102,14 +1107,14 @@ fn outcomes(
         .enumerate()
         .map(|(i, r)| {
             let result = if !tx.mail.is_positive() {
-                failure(&tx.mail)
+                failure(classifier, &tx.mail)
             } else {
                 match (tx.rcpts.get(i), &tx.data) {
                     (Some(rr), Some(d)) if rr.is_positive() && d.is_positive() => {
                         AttemptResult::Delivered(d.clone())
                     }
-                    (Some(rr), Some(d)) if rr.is_positive() => failure(d),
-                    (Some(rr), _) if !rr.is_positive() => failure(rr),
+                    (Some(rr), Some(d)) if rr.is_positive() => failure(classifier, d),
+                    (Some(rr), _) if !rr.is_positive() => failure(classifier, rr),
                     // Accepted but no verdict on the data, or no reply for
                     // this recipient at all: cannot happen with a sane
                     // server, and is never a reason to give up.
@@ -1135,11 +1140,10 @@ fn outcomes(
 }
 
 /// A negative reply as an outcome: 5xx bounces, anything else defers.
-fn failure(reply: &Reply) -> AttemptResult {
+fn failure(classifier: &Classifier, reply: &Reply) -> AttemptResult {
     // 5xx bounces and 4xx waits, unless a `[[classification.rules]]` rule
     // says otherwise (e.g. a provider's 5xx that only means "later").
-    let (class, permanent) =
-        crate::deliver::classify::classify_parts(reply.enhanced, reply.code, &reply.text);
+    let (class, permanent) = classifier.classify_parts(reply.enhanced, reply.code, &reply.text);
     if permanent {
         AttemptResult::Bounced(reply.clone(), class)
     } else {
@@ -1149,9 +1153,14 @@ fn failure(reply: &Reply) -> AttemptResult {
 
 /// A failure that is not an SMTP reply, described as the 4xx reply the
 /// queue records.
-fn synthesize(e: &ClientError, host: &str, addr: SocketAddr) -> (Reply, Classification) {
+fn synthesize(
+    classifier: &Classifier,
+    e: &ClientError,
+    host: &str,
+    addr: SocketAddr,
+) -> (Reply, Classification) {
     let at = format!("{host} [{}]:{}", addr.ip(), addr.port());
-    let mut f = failure::SessionFailure::of(e, &at, addr.port());
+    let mut f = failure::SessionFailure::of(classifier, e, &at, addr.port());
     if matches!(e, ClientError::NoStartTls) {
         f.what.push_str(", and delivery.starttls is \"required\"");
     }
@@ -1182,6 +1191,7 @@ mod tests {
             verp: None,
             control: None,
             smarthosts: smarthost::Routes::default(),
+            classifier: Classifier::default(),
             config,
         }
     }
@@ -1345,7 +1355,12 @@ mod tests {
     #[test]
     fn synthesized_replies_say_where() {
         let addr: SocketAddr = "127.0.0.2:25".parse().unwrap();
-        let (r, c) = synthesize(&ClientError::Refused, "mx1.example.net", addr);
+        let (r, c) = synthesize(
+            &Classifier::default(),
+            &ClientError::Refused,
+            "mx1.example.net",
+            addr,
+        );
         assert_eq!(
             r.to_string(),
             "451 4.4.1 Connection to mx1.example.net [127.0.0.2]:25 refused"
@@ -1353,6 +1368,7 @@ mod tests {
         assert_eq!(c, Classification::Network);
 
         let (r, c) = synthesize(
+            &Classifier::default(),
             &ClientError::Timeout(Stage::Greeting),
             "mx1.example.net",
             "[::1]:2525".parse().unwrap(),
@@ -1363,11 +1379,17 @@ mod tests {
         );
         assert_eq!(c, Classification::Network);
 
-        let (r, c) = synthesize(&ClientError::Tls("bad record".into()), "mx", addr);
+        let (r, c) = synthesize(
+            &Classifier::default(),
+            &ClientError::Tls("bad record".into()),
+            "mx",
+            addr,
+        );
         assert_eq!(r.enhanced, Some(Enhanced(4, 7, 5)));
         assert_eq!(c, Classification::Tls);
 
         let (r, c) = synthesize(
+            &Classifier::default(),
             &ClientError::Rejected {
                 stage: Stage::Greeting,
                 reply: Reply::from_wire(554, "5.7.1 Your IP is listed at zen.spamhaus.org"),
@@ -1384,15 +1406,21 @@ mod tests {
     #[test]
     fn failures_bounce_only_on_5xx() {
         assert!(matches!(
-            failure(&Reply::from_wire(550, "5.1.1 no such user")),
+            failure(
+                &Classifier::default(),
+                &Reply::from_wire(550, "5.1.1 no such user")
+            ),
             AttemptResult::Bounced(_, Classification::InvalidRecipient)
         ));
         assert!(matches!(
-            failure(&Reply::from_wire(452, "4.2.2 mailbox full")),
+            failure(
+                &Classifier::default(),
+                &Reply::from_wire(452, "4.2.2 mailbox full")
+            ),
             AttemptResult::Deferred(_, Classification::MailboxFull)
         ));
         assert!(matches!(
-            failure(&Reply::from_wire(354, "go ahead")),
+            failure(&Classifier::default(), &Reply::from_wire(354, "go ahead")),
             AttemptResult::Deferred(..)
         ));
     }

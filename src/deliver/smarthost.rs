@@ -40,6 +40,7 @@ use crate::config::Secret;
 use crate::config::smarthost::load_roots;
 pub use crate::config::smarthost::{SmarthostConfig, SmarthostTls};
 use crate::deliver::cert::{CertOutcome, RecordingVerifier};
+use crate::deliver::classify::Classifier;
 use crate::deliver::explain::{Advice, Step, explain_certificate, explain_reply};
 use crate::deliver::failure::SessionFailure;
 use crate::dns::Dns;
@@ -68,6 +69,8 @@ pub struct Smarthost {
     password: Secret,
     provider: Arc<CryptoProvider>,
     trust: Trust,
+    /// Labels the smarthost's refusals (`[classification]`).
+    classifier: Classifier,
 }
 
 impl fmt::Debug for Smarthost {
@@ -137,6 +140,7 @@ impl Routes {
                 password: s.password.clone(),
                 provider: provider.clone(),
                 trust,
+                classifier: Classifier::new(&config.classification),
             }));
         }
         let index = |name: &str| config.smarthosts.iter().position(|s| s.name == name);
@@ -346,7 +350,7 @@ impl Smarthost {
             ClientError::Rejected { .. } => format!("smarthost {}", self.host),
             _ => format!("smarthost {} [{}]:{}", self.host, addr.ip(), addr.port()),
         };
-        let mut f = SessionFailure::of(&e, &at, addr.port());
+        let mut f = SessionFailure::of(&self.classifier, &e, &at, addr.port());
         if let ClientError::Tls(_) = e
             && let Some(CertOutcome::Failed { error, self_signed }) =
                 checked.and_then(RecordingVerifier::outcome)

@@ -56,6 +56,7 @@ impl Session {
     pub(super) fn bounce_message(&mut self, recipients: &[Recipient], message: &[u8]) -> Next {
         let rcpts: Vec<&str> = recipients.iter().map(|r| r.address.as_str()).collect();
         let taken = crate::bounces::inbound::ingest(
+            &self.ctx.classifier,
             self.ctx.verp.as_ref(),
             &self.ctx.queue,
             &self.ctx.reporter,

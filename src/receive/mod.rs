@@ -92,6 +92,8 @@ pub struct ReceiveContext {
     pub(crate) receiving: Arc<ByteBudget>,
     /// `[limits]`: tenant message/recipient rates, connections per IP.
     pub(crate) rate_limits: crate::ratelimit::RateLimits,
+    /// `[classification]`, for the reports the bounce listener takes in.
+    pub classifier: crate::deliver::classify::Classifier,
     auth: Authenticator,
     tls_refusals: Arc<Semaphore>,
     /// Unix second of the last "connection refused" warning (rate limit).
@@ -133,6 +135,7 @@ impl ReceiveContext {
                 usize::try_from(server.max_receiving_bytes.0).unwrap_or(usize::MAX),
             ),
             rate_limits: crate::ratelimit::RateLimits::new(&config, reporter.metrics().clone()),
+            classifier: crate::deliver::classify::Classifier::new(&config.classification),
             auth: Authenticator::new(
                 server.auth_failure_window.as_duration(),
                 server.max_auth_failures,
