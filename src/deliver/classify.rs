@@ -9,9 +9,10 @@
 //! without a code, the enhanced code's class) unless a config rule says
 //! otherwise, e.g. for a server that answers 5xx to greylisting.
 //!
-//! One [`Classifier`], built from the config where the relay starts, serves
-//! synchronous replies ([`Classifier::classify`]) and late bounces
-//! ([`Classifier::classify_parts`], fed by the bounce parser).
+//! A [`Classifier`] is built from `[classification]` by each stage that
+//! labels failures (delivery, each smarthost, the bounce listener); the
+//! same rules serve synchronous replies ([`Classifier::classify`]) and late
+//! bounces ([`Classifier::classify_parts`], fed by the bounce parser).
 
 use std::sync::Arc;
 

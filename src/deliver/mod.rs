@@ -120,7 +120,10 @@ fn start_inner(
         helo: config.helo_name().to_string(),
         rate_limits: crate::ratelimit::RateLimits::new(
             &config,
-            dns.metrics().cloned().unwrap_or_default(),
+            sink.metrics()
+                .or(dns.metrics())
+                .cloned()
+                .unwrap_or_default(),
         ),
         verp: crate::verp::Verp::from_config(&config.bounces),
         smarthosts: smarthost::Routes::new(&config),

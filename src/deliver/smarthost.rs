@@ -405,12 +405,59 @@ fn for_config(fix: &str, name: &str) -> String {
         "or point SSL_CERT_FILE at it",
         &format!("or set ca_file in {table}"),
     )
+    .replace(
+        "or with a longer --timeout",
+        "or with a longer command_timeout in [delivery]",
+    )
+    .replace(
+        "check the value given on the command line",
+        &format!("check username in {table}"),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, ConfigErrors};
+    use crate::deliver::client::Stage;
+
+    #[test]
+    fn advice_for_a_smarthost_names_config_keys_not_flags() {
+        let reply = Reply::from_wire(535, "5.7.8 Username and Password not accepted");
+        let errors = [
+            ClientError::Refused,
+            ClientError::Connect(std::io::Error::other("no route")),
+            ClientError::Timeout(Stage::Connect),
+            ClientError::Timeout(Stage::Greeting),
+            ClientError::Timeout(Stage::Ehlo),
+            ClientError::Timeout(Stage::TlsHandshake),
+            ClientError::Closed(Stage::Greeting),
+            ClientError::Closed(Stage::Auth),
+            ClientError::Tls("InvalidContentType".into()),
+            ClientError::Tls("peer is incompatible: ProtocolVersion".into()),
+            ClientError::Protocol {
+                stage: Stage::Greeting,
+                what: "not SMTP",
+            },
+            ClientError::Rejected {
+                stage: Stage::Auth,
+                reply,
+            },
+            ClientError::NoStartTls,
+            ClientError::NoAuthMechanism,
+            ClientError::InvalidArgument("username"),
+            ClientError::NotUsable,
+        ];
+        for e in &errors {
+            for port in [25, 465, 587] {
+                let fix = for_config(&crate::deliver::failure::advice(e, port).fix, "m365");
+                assert!(
+                    !fix.contains("--") && !fix.contains("command line"),
+                    "{e}: {fix}"
+                );
+            }
+        }
+    }
 
     use crate::config::test_support::TEST_HASH as HASH;
 

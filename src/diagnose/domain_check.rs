@@ -1485,14 +1485,38 @@ fn dmarc_with(record: &str, tag: &str, value: &str) -> String {
 /// The DMARC record that applies to the domain, for the alignment item.
 type DmarcFound = Applied;
 
-/// The `v=DMARC1` TXT records at `name`.
+/// The TXT records at `name` whose first tag is `v=DMARC1` (spaces around
+/// `=` and the case of the value as mail-auth accepts them).
 async fn dmarc_records(dns: &Dns, name: &str) -> Result<Vec<String>, DnsError> {
+    let is_dmarc = |r: &str| {
+        let first: String = r
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        first.eq_ignore_ascii_case("v=DMARC1")
+    };
     dns.txt(name).await.map(|v| {
         v.into_iter()
-            .filter(|r| r.trim_start().starts_with("v=DMARC1"))
+            .filter(|r| is_dmarc(r))
             .map(|r| r.trim().to_string())
             .collect()
     })
+}
+
+/// Receivers ignore every DMARC record at a name that has more than one.
+fn several_records(at: &str, records: &[String]) -> Item {
+    Item::new(
+        "dmarc",
+        Status::Fail,
+        format!(
+            "{at} has {} DMARC records: receivers ignore them all (RFC 7489 §6.6.3); keep one",
+            records.len()
+        ),
+        Fix::txt(at, records[0].clone()),
+    )
 }
 
 async fn check_dmarc(
@@ -1508,8 +1532,11 @@ async fn check_dmarc(
         Ok(r) => r,
         Err(e) => return (vec![Item::unknown("dmarc", &e)], Err(e.to_string())),
     };
-    // The domain's own record first: a broken one is the customer's to fix
+    // The domain's own records first: broken ones are the customer's to fix
     // even where receivers fall back to a parent's.
+    if own.len() > 1 {
+        return (vec![several_records(&name, &own)], Ok(None));
+    }
     if let [one] = own.as_slice()
         && let Some(e) = dmarc_syntax_error(one)
     {
@@ -1543,18 +1570,21 @@ async fn check_dmarc(
     };
     let record = match records.as_slice() {
         [one] => one.clone(),
-        [] => format!("v=DMARC1; p={}", policy_name(applied.record.p)),
-        _ => {
-            return item(
-                Status::Fail,
-                format!(
-                    "{found_at} has {} DMARC records: receivers ignore them all (RFC 7489 §6.6.3); keep one",
-                    records.len()
-                ),
-                Fix::txt(&found_at, records[0].clone()),
+        [] => {
+            let why = format!(
+                "{found_at}: two lookups of the DMARC record disagreed (a DNS change in progress?); run the check again"
             );
+            return (vec![Item::unknown("dmarc", &why)], Err(why));
         }
+        _ => return (vec![several_records(&found_at, &records)], Ok(None)),
     };
+    if let Some(e) = dmarc_syntax_error(&record) {
+        return item(
+            Status::Fail,
+            format!("{found_at} has a syntax error: {e} (\"{record}\")"),
+            None,
+        );
+    }
     let r = &applied.record;
     let strictness = |m| if m == dmarc::Mode::Strict { "s" } else { "r" };
     let mut desc = format!(
@@ -1582,17 +1612,33 @@ async fn check_dmarc(
     if !applied.own {
         desc = format!("no record at {name}; {found_at} applies (policy {policy}): {desc}");
     }
-    let it = if applied.policy == Policy::None {
+    // The tag that sets this domain's policy: `sp` for an inherited record
+    // with a `p`, else `p`.
+    let policy_tag = if applied.own || r.p == Policy::Unspecified {
+        "p"
+    } else {
+        "sp"
+    };
+    let it = if r.t
+        && applied.policy != Policy::Reject
+        && matches!(r.p, Policy::Quarantine | Policy::Reject)
+    {
+        Item::new(
+            "dmarc",
+            Status::Warn,
+            format!(
+                "{desc}: t=y (testing) has receivers apply one step less than the policy, here {policy}; remove it once reports show all your mail aligns"
+            ),
+            Fix::txt(&found_at, dmarc_with(&record, "t", "n")),
+        )
+    } else if applied.policy == Policy::None {
         Item::new(
             "dmarc",
             Status::Warn,
             format!(
                 "{desc}: p=none is monitoring only, receivers take no action on mail that fails; move to quarantine once reports show all your mail aligns"
             ),
-            Fix::txt(
-                &found_at,
-                dmarc_with(&record, if applied.own { "p" } else { "sp" }, "quarantine"),
-            ),
+            Fix::txt(&found_at, dmarc_with(&record, policy_tag, "quarantine")),
         )
     } else if r.rua.is_empty() {
         Item::new(

@@ -795,7 +795,6 @@ fn public_of(key: &Key) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// A temporary failure, as opposed to an answer saying there is no record.
 fn spf_name(r: SpfResult) -> &'static str {
     match r {
         SpfResult::Pass => "pass",

@@ -226,7 +226,7 @@ pub fn build(r: &Notification<'_>) -> Vec<u8> {
     let subject = match worst {
         Action::Failed => "Undelivered Mail Returned to Sender",
         Action::Delayed => "Delayed Mail (still being retried)",
-        Action::Relayed => "Successful Mail Delivery Notification",
+        Action::Relayed => "Successful Mail Delivery Report",
     };
     let mut out = String::with_capacity(2048 + r.original.len().min(r.max_full));
     line(
@@ -806,6 +806,8 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
             ..bounced("erin@two.test")
         };
         let bytes = build(&report(&env, std::slice::from_ref(&relayed), ORIGINAL));
+        let msg = MessageParser::default().parse(&bytes[..]).unwrap();
+        assert_eq!(msg.subject(), Some("Successful Mail Delivery Report"));
         let blocks = status_blocks(&bytes);
         assert_eq!(get(&blocks[1], "Action"), Some("relayed"));
         assert_eq!(get(&blocks[1], "Status"), Some("2.0.0"));
