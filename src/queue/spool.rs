@@ -40,7 +40,11 @@
 //! second and as soon as segments are deleted.
 
 mod files;
-mod format;
+// Public, and hidden from the docs, only for the fuzz target
+// `spool_replay` (`fuzz/src/spool.rs`), which re-frames and re-seals
+// records of a mutated segment with the writer's own code.
+#[doc(hidden)]
+pub mod format;
 mod replay;
 // Shared with the integration tests, which mount one for the binary.
 #[cfg(test)]

@@ -34,7 +34,7 @@ const KEY_LEN: usize = 16;
 /// One copy of the key with its CRC.
 const KEY_COPY: usize = KEY_LEN + 4;
 /// Length of a format 2 segment header: where its first record starts.
-pub(super) const SEGMENT_HEADER: u64 = (MAGIC_V2.len() + 2 * KEY_COPY) as u64;
+pub const SEGMENT_HEADER: u64 = (MAGIC_V2.len() + 2 * KEY_COPY) as u64;
 
 pub(super) const KIND_MESSAGE: u8 = 1;
 pub(super) const KIND_UPDATE: u8 = 2;
@@ -42,14 +42,14 @@ pub(super) const KIND_DONE: u8 = 3;
 
 /// How records are framed in a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Layout {
+pub enum Layout {
     V1,
     V2,
 }
 
 impl Layout {
     /// Length of a record header.
-    pub(super) fn record_header(self) -> u64 {
+    pub fn record_header(self) -> u64 {
         match self {
             Layout::V1 => 9,
             Layout::V2 => 17,
@@ -89,7 +89,7 @@ fn crc(kind: u8, payload: &[u8]) -> u32 {
 
 /// A segment's secret: keys the tag of each of its records.
 #[derive(Clone)]
-pub(super) struct SegmentKey {
+pub struct SegmentKey {
     bytes: [u8; KEY_LEN],
     mac: Blake2bMac<U8>,
 }
@@ -115,7 +115,7 @@ impl SegmentKey {
     }
 
     /// Writes the tag of a framed record that goes at `offset`.
-    pub(super) fn seal(&self, record: &mut [u8], offset: u64) {
+    pub fn seal(&self, record: &mut [u8], offset: u64) {
         let tag = self.tag(record, offset);
         record[9..17].copy_from_slice(&tag);
     }
@@ -147,7 +147,7 @@ fn key_copy(key: &[u8; KEY_LEN]) -> [u8; KEY_COPY] {
 }
 
 /// What a segment's first bytes say about how to read it.
-pub(super) struct SegmentStart {
+pub struct SegmentStart {
     pub layout: Layout,
     /// The key, when the records' tags can be checked.
     pub key: Option<SegmentKey>,
@@ -161,7 +161,7 @@ pub(super) struct SegmentStart {
 /// [`SEGMENT_HEADER`] of them; fewer when the file is shorter). `None` when
 /// they are all zeros, or there are none: a crash while the segment was
 /// being created, and it holds no record.
-pub(super) fn read_segment_header(bytes: &[u8]) -> Option<SegmentStart> {
+pub fn read_segment_header(bytes: &[u8]) -> Option<SegmentStart> {
     if bytes.iter().all(|b| *b == 0) {
         return None;
     }
@@ -220,7 +220,7 @@ pub(super) fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
 /// Fills in the header of a record whose payload is what follows the room
 /// left for the header in `head`, then `rest` (a message's body, written
 /// from where it is rather than copied).
-pub(super) fn frame_parts(kind: u8, head: &mut [u8], rest: &[u8]) {
+pub fn frame_parts(kind: u8, head: &mut [u8], rest: &[u8]) {
     let header = Layout::V2.record_header() as usize;
     let (h, first) = head.split_at_mut(header);
     let mut crc = crc32fast::Hasher::new();
