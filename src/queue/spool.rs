@@ -482,24 +482,38 @@ impl Head {
     }
 
     fn zero_to(&mut self, target: u64) -> io::Result<()> {
-        let zeros = vec![0u8; target.saturating_sub(self.zeroed) as usize];
-        self.file.write_all_at(&zeros, self.zeroed)?;
+        // One static block written as often as needed: a fresh zeroed
+        // buffer of megabytes per extension would cost the allocator a map
+        // and an unmap each time.
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut left = target.saturating_sub(self.zeroed) as usize;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(left / ZEROS.len() + 1);
+        while left > 0 {
+            let n = left.min(ZEROS.len());
+            parts.push(&ZEROS[..n]);
+            left -= n;
+        }
+        write_all_vectored_at(&self.file, &parts, self.zeroed)?;
         self.file.sync_data()?;
         self.zeroed = target;
         Ok(())
     }
 
-    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        if buf.is_empty() {
+    /// Appends `parts`, one after another, in one system call where the
+    /// kernel takes them all (a batch's large bodies are written from
+    /// where they are, not copied together first).
+    fn write(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 {
             return Ok(());
         }
-        if let Err(e) = self.ensure_zeroed(self.len + buf.len() as u64) {
+        if let Err(e) = self.ensure_zeroed(self.len + total as u64) {
             tracing::error!(error = %e, segment = self.seq, "cannot extend the spool (disk full?)");
             return Err(e);
         }
-        match self.file.write_all_at(buf, self.len) {
+        match write_all_vectored_at(&self.file, parts, self.len) {
             Ok(()) => {
-                self.len += buf.len() as u64;
+                self.len += total as u64;
                 self.dirty = true;
                 Ok(())
             }
@@ -507,7 +521,7 @@ impl Head {
                 // A partial write must not leave garbage that would read as
                 // a damaged record: zero it again (the blocks exist already).
                 tracing::error!(error = %e, segment = self.seq, "spool write failed");
-                let _ = self.file.write_all_at(&vec![0u8; buf.len()], self.len);
+                let _ = self.file.write_all_at(&vec![0u8; total], self.len);
                 Err(e)
             }
         }
@@ -725,18 +739,15 @@ impl Writer {
             return Ok(());
         };
         let overdue = h.dirty && h.last_sync.elapsed() >= BACKGROUND_SYNC;
-        let mut result = Ok(());
-        for (before, record) in std::mem::take(&mut p.large) {
-            if result.is_ok() {
-                result = h
-                    .write(&before)
-                    .and_then(|()| h.write(&record.bytes))
-                    .and_then(|()| h.write(&record.body));
-            }
+        let large = std::mem::take(&mut p.large);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(large.len() * 3 + 1);
+        for (before, record) in &large {
+            parts.extend([&before[..], &record.bytes[..], &record.body[..]]);
         }
-        if result.is_ok() {
-            result = h.write(&p.buf);
-        }
+        parts.push(&p.buf);
+        let mut result = h.write(&parts);
+        drop(parts);
+        drop(large);
         if result.is_ok() && (sync || overdue || !p.acks.is_empty()) {
             result = h.sync(&self.shared.syncs);
         }
@@ -971,6 +982,41 @@ fn put(h: &Head, mut record: Record, ack: Option<Ack>, p: &mut Pending) {
 /// than copied into the batch.
 const LARGE_RECORD: usize = 64 << 10;
 
+/// Writes `parts` one after another at `offset` with `pwritev`, again
+/// where the kernel took only some of them.
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// Linux's `IOV_MAX`.
+    const MAX_SLICES: usize = 1024;
+    let mut slices: Vec<io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let count = rest.len().min(MAX_SLICES) as libc::c_int;
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::other("spool offset past the file size limit"))?;
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix, and the
+        // slices (and what they point to) outlive the call.
+        let written = unsafe { libc::pwritev(file.as_raw_fd(), rest.as_ptr().cast(), count, at) };
+        if written < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        offset += written as u64;
+        io::IoSlice::advance_slices(&mut rest, written as usize);
+    }
+    Ok(())
+}
+
 /// Errors that mean the disk (or the quota) has no room.
 fn no_room(kind: io::ErrorKind) -> bool {
     matches!(
@@ -1112,6 +1158,28 @@ mod tests {
         assert_eq!(spool2.read_body(found[0].body).unwrap(), b"body A\r\n");
         assert!(spool2.damage().is_empty());
         spool2.close().await;
+    }
+
+    #[test]
+    fn vectored_writes_put_every_part_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("v"))
+            .unwrap();
+        // More parts than one pwritev takes, empty ones among them.
+        let owned: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| vec![(i % 251) as u8; (i % 5) as usize])
+            .collect();
+        let parts: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+        write_all_vectored_at(&file, &parts, 7).unwrap();
+        let want: Vec<u8> = owned.concat();
+        let mut got = vec![0u8; want.len()];
+        file.read_exact_at(&mut got, 7).unwrap();
+        assert_eq!(got, want);
     }
 
     /// Large records are written from their own buffers, small ones
