@@ -1472,6 +1472,21 @@ mod tests {
     }
 
     /// Queues `n` messages with one recipient each, left deferred.
+    /// A closed spool in `dir` holding `n` deferred messages: its config,
+    /// their ids and where each body is.
+    async fn closed_spool(dir: &std::path::Path, n: usize) -> (Config, Vec<QueueId>, Vec<BodyLoc>) {
+        let cfg = config(dir);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
+        let ids = queue_deferred(&q, &mut rx, n).await;
+        let bodies = {
+            let inner = q.inner.lock().unwrap();
+            ids.iter().map(|id| inner.messages[id].body).collect()
+        };
+        q.close().await;
+        (cfg, ids, bodies)
+    }
+
     async fn queue_deferred(
         q: &Queue,
         rx: &mut mpsc::UnboundedReceiver<DeliveryJob>,
@@ -1537,12 +1552,8 @@ mod tests {
     async fn one_damaged_record_loses_one_message_and_its_segment_is_kept() {
         within(async {
             let dir = tempfile::tempdir().unwrap();
-            let cfg = config(dir.path());
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
-            let ids = queue_deferred(&q, &mut rx, 60).await;
-            let hit = q.inner.lock().unwrap().messages[&ids[17]].body;
-            q.close().await;
+            let (cfg, ids, bodies) = closed_spool(dir.path(), 60).await;
+            let hit = bodies[17];
             let path = dir.path().join(format!("seg-{:016}.log", hit.segment));
             let mut bytes = std::fs::read(&path).unwrap();
             bytes[hit.offset as usize + 3] ^= 0x01;
@@ -1576,12 +1587,8 @@ mod tests {
     async fn a_damaged_segment_magic_loses_no_message() {
         within(async {
             let dir = tempfile::tempdir().unwrap();
-            let cfg = config(dir.path());
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
-            let ids = queue_deferred(&q, &mut rx, 60).await;
-            let seg = q.inner.lock().unwrap().messages[&ids[0]].body.segment;
-            q.close().await;
+            let (cfg, _, bodies) = closed_spool(dir.path(), 60).await;
+            let seg = bodies[0].segment;
             let path = dir.path().join(format!("seg-{seg:016}.log"));
             let mut bytes = std::fs::read(&path).unwrap();
             bytes[2] ^= 0x20;
@@ -1603,12 +1610,8 @@ mod tests {
     async fn a_segment_number_past_counting_does_not_stop_the_queue() {
         within(async {
             let dir = tempfile::tempdir().unwrap();
-            let cfg = config(dir.path());
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
-            let ids = queue_deferred(&q, &mut rx, 2).await;
-            let seg = q.inner.lock().unwrap().messages[&ids[0]].body.segment;
-            q.close().await;
+            let (cfg, _, bodies) = closed_spool(dir.path(), 2).await;
+            let seg = bodies[0].segment;
             std::fs::rename(
                 dir.path().join(format!("seg-{seg:016}.log")),
                 dir.path().join(format!("seg-{}.log", u64::MAX)),
@@ -1655,11 +1658,7 @@ mod tests {
             return;
         };
         within(async {
-            let cfg = config(&tmp.path().join("spool"));
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
-            let ids = queue_deferred(&q, &mut rx, 2).await;
-            q.close().await;
+            let (cfg, ids, _) = closed_spool(&tmp.path().join("spool"), 2).await;
 
             // Herald stopped; meanwhile the disk filled up.
             let filler = tmp.fill();

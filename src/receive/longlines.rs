@@ -692,24 +692,17 @@ impl<'m> Fixer<'m> {
                 });
                 Ok(true)
             }
-            Some("base64") => {
+            Some(encoding @ ("base64" | "quoted-printable")) => {
+                // Already encoded: only the long lines are rewrapped.
+                let (wrap, invalid): (Rewrap, _) = if encoding == "base64" {
+                    (wrap_base64, Unfixable::InvalidBase64)
+                } else {
+                    (wrap_qp, Unfixable::InvalidQuotedPrintable)
+                };
                 for line in body_long {
                     let bytes = msg.get(line.clone()).unwrap_or_default();
-                    let Some(wrapped) = wrap_base64(bytes) else {
-                        return Err(self.error(line, name(), Unfixable::InvalidBase64));
-                    };
-                    self.edits.push(Edit {
-                        range: line.clone(),
-                        bytes: wrapped,
-                    });
-                }
-                Ok(false)
-            }
-            Some("quoted-printable") => {
-                for line in body_long {
-                    let bytes = msg.get(line.clone()).unwrap_or_default();
-                    let Some(wrapped) = wrap_qp(bytes) else {
-                        return Err(self.error(line, name(), Unfixable::InvalidQuotedPrintable));
+                    let Some(wrapped) = wrap(bytes) else {
+                        return Err(self.error(line, name(), invalid));
                     };
                     self.edits.push(Edit {
                         range: line.clone(),
@@ -864,6 +857,10 @@ fn encode_qp(body: &[u8], text: bool, out: &mut Vec<u8>) {
         i += 1;
     }
 }
+
+/// Rewraps one encoded line into lines within the limit; `None` when the
+/// line is not valid in its encoding.
+type Rewrap = fn(&[u8]) -> Option<Vec<u8>>;
 
 /// Cuts one long base64 line into lines of 76; blanks dropped, `None`
 /// for anything outside the base64 alphabet.
