@@ -33,6 +33,19 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every step, in the order they run.
+    pub const ALL: [Step; 9] = [
+        Step::Dns,
+        Step::Connect,
+        Step::Banner,
+        Step::Ehlo,
+        Step::Tls,
+        Step::AuthMechanisms,
+        Step::Auth,
+        Step::MailFrom,
+        Step::Quit,
+    ];
+
     /// The step's name in the report (`auth-mechanisms`).
     pub fn name(self) -> &'static str {
         match self {
@@ -586,17 +599,7 @@ mod prop_tests {
     use proptest::prelude::*;
     use rustls::pki_types::{ServerName, UnixTime};
 
-    const STEPS: [Step; 9] = [
-        Step::Dns,
-        Step::Connect,
-        Step::Banner,
-        Step::Ehlo,
-        Step::Tls,
-        Step::AuthMechanisms,
-        Step::Auth,
-        Step::MailFrom,
-        Step::Quit,
-    ];
+    const STEPS: [Step; 9] = Step::ALL;
 
     /// Text biased to multi-byte characters, quotes and the fragments the
     /// rules look for, or any Unicode.

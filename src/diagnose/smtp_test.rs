@@ -235,17 +235,7 @@ fn complete(security: Security, ran: Vec<StepResult>) -> Vec<StepResult> {
             Step::MailFrom,
             Step::Quit,
         ],
-        _ => &[
-            Step::Dns,
-            Step::Connect,
-            Step::Banner,
-            Step::Ehlo,
-            Step::Tls,
-            Step::AuthMechanisms,
-            Step::Auth,
-            Step::MailFrom,
-            Step::Quit,
-        ],
+        _ => &Step::ALL,
     };
     let mut ran = ran.into_iter().peekable();
     let mut out = Vec::with_capacity(order.len());
