@@ -599,8 +599,6 @@ mod prop_tests {
     use proptest::prelude::*;
     use rustls::pki_types::{ServerName, UnixTime};
 
-    const STEPS: [Step; 9] = Step::ALL;
-
     /// Text biased to multi-byte characters, quotes and the fragments the
     /// rules look for, or any Unicode.
     fn text() -> impl Strategy<Value = String> {
@@ -615,14 +613,14 @@ mod prop_tests {
 
         #[test]
         fn any_reply_and_certificate_is_explained(
-            step in 0..STEPS.len(),
+            step in 0..Step::ALL.len(),
             code in 0u16..1000,
             text in text(),
             names in prop::collection::vec(text(), 0..4),
             secs in any::<u64>(),
             self_signed in any::<bool>(),
         ) {
-            let advice = explain_reply(STEPS[step], &Reply::from_wire(code, &text));
+            let advice = explain_reply(Step::ALL[step], &Reply::from_wire(code, &text));
             prop_assert!(!advice.cause.is_empty() && !advice.fix.is_empty());
             let presented = names
                 .iter()

@@ -908,23 +908,11 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
 
     #[test]
     fn tenants_turn_dsns_off_in_config() {
-        let hash = crate::config::test_support::TEST_HASH;
+        use crate::config::test_support::tenant;
         let cfg = Config::from_toml_str(&format!(
-            r#"
-            [[listener]]
-            address = "127.0.0.1:2587"
-            [[tenant]]
-            name = "acme"
-            username = "acme"
-            password_hash = "{hash}"
-            allowed_senders = ["*@acme.test"]
-            [[tenant]]
-            name = "hooks"
-            username = "hooks"
-            password_hash = "{hash}"
-            allowed_senders = ["*@hooks.test"]
-            dsn = false
-            "#
+            "[[listener]]\naddress = \"127.0.0.1:2587\"\n{}{}dsn = false\n",
+            tenant("acme", r#""*@acme.test""#),
+            tenant("hooks", r#""*@hooks.test""#),
         ))
         .unwrap();
         let s = DsnSettings::from_config(&cfg).unwrap();
