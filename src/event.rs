@@ -36,6 +36,166 @@ pub enum Classification {
     Other,
 }
 
+/// Why a delivery failed, finer than [`Classification`]: the taxonomy of
+/// bounce reasons (close to Sisimai's) that decides what may suppress an
+/// address. Carried in an event's `reason` field by its [`Reason::as_str`]
+/// name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The mailbox does not exist.
+    UserUnknown,
+    /// The address is gone and the reply names no new one, or names one
+    /// (`551 user not local`, x.1.6).
+    HasMoved,
+    /// The recipient's domain does not exist or has no mail server.
+    HostUnknown,
+    /// The recipient's domain takes no mail (null MX, RFC 7505; x.1.10).
+    NotAccept,
+    /// The mailbox exists but is disabled, suspended or inactive.
+    MailboxDisabled,
+    MailboxFull,
+    MessageTooLarge,
+    /// The sending IP, host or domain is refused: a blocklist, poor
+    /// reputation, missing reverse DNS.
+    Blocked,
+    /// The content was judged spam.
+    SpamDetected,
+    /// Refused by the receiver's content or access policy (a virus, an
+    /// attachment type, a header, "not accepted for policy reasons").
+    Policy,
+    /// SPF, DKIM or DMARC failed.
+    AuthFailure,
+    /// Too many messages, connections or recipients: throttled.
+    RateLimited,
+    RelayingDenied,
+    /// The envelope sender itself was refused.
+    SenderRejected,
+    /// Retried until the message's lifetime ran out.
+    Expired,
+    Network,
+    Dns,
+    Tls,
+    /// The receiving system's own trouble: full disk, configuration, a loop.
+    SystemError,
+    /// An SMTP protocol error.
+    SyntaxError,
+    Other,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 21] = [
+        Reason::UserUnknown,
+        Reason::HasMoved,
+        Reason::HostUnknown,
+        Reason::NotAccept,
+        Reason::MailboxDisabled,
+        Reason::MailboxFull,
+        Reason::MessageTooLarge,
+        Reason::Blocked,
+        Reason::SpamDetected,
+        Reason::Policy,
+        Reason::AuthFailure,
+        Reason::RateLimited,
+        Reason::RelayingDenied,
+        Reason::SenderRejected,
+        Reason::Expired,
+        Reason::Network,
+        Reason::Dns,
+        Reason::Tls,
+        Reason::SystemError,
+        Reason::SyntaxError,
+        Reason::Other,
+    ];
+
+    /// The name in events, config rules and `herald bounce parse`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::UserUnknown => "user_unknown",
+            Reason::HasMoved => "has_moved",
+            Reason::HostUnknown => "host_unknown",
+            Reason::NotAccept => "not_accept",
+            Reason::MailboxDisabled => "mailbox_disabled",
+            Reason::MailboxFull => "mailbox_full",
+            Reason::MessageTooLarge => "message_too_large",
+            Reason::Blocked => "blocked",
+            Reason::SpamDetected => "spam_detected",
+            Reason::Policy => "policy",
+            Reason::AuthFailure => "auth_failure",
+            Reason::RateLimited => "rate_limited",
+            Reason::RelayingDenied => "relaying_denied",
+            Reason::SenderRejected => "sender_rejected",
+            Reason::Expired => "expired",
+            Reason::Network => "network",
+            Reason::Dns => "dns",
+            Reason::Tls => "tls",
+            Reason::SystemError => "system_error",
+            Reason::SyntaxError => "syntax_error",
+            Reason::Other => "other",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// Whether a permanent failure for this reason says the address itself
+    /// can never receive mail, so that it may go on the suppression list.
+    /// Everything else is the sender's, the content's or the receiver's
+    /// problem and passes.
+    pub fn may_suppress(self) -> bool {
+        matches!(
+            self,
+            Reason::UserUnknown | Reason::HasMoved | Reason::HostUnknown | Reason::NotAccept
+        )
+    }
+
+    /// The coarse category an app acts on.
+    pub fn classification(self) -> Classification {
+        use Classification as C;
+        match self {
+            Reason::UserUnknown
+            | Reason::HasMoved
+            | Reason::HostUnknown
+            | Reason::NotAccept
+            | Reason::MailboxDisabled => C::InvalidRecipient,
+            Reason::MailboxFull => C::MailboxFull,
+            Reason::MessageTooLarge => C::MessageTooLarge,
+            Reason::Blocked | Reason::SpamDetected => C::SpamBlock,
+            Reason::Policy
+            | Reason::AuthFailure
+            | Reason::RateLimited
+            | Reason::RelayingDenied
+            | Reason::SenderRejected => C::Policy,
+            Reason::Dns => C::Dns,
+            Reason::Tls => C::Tls,
+            Reason::Network => C::Network,
+            Reason::Expired | Reason::SystemError | Reason::SyntaxError | Reason::Other => C::Other,
+        }
+    }
+
+    /// The reason a configured rule implies when it names only a category.
+    pub fn of_classification(c: Classification) -> Reason {
+        match c {
+            Classification::InvalidRecipient => Reason::UserUnknown,
+            Classification::MailboxFull => Reason::MailboxFull,
+            Classification::MessageTooLarge => Reason::MessageTooLarge,
+            Classification::SpamBlock => Reason::Blocked,
+            Classification::Policy => Reason::Policy,
+            Classification::Dns => Reason::Dns,
+            Classification::Tls => Reason::Tls,
+            Classification::Network => Reason::Network,
+            Classification::Other => Reason::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The SMTP reply in an event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SmtpDetail {

@@ -19,7 +19,7 @@ use herald::dns::Dns;
 use herald::envelope::QueueId;
 use herald::queue::{AttemptResult, DeliveryJob, Envelope, JobRecipient, Notify, RcptOutcome};
 use herald::reply::Enhanced;
-use herald::report::Classification;
+use herald::report::Reason;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -269,7 +269,7 @@ async fn dispatcher_outcomes_per_recipient_and_destination() {
     assert!(matches!(&out[0].result, AttemptResult::Delivered(r) if r.code == 250));
     assert!(matches!(
         &out[1].result,
-        AttemptResult::Bounced(r, Classification::InvalidRecipient) if r.code == 550
+        AttemptResult::Bounced(r, Reason::UserUnknown) if r.code == 550
     ));
     assert!(matches!(&out[2].result, AttemptResult::Deferred(r, _) if r.code == 451));
     assert!(matches!(&out[3].result, AttemptResult::Delivered(_)));
@@ -293,7 +293,7 @@ async fn dispatcher_outcomes_per_recipient_and_destination() {
     let out = h.outcome(id).await;
     for o in &out {
         match &o.result {
-            AttemptResult::Bounced(r, Classification::InvalidRecipient) => {
+            AttemptResult::Bounced(r, Reason::UserUnknown) => {
                 assert_eq!(r.code, 556);
                 assert_eq!(r.enhanced, Some(Enhanced(5, 1, 10)));
             }
@@ -317,7 +317,7 @@ async fn dispatcher_outcomes_per_recipient_and_destination() {
     h.tx.send(j).unwrap();
     let out = h.outcome(id).await;
     match &out[0].result {
-        AttemptResult::Deferred(r, Classification::Network) => {
+        AttemptResult::Deferred(r, Reason::Network) => {
             assert_eq!(r.code, 451);
             assert_eq!(r.enhanced, Some(Enhanced(4, 4, 1)));
             assert_eq!(

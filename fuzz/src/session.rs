@@ -229,7 +229,7 @@ async fn deliver_all(queue: Arc<Queue>, mut jobs: mpsc::UnboundedReceiver<Delive
             .map(|r| {
                 let result = if r.address.starts_with("bounce") {
                     let reply = Reply::new(550, Enhanced(5, 1, 1), "no such user");
-                    let class = classify::Classifier::default().classify(&reply);
+                    let class = classify::Classifier::default().classify(&reply).reason;
                     AttemptResult::Bounced(reply, class)
                 } else {
                     AttemptResult::Delivered(Reply::new(250, Enhanced(2, 0, 0), "queued"))

@@ -34,7 +34,7 @@ use herald::envelope::{Envelope, Notify, QueueId, Recipient, Ret};
 use herald::queue::spool::format::{self, Layout, SEGMENT_HEADER, SegmentStart};
 use herald::queue::{AttemptResult, Queue, RcptOutcome};
 use herald::reply::{Enhanced, Reply};
-use herald::report::{Classification, Reporter};
+use herald::report::{Reason, Reporter};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
@@ -263,11 +263,8 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         queue.complete_attempt(
             one,
             vec![
-                outcome(0, AttemptResult::Deferred(later, Classification::Policy)),
-                outcome(
-                    1,
-                    AttemptResult::Bounced(gone, Classification::InvalidRecipient),
-                ),
+                outcome(0, AttemptResult::Deferred(later, Reason::Policy)),
+                outcome(1, AttemptResult::Bounced(gone, Reason::UserUnknown)),
             ],
         );
         queue.complete_attempt(

@@ -156,35 +156,14 @@ impl About {
 /// delayed (`deferred`); a bounce with no usable recipient block still
 /// bounces the VERP recipient.
 fn bounce_events(classifier: &Classifier, about: &About, bounce: &Bounce) -> Vec<Event> {
-    let relevant: Vec<&BouncedRecipient> = bounce
-        .recipients
-        .iter()
-        .filter(|r| matches!(r.action, Action::Failed | Action::Delayed))
-        .collect();
-    // With VERP a report is about one recipient: the one in the token. A
-    // report listing several (a forwarder's) is matched by address.
-    let addr = &about.recipient;
-    let same: Vec<_> = relevant
-        .iter()
-        .copied()
-        .filter(|r| {
-            [&r.final_recipient, &r.original_recipient]
-                .iter()
-                .any(|a| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(addr)))
-        })
-        .collect();
-    let matching: Vec<&BouncedRecipient> = if same.is_empty() {
-        relevant.into_iter().take(1).collect()
-    } else {
-        same.into_iter().take(1).collect()
-    };
-    if matching.is_empty() {
+    let Some(r) = bounce.about(&about.recipient) else {
         // No recipient block could be read: it may as well be a delay
         // warning as a failure, and a wrong permanent bounce would
         // suppress a good address. Say so in the log, emit nothing.
         tracing::warn!(queue_id = %about.id, format = ?bounce.format, "bounce without a readable recipient status; no event");
         return Vec::new();
-    }
+    };
+    let matching = [r];
     matching
         .into_iter()
         .map(|r| {
@@ -194,14 +173,15 @@ fn bounce_events(classifier: &Classifier, about: &About, bounce: &Bounce) -> Vec
                 EventKind::Bounced
             };
             let reply = reply_of(r);
+            let verdict = r.outcome(classifier);
             let mut e = about.event(kind).with_reply(&reply);
-            e.classification = Some(classifier.classify(&reply));
-            e.permanent = Some(kind == EventKind::Bounced && !reply.is_transient());
+            e.classification = Some(verdict.classification());
+            e.reason = Some(verdict.reason.as_str().into());
+            e.permanent = Some(verdict.permanent);
             e.mx = r
                 .remote_mta
                 .clone()
                 .or_else(|| bounce.reporting_mta.clone());
-            e.reason = Some(format!("late bounce ({:?})", bounce.format));
             e
         })
         .collect()

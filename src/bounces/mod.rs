@@ -25,7 +25,7 @@ pub mod parse;
 
 pub use parse::parse;
 
-use crate::deliver::classify::Classifier;
+use crate::deliver::classify::{Classifier, Verdict};
 use crate::reply::Enhanced;
 
 /// What a message sent to the return path turned out to be.
@@ -105,6 +105,27 @@ impl Bounce {
             .iter()
             .filter(|r| r.action == Action::Failed)
     }
+
+    /// What the report says about `address`: its failed or delayed
+    /// recipient block, or, when none names it, the first failed or delayed
+    /// one (with VERP a report is about one recipient, the one in the
+    /// token, and many reports name it differently: a forwarder's final
+    /// address, an alias). `None` when the report has no such block.
+    pub fn about(&self, address: &str) -> Option<&BouncedRecipient> {
+        let mut relevant = self
+            .recipients
+            .iter()
+            .filter(|r| matches!(r.action, Action::Failed | Action::Delayed));
+        let first = relevant.clone().next();
+        relevant
+            .find(|r| {
+                [&r.final_recipient, &r.original_recipient].iter().any(|a| {
+                    a.as_deref()
+                        .is_some_and(|a| a.eq_ignore_ascii_case(address))
+                })
+            })
+            .or(first)
+    }
 }
 
 /// One recipient of a [`Bounce`].
@@ -137,15 +158,27 @@ pub struct BouncedRecipient {
 }
 
 impl BouncedRecipient {
-    /// The category and permanence of this failure, by the same rules as a
+    /// The reason and permanence of this failure, by the same rules as a
     /// reply at delivery time ([`Classifier::classify_parts`]): its status
     /// (derived or not), SMTP code (0 when none) and diagnostic.
-    pub fn classify(&self, classifier: &Classifier) -> (crate::report::Classification, bool) {
+    pub fn classify(&self, classifier: &Classifier) -> Verdict {
         classifier.classify_parts(
             self.status,
             self.smtp_code.unwrap_or(0),
             self.diagnostic.as_deref().unwrap_or(""),
         )
+    }
+
+    /// What this report means for the recipient: [`Self::classify`], with
+    /// permanence from the action (a reporting MTA that says `failed` has
+    /// given up, whatever the last reply's class). A reason that would
+    /// suppress the address stays temporary when the reply itself was
+    /// temporary ("450 4.1.1 mailbox unknown, try later" then expired):
+    /// only a server that said it for good may get an address suppressed.
+    pub fn outcome(&self, classifier: &Classifier) -> Verdict {
+        let v = self.classify(classifier);
+        let permanent = self.action == Action::Failed && (v.permanent || !v.reason.may_suppress());
+        Verdict { permanent, ..v }
     }
 }
 

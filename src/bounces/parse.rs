@@ -218,7 +218,9 @@ fn typed_address(value: &str) -> Option<String> {
         addr.to_string()
     };
     let addr = strip_angles(&addr);
-    (!addr.is_empty()).then_some(addr)
+    // A local delivery's file or program ("rfc822;/var/spool/...") is no
+    // address to report.
+    addr.contains('@').then_some(addr)
 }
 
 /// Decodes the `\x{HEX}` escapes of RFC 6533's utf-8-addr-unitext.
@@ -292,9 +294,9 @@ fn delivery_status(msg: &Message<'_>) -> Option<Bounce> {
                 "original-recipient" | "final-recipient" => {
                     let cur = current.get_or_insert_with(DsnRecipient::default);
                     let seen = if name == "original-recipient" {
-                        cur.original.is_some()
+                        cur.original_seen
                     } else {
-                        cur.fin.is_some()
+                        cur.fin_seen
                     };
                     if seen {
                         push_recipient(&mut bounce.recipients, current.take());
@@ -302,8 +304,10 @@ fn delivery_status(msg: &Message<'_>) -> Option<Bounce> {
                     let cur = current.get_or_insert_with(DsnRecipient::default);
                     if name == "original-recipient" {
                         cur.original = typed_address(&value);
+                        cur.original_seen = true;
                     } else {
                         cur.fin = typed_address(&value);
+                        cur.fin_seen = true;
                     }
                 }
                 "action" => current.get_or_insert_with(Default::default).action = Some(value),
@@ -328,6 +332,8 @@ fn delivery_status(msg: &Message<'_>) -> Option<Bounce> {
 struct DsnRecipient {
     original: Option<String>,
     fin: Option<String>,
+    original_seen: bool,
+    fin_seen: bool,
     action: Option<String>,
     status: Option<String>,
     remote_mta: Option<String>,
@@ -336,7 +342,9 @@ struct DsnRecipient {
 
 fn push_recipient(out: &mut Vec<BouncedRecipient>, r: Option<DsnRecipient>) {
     let Some(r) = r else { return };
-    if out.len() >= MAX_RECIPIENTS || (r.fin.is_none() && r.original.is_none()) {
+    // A block without an address still reports a status (with VERP the
+    // token names the recipient); one with neither is no recipient block.
+    if out.len() >= MAX_RECIPIENTS || !(r.fin_seen || r.original_seen) {
         return;
     }
     let reported = r.status.as_deref().and_then(|s| {
@@ -734,11 +742,19 @@ fn plain_text(msg: &Message<'_>) -> Option<Bounce> {
             };
             (BounceFormat::Postfix, angle_paragraphs(head, action), host)
         } else {
-            let r = unknown(msg, head)?;
-            (BounceFormat::Unknown, vec![r], None)
+            let r = generic(msg, head);
+            if r.is_empty() {
+                return None;
+            }
+            (BounceFormat::Unknown, r, None)
         };
 
-    let mut recipients = recipients;
+    // A known layout that named nobody (a variant of it): read it as any.
+    let mut recipients = if recipients.is_empty() {
+        generic(msg, head)
+    } else {
+        recipients
+    };
     recipients.truncate(MAX_RECIPIENTS);
     for r in &mut recipients {
         if let Some(d) = r.diagnostic.as_deref() {
@@ -774,7 +790,10 @@ fn split_original(text: &str) -> (&str, &str) {
     let mut at = 0;
     for line in text.split_inclusive('\n') {
         let l = line.to_lowercase();
-        if MARKERS.iter().any(|m| l.contains(m)) {
+        // An original copied in without a marker starts with its headers.
+        if MARKERS.iter().any(|m| l.contains(m))
+            || (at > 0 && (l.starts_with("received: from ") || l.starts_with("return-path: <")))
+        {
             return (&text[..at], &text[at..]);
         }
         at += line.len();
@@ -816,7 +835,17 @@ fn find_address(s: &str) -> Option<String> {
             end += 1;
         }
         // Only ASCII bytes were stepped over: both ends are char boundaries.
-        let local = s[start..at].trim_start_matches('.');
+        // Quotes around an address and Exchange's X.400 "SMTP=" are not
+        // part of it.
+        let mut local = s[start..at].trim_start_matches(['.', '\'', '`']);
+        if let Some((prefix, rest)) = local.split_once('=')
+            && prefix.eq_ignore_ascii_case("smtp")
+        {
+            local = rest;
+        }
+        if local.starts_with('/') || local.starts_with('|') {
+            continue;
+        }
         let domain = s[at + 1..end].trim_end_matches(['.', '-']);
         if !local.is_empty() && domain.contains('.') {
             return Some(format!("{local}@{domain}"));
@@ -849,46 +878,79 @@ fn join_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
 
 /// Exim: each address indented by two spaces, its details by four or more
 /// (`host NAME [IP]`, `SMTP error from remote mail server after ...:`, the
-/// reply lines).
+/// reply lines, or the older one-line `host NAME [IP]: 550 ...`). GMX and
+/// 1&1 write the same text with `"addr":` lines at the margin and their
+/// details under them up to the next address.
 fn exim(head: &str) -> Vec<BouncedRecipient> {
     let action = if head.to_lowercase().contains("has not yet been delivered") {
         Action::Delayed
     } else {
         Action::Failed
     };
+    let quoted = |l: &str| {
+        let t = l.trim_end();
+        t.starts_with('"') && t.ends_with("\":") && t.contains('@')
+    };
+    let classic = |l: &str| {
+        l.starts_with("  ")
+            && !l.starts_with("   ")
+            && l.split_whitespace().next().is_some_and(|t| t.contains('@'))
+    };
     let lines: Vec<&str> = head.lines().collect();
     let mut out = Vec::new();
     let mut i = 0;
-    while i < lines.len() {
+    while i < lines.len() && out.len() < MAX_RECIPIENTS {
         let line = lines[i];
-        let is_addr = line.starts_with("  ")
-            && !line.starts_with("   ")
-            && line
-                .split_whitespace()
-                .next()
-                .is_some_and(|t| t.contains('@'));
         i += 1;
-        if !is_addr {
+        let is_quoted = quoted(line);
+        if !is_quoted && !classic(line) {
             continue;
         }
         let addr = find_address(line);
         let mut details = Vec::new();
-        while i < lines.len() && (lines[i].starts_with("    ") || lines[i].starts_with('\t')) {
-            details.push(lines[i].trim());
+        while let Some(next) = lines.get(i) {
+            let more = if is_quoted {
+                !next.trim().is_empty() && !quoted(next)
+            } else {
+                next.starts_with("    ") || next.starts_with('\t')
+            };
+            if !more {
+                break;
+            }
+            details.push(next.trim());
             i += 1;
         }
-        let remote = details
-            .iter()
-            .find_map(|d| d.strip_prefix("host "))
-            .and_then(|h| h.split_whitespace().next())
-            .map(str::to_string);
-        // The reply itself: from its first line with a code on.
-        let diag = match details
-            .iter()
-            .position(|d| basic_code(d, b"245").is_some_and(|(at, _)| at == 0))
-        {
-            Some(p) => join_lines(details[p..].iter().copied()),
-            None => join_lines(details.iter().copied().filter(|d| !d.starts_with("host "))),
+        let remote = details.iter().find_map(|d| {
+            let h = d
+                .strip_prefix("host:")
+                .or_else(|| d.strip_prefix("host "))?;
+            h.split_whitespace()
+                .next()
+                .map(|h| h.trim_end_matches(':').to_string())
+        });
+        // The reply itself: from its first line with a code on, the code at
+        // the start or after `host NAME [IP]: `.
+        let reply_at = details.iter().enumerate().find_map(|(n, d)| {
+            if basic_code(d, b"245").is_some_and(|(at, _)| at == 0)
+                || enhanced_code(d).is_some_and(|_| d.starts_with(|c: char| c.is_ascii_digit()))
+            {
+                return Some((n, *d));
+            }
+            let (_, after) = d.strip_prefix("host ")?.split_once("]: ")?;
+            basic_code(after, b"245")
+                .is_some_and(|(at, _)| at == 0)
+                .then_some((n, after))
+        });
+        let diag = match reply_at {
+            Some((n, first)) => {
+                join_lines(std::iter::once(first).chain(details[n + 1..].iter().copied()))
+            }
+            None => join_lines(
+                details
+                    .iter()
+                    .copied()
+                    .filter(|d| !d.starts_with("host ") && !d.starts_with("host:")),
+            ),
         };
         let mut r = recipient(addr, action, Some(diag));
         r.remote_mta = remote;
@@ -1170,36 +1232,237 @@ fn sendmail(head: &str) -> Vec<BouncedRecipient> {
     out
 }
 
-/// Unknown layout from a mail system: the first 4xx/5xx reply line, and
-/// the first address in the text that is not the bounce's own sender or
-/// addressee (herald's VERP address) nor a mailer-daemon/postmaster.
-fn unknown(msg: &Message<'_>, head: &str) -> Option<BouncedRecipient> {
-    let line = head
+/// Header names a plain bounce quotes about the returned message ("Your
+/// message To: list@example.org Subject: ..."), whose addresses are not
+/// the failed recipient's.
+const QUOTED_HEADERS: &[&str] = &[
+    "to",
+    "from",
+    "cc",
+    "bcc",
+    "subject",
+    "sent",
+    "date",
+    "reply-to",
+    "return-path",
+    "received",
+    "message-id",
+    "sender",
+    "in-reply-to",
+    "references",
+    "system contact",
+    "contact",
+];
+
+fn quoted_header(line: &str) -> bool {
+    let Some((name, _)) = line.trim_start().split_once(':') else {
+        return false;
+    };
+    let name = name.trim().to_ascii_lowercase();
+    QUOTED_HEADERS.contains(&name.as_str()) || name.starts_with("x-")
+}
+
+/// Words of a plain text that says a delivery failed, where no SMTP code
+/// does: what makes a mail system's message a bounce.
+const FAILURE_WORDS: &[&str] = &[
+    "could not be delivered",
+    "couldn't be delivered",
+    "cannot be delivered",
+    "can't be delivered",
+    "was not delivered",
+    "not be delivered",
+    "unable to deliver",
+    "undeliverable",
+    "delivery failed",
+    "delivery failure",
+    "did not reach",
+    "failed to deliver",
+    "failed address",
+    "permanent error",
+    "user unknown",
+    "unknown user",
+    "no such user",
+    "not listed in",
+    "delivery problem",
+    "has been returned",
+    "returned because",
+    "message not delivered",
+    "delivery attempts",
+];
+
+/// Words that say the mail system is still trying.
+const DELAY_WORDS: &[&str] = &[
+    "will continue to be made",
+    "will keep trying",
+    "will retry",
+    "has not yet been delivered",
+    "not yet been delivered",
+    "this is a warning",
+    "delivery is delayed",
+];
+
+/// Any other layout from a mail system (and the fallback of a known one
+/// that named nobody): every address the text names outside quoted header
+/// lines and the bounce's own sender and addressee, each with the rest of
+/// its line and the lines under it as the reason; else the text's first
+/// reply line, "Reason: ..." or "because: ..." line, or the subject. When
+/// no address is named, one recipient without an address carries the
+/// reason: with VERP the token says whom it is about.
+fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
+    let lower = head.to_lowercase();
+    let subject = msg.subject().unwrap_or_default().to_string();
+    let has_code = head
         .lines()
-        .find(|l| basic_code(l, b"45").is_some() || enhanced_code(l).is_some_and(|e| e.0 != 2))?;
+        .any(|l| basic_code(l, b"45").is_some() || enhanced_code(l).is_some_and(|e| e.0 != 2));
+    let failure = FAILURE_WORDS
+        .iter()
+        .any(|w| lower.contains(w) || subject.to_lowercase().contains(w));
+    if !has_code && !failure {
+        return Vec::new();
+    }
+    let action = if DELAY_WORDS.iter().any(|w| lower.contains(w)) {
+        Action::Delayed
+    } else {
+        Action::Failed
+    };
     let own: Vec<String> = [msg.from(), msg.to()]
         .into_iter()
         .flatten()
         .filter_map(|a| a.first()?.address())
         .map(str::to_ascii_lowercase)
         .collect();
-    let addr = head.lines().filter_map(find_address).find(|a| {
+    let foreign = |a: &str| {
         let a = a.to_ascii_lowercase();
         !own.contains(&a)
             && !a.starts_with("mailer-daemon@")
             && !a.starts_with("postmaster@")
             && !a.starts_with("bounces+")
-    });
-    let code_at = basic_code(line, b"45").map_or(0, |(at, _)| at);
-    let action = match reply_codes(line) {
-        (Some(400..=499), _) | (None, Some(Enhanced(4, _, _))) => Action::Delayed,
-        _ => Action::Failed,
     };
-    Some(recipient(
-        addr,
-        action,
-        Some(line[code_at..].trim().to_string()),
-    ))
+    let lines: Vec<&str> = head.lines().collect();
+    let mut out: Vec<BouncedRecipient> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if out.len() >= MAX_RECIPIENTS || quoted_header(line) {
+            continue;
+        }
+        for addr in addresses(line).into_iter().filter(|a| foreign(a)) {
+            if !prominent(line, &addr) {
+                continue;
+            }
+            if out.iter().any(|r| {
+                r.final_recipient
+                    .as_deref()
+                    .is_some_and(|f| f.eq_ignore_ascii_case(&addr))
+            }) {
+                continue;
+            }
+            let at = line
+                .to_ascii_lowercase()
+                .find(&addr.to_ascii_lowercase())
+                .unwrap_or(0);
+            let rest = line[(at + addr.len()).min(line.len())..]
+                .trim_start_matches(['>', '"', '\'', ':', ';', ',', '.', ' ', '\t'])
+                .trim();
+            let under = lines[i + 1..]
+                .iter()
+                .take_while(|l| {
+                    !l.trim().is_empty() && addresses(l).is_empty() && !quoted_header(l)
+                })
+                .take(3)
+                .copied();
+            let diag = join_lines(std::iter::once(rest).chain(under));
+            // "could not be delivered. Reason: 550 ...": the reply from its code.
+            let diag = match basic_code(&diag, b"45") {
+                Some((at, _)) => diag[at..].to_string(),
+                None => diag,
+            };
+            out.push(recipient(Some(addr), action, Some(diag)));
+        }
+    }
+    // The reason, when a recipient's own lines give none that says anything.
+    let reason_line = lines
+        .iter()
+        .find(|l| {
+            let t = l.trim();
+            basic_code(t, b"45").is_some_and(|(at, _)| at == 0)
+                || enhanced_code(t).is_some_and(|e| e.0 != 2)
+        })
+        .map(|l| l.trim().to_string())
+        .or_else(|| {
+            lines.iter().enumerate().find_map(|(i, l)| {
+                let t = l.trim();
+                let tl = t.to_ascii_lowercase();
+                if let Some(r) = tl.strip_prefix("reason:") {
+                    let r = t[t.len() - r.len()..].trim();
+                    return (!r.is_empty()).then(|| r.to_string());
+                }
+                (tl == "because:" || tl == "reason:").then(|| {
+                    join_lines(
+                        lines[i + 1..]
+                            .iter()
+                            .take_while(|l| !l.trim().is_empty())
+                            .copied(),
+                    )
+                })
+            })
+        })
+        .or_else(|| {
+            let s = subject.trim();
+            let after = s.split_once(':').map_or(s, |(_, r)| r).trim();
+            (!after.is_empty()).then(|| after.to_string())
+        });
+    let reason_has_code = reason_line
+        .as_deref()
+        .is_some_and(|l| basic_code(l, b"45").is_some());
+    for r in &mut out {
+        let own_code = r
+            .diagnostic
+            .as_deref()
+            .is_some_and(|d| basic_code(d, b"45").is_some());
+        let weak = r.diagnostic.as_deref().is_none_or(|d| d.len() < 8);
+        if reason_line.is_some() && !own_code && (weak || reason_has_code) {
+            r.diagnostic = reason_line.clone();
+        }
+    }
+    if out.is_empty() {
+        out.push(recipient(None, action, reason_line));
+    }
+    out
+}
+
+/// Whether an address stands where a failed recipient is named: alone or
+/// first on its line, after a label ("Intended recipient:"), or after
+/// "to"/"for" ("could not be delivered to x@y", "your message to x@y
+/// cannot be delivered"). Addresses inside other prose (help texts,
+/// examples, the sender's address) are not.
+fn prominent(line: &str, addr: &str) -> bool {
+    let Some(at) = line.to_ascii_lowercase().find(&addr.to_ascii_lowercase()) else {
+        return false;
+    };
+    let before = line[..at]
+        .trim_end_matches(['<', '"', '\'', '(', '[', ' ', '\t'])
+        .to_ascii_lowercase();
+    before.is_empty()
+        || before.ends_with(':')
+        || before.ends_with('=')
+        || before.ends_with(" to")
+        || before.ends_with(" for")
+        || before == "to"
+        || before == "for"
+}
+
+/// Every address in `s`, in order.
+fn addresses(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(a) = find_address(rest) {
+        let Some(at) = rest.find(&a) else { break };
+        rest = &rest[at + a.len()..];
+        out.push(a);
+        if out.len() >= 16 {
+            break;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1457,22 +1720,30 @@ mod tests {
         use crate::report::Classification;
         let b = bounce(fixture!("postfix-dsn-2rcpt.eml"));
         assert_eq!(
-            b.recipients[0].classify(&crate::deliver::classify::Classifier::default()),
+            b.recipients[0]
+                .classify(&crate::deliver::classify::Classifier::default())
+                .pair(),
             (Classification::MailboxFull, true)
         );
         assert_eq!(
-            b.recipients[1].classify(&crate::deliver::classify::Classifier::default()),
+            b.recipients[1]
+                .classify(&crate::deliver::classify::Classifier::default())
+                .pair(),
             (Classification::InvalidRecipient, true)
         );
         let b = bounce(fixture!("delayed-dsn.eml"));
         assert_eq!(
-            b.recipients[0].classify(&crate::deliver::classify::Classifier::default()),
+            b.recipients[0]
+                .classify(&crate::deliver::classify::Classifier::default())
+                .pair(),
             (Classification::MailboxFull, false)
         );
         // Exim's "Unrouteable address": no code, a derived 5.1.1.
         let b = bounce(fixture!("exim.eml"));
         assert_eq!(
-            b.recipients[1].classify(&crate::deliver::classify::Classifier::default()),
+            b.recipients[1]
+                .classify(&crate::deliver::classify::Classifier::default())
+                .pair(),
             (Classification::InvalidRecipient, true)
         );
     }
@@ -1760,12 +2031,25 @@ mod tests {
             s("550 Requested action not taken: mailbox unavailable")
         );
 
-        // The same from a person, or without any SMTP error: not a bounce.
+        // The same from a person: not a bounce.
         let person = msg.replace("Mail Delivery System <MAILER-DAEMON@", "Xavier <x@");
         let person = person.replace("Nondeliverable mail", "About your invoice");
         assert_eq!(parse(person.as_bytes()), None);
+        // Without an SMTP error the words still say it failed; the reason
+        // is read from them alone.
         let no_error = msg.replace("550 Requested", "Requested");
-        assert_eq!(parse(no_error.as_bytes()), None);
+        let b = bounce(no_error.as_bytes());
+        assert_eq!(b.recipients.len(), 1);
+        assert_eq!(b.recipients[0].smtp_code, None);
+        // From a mail system but saying nothing failed: not a bounce.
+        let notice = msg
+            .replace("could not be delivered.", "was read.")
+            .replace(
+                "Reason: 550 Requested action not taken: mailbox unavailable",
+                "Thanks.",
+            )
+            .replace("Nondeliverable mail", "Notice");
+        assert_eq!(parse(notice.as_bytes()), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::event::Classification;
+use crate::event::{Classification, Reason};
 
 /// `[classification]`: extra rules, tried in order before the defaults.
 ///
@@ -11,9 +11,14 @@ use crate::event::Classification;
 /// [[classification.rules]]
 /// match = "mailbox is over its size limit"   # substring, any case
 /// status = "5.2"                               # optional enhanced-code prefix
-/// category = "mailbox_full"
+/// reason = "mailbox_full"                     # or category = "..."; see below
 /// permanent = false                            # optional; default: the code's
 /// ```
+///
+/// A rule names a `reason` (the finer taxonomy, [`Reason`]), a `category`
+/// ([`Classification`]) or both; a reason alone implies its category, a
+/// category alone its most common reason (`invalid_recipient` →
+/// `user_unknown`, which may suppress).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ClassificationConfig {
@@ -31,6 +36,7 @@ pub struct Rule {
     /// Basic reply code, exactly.
     pub code: Option<u16>,
     pub category: Classification,
+    pub reason: Reason,
     /// Overrides the permanence the code implies.
     pub permanent: Option<bool>,
 }
@@ -42,7 +48,8 @@ struct RawRule {
     needle: Option<String>,
     status: Option<String>,
     code: Option<u16>,
-    category: Classification,
+    category: Option<Classification>,
+    reason: Option<Reason>,
     permanent: Option<bool>,
 }
 
@@ -61,11 +68,24 @@ impl TryFrom<RawRule> for Rule {
         if r.code.is_some_and(|c| !(200..600).contains(&c)) {
             return Err("code must be an SMTP reply code (200-599)".into());
         }
+        let (category, reason) = match (r.category, r.reason) {
+            (Some(c), Some(r)) if r.classification() != c => {
+                return Err(format!(
+                    "reason {r} belongs to category {:?}, not {c:?}; give one of them",
+                    r.classification()
+                ));
+            }
+            (Some(c), Some(r)) => (c, r),
+            (Some(c), None) => (c, Reason::of_classification(c)),
+            (None, Some(r)) => (r.classification(), r),
+            (None, None) => return Err("a rule needs a reason or a category".into()),
+        };
         Ok(Rule {
             needle,
             status,
             code: r.code,
-            category: r.category,
+            category,
+            reason,
             permanent: r.permanent,
         })
     }

@@ -1,8 +1,19 @@
 //! Why a delivery failed, from the reply that said so: first the rules of
 //! `[classification]` in the config (see [`Rule`]), then the built-in
-//! defaults: the enhanced status code (RFC 3463, with the registry of RFC
-//! 5248), then a few plain text rules for servers that send none or send a
-//! vague one (`5.0.0`, Outlook's `5.5.0 mailbox unavailable`).
+//! defaults. The result is a [`Verdict`]: a [`Reason`] from the taxonomy of
+//! bounce reasons (which implies the coarse [`Classification`]) and whether
+//! the failure is permanent.
+//!
+//! The defaults read the text first and the enhanced status code (RFC
+//! 3463, with the registry of RFC 5248) second: a code is one number a
+//! server chose, often carelessly ("5.1.1" for a blocklisted IP, "#5.1.1"
+//! for a full mailbox), while a text that names a cause is the server
+//! saying what it means. Where the text names no cause the code decides;
+//! where neither does, the reason is `other`. Only a permanent failure
+//! whose reason says the address cannot receive mail
+//! ([`Reason::may_suppress`]) may put it on a suppression list, so the
+//! phrases for those reasons are narrow and every other cause is checked
+//! before them.
 //!
 //! It trusts nothing about the text: any bytes, any case, any length.
 //! Whether a failure is permanent follows the reply code (5xx yes, 4xx no;
@@ -17,6 +28,7 @@
 use std::sync::Arc;
 
 pub use crate::config::classification::{ClassificationConfig, Rule};
+use crate::event::Reason;
 use crate::reply::{Enhanced, Reply};
 use crate::report::Classification;
 
@@ -35,6 +47,30 @@ impl Rule {
     }
 }
 
+/// What a failure means: its reason and whether it is for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub reason: Reason,
+    pub permanent: bool,
+}
+
+impl Verdict {
+    pub fn classification(&self) -> Classification {
+        self.reason.classification()
+    }
+
+    /// The category and permanence, as tests compare them.
+    #[cfg(test)]
+    pub(crate) fn pair(self) -> (Classification, bool) {
+        (self.classification(), self.permanent)
+    }
+
+    /// Whether this failure may put the address on a suppression list.
+    pub fn suppresses(&self) -> bool {
+        self.permanent && self.reason.may_suppress()
+    }
+}
+
 /// The configured rules, then the built-in defaults. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Classifier {
@@ -50,31 +86,19 @@ impl Classifier {
     }
 
     /// Classifies a failure from its parts: an enhanced code if any, the
-    /// basic code (0 when a late bounce gave none) and the text. Returns
-    /// the category and whether the failure is permanent.
-    pub fn classify_parts(
-        &self,
-        enhanced: Option<Enhanced>,
-        code: u16,
-        text: &str,
-    ) -> (Classification, bool) {
+    /// basic code (0 when a late bounce gave none) and the text.
+    pub fn classify_parts(&self, enhanced: Option<Enhanced>, code: u16, text: &str) -> Verdict {
         classify_with(&self.rules, enhanced, code, text)
     }
 
-    /// Labels a failure reply for events and bounces.
-    pub fn classify(&self, reply: &Reply) -> Classification {
+    /// Classifies a failure reply.
+    pub fn classify(&self, reply: &Reply) -> Verdict {
         self.classify_parts(reply.enhanced, reply.code, &reply.text)
-            .0
     }
 }
 
 /// [`Classifier::classify_parts`] with the given rules.
-pub fn classify_with(
-    rules: &[Rule],
-    enhanced: Option<Enhanced>,
-    code: u16,
-    text: &str,
-) -> (Classification, bool) {
+pub fn classify_with(rules: &[Rule], enhanced: Option<Enhanced>, code: u16, text: &str) -> Verdict {
     let lower = text.to_lowercase();
     let by_code = match code / 100 {
         5 => Some(true),
@@ -85,183 +109,608 @@ pub fn classify_with(
         .or_else(|| enhanced.map(|e| e.0 == 5))
         .unwrap_or(false);
     if let Some(rule) = rules.iter().find(|r| r.matches(enhanced, code, &lower)) {
-        return (rule.category, rule.permanent.unwrap_or(permanent));
+        return Verdict {
+            reason: rule.reason,
+            permanent: rule.permanent.unwrap_or(permanent),
+        };
     }
-    (built_in(enhanced, code, &lower), permanent)
+    Verdict {
+        reason: built_in(enhanced, code, &lower),
+        permanent,
+    }
 }
 
-/// Text that points at the sender rather than the recipient (checked first,
-/// since such replies often also say "rejected" or "unknown").
-const SENDER: &[&str] = &[
-    "sender address rejected",
-    "sender verify",
-    "sender domain",
-    "sender rejected",
-    "sender is not allowed",
+/// [`classify_with`]'s category and permanence, as tests compare them.
+#[cfg(test)]
+fn classify_pair(
+    rules: &[Rule],
+    enhanced: Option<Enhanced>,
+    code: u16,
+    text: &str,
+) -> (Classification, bool) {
+    classify_with(rules, enhanced, code, text).pair()
+}
+
+/// Phrases that name a cause, tried in this order; the first group with a
+/// phrase in the (lower-cased) text wins. Causes that are not the
+/// address's come first, because their replies often also say "rejected",
+/// "unknown" or "does not exist" about something else (a sender, an IP, a
+/// DNS name).
+const BY_TEXT: &[(Reason, &[&str])] = &[
+    (
+        Reason::SenderRejected,
+        &[
+            "sender address rejected",
+            "sender verify",
+            "sender verification",
+            "verification failed for <",
+            "sender domain",
+            "sender rejected",
+            "sender is not allowed",
+            "sender not allowed",
+            "sender denied",
+            "sender blocked",
+            "sender address is not valid",
+            "domain of sender address",
+            "sender's domain",
+            "unverified sender",
+            "envelope sender",
+            "mail from address",
+            "sender address has null mx",
+        ],
+    ),
+    (
+        Reason::Policy,
+        &[
+            "greylist",
+            "graylist",
+            "grey-list",
+            "gray-list",
+            "greylisted",
+            "try again later, closing",
+            "virus",
+            "malware",
+            "infected",
+            "attachment",
+            "content rejected",
+        ],
+    ),
+    (
+        Reason::AuthFailure,
+        &[
+            "spf",
+            "dkim",
+            "dmarc",
+            "unauthenticated",
+            "sender policy framework",
+            "not authenticated",
+            "authentication failed",
+            "authentication check",
+            "domainkeys",
+            "sender authentication",
+            "dns based verification",
+        ],
+    ),
+    (
+        Reason::SystemError,
+        &[
+            "mail loop",
+            "loop detected",
+            "loops back",
+            "too many hops",
+            "hop count exceeded",
+        ],
+    ),
+    (
+        Reason::RateLimited,
+        &[
+            "rate limit",
+            "ratelimit",
+            "rate-limit",
+            "rate limited",
+            "at a rate that",
+            "receiving mail at a rate",
+            "too many",
+            "too much mail",
+            "throttl",
+            "unexpected volume",
+            "exceeded the rate",
+            "sending rate",
+            "connection rate",
+            "message rate",
+            "limit on the number",
+            "slow down",
+            "frequency limited",
+            "temporarily deferred",
+            "[tss0",
+            "try to reduce",
+        ],
+    ),
+    (
+        Reason::Blocked,
+        &[
+            "blocklist",
+            "block list",
+            "blocklisted",
+            "blacklist",
+            "black list",
+            "denylist",
+            "deny list",
+            "blocked using",
+            "listed at",
+            "listed in",
+            "listed on",
+            "is listed",
+            "dnsbl",
+            "rbl",
+            "spamhaus",
+            "spamcop",
+            "sorbs",
+            "barracuda",
+            "cloudmark",
+            "reputation",
+            "client host rejected",
+            "client host",
+            "your ip",
+            "ip address",
+            "ip addresses",
+            "from this ip",
+            "your host",
+            "your server",
+            "reverse dns",
+            "reverse lookup",
+            "rdns",
+            "ptr record",
+            "ipcheck",
+            "dns ptr",
+            "ptr resource record",
+            "no ptr",
+            "hostname lookup",
+            "does not resolve to your ip",
+            "connection refused by",
+            "not allowed to send mail",
+            "access denied, banned",
+            "banned",
+            "poor reputation",
+            "dynamic ip",
+            "dial-up",
+            "dialup",
+            "residential",
+            "not accepted from this ip",
+            "rly:",
+            "hvu:",
+            "dyn:",
+            "cbl",
+            "(cn)",
+            "your network",
+            "their network",
+            "unable to verify your",
+            "helo",
+            "ehlo",
+        ],
+    ),
+    (
+        Reason::SpamDetected,
+        &[
+            "spam",
+            "unsolicited",
+            "junk",
+            "bulk mail",
+            "bulk e-mail",
+            "suspicious",
+            "scam",
+            "phish",
+            "fraud",
+            "message content",
+            "content filter",
+            "rejected by the content",
+        ],
+    ),
+    (
+        Reason::MailboxFull,
+        &[
+            "mailbox full",
+            "mailbox is full",
+            "mailbox has exceeded",
+            "mailbox size limit",
+            "over quota",
+            "overquota",
+            "over the quota",
+            "quota exceeded",
+            "exceeded quota",
+            "exceeds quota",
+            "quota",
+            "out of storage",
+            "insufficient storage",
+            "storage space",
+            "exceeded storage",
+            "mailbox is too large",
+            "box full",
+            "inbox is full",
+            "user's mailbox is full",
+            "not enough space",
+            "disk full",
+            "mailfolder is full",
+        ],
+    ),
+    (
+        Reason::MessageTooLarge,
+        &[
+            "message too large",
+            "message too big",
+            "message is too large",
+            "message is too big",
+            "too large",
+            "too big",
+            "message size",
+            "size limit",
+            "exceeds size",
+            "size exceeds",
+            "maximum size",
+            "maximum allowed size",
+            "message length exceeds",
+            "message exceeded",
+        ],
+    ),
+    (
+        Reason::RelayingDenied,
+        &[
+            "relay access denied",
+            "relaying denied",
+            "relay denied",
+            "relay not permitted",
+            "relaying not permitted",
+            "relaying not allowed",
+            "not permitted to relay",
+            "unable to relay",
+            "we do not relay",
+            "not allowed to relay",
+            "relay prohibited",
+            "relaying mail to",
+            "no relaying",
+            "not a gateway",
+            "cannot relay",
+            "relay access",
+        ],
+    ),
+    (
+        Reason::NotAccept,
+        &[
+            "null mx",
+            "does not accept mail",
+            "doesn't accept mail",
+            "accepts no mail",
+            "not accepting mail",
+            "no longer accepts mail",
+            "does not receive mail",
+        ],
+    ),
+    (
+        Reason::MailboxDisabled,
+        &[
+            "disabled",
+            "suspended",
+            "inactive",
+            "deactivated",
+            "not active",
+            "is locked",
+            "account locked",
+            "mailbox locked",
+            "frozen",
+            "on hold",
+            "expired account",
+            "account has expired",
+            "blocked account",
+        ],
+    ),
+    (
+        Reason::HasMoved,
+        &[
+            "has moved",
+            "user has moved",
+            "address has changed",
+            "not local; please try",
+            "no longer at this address",
+            "no longer with",
+            "no longer employed",
+            "is no longer valid",
+            "no longer available",
+        ],
+    ),
+    (
+        Reason::HostUnknown,
+        &[
+            "host unknown",
+            "unknown host",
+            "host not found",
+            "host or domain name not found",
+            "domain not found",
+            "domain name not found",
+            "no such domain",
+            "domain does not exist",
+            "domain doesn't exist",
+            "unrouteable mail domain",
+            "unroutable mail domain",
+            "nxdomain",
+            "name or service not known",
+            "unknown domain",
+            "invalid domain",
+            "no mx record",
+            "no mail exchanger",
+            "mail exchanger not found",
+            "domain is not configured",
+            "all relevant mx records point to non-existent hosts",
+            "no valid mx",
+            "bad destination system address",
+            "domain could not be found",
+        ],
+    ),
+    (
+        Reason::UserUnknown,
+        &[
+            "user unknown",
+            "unknown user",
+            "unknown recipient",
+            "recipient unknown",
+            "no such user",
+            "no such recipient",
+            "no such mailbox",
+            "no such address",
+            "no such account",
+            "no such person",
+            "no mailbox here",
+            "no mailbox by that name",
+            "mailbox not found",
+            "mailbox does not exist",
+            "mailbox doesn't exist",
+            "mailbox unknown",
+            "unknown mailbox",
+            "mailbox is not valid",
+            "invalid mailbox",
+            "not a valid mailbox",
+            "address does not exist",
+            "address doesn't exist",
+            "account does not exist",
+            "account doesn't exist",
+            "recipient does not exist",
+            "user does not exist",
+            "user doesn't exist",
+            "user doesn't have a",
+            "doesn't have a yahoo",
+            "does not have an account",
+            "email account that you tried to reach does not exist",
+            "not a valid recipient",
+            "invalid recipient",
+            "recipient not found",
+            "user not found",
+            "address not found",
+            "recipnotfound",
+            "recipientnotfound",
+            "unrouteable address",
+            "unroutable address",
+            "unknown address",
+            "address unknown",
+            "addressee unknown",
+            "unknown local part",
+            "unknown or illegal alias",
+            "no account by that name",
+            "not our customer",
+            "invalid user",
+            "user invalid",
+            "bad destination mailbox address",
+            "is not a valid user",
+            "user account is unavailable",
+            "destination mailbox address invalid",
+            "this address no longer accepts mail",
+            "unknown in virtual",
+            "unknown in local",
+        ],
+    ),
+    (
+        Reason::Other,
+        &[
+            "does not exist",
+            "doesn't exist",
+            "not found in",
+            "could not be found",
+            "couldn't be found",
+            "not listed in",
+            "no valid recipients",
+            "mailbox unavailable",
+            "mailbox is unavailable",
+            "mailbox not available",
+        ],
+    ),
+    (
+        Reason::Tls,
+        &[
+            "tls",
+            "starttls",
+            "tls required",
+            "tls is required",
+            "encryption required",
+            "must issue a starttls",
+            "certificate",
+            "tls handshake",
+            "tls negotiation",
+        ],
+    ),
+    (
+        Reason::Expired,
+        &[
+            "retry timeout exceeded",
+            "delivery time expired",
+            "message expired",
+            "has been undeliverable for",
+            "could not be delivered within",
+            "retry time not reached",
+            "delivery expired",
+            "message timed out",
+            "too long in queue",
+            "was not delivered within",
+        ],
+    ),
+    (
+        Reason::Network,
+        &[
+            "connection refused",
+            "connection timed out",
+            "timed out",
+            "timeout",
+            "connection reset",
+            "lost connection",
+            "connection dropped",
+            "no route to host",
+            "network is unreachable",
+            "network unreachable",
+            "could not connect",
+            "couldn't connect",
+            "unable to connect",
+            "connection closed",
+        ],
+    ),
+    (
+        Reason::SystemError,
+        &[
+            "system error",
+            "internal error",
+            "local error",
+            "configuration error",
+            "config error",
+            "misconfigured",
+            "server error",
+            "system full",
+            "out of memory",
+            "insufficient system",
+            "resources temporarily",
+            "mailer error",
+            "unknown mailer",
+            "temporary failure",
+            "local problem",
+            "internal resource",
+            "temporarily unable",
+            "local delivery failed",
+        ],
+    ),
+    (
+        Reason::Policy,
+        &[
+            "policy",
+            "policies",
+            "prohibit",
+            "not authorized",
+            "not permitted",
+            "not allowed",
+            "access denied",
+            "denied",
+            "refused",
+            "rejected",
+            "blocked",
+        ],
+    ),
 ];
-const MAILBOX_FULL: &[&str] = &[
-    "mailbox full",
-    "mailbox is full",
-    "mailbox has exceeded",
-    "over quota",
-    "overquota",
-    "quota exceeded",
-    "exceeded quota",
-    "exceeds quota",
-    "quota",
-    "out of storage",
-    "insufficient storage",
-    "storage space",
-    "exceeded storage",
-];
-const TOO_LARGE: &[&str] = &[
-    "message too large",
-    "message too big",
-    "too large",
-    "too big",
-    "size limit",
-    "exceeds size",
-    "size exceeds",
-    "message size",
-    "maximum size",
-];
-const SPAM: &[&str] = &[
-    "spam",
-    "unsolicited",
-    "blocklist",
-    "block list",
-    "blacklist",
-    "black list",
-    "denylist",
-    "blocked using",
-    "listed at",
-    "listed in",
-    "listed on",
-    "dnsbl",
-    "spamhaus",
-    "spamcop",
-    "barracuda",
-    "reputation",
-    "complaint",
-    "junk",
-    "bulk mail",
-];
-const INVALID_RECIPIENT: &[&str] = &[
-    "user unknown",
-    "unknown user",
-    "unknown recipient",
-    "no such user",
-    "no such recipient",
-    "no such mailbox",
-    "mailbox not found",
-    "mailbox unavailable",
-    "mailbox does not exist",
-    "address does not exist",
-    "account does not exist",
-    "does not exist",
-    "doesn't exist",
-    "doesn't have a",
-    "not a valid recipient",
-    "invalid recipient",
-    "recipient address rejected",
-    "recipient rejected",
-    "unrouteable address",
-    "unroutable address",
-    "address rejected",
-    "mailbox disabled",
-    "account disabled",
-    "account has been disabled",
-    "user not found",
-    "recipient not found",
-];
-const POLICY: &[&str] = &[
-    "policy",
-    "policies",
-    "prohibit",
-    "not authorized",
-    "not permitted",
-    "unauthenticated",
-    "authentication",
-    "spf",
-    "dkim",
-    "dmarc",
-    "relay",
-    "access denied",
-    "blocked",
-    "greylist",
-    "graylist",
-    "rate limit",
-    "too many",
-];
-const TLS: &[&str] = &["tls", "encryption", "certificate"];
-const GREYLIST: &[&str] = &["greylist", "graylist", "grey-list", "gray-list"];
+
+/// The reason an enhanced status code names on its own (RFC 3463, RFC
+/// 5248); `None` for the vague ones (detail 0, "other or undefined"),
+/// which leave it to the text (see [`vague_code`]).
+fn by_code(e: Enhanced) -> Option<Reason> {
+    use Reason::*;
+    Some(match (e.1, e.2) {
+        (_, 0) => return None,
+        (1, 1) => UserUnknown,
+        (1, 2) => HostUnknown,
+        (1, 3) => SyntaxError,
+        (1, 6) => HasMoved,
+        (1, 7 | 8) => SenderRejected,
+        (1, 10) => NotAccept,
+        (2, 1) => MailboxDisabled,
+        (2, 2) => MailboxFull,
+        (2, 3) | (3, 4) => MessageTooLarge,
+        (2, 4) | (3, _) => SystemError,
+        (4, 1 | 2) => Network,
+        (4, 3) => Dns,
+        (4, 4) if e.0 == 5 => HostUnknown,
+        (4, 4) => Dns,
+        (4, 5) => RateLimited,
+        (4, 6) => SystemError,
+        (4, 7) => Expired,
+        (4, _) => Network,
+        (5, 3) => RateLimited,
+        (5, _) => SyntaxError,
+        (6, _) => Policy,
+        (7, 1) => Policy,
+        (7, 4 | 5 | 10 | 11) => Tls,
+        (7, 13) => MailboxDisabled,
+        (7, 20..=27) => AuthFailure,
+        (7, 28) => RateLimited,
+        (7, _) => Policy,
+        _ => return None,
+    })
+}
+
+/// What a vague code (x.Y.0) says when the text names no cause: its
+/// subject, never a reason that suppresses.
+fn vague_code(e: Enhanced) -> Option<Reason> {
+    use Reason::*;
+    Some(match e.1 {
+        3 => SystemError,
+        4 => Network,
+        5 => SyntaxError,
+        6 | 7 => Policy,
+        _ => return None,
+    })
+}
+
+/// Whether a text match may stand against a code that names another
+/// cause. The generic words of the last [`BY_TEXT`] group ("rejected",
+/// "denied") do not: "550 5.1.1 ... rejected" is still an unknown user.
+fn text_overrides(text_reason: Reason, generic: bool, code_reason: Reason) -> bool {
+    if generic {
+        return false;
+    }
+    // A code that suppresses is believed only when the text agrees or says
+    // nothing: "5.1.1 mailbox over quota", "5.1.1 blocked by Spamhaus".
+    code_reason.may_suppress() || !text_reason.may_suppress() || code_reason == Reason::Other
+}
 
 /// The built-in defaults; `text` is lower-cased.
-fn built_in(enhanced: Option<Enhanced>, code: u16, text: &str) -> Classification {
-    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
-    let by_text = || -> Option<Classification> {
-        // Greylisting texts often say "Recipient address rejected" too.
-        if has(GREYLIST) || has(SENDER) {
-            Some(Classification::Policy)
-        } else if has(MAILBOX_FULL) {
-            Some(Classification::MailboxFull)
-        } else if has(TOO_LARGE) {
-            Some(Classification::MessageTooLarge)
-        } else if has(SPAM) {
-            Some(Classification::SpamBlock)
-        } else if has(INVALID_RECIPIENT) {
-            Some(Classification::InvalidRecipient)
-        } else if has(POLICY) {
-            Some(Classification::Policy)
-        } else if has(TLS) {
-            Some(Classification::Tls)
-        } else {
-            None
-        }
-    };
-
-    if let Some(e) = enhanced {
-        use Classification::*;
-        let by_code = match (e.1, e.2) {
-            // x.1.7 bad sender mailbox syntax, x.1.8 bad sender system address.
-            (1, 7 | 8) => Some(Policy),
-            // x.1.10: the recipient's domain has a null MX (RFC 7505): that
-            // address can never get mail, like an unknown user.
-            (1, 10) => Some(InvalidRecipient),
-            (1, _) if has(SENDER) => Some(Policy),
-            (1, _) => Some(InvalidRecipient),
-            (2, 1) => Some(InvalidRecipient),
-            (2, 2) => Some(MailboxFull),
-            (2, 3) | (3, 4) => Some(MessageTooLarge),
-            // x.4.3 directory server failure, x.4.4 unable to route.
-            (4, 3 | 4) => Some(Dns),
-            // Microsoft answers "5.4.1 Recipient address rejected: Access
-            // denied" for unknown users; other x.4.x are transport trouble
-            // (and herald's own, whose text holds host names: no text rules).
-            (4, _) if e.0 == 5 && has(INVALID_RECIPIENT) => Some(InvalidRecipient),
-            (4, _) => Some(Network),
-            // x.7.4 security features not supported, x.7.5 cryptographic
-            // failure, x.7.10 encryption needed.
-            (7, 4 | 5 | 10) => Some(Tls),
-            // x.7.28 mail flood detected.
-            (7, 28) => Some(SpamBlock),
-            (7, _) if has(SPAM) => Some(SpamBlock),
-            // "4.7.0 TLS required", "5.7.0 Must issue a STARTTLS command first".
-            (7, _) if has(TLS) => Some(Tls),
-            (7, _) => Some(Policy),
-            // x.0.0, x.2.0, x.3.x, x.5.x, x.6.x: too vague, see the text.
-            _ => None,
-        };
-        if let Some(c) = by_code {
-            return c;
+fn built_in(enhanced: Option<Enhanced>, code: u16, text: &str) -> Reason {
+    let mut by_text = None;
+    let last = BY_TEXT.len() - 1;
+    for (i, (reason, phrases)) in BY_TEXT.iter().enumerate() {
+        if phrases.iter().any(|p| text.contains(p)) {
+            // The last group's words and the `other` group's ("does not
+            // exist": what does not?) only fill in for a missing code.
+            by_text = Some((*reason, i == last || *reason == Reason::Other));
+            break;
         }
     }
-    if let Some(c) = by_text() {
-        return c;
-    }
-    match code {
-        421 => Classification::Network,
-        _ => Classification::Other,
+    let coded = enhanced.and_then(by_code);
+    match (by_text, coded) {
+        // A server that answered cannot mean x.4.x "no answer from host":
+        // Microsoft's "5.4.1 Recipient address rejected: Access denied" is
+        // a refusal, whatever its reason.
+        (Some((t, true)), Some(Reason::Network))
+            if t != Reason::Other && enhanced.is_some_and(|e| e.0 == 5) =>
+        {
+            t
+        }
+        (Some((t, generic)), Some(c)) if t != c => {
+            if text_overrides(t, generic, c) {
+                t
+            } else {
+                c
+            }
+        }
+        (Some((Reason::Other, true)), None) => Reason::Other,
+        (Some((t, true)), None) => enhanced.and_then(vague_code).unwrap_or(t),
+        (Some((t, _)), _) => t,
+        (None, Some(c)) => c,
+        (None, None) => match (enhanced.and_then(vague_code), code) {
+            (Some(r), _) => r,
+            (None, 421) => Reason::Network,
+            (None, _) => Reason::Other,
+        },
     }
 }
 
@@ -271,7 +720,9 @@ mod tests {
     use Classification::*;
 
     fn c(code: u16, text: &str) -> Classification {
-        Classifier::default().classify(&Reply::from_wire(code, text))
+        Classifier::default()
+            .classify(&Reply::from_wire(code, text))
+            .classification()
     }
 
     #[test]
@@ -327,14 +778,14 @@ mod tests {
                 550,
                 "5.5.0 Requested action not taken: mailbox unavailable (S2017062302)."
             ),
-            InvalidRecipient
+            Other
         );
         assert_eq!(
             c(
                 550,
                 "5.4.1 Recipient address rejected: Access denied. For more information see https://aka.ms/EXOSmtpErrors"
             ),
-            InvalidRecipient
+            Policy
         );
         assert_eq!(
             c(
@@ -359,7 +810,7 @@ mod tests {
                 421,
                 "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints"
             ),
-            SpamBlock
+            Policy
         );
         assert_eq!(
             c(552, "1 Requested mail action aborted, mailbox not found"),
@@ -442,389 +893,404 @@ mod corpus {
     use super::*;
     use Classification::*;
 
-    /// (code, text as it follows the code on the wire, category, permanent)
-    const CORPUS: &[(u16, &str, Classification, bool)] = &[
+    /// (code, text as it follows the code on the wire, reason, permanent)
+    const CORPUS: &[(u16, &str, Reason, bool)] = &[
         // Gmail
         (
             550,
             "5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos or unnecessary spaces.",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         (
             550,
             "5.2.1 The email account that you tried to reach is disabled.",
-            InvalidRecipient,
+            Reason::MailboxDisabled,
             true,
         ),
         (
             452,
             "4.2.2 The recipient's inbox is out of storage space. Please direct the recipient to https://support.google.com/mail/?p=OverQuotaTemp",
-            MailboxFull,
+            Reason::MailboxFull,
             false,
         ),
         (
             552,
             "5.2.2 The recipient's inbox is out of storage space and inactive.",
-            MailboxFull,
+            Reason::MailboxFull,
             true,
         ),
         (
             552,
             "5.3.4 Your message exceeded Google's message size limits.",
-            MessageTooLarge,
+            Reason::MessageTooLarge,
             true,
         ),
         (
             550,
             "5.7.1 [192.0.2.1] Our system has detected that this message is likely unsolicited mail. To reduce the amount of spam sent to Gmail, this message has been blocked.",
-            SpamBlock,
+            Reason::SpamDetected,
             true,
         ),
         (
             421,
             "4.7.28 [192.0.2.1] Our system has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited.",
-            SpamBlock,
+            Reason::RateLimited,
             false,
         ),
         (
             550,
             "5.7.26 This mail is unauthenticated, which poses a security risk to the sender and Gmail users, and has been blocked. The sender must authenticate with at least one of SPF or DKIM.",
-            Policy,
+            Reason::AuthFailure,
             true,
         ),
         (
             550,
             "5.7.26 Unauthenticated email from acme.example is not accepted due to domain's DMARC policy.",
-            Policy,
+            Reason::AuthFailure,
             true,
         ),
         (
             421,
             "4.7.0 [192.0.2.1] Our system has detected that this message is suspicious due to the very low reputation of the sending IP address.",
-            SpamBlock,
+            Reason::Blocked,
             false,
         ),
         (
             421,
             "4.7.0 TLS required for RCPT domain, closing connection.",
-            Tls,
+            Reason::Tls,
             false,
         ),
         (
             451,
             "4.3.0 Mail server temporarily rejected message.",
-            Other,
+            Reason::SystemError,
             false,
         ),
         (
             550,
             "5.7.25 [192.0.2.1] The IP address sending this message does not have a PTR record setup.",
-            Policy,
+            Reason::Blocked,
             true,
         ),
         // Outlook / Office 365
         (
             550,
             "5.5.0 Requested action not taken: mailbox unavailable (S2017062302).",
-            InvalidRecipient,
+            Reason::Other,
             true,
         ),
         (
             550,
             "5.4.1 Recipient address rejected: Access denied. For more information see https://aka.ms/EXOSmtpErrors",
-            InvalidRecipient,
+            Reason::Policy,
             true,
         ),
         (
             550,
             "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         (
             550,
             "5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3140).",
-            SpamBlock,
+            Reason::Blocked,
             true,
         ),
         (
             451,
             "4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
-            SpamBlock,
+            Reason::RateLimited,
             false,
         ),
         (
             550,
             "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
-            Policy,
+            Reason::Blocked,
             true,
         ),
         (
             554,
             "5.2.2 mailbox full; STOREDRV.Deliver.Exception:QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
-            MailboxFull,
+            Reason::MailboxFull,
             true,
         ),
         (
             550,
             "5.7.509 Access denied, sending domain acme.example does not pass DMARC verification and has a DMARC policy of reject.",
-            Policy,
+            Reason::AuthFailure,
             true,
         ),
-        (452, "4.5.3 Too many recipients", Policy, false),
+        (452, "4.5.3 Too many recipients", Reason::RateLimited, false),
         // Yahoo / AOL
         (
             554,
             "5.7.9 Message not accepted for policy reasons. See https://help.yahoo.com/kb/postmaster/SLN7253.html",
-            Policy,
+            Reason::Policy,
             true,
         ),
         (
             421,
             "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
-            SpamBlock,
+            Reason::RateLimited,
             false,
         ),
         (
             554,
             "delivery error: dd This user doesn't have a yahoo.com account (bob@yahoo.example) [0]",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         (
             552,
             "1 Requested mail action aborted, mailbox not found",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         (
             553,
             "5.7.2 [TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT succeed. See https://senders.yahooinc.com/smtp-error-codes",
-            Policy,
+            Reason::RateLimited,
             true,
         ),
         (
             554,
             "30 Sorry, your message size exceeds 41943040 bytes.",
-            MessageTooLarge,
+            Reason::MessageTooLarge,
             true,
         ),
-        (452, "4.2.2 Mailbox is over quota", MailboxFull, false),
+        (
+            452,
+            "4.2.2 Mailbox is over quota",
+            Reason::MailboxFull,
+            false,
+        ),
         // iCloud
         (
             550,
             "5.1.1 <bob@icloud.example>: user does not exist",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         (
             554,
             "5.7.1 [CS01] Message rejected due to local policy.",
-            Policy,
+            Reason::Policy,
             true,
         ),
         (
             552,
             "5.2.2 <bob@icloud.example>: user is over quota",
-            MailboxFull,
+            Reason::MailboxFull,
             true,
         ),
         // GMX / Web.de
         (
             550,
             "Requested action not taken: mailbox unavailable",
-            InvalidRecipient,
+            Reason::Other,
             true,
         ),
         (
             554,
             "Transaction failed Reject due to policy restrictions. For explanation visit https://postmaster.gmx.net/en/error-messages",
-            Policy,
+            Reason::Policy,
             true,
         ),
         (
             421,
             "gmx.net (mxgmx017) Nemesis ESMTP Service not available No SMTP service Bad DNS PTR resource record.",
-            Network,
+            Reason::Blocked,
             false,
         ),
         // Mimecast
         (
             550,
             "Invalid Recipient - https://community.mimecast.com/docs/DOC-1369#550",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         (
             554,
             "Email rejected due to security policies - https://community.mimecast.com/docs/DOC-1369#554",
-            Policy,
+            Reason::Policy,
             true,
         ),
         (
             451,
             "Internal resource temporarily unavailable - https://community.mimecast.com/docs/DOC-1369#451",
-            Other,
+            Reason::SystemError,
             false,
         ),
         (
             550,
             "Rejected by header based Anti-Spoofing policy: billing@acme.example",
-            Policy,
+            Reason::Policy,
             true,
         ),
         // Proofpoint
         (
             554,
             "5.7.1 Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.1",
-            Policy,
+            Reason::Blocked,
             true,
         ),
         (
             550,
             "5.7.1 Message blocked due to spam content in the message.",
-            SpamBlock,
+            Reason::SpamDetected,
             true,
         ),
-        (550, "5.1.1 User Unknown", InvalidRecipient, true),
+        (550, "5.1.1 User Unknown", Reason::UserUnknown, true),
         // Barracuda
         (
             554,
             "Service unavailable; Client host [192.0.2.1] blocked using Barracuda Reputation; http://www.barracudanetworks.com/reputation/?r=1&ip=192.0.2.1",
-            SpamBlock,
+            Reason::Blocked,
             true,
         ),
         (
             550,
             "permanent failure for one or more recipients (bob@one.example:550 No such user)",
-            InvalidRecipient,
+            Reason::UserUnknown,
             true,
         ),
         // Spamhaus and other DNSBL listings
         (
             554,
             "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.1",
-            SpamBlock,
+            Reason::Blocked,
             true,
         ),
         (
             550,
             "5.7.1 Mail from 192.0.2.1 refused - see http://www.spamcop.net/bl.shtml?192.0.2.1",
-            SpamBlock,
+            Reason::Blocked,
             true,
         ),
         (
             554,
             "Your access to this mail system has been rejected due to the sending MTA's poor reputation.",
-            SpamBlock,
+            Reason::Blocked,
             true,
         ),
         // Greylisting
         (
             450,
             "4.2.0 <bob@one.example>: Recipient address rejected: Greylisted, see http://postgrey.schweikert.ch/help/one.example.html",
-            Policy,
+            Reason::Policy,
             false,
         ),
         (
             451,
             "4.7.1 Greylisting in action, please come back later",
-            Policy,
+            Reason::Policy,
             false,
         ),
         (
             451,
             "Temporary local problem - please try later",
-            Other,
+            Reason::SystemError,
             false,
         ),
         // Mailbox full, elsewhere
         (
             552,
             "5.2.2 <bob@one.example>: Recipient address rejected: Mailbox is full",
-            MailboxFull,
+            Reason::MailboxFull,
             true,
         ),
         (
             452,
             "4.2.2 Quota exceeded (mailbox for user is full)",
-            MailboxFull,
+            Reason::MailboxFull,
             false,
         ),
         // Too large
         (
             552,
             "5.3.4 Message size exceeds fixed limit",
-            MessageTooLarge,
+            Reason::MessageTooLarge,
             true,
         ),
         (
             552,
             "Message size exceeds maximum permitted",
-            MessageTooLarge,
+            Reason::MessageTooLarge,
             true,
         ),
         // TLS required
-        (530, "5.7.0 Must issue a STARTTLS command first", Tls, true),
+        (
+            530,
+            "5.7.0 Must issue a STARTTLS command first",
+            Reason::Tls,
+            true,
+        ),
         (
             454,
             "4.7.0 TLS not available due to local problem",
-            Tls,
+            Reason::Tls,
             false,
         ),
-        (550, "5.7.10 Encryption needed", Tls, true),
+        (550, "5.7.10 Encryption needed", Reason::Tls, true),
         // SPF / DKIM / DMARC
         (
             550,
             "5.7.23 The message was rejected because of Sender Policy Framework violation",
-            Policy,
+            Reason::AuthFailure,
             true,
         ),
         (
             550,
             "5.7.1 SPF check failed: 192.0.2.1 is not allowed to send mail from acme.example",
-            Policy,
+            Reason::AuthFailure,
             true,
         ),
-        (550, "5.7.20 No passing DKIM signature found", Policy, true),
+        (
+            550,
+            "5.7.20 No passing DKIM signature found",
+            Reason::AuthFailure,
+            true,
+        ),
         (
             550,
             "5.7.1 Email rejected per DMARC policy for acme.example",
-            Policy,
+            Reason::AuthFailure,
             true,
         ),
         // Rate limiting
         (
             421,
             "4.7.0 Too many connections from your IP, try again later",
-            Policy,
+            Reason::RateLimited,
             false,
         ),
         (
             450,
             "4.7.1 Error: too much mail from 192.0.2.1",
-            Policy,
+            Reason::RateLimited,
             false,
         ),
         // Relaying and routing
         (
             554,
             "5.7.1 <bob@one.example>: Relay access denied",
-            Policy,
+            Reason::RelayingDenied,
             true,
         ),
         (
             550,
             "5.1.2 Host unknown: Domain one.example has no valid MX record",
-            InvalidRecipient,
+            Reason::HostUnknown,
             true,
         ),
-        (451, "4.4.0 Routing error", Network, false),
+        (451, "4.4.0 Routing error", Reason::Network, false),
         (
             421,
             "4.4.2 mx.one.example Error: timeout exceeded",
-            Network,
+            Reason::Network,
             false,
         ),
     ];
@@ -832,12 +1298,12 @@ mod corpus {
     #[test]
     fn real_reply_texts() {
         let mut wrong = Vec::new();
-        for (code, text, category, permanent) in CORPUS {
+        for (code, text, reason, permanent) in CORPUS {
             let r = Reply::from_wire(*code, text);
             let got = classify_with(&[], r.enhanced, r.code, &r.text);
-            if got != (*category, *permanent) {
+            if (got.reason, got.permanent) != (*reason, *permanent) {
                 wrong.push(format!(
-                    "{code} {text}\n  expected {category:?}/{permanent}, got {got:?}"
+                    "{code} {text}\n  expected {reason:?}/{permanent}, got {got:?}"
                 ));
             }
         }
@@ -877,7 +1343,7 @@ mod corpus {
         .unwrap();
         let c = |code, text: &str| {
             let r = Reply::from_wire(code, text);
-            classify_with(&rules, r.enhanced, r.code, &r.text)
+            classify_pair(&rules, r.enhanced, r.code, &r.text)
         };
         // The case of `match` does not matter.
         assert_eq!(
@@ -893,7 +1359,8 @@ mod corpus {
             c(550, "5.1.1 mailbox unavailable"),
             (InvalidRecipient, true)
         );
-        assert_eq!(c(550, "mailbox unavailable"), (InvalidRecipient, true));
+        // RFC 5321's words for any 550, not evidence of a missing mailbox.
+        assert_eq!(c(550, "mailbox unavailable"), (Other, true));
         assert_eq!(c(554, "5.7.1 Service unavailable"), (SpamBlock, true));
         // No rule: the defaults.
         assert_eq!(c(552, "5.2.2 Mailbox is full"), (MailboxFull, true));
@@ -903,14 +1370,14 @@ mod corpus {
     fn status_prefix_matches_whole_components() {
         let rules = rules("[[rules]]\nstatus = \"5.7.1\"\ncategory = \"other\"").unwrap();
         assert_eq!(
-            classify_with(&rules, Some(Enhanced(5, 7, 1)), 550, "x").0,
+            classify_pair(&rules, Some(Enhanced(5, 7, 1)), 550, "x").0,
             Other
         );
         assert_eq!(
-            classify_with(&rules, Some(Enhanced(5, 7, 10)), 550, "x").0,
+            classify_pair(&rules, Some(Enhanced(5, 7, 10)), 550, "x").0,
             Tls
         );
-        assert_eq!(classify_with(&rules, None, 550, "x").0, Other);
+        assert_eq!(classify_pair(&rules, None, 550, "x").0, Other);
     }
 
     #[test]
@@ -977,15 +1444,15 @@ mod corpus {
     fn permanence_without_a_code() {
         // A late bounce that gave only an enhanced code, or nothing.
         assert_eq!(
-            classify_with(&[], Some(Enhanced(5, 1, 1)), 0, ""),
+            classify_pair(&[], Some(Enhanced(5, 1, 1)), 0, ""),
             (InvalidRecipient, true)
         );
         assert_eq!(
-            classify_with(&[], Some(Enhanced(4, 2, 2)), 0, ""),
+            classify_pair(&[], Some(Enhanced(4, 2, 2)), 0, ""),
             (MailboxFull, false)
         );
         assert_eq!(
-            classify_with(&[], None, 0, "user unknown"),
+            classify_pair(&[], None, 0, "user unknown"),
             (InvalidRecipient, false)
         );
     }
@@ -1022,7 +1489,7 @@ mod prop_tests {
             let reply = Reply::from_wire(code, &text);
             let _ = Classifier::default().classify(&reply);
             let enhanced = status.map(|(c, s, d)| Enhanced(c, s, d));
-            let (_, permanent) = classify_with(&[], enhanced, code, &text);
+            let (_, permanent) = classify_pair(&[], enhanced, code, &text);
             match code / 100 {
                 5 => prop_assert!(permanent),
                 4 => prop_assert!(!permanent),
@@ -1033,9 +1500,10 @@ mod prop_tests {
                 status: None,
                 code: None,
                 category: Classification::Policy,
+                reason: Reason::Policy,
                 permanent: Some(true),
             };
-            let (category, permanent) = classify_with(&[rule], enhanced, code, &text);
+            let (category, permanent) = classify_pair(&[rule], enhanced, code, &text);
             if text.to_lowercase().contains(&needle.to_lowercase()) {
                 prop_assert_eq!((category, permanent), (Classification::Policy, true));
             }

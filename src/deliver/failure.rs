@@ -10,7 +10,7 @@
 use super::classify::Classifier;
 use super::client::{ClientError, Stage};
 use super::explain::{Advice, Step, explain_reply};
-use crate::event::Classification;
+use crate::event::Reason;
 use crate::reply::{Enhanced, Reply};
 
 /// A session that failed before (or outside) a transaction's replies.
@@ -25,7 +25,7 @@ pub struct SessionFailure {
     pub what: String,
     /// The server's own reply, when it refused a step.
     pub reply: Option<Reply>,
-    pub class: Classification,
+    pub class: Reason,
     /// Whether another address of the same destination may fare better: a
     /// dead address may, a TLS or login problem will not.
     pub try_next: bool,
@@ -37,8 +37,8 @@ impl SessionFailure {
     /// Reads `e`; `at` names the server (`mx.example [192.0.2.1]:25`) and
     /// `port` is the port connected to, which the advice may name.
     pub fn of(classifier: &Classifier, e: &ClientError, at: &str, port: u16) -> SessionFailure {
-        let classify = |r: &Reply| classifier.classify(r);
-        use Classification::{Network, Other, Policy, Tls};
+        let classify = |r: &Reply| classifier.classify(r).reason;
+        use Reason::{Network, Other, Policy, Tls};
         let f = |enhanced, what: String, class, try_next| SessionFailure {
             enhanced,
             what,
@@ -299,7 +299,7 @@ mod tests {
     fn network_failures_are_transient_and_name_the_server() {
         let f = SessionFailure::of(&Classifier::default(), &ClientError::Refused, AT, 25);
         assert_eq!(f.enhanced, Enhanced(4, 4, 1));
-        assert_eq!(f.class, Classification::Network);
+        assert_eq!(f.class, Reason::Network);
         assert!(f.try_next);
         assert_eq!(
             f.deferral().to_string(),
@@ -327,7 +327,7 @@ mod tests {
             ClientError::NoStartTls,
         ] {
             let f = SessionFailure::of(&Classifier::default(), &e, AT, 25);
-            assert_eq!(f.class, Classification::Tls, "{e}");
+            assert_eq!(f.class, Reason::Tls, "{e}");
             assert_eq!(f.enhanced.1, 7, "{e}");
             assert!(!f.try_next, "{e}");
         }
@@ -360,7 +360,7 @@ mod tests {
             reply,
         };
         let f = SessionFailure::of(&Classifier::default(), &e, AT, 587);
-        assert_eq!(f.class, Classification::Policy);
+        assert_eq!(f.class, Reason::Policy);
         assert!(f.advice.cause.contains("app password"), "{:?}", f.advice);
     }
 

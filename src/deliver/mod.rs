@@ -47,9 +47,9 @@ use tracing::Instrument as _;
 
 use crate::config::{Config, StarttlsPolicy};
 use crate::dns::{Dns, MxLookup};
+use crate::event::Reason;
 use crate::queue::{AttemptResult, DeliveryJob, Queue, RcptOutcome};
 use crate::reply::{Enhanced, Reply};
-use crate::report::Classification;
 
 pub use classify::Classifier;
 use client::{
@@ -562,7 +562,7 @@ impl Drop for PanicGuard<'_> {
             .iter()
             .map(|&index| RcptOutcome {
                 index,
-                result: AttemptResult::Deferred(reply.clone(), Classification::Other),
+                result: AttemptResult::Deferred(reply.clone(), Reason::Other),
                 mx: None,
                 tls: None,
                 next_hop_dsn: false,
@@ -665,7 +665,7 @@ async fn deliver_job(
                 let (reply, class) = match e.error {
                     // The server said why it ends the session: keep its words.
                     ClientError::Rejected { reply, .. } => {
-                        let class = ctx.classifier.classify(&reply);
+                        let class = ctx.classifier.classify(&reply).reason;
                         (reply, class)
                     }
                     error => synthesize(&ctx.classifier, &error, &s.mx, s.client.peer()),
@@ -696,8 +696,7 @@ async fn deliver_job(
 fn settle_domain(ctx: &Ctx, domain: &Domain, result: &AttemptResult, mx: Option<&str>) {
     let jobs: Vec<DeliveryJob> = {
         let mut st = domain.lock();
-        if matches!(result, AttemptResult::Deferred(_, c) if *c != Classification::Dns)
-            && st.connected > 0
+        if matches!(result, AttemptResult::Deferred(_, c) if *c != Reason::Dns) && st.connected > 0
         {
             // Another connection to the domain works: the failure was ours.
             return;
@@ -770,7 +769,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                             "Recipient domain {name} has a null MX record (RFC 7505): it accepts no mail"
                         ),
                     ),
-                    Classification::InvalidRecipient,
+                    Reason::NotAccept,
                 ),
                 mx: None,
             });
@@ -785,7 +784,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                             "Recipient domain {name} does not exist or has no mail server (no MX or address records)"
                         ),
                     ),
-                    Classification::InvalidRecipient,
+                    Reason::HostUnknown,
                 ),
                 mx: None,
             });
@@ -794,14 +793,14 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             return Err(ConnectFailure::Site {
                 result: AttemptResult::Deferred(
                     Reply::new(451, Enhanced(4, 4, 3), e.to_string()),
-                    Classification::Dns,
+                    Reason::Dns,
                 ),
                 mx: None,
             });
         }
     };
 
-    let mut last: Option<(Reply, Classification, String)> = None;
+    let mut last: Option<(Reply, Reason, String)> = None;
     // Like Postfix's smtp_mx_address_limit: a domain with many dead hosts
     // must not hold a connection slot for connect_timeout × every address.
     let mut budget = ctx.config.delivery.max_mx_addresses;
@@ -815,7 +814,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                         Enhanced(4, 4, 3),
                         format!("Mail server {} of {name} has no address", host.name),
                     ),
-                    Classification::Dns,
+                    Reason::Dns,
                     host.name.clone(),
                 ));
                 continue;
@@ -823,7 +822,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             Err(e) => {
                 last = Some((
                     Reply::new(451, Enhanced(4, 4, 3), e.to_string()),
-                    Classification::Dns,
+                    Reason::Dns,
                     host.name.clone(),
                 ));
                 continue;
@@ -843,7 +842,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                             host.name
                         ),
                     ),
-                    Classification::Dns,
+                    Reason::Dns,
                     host.name.clone(),
                 ));
                 continue;
@@ -879,7 +878,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                 Enhanced(4, 4, 4),
                 format!("No usable mail server for {name}"),
             ),
-            Classification::Network,
+            Reason::Network,
             String::new(),
         )
     });
@@ -890,11 +889,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
 }
 
 /// Connects to one address: greeting, EHLO, and STARTTLS per policy.
-async fn open(
-    ctx: &Ctx,
-    host: &str,
-    addr: SocketAddr,
-) -> Result<SmtpClient, (Reply, Classification)> {
+async fn open(ctx: &Ctx, host: &str, addr: SocketAddr) -> Result<SmtpClient, (Reply, Reason)> {
     let fail = |e: ClientError| synthesize(&ctx.classifier, &e, host, addr);
     let source = ctx.source_for(addr.ip());
     let mut client = SmtpClient::connect(addr, source, ctx.timeouts)
@@ -978,7 +973,7 @@ async fn transact(
                     caps.size
                 ),
             ),
-            Classification::MessageTooLarge,
+            Reason::MessageTooLarge,
         ));
     }
     // RFC 6531 §3.2: a message that needs SMTPUTF8 must not go to a server
@@ -993,7 +988,7 @@ async fn transact(
                     s.mx
                 ),
             ),
-            Classification::Other,
+            Reason::Other,
         ));
     }
 
@@ -1026,7 +1021,7 @@ async fn transact(
                     Enhanced(5, 1, 3),
                     format!("{what} contains a line break and cannot be sent"),
                 ),
-                Classification::Other,
+                Reason::Other,
             ));
         }
         Err(e) => return Err(e),
@@ -1127,7 +1122,7 @@ fn outcomes(
                             Enhanced(4, 5, 0),
                             format!("{mx} gave no final reply for this recipient"),
                         ),
-                        Classification::Other,
+                        Reason::Other,
                     ),
                 }
             };
@@ -1146,11 +1141,11 @@ fn outcomes(
 fn failure(classifier: &Classifier, reply: &Reply) -> AttemptResult {
     // 5xx bounces and 4xx waits, unless a `[[classification.rules]]` rule
     // says otherwise (e.g. a provider's 5xx that only means "later").
-    let (class, permanent) = classifier.classify_parts(reply.enhanced, reply.code, &reply.text);
-    if permanent {
-        AttemptResult::Bounced(reply.clone(), class)
+    let v = classifier.classify(reply);
+    if v.permanent {
+        AttemptResult::Bounced(reply.clone(), v.reason)
     } else {
-        AttemptResult::Deferred(reply.clone(), class)
+        AttemptResult::Deferred(reply.clone(), v.reason)
     }
 }
 
@@ -1161,7 +1156,7 @@ fn synthesize(
     e: &ClientError,
     host: &str,
     addr: SocketAddr,
-) -> (Reply, Classification) {
+) -> (Reply, Reason) {
     let at = format!("{host} [{}]:{}", addr.ip(), addr.port());
     let mut f = failure::SessionFailure::of(classifier, e, &at, addr.port());
     if matches!(e, ClientError::NoStartTls) {
@@ -1231,12 +1226,12 @@ mod tests {
                 .starts_with("TLS handshake with mx.test [127.0.0.1]:"),
             "{r}"
         );
-        assert_eq!(c, Classification::Tls);
+        assert_eq!(c, Reason::Tls);
 
         let (addr, _) = fake::start(fake::Script::default()).await;
         let (r, c) = open(&ctx("required"), "mx.test", addr).await.unwrap_err();
         assert_eq!(r.enhanced, Some(Enhanced(4, 7, 10)));
-        assert_eq!(c, Classification::Tls);
+        assert_eq!(c, Reason::Tls);
 
         // Disabled: STARTTLS is not even tried.
         let (addr, rec) = fake::start(broken_tls()).await;
@@ -1314,10 +1309,7 @@ mod tests {
             let got = outcomes.0.lock().unwrap();
             assert!(matches!(got[0][0].result, AttemptResult::Delivered(_)));
             assert!(
-                matches!(
-                    &got[1][0].result,
-                    AttemptResult::Deferred(_, Classification::Dns)
-                ),
+                matches!(&got[1][0].result, AttemptResult::Deferred(_, Reason::Dns)),
                 "{:?}",
                 got[1]
             );
@@ -1337,7 +1329,7 @@ mod tests {
         );
         let got = outcomes.0.lock().unwrap();
         match &got[2][0].result {
-            AttemptResult::Deferred(r, Classification::Policy) => assert_eq!(r.code, 421),
+            AttemptResult::Deferred(r, Reason::Policy) => assert_eq!(r.code, 421),
             other => panic!("{other:?}"),
         }
         assert_eq!(got[2][0].mx.as_deref(), Some("mx.test"));
@@ -1368,7 +1360,7 @@ mod tests {
             r.to_string(),
             "451 4.4.1 Connection to mx1.example.net [127.0.0.2]:25 refused"
         );
-        assert_eq!(c, Classification::Network);
+        assert_eq!(c, Reason::Network);
 
         let (r, c) = synthesize(
             &Classifier::default(),
@@ -1380,7 +1372,7 @@ mod tests {
             r.to_string(),
             "451 4.4.2 Connection to mx1.example.net [::1]:2525 timed out waiting for the greeting"
         );
-        assert_eq!(c, Classification::Network);
+        assert_eq!(c, Reason::Network);
 
         let (r, c) = synthesize(
             &Classifier::default(),
@@ -1389,7 +1381,7 @@ mod tests {
             addr,
         );
         assert_eq!(r.enhanced, Some(Enhanced(4, 7, 5)));
-        assert_eq!(c, Classification::Tls);
+        assert_eq!(c, Reason::Tls);
 
         let (r, c) = synthesize(
             &Classifier::default(),
@@ -1403,7 +1395,7 @@ mod tests {
         assert_eq!(r.code, 451);
         assert_eq!(r.enhanced, Some(Enhanced(4, 7, 1)));
         assert!(r.text.contains("554 5.7.1 Your IP"), "{r}");
-        assert_eq!(c, Classification::SpamBlock);
+        assert_eq!(c, Reason::Blocked);
     }
 
     #[test]
@@ -1413,14 +1405,14 @@ mod tests {
                 &Classifier::default(),
                 &Reply::from_wire(550, "5.1.1 no such user")
             ),
-            AttemptResult::Bounced(_, Classification::InvalidRecipient)
+            AttemptResult::Bounced(_, Reason::UserUnknown)
         ));
         assert!(matches!(
             failure(
                 &Classifier::default(),
                 &Reply::from_wire(452, "4.2.2 mailbox full")
             ),
-            AttemptResult::Deferred(_, Classification::MailboxFull)
+            AttemptResult::Deferred(_, Reason::MailboxFull)
         ));
         assert!(matches!(
             failure(&Classifier::default(), &Reply::from_wire(354, "go ahead")),

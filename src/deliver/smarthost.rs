@@ -45,8 +45,8 @@ use crate::deliver::explain::{Advice, Step, explain_certificate, explain_reply};
 use crate::deliver::failure::SessionFailure;
 use crate::dns::Dns;
 use crate::envelope::Envelope;
+use crate::event::Reason;
 use crate::reply::{Enhanced, Reply};
-use crate::report::Classification;
 
 /// How a smarthost's certificate is checked.
 enum Trust {
@@ -196,7 +196,7 @@ impl Routes {
 /// addresses may do better.
 struct Failure {
     reply: Reply,
-    class: Classification,
+    class: Reason,
     try_next: bool,
 }
 
@@ -209,17 +209,14 @@ impl Smarthost {
         helo: &str,
         timeouts: Timeouts,
         source: impl Fn(IpAddr) -> Option<IpAddr>,
-    ) -> Result<SmtpClient, (Reply, Classification)> {
+    ) -> Result<SmtpClient, (Reply, Reason)> {
         if let Trust::Unusable(advice) = &self.trust {
             let text = self.explained(
                 &format!("cannot check the certificate of smarthost {}", self.host),
                 None,
                 advice,
             );
-            return Err((
-                Reply::new(451, Enhanced(4, 7, 5), text),
-                Classification::Tls,
-            ));
+            return Err((Reply::new(451, Enhanced(4, 7, 5), text), Reason::Tls));
         }
         let ips = match dns.ips(&self.host).await {
             Ok(ips) if !ips.is_empty() => ips,
@@ -235,10 +232,7 @@ impl Smarthost {
                         ),
                     ),
                 );
-                return Err((
-                    Reply::new(451, Enhanced(4, 4, 4), text),
-                    Classification::Dns,
-                ));
+                return Err((Reply::new(451, Enhanced(4, 4, 4), text), Reason::Dns));
             }
             Err(e) => {
                 return Err((
@@ -247,7 +241,7 @@ impl Smarthost {
                         Enhanced(4, 4, 3),
                         format!("smarthost {}: {e}", self.host),
                     ),
-                    Classification::Dns,
+                    Reason::Dns,
                 ));
             }
         };
@@ -277,7 +271,7 @@ impl Smarthost {
                     Enhanced(4, 4, 4),
                     format!("smarthost {} has no usable address", self.host),
                 ),
-                Classification::Network,
+                Reason::Network,
             )
         }))
     }

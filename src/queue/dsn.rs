@@ -931,7 +931,7 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
     async fn queue_sends_one_dsn_per_attempt_to_the_sender() {
         use crate::envelope::QueueId;
         use crate::queue::{AttemptResult, Queue, RcptOutcome};
-        use crate::report::{Classification, Reporter};
+        use crate::report::{Reason, Reporter};
         use std::time::Duration;
 
         let dir = tempfile::tempdir().unwrap();
@@ -967,7 +967,7 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
             index,
             result: AttemptResult::Bounced(
                 Reply::new(550, Enhanced(5, 1, 1), "user unknown"),
-                Classification::InvalidRecipient,
+                Reason::UserUnknown,
             ),
             mx: Some("mx.one.test".into()),
             tls: None,

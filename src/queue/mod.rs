@@ -22,7 +22,7 @@ use crate::clock::{rfc3339, unix_now};
 use crate::config::Config;
 pub use crate::envelope::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
 use crate::reply::{Enhanced, Reply};
-use crate::report::{Classification, Event, EventKind, Reporter};
+use crate::report::{Event, EventKind, Reason, Reporter};
 use dsn::{DsnRecipient, DsnSettings};
 use schedule::{NextStep, RetrySchedule};
 use spool::{BodyLoc, Record, Spool};
@@ -80,9 +80,9 @@ pub enum AttemptResult {
     Delivered(Reply),
     /// Try again later: a 4xx, or a local or network problem described as a
     /// 4xx reply (e.g. `451 4.4.1 connection refused by mx1...`).
-    Deferred(Reply, Classification),
+    Deferred(Reply, Reason),
     /// Give up: a 5xx from the MX, or a permanent fact such as a null MX.
-    Bounced(Reply, Classification),
+    Bounced(Reply, Reason),
     /// Not attempted (shutdown, destination limit): reschedule without
     /// counting an attempt.
     NotAttempted,
@@ -401,7 +401,8 @@ impl Queue {
             ev.attempt = Some(r.attempts);
             ev.mx = o.mx;
             ev.tls = o.tls;
-            ev.classification = class;
+            ev.classification = class.map(Reason::classification);
+            ev.reason = class.map(|r| r.as_str().to_string());
             match kind {
                 EventKind::Deferred => {
                     ev.permanent = Some(false);
@@ -875,7 +876,8 @@ impl Queue {
                     Event::for_message(EventKind::Expired, id, &entry.envelope).with_reply(&reply);
                 ev.recipient = Some(r.address.clone());
                 ev.attempt = Some(r.attempts);
-                ev.classification = Some(Classification::Policy);
+                ev.classification = Some(Reason::Policy.classification());
+                ev.reason = Some(Reason::Policy.as_str().into());
                 ev.permanent = Some(true);
                 events.push(ev);
             }
@@ -1126,7 +1128,7 @@ mod tests {
                     index: 2,
                     result: AttemptResult::Bounced(
                         Reply::new(550, Enhanced(5, 1, 1), "no"),
-                        Classification::InvalidRecipient,
+                        Reason::UserUnknown,
                     ),
                     mx: None,
                     tls: None,
@@ -1134,10 +1136,7 @@ mod tests {
                 },
             ],
         );
-        q.complete_attempt(
-            id,
-            only(1, AttemptResult::Deferred(later, Classification::Other)),
-        );
+        q.complete_attempt(id, only(1, AttemptResult::Deferred(later, Reason::Other)));
         let view = q.get(id).unwrap();
         let st: Vec<_> = view.recipients.iter().map(|r| r.status).collect();
         assert_eq!(
@@ -1285,10 +1284,7 @@ mod tests {
             keep,
             only(
                 0,
-                AttemptResult::Deferred(
-                    Reply::new(451, Enhanced(4, 0, 0), "later"),
-                    Classification::Other,
-                ),
+                AttemptResult::Deferred(Reply::new(451, Enhanced(4, 0, 0), "later"), Reason::Other),
             ),
         );
         // Traffic after it fills several more segments and is delivered.
@@ -1340,12 +1336,8 @@ mod tests {
         let mut cfg = config(dir.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let q = Queue::open(&cfg, Reporter::discard(), tx).unwrap();
-        let later = || {
-            AttemptResult::Deferred(
-                Reply::new(451, Enhanced(4, 0, 0), "later"),
-                Classification::Other,
-            )
-        };
+        let later =
+            || AttemptResult::Deferred(Reply::new(451, Enhanced(4, 0, 0), "later"), Reason::Other);
         for _ in 0..3 {
             let id = QueueId::generate();
             q.enqueue(
@@ -1442,7 +1434,7 @@ mod tests {
                 0,
                 AttemptResult::Deferred(
                     Reply::new(451, Enhanced(4, 4, 1), "refused"),
-                    Classification::Network,
+                    Reason::Network,
                 ),
             ),
         );
@@ -1461,10 +1453,7 @@ mod tests {
     }
 
     fn deferred() -> AttemptResult {
-        AttemptResult::Deferred(
-            Reply::new(451, Enhanced(4, 0, 0), "later"),
-            Classification::Other,
-        )
+        AttemptResult::Deferred(Reply::new(451, Enhanced(4, 0, 0), "later"), Reason::Other)
     }
 
     fn delivered() -> AttemptResult {

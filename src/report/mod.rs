@@ -18,7 +18,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-pub use crate::event::{Classification, Event, EventKind, SmtpDetail};
+pub use crate::event::{Classification, Event, EventKind, Reason, SmtpDetail};
 use crate::metrics::Metrics;
 
 /// A consumer of events, registered with [`Reporter::add_sink`].

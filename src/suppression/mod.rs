@@ -42,7 +42,7 @@ use crate::clock::unix_now;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reply::{Enhanced, Reply};
-use crate::report::{Classification, Event, EventKind};
+use crate::report::{Event, EventKind, Reason};
 pub use local::LocalStore;
 
 /// The tenant key of mail relayed for a trusted network without AUTH.
@@ -193,9 +193,15 @@ impl Suppressions {
     /// complaint. Never blocks: the store writes in the background.
     pub fn observe(&self, e: &Event) {
         let source = match e.event {
+            // Only a reason that says the address cannot receive mail: a
+            // blocklisted IP, a full mailbox or an SPF failure says nothing
+            // about the address.
             EventKind::Bounced
-                if e.classification == Some(Classification::InvalidRecipient)
-                    && e.permanent != Some(false) =>
+                if e.permanent == Some(true)
+                    && e.reason
+                        .as_deref()
+                        .and_then(Reason::parse)
+                        .is_some_and(Reason::may_suppress) =>
             {
                 Source::Bounce
             }
@@ -462,7 +468,7 @@ mod tests {
         .unwrap()
     }
 
-    fn bounce(tenant: Option<&str>, rcpt: &str, class: Classification) -> Event {
+    fn bounce(tenant: Option<&str>, rcpt: &str, reason: Reason) -> Event {
         let mut e = Event::new(EventKind::Bounced, "billing@acme.test");
         e.queue_id = Some(QueueId(7));
         e.tenant = tenant.map(str::to_string);
@@ -472,7 +478,8 @@ mod tests {
             enhanced: Some("5.1.1".into()),
             text: "user\r\nunknown".into(),
         });
-        e.classification = Some(class);
+        e.classification = Some(reason.classification());
+        e.reason = Some(reason.as_str().into());
         e.permanent = Some(true);
         e
     }
@@ -516,18 +523,10 @@ mod tests {
         s.observe(&bounce(
             Some("acme"),
             "Nobody@One.test",
-            Classification::InvalidRecipient,
+            Reason::UserUnknown,
         ));
-        s.observe(&bounce(
-            Some("acme"),
-            "full@one.test",
-            Classification::MailboxFull,
-        ));
-        s.observe(&bounce(
-            None,
-            "ghost@one.test",
-            Classification::InvalidRecipient,
-        ));
+        s.observe(&bounce(Some("acme"), "full@one.test", Reason::MailboxFull));
+        s.observe(&bounce(None, "ghost@one.test", Reason::UserUnknown));
         let e = s.lookup("acme", "nobody@one.test").expect("suppressed");
         assert_eq!(e.source, Source::Bounce);
         assert_eq!(e.reason, "550 5.1.1 user unknown");
@@ -540,7 +539,7 @@ mod tests {
         assert!(s.lookup(NO_TENANT, "ghost@one.test").is_some());
         assert!(s.lookup("acme", "ghost@one.test").is_none());
         // A deferral or a delivery adds nothing.
-        let mut d = bounce(Some("acme"), "x@one.test", Classification::InvalidRecipient);
+        let mut d = bounce(Some("acme"), "x@one.test", Reason::UserUnknown);
         d.event = EventKind::Deferred;
         d.permanent = Some(false);
         s.observe(&d);
@@ -556,11 +555,7 @@ mod tests {
         s.observe(&c);
         let first = s.lookup("acme", "angry@one.test").unwrap();
         assert_eq!(first.source, Source::Complaint);
-        s.observe(&bounce(
-            Some("acme"),
-            "angry@one.test",
-            Classification::InvalidRecipient,
-        ));
+        s.observe(&bounce(Some("acme"), "angry@one.test", Reason::UserUnknown));
         assert_eq!(s.lookup("acme", "angry@one.test").unwrap(), first);
     }
 
