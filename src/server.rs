@@ -145,7 +145,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         };
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
-    let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;
+    let queue = Queue::open_with_dkim(&config, reporter.clone(), jobs_tx, dkim.clone())?;
     let stop_delivering = CancellationToken::new();
     let scheduler_task = tokio::spawn(queue.clone().run_scheduler(stop_delivering.clone()));
     let deliver_task = deliver::start_with_control(

@@ -2,16 +2,22 @@
 //! MX (a mailin sink on 127.0.0.2) refuses or defers, and herald mails a DSN
 //! with the null sender to the sender's own MX — a small tokio sink on
 //! 127.0.0.3 written here, because the mailin sink answers `MAIL FROM:<>`
-//! with 500. The DSN is parsed back with mail-parser.
+//! with 500. The DSN is parsed back with mail-parser, and its DKIM
+//! signature verified with mail-auth against the test DNS.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone};
+use common::dns::{TestDns, Zone, resolver_config};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
 use common::relay::{Setup, TestRelay, field, queue_id};
+use herald::config::DkimAlgorithm;
+use herald::policy::dkim;
+use mail_auth::hickory_resolver::config::ResolverOpts;
+use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
@@ -138,22 +144,35 @@ async fn session(
 }
 
 struct World {
-    _dns: TestDns,
+    dns: TestDns,
     mx: MxSink,
     sender_mx: NullSenderSink,
     relay: TestRelay,
+}
+
+/// one.test's MX (the mailin sink) on 127.0.0.2; acme.test's (the sender's)
+/// and two.test's on 127.0.0.3.
+fn zone() -> Zone {
+    Zone::new("test.")
+        .mx("one.test", 10, "mx.one.test")
+        .a("mx.one.test", ip(2))
+        .mx("acme.test", 10, "mx.acme.test")
+        .mx("two.test", 10, "mx.acme.test")
+        .a("mx.acme.test", ip(3))
 }
 
 async fn world(
     policy: impl Fn(&str, u32) -> SinkReply + Send + Sync + 'static,
     tweak: impl FnOnce(&mut Setup),
 ) -> World {
-    let zone = Zone::new("test.")
-        .mx("one.test", 10, "mx.one.test")
-        .a("mx.one.test", ip(2))
-        .mx("acme.test", 10, "mx.acme.test")
-        .mx("two.test", 10, "mx.acme.test")
-        .a("mx.acme.test", ip(3));
+    world_in(zone(), policy, tweak).await
+}
+
+async fn world_in(
+    zone: Zone,
+    policy: impl Fn(&str, u32) -> SinkReply + Send + Sync + 'static,
+    tweak: impl FnOnce(&mut Setup),
+) -> World {
     let dns = TestDns::start(zone).await;
     let (port, mut listeners) = reserve_port(&[ip(2), ip(3)]);
     let sender_mx = NullSenderSink::start(listeners.pop().unwrap());
@@ -162,11 +181,57 @@ async fn world(
     tweak(&mut setup);
     let relay = TestRelay::start(setup).await;
     World {
-        _dns: dns,
+        dns,
         mx,
         sender_mx,
         relay,
     }
+}
+
+/// A DKIM key for herald's own domain (`relay.test`, the DSNs' From:
+/// domain): its `[[dkim]]` section and the zone publishing it.
+struct RelayKey {
+    _dir: tempfile::TempDir,
+    section: String,
+    zone: Zone,
+}
+
+fn relay_key() -> RelayKey {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dkim::generate(DkimAlgorithm::RsaSha256, 2048).expect("key generation");
+    let path = dir.path().join("relay.test.key");
+    dkim::write_key_file(&path, &key.pem).expect("write key");
+    RelayKey {
+        section: format!(
+            "[[dkim]]\ndomain = \"relay.test\"\nselector = \"dsn1\"\n\
+             algorithm = \"rsa-sha256\"\nkey = \"{}\"\n",
+            path.display()
+        ),
+        zone: zone().txt("dsn1._domainkey.relay.test", &key.txt_record()),
+        _dir: dir,
+    }
+}
+
+/// Every DKIM signature of `message` as mail-auth verifies it against the
+/// test DNS: (d=, s=, result).
+async fn dkim_results(dns: SocketAddr, message: &[u8]) -> Vec<(String, String, DkimResult)> {
+    let mut opts = ResolverOpts::default();
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 1;
+    let auth = MessageAuthenticator::new(resolver_config(dns), opts).expect("verifier");
+    let parsed = AuthenticatedMessage::parse(message).expect("message parses");
+    auth.verify_dkim(&parsed)
+        .await
+        .into_iter()
+        .map(|o| {
+            let sig = o.signature().expect("a signature");
+            (sig.d.clone(), sig.s.clone(), o.result().clone())
+        })
+        .collect()
+}
+
+fn signed_by_relay(results: &[(String, String, DkimResult)]) -> bool {
+    matches!(results, [(d, s, DkimResult::Pass)] if d == "relay.test" && s == "dsn1")
 }
 
 fn invoice(to: &str) -> Vec<u8> {
@@ -494,4 +559,33 @@ async fn expiry_sends_a_failed_dsn_and_delay_one_delayed() {
     let failed = String::from_utf8_lossy(&got[1].data).to_string();
     assert!(failed.contains("451 4.2.1 mailbox busy"), "{failed}");
     assert_eq!(w.sender_mx.messages().len(), 2, "one delayed report only");
+}
+
+/// A DSN is DKIM-signed like relayed mail: with the key of its From:
+/// domain (herald's hostname), and it verifies against the key in DNS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dsn_is_dkim_signed_with_its_from_domains_key() {
+    let key = relay_key();
+    let w = world_in(
+        key.zone.clone(),
+        |_, _| SinkReply::Reply(550, "5.1.1 user unknown"),
+        |s| s.extra = key.section.clone(),
+    )
+    .await;
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<gone@one.test>",
+        "gone@one.test",
+    )
+    .await;
+    let got = w.sender_mx.wait_for(1, WAIT).await;
+    assert_eq!(got[0].from, "", "a DSN: {:?}", got[0]);
+    let msg = MessageParser::default().parse(&got[0].data[..]).unwrap();
+    assert_eq!(
+        msg.from().and_then(|f| f.first()).and_then(|a| a.address()),
+        Some("MAILER-DAEMON@relay.test")
+    );
+    let results = dkim_results(w.dns.addr, &got[0].data).await;
+    assert!(signed_by_relay(&results), "{results:?}");
 }

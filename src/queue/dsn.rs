@@ -3,9 +3,10 @@
 //!
 //! [`build`] is a pure function from the original envelope, the recipients
 //! to report on and the original message to the bytes of one DSN; the queue
-//! decides when one is due ([`wanted`], [`DsnSettings`]) and enqueues the
-//! result with the null sender, so a DSN is spooled and retried like any
-//! other message and is itself never bounced.
+//! decides when one is due ([`wanted`], [`DsnSettings`]), DKIM-signs it
+//! with the keys its From: domain picks (as for submitted mail) and
+//! enqueues the result with the null sender, so a DSN is spooled and
+//! retried like any other message and is itself never bounced.
 //!
 //! The multipart is written by hand rather than with mail-builder: it is
 //! three fixed parts, and writing it here keeps it deterministic (boundary
