@@ -3,7 +3,8 @@
 //! with the null sender to the sender's own MX — a small tokio sink on
 //! 127.0.0.3 written here, because the mailin sink answers `MAIL FROM:<>`
 //! with 500. The DSN is parsed back with mail-parser, and its DKIM
-//! signature verified with mail-auth against the test DNS.
+//! signature verified with mail-auth against the test DNS. A late bounce
+//! posted to the bounce listener (VERP on) makes a DSN the same way.
 
 mod common;
 
@@ -588,4 +589,159 @@ async fn the_dsn_is_dkim_signed_with_its_from_domains_key() {
     );
     let results = dkim_results(w.dns.addr, &got[0].data).await;
     assert!(signed_by_relay(&results), "{results:?}");
+}
+
+/// A Postfix-style RFC 3464 report to `return_path` about `to`.
+fn late_report(return_path: &str, to: &str, action: &str, status: &str, diag: &str) -> Vec<u8> {
+    format!(
+        "From: MAILER-DAEMON@mx.one.test (Mail Delivery System)\r\n\
+         To: {return_path}\r\n\
+         Subject: Mail delivery report\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: text/plain\r\n\
+         \r\n\
+         A report about your message.\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; mx.one.test\r\n\
+         \r\n\
+         Final-Recipient: rfc822; {to}\r\n\
+         Action: {action}\r\n\
+         Status: {status}\r\n\
+         Remote-MTA: dns; store.one.test\r\n\
+         Diagnostic-Code: smtp; {diag}\r\n\
+         \r\n\
+         --B1--\r\n"
+    )
+    .into_bytes()
+}
+
+/// With VERP a late bounce comes back to herald, not to the app: herald
+/// tells the original sender in a DSN of its own (signed, saying what the
+/// report said), once per recipient however often the report comes, and
+/// not for a delay warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_bounce_reaches_the_original_sender_as_a_dsn() {
+    common::within(Duration::from_secs(90), "late bounce to DSN", async {
+        let key = relay_key();
+        let w = world_in(
+            key.zone.clone(),
+            |_, _| SinkReply::Accept,
+            |s| {
+                s.extra = format!(
+                    "{}[bounces]\n\
+                     return_path_domain = \"bounces.relay.test\"\n\
+                     verp_secret = \"bounce-test-secret-0123456789\"\n\
+                     listener = \"127.0.0.1:0\"\n",
+                    key.section
+                )
+            },
+        )
+        .await;
+        let id = submit(
+            &w.relay,
+            "MAIL FROM:<billing@acme.test>",
+            "RCPT TO:<gone@one.test>",
+            "gone@one.test",
+        )
+        .await;
+        let other = submit(
+            &w.relay,
+            "MAIL FROM:<billing@acme.test>",
+            "RCPT TO:<left@one.test>",
+            "left@one.test",
+        )
+        .await;
+        let got = tokio::task::block_in_place(|| w.mx.wait_for_messages(2, WAIT));
+        let return_path = |to: &str| {
+            let m = got.iter().find(|m| m.rcpts == [to]).expect("delivered");
+            assert!(m.from.starts_with("bounces+"), "{m:?}");
+            m.from.clone()
+        };
+        let (gone_rp, left_rp) = (return_path("gone@one.test"), return_path("left@one.test"));
+        w.relay
+            .wait_events("both delivered", 2, WAIT, |e| {
+                field(e, "event") == "delivered"
+            })
+            .await;
+
+        let bounce_listener = *w.relay.running().smtp_addrs.last().unwrap();
+        let mut c = common::smtp::TestClient::connect(bounce_listener).await;
+        c.ehlo("mx.one.test").await.assert_code(250);
+        let failed = late_report(
+            &gone_rp,
+            "gone@one.test",
+            "failed",
+            "5.1.1",
+            "550 5.1.1 <gone@one.test>: Recipient address rejected: User unknown",
+        );
+        for (rcpt, body) in [
+            (
+                &gone_rp,
+                late_report(
+                    &gone_rp,
+                    "gone@one.test",
+                    "delayed",
+                    "4.2.2",
+                    "452 4.2.2 mailbox full",
+                ),
+            ),
+            (&gone_rp, failed.clone()),
+            (&gone_rp, failed),
+            (
+                &left_rp,
+                late_report(
+                    &left_rp,
+                    "left@one.test",
+                    "failed",
+                    "5.2.1",
+                    "550 5.2.1 mailbox disabled",
+                ),
+            ),
+        ] {
+            c.cmd("MAIL FROM:<>").await.assert_code(250);
+            c.cmd(&format!("RCPT TO:<{rcpt}>")).await.assert_code(250);
+            c.data(&body).await.assert_code(250);
+        }
+        let _ = c.cmd("QUIT").await;
+
+        let got = w.sender_mx.wait_for(2, WAIT).await;
+        // Every DSN queued by then has been delivered too.
+        w.relay.wait_queue_empty(WAIT).await;
+        let all = w.sender_mx.messages();
+        assert_eq!(all.len(), 2, "one DSN per failed recipient: {all:?}");
+        let about = |who: &str| {
+            got.iter()
+                .find(|g| String::from_utf8_lossy(&g.data).contains(who))
+                .unwrap_or_else(|| panic!("a DSN about {who}: {got:?}"))
+        };
+        let dsn = about("gone@one.test");
+        assert_eq!(dsn.from, "", "a DSN has the null sender");
+        assert_eq!(dsn.rcpts, ["billing@acme.test"], "the original sender");
+        let blocks = status_blocks(&dsn.data);
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        assert_eq!(get(&blocks[0], "x-herald-queue-id"), id);
+        let r = &blocks[1];
+        assert_eq!(get(r, "final-recipient"), "rfc822; gone@one.test");
+        assert_eq!(get(r, "action"), "failed");
+        assert_eq!(get(r, "status"), "5.1.1");
+        assert_eq!(get(r, "remote-mta"), "dns; store.one.test");
+        assert!(
+            get(r, "diagnostic-code").starts_with("smtp; 550 5.1.1"),
+            "{r:?}"
+        );
+        let results = dkim_results(w.dns.addr, &dsn.data).await;
+        assert!(signed_by_relay(&results), "{results:?}");
+
+        let blocks = status_blocks(&about("left@one.test").data);
+        assert_eq!(get(&blocks[0], "x-herald-queue-id"), other);
+        assert_eq!(get(&blocks[1], "status"), "5.2.1");
+    })
+    .await;
 }

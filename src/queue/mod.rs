@@ -531,6 +531,46 @@ impl Queue {
         });
     }
 
+    /// A failure reported after delivery by a late bounce to the VERP
+    /// return path: that report came to herald, so the message's sender
+    /// hears of it only through a DSN from herald, sent under the rules of
+    /// [`dsn::late_failure`] and at most once per recipient (while the
+    /// history remembers it). The original goes along while the message is
+    /// still queued; after that the report stands alone (RFC 6522 §3).
+    /// Returns whether a DSN was queued.
+    pub fn report_late_failure(
+        &self,
+        id: QueueId,
+        index: usize,
+        reply: Reply,
+        remote_mta: Option<String>,
+    ) -> bool {
+        let Some(settings) = &self.dsn else {
+            return false;
+        };
+        let Some(m) = self.find(id) else {
+            return false;
+        };
+        let Some(report) = m.recipients.get(index).and_then(|r| {
+            dsn::late_failure(settings, &m.envelope, r, reply, remote_mta, unix_now())
+        }) else {
+            return false;
+        };
+        if !self.history.first_report(id, index, history::LATE_DSN) {
+            return false;
+        }
+        let loc = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let loc = inner.messages.get(&id).map(|e| e.body);
+            if let Some(loc) = &loc {
+                *inner.live.entry(loc.segment).or_default() += 1;
+            }
+            loc
+        };
+        self.send_dsn(id, Arc::new(m.envelope), loc, vec![report]);
+        true
+    }
+
     /// Releases a segment pinned by [`Queue::send_dsn`]'s caller.
     fn unpin(&self, segment: u64) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
