@@ -21,6 +21,29 @@ use crate::report::Reporter;
 use crate::suppression::Suppressions;
 use crate::{deliver, tls};
 
+/// Log directive for rustls's SNI warnings: rustls warns about every
+/// ClientHello whose SNI is an IP address (RFC 6066 §3 allows only host
+/// names, yet clients connecting by IP send one) and then ignores it; the
+/// other warnings there (a duplicate or malformed name) end in a refused
+/// handshake herald sees anyway. A client's doing, one line per connection,
+/// nothing for the operator to act on.
+const QUIET_SNI: &str = "rustls::msgs::handshake=error";
+
+/// The filter of herald's log: `rust_log` (the `RUST_LOG` variable) when it
+/// is set and valid, else `info`; rustls's SNI warnings left out unless
+/// `rust_log` names rustls itself.
+pub fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let filter = rust_log
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    if rust_log.is_some_and(|s| s.contains("rustls")) {
+        filter
+    } else {
+        filter.add_directive(QUIET_SNI.parse().expect("a valid directive"))
+    }
+}
+
 /// A running relay.
 pub struct Running {
     /// Bound submission addresses, in `[[listener]]` order.
@@ -145,7 +168,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         };
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
-    let queue = Queue::open(&config, reporter.clone(), jobs_tx)?;
+    let queue = Queue::open_with_dkim(&config, reporter.clone(), jobs_tx, dkim.clone())?;
     let stop_delivering = CancellationToken::new();
     let scheduler_task = tokio::spawn(queue.clone().run_scheduler(stop_delivering.clone()));
     let deliver_task = deliver::start_with_control(

@@ -211,9 +211,57 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     Ok(())
 }
 
+/// The IANA name of a cipher suite (`TLS_AES_256_GCM_SHA384`,
+/// `TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256`), the name other MTAs and log
+/// readers know. rustls's own names are IANA's for TLS 1.2 but
+/// `TLS13_...` for the five TLS 1.3 suites (RFC 8446 §B.4), so those are
+/// mapped here; a suite rustls has no name for is its code point.
+pub fn cipher_name(suite: rustls::CipherSuite) -> String {
+    use rustls::CipherSuite as S;
+    let name = match suite {
+        S::TLS13_AES_128_GCM_SHA256 => Some("TLS_AES_128_GCM_SHA256"),
+        S::TLS13_AES_256_GCM_SHA384 => Some("TLS_AES_256_GCM_SHA384"),
+        S::TLS13_CHACHA20_POLY1305_SHA256 => Some("TLS_CHACHA20_POLY1305_SHA256"),
+        S::TLS13_AES_128_CCM_SHA256 => Some("TLS_AES_128_CCM_SHA256"),
+        S::TLS13_AES_128_CCM_8_SHA256 => Some("TLS_AES_128_CCM_8_SHA256"),
+        other => other.as_str(),
+    };
+    match name {
+        Some(n) => n.to_string(),
+        None => format!("0x{:04X}", u16::from(suite)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every suite herald's rustls can negotiate has its IANA name.
+    #[test]
+    fn cipher_suites_are_named_as_iana_does() {
+        use rustls::CipherSuite as S;
+        assert_eq!(
+            cipher_name(S::TLS13_AES_256_GCM_SHA384),
+            "TLS_AES_256_GCM_SHA384"
+        );
+        assert_eq!(
+            cipher_name(S::TLS13_CHACHA20_POLY1305_SHA256),
+            "TLS_CHACHA20_POLY1305_SHA256"
+        );
+        assert_eq!(
+            cipher_name(S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
+        );
+        assert_eq!(cipher_name(S::from(0x0a0a)), "0x0A0A");
+        for s in rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES {
+            let name = cipher_name(s.suite());
+            assert!(
+                name.starts_with("TLS_") && !name.starts_with("TLS13_"),
+                "{:?} is named {name}",
+                s.suite()
+            );
+        }
+    }
 
     fn err(r: Result<TlsAcceptor, TlsError>) -> TlsError {
         match r {

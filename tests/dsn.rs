@@ -2,16 +2,23 @@
 //! MX (a mailin sink on 127.0.0.2) refuses or defers, and herald mails a DSN
 //! with the null sender to the sender's own MX — a small tokio sink on
 //! 127.0.0.3 written here, because the mailin sink answers `MAIL FROM:<>`
-//! with 500. The DSN is parsed back with mail-parser.
+//! with 500. The DSN is parsed back with mail-parser, and its DKIM
+//! signature verified with mail-auth against the test DNS. A late bounce
+//! posted to the bounce listener (VERP on) makes a DSN the same way.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone};
+use common::dns::{TestDns, Zone, resolver_config};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
 use common::relay::{Setup, TestRelay, field, queue_id};
+use herald::config::DkimAlgorithm;
+use herald::policy::dkim;
+use mail_auth::hickory_resolver::config::ResolverOpts;
+use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
@@ -138,22 +145,35 @@ async fn session(
 }
 
 struct World {
-    _dns: TestDns,
+    dns: TestDns,
     mx: MxSink,
     sender_mx: NullSenderSink,
     relay: TestRelay,
+}
+
+/// one.test's MX (the mailin sink) on 127.0.0.2; acme.test's (the sender's)
+/// and two.test's on 127.0.0.3.
+fn zone() -> Zone {
+    Zone::new("test.")
+        .mx("one.test", 10, "mx.one.test")
+        .a("mx.one.test", ip(2))
+        .mx("acme.test", 10, "mx.acme.test")
+        .mx("two.test", 10, "mx.acme.test")
+        .a("mx.acme.test", ip(3))
 }
 
 async fn world(
     policy: impl Fn(&str, u32) -> SinkReply + Send + Sync + 'static,
     tweak: impl FnOnce(&mut Setup),
 ) -> World {
-    let zone = Zone::new("test.")
-        .mx("one.test", 10, "mx.one.test")
-        .a("mx.one.test", ip(2))
-        .mx("acme.test", 10, "mx.acme.test")
-        .mx("two.test", 10, "mx.acme.test")
-        .a("mx.acme.test", ip(3));
+    world_in(zone(), policy, tweak).await
+}
+
+async fn world_in(
+    zone: Zone,
+    policy: impl Fn(&str, u32) -> SinkReply + Send + Sync + 'static,
+    tweak: impl FnOnce(&mut Setup),
+) -> World {
     let dns = TestDns::start(zone).await;
     let (port, mut listeners) = reserve_port(&[ip(2), ip(3)]);
     let sender_mx = NullSenderSink::start(listeners.pop().unwrap());
@@ -162,11 +182,57 @@ async fn world(
     tweak(&mut setup);
     let relay = TestRelay::start(setup).await;
     World {
-        _dns: dns,
+        dns,
         mx,
         sender_mx,
         relay,
     }
+}
+
+/// A DKIM key for herald's own domain (`relay.test`, the DSNs' From:
+/// domain): its `[[dkim]]` section and the zone publishing it.
+struct RelayKey {
+    _dir: tempfile::TempDir,
+    section: String,
+    zone: Zone,
+}
+
+fn relay_key() -> RelayKey {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dkim::generate(DkimAlgorithm::RsaSha256, 2048).expect("key generation");
+    let path = dir.path().join("relay.test.key");
+    dkim::write_key_file(&path, &key.pem).expect("write key");
+    RelayKey {
+        section: format!(
+            "[[dkim]]\ndomain = \"relay.test\"\nselector = \"dsn1\"\n\
+             algorithm = \"rsa-sha256\"\nkey = \"{}\"\n",
+            path.display()
+        ),
+        zone: zone().txt("dsn1._domainkey.relay.test", &key.txt_record()),
+        _dir: dir,
+    }
+}
+
+/// Every DKIM signature of `message` as mail-auth verifies it against the
+/// test DNS: (d=, s=, result).
+async fn dkim_results(dns: SocketAddr, message: &[u8]) -> Vec<(String, String, DkimResult)> {
+    let mut opts = ResolverOpts::default();
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 1;
+    let auth = MessageAuthenticator::new(resolver_config(dns), opts).expect("verifier");
+    let parsed = AuthenticatedMessage::parse(message).expect("message parses");
+    auth.verify_dkim(&parsed)
+        .await
+        .into_iter()
+        .map(|o| {
+            let sig = o.signature().expect("a signature");
+            (sig.d.clone(), sig.s.clone(), o.result().clone())
+        })
+        .collect()
+}
+
+fn signed_by_relay(results: &[(String, String, DkimResult)]) -> bool {
+    matches!(results, [(d, s, DkimResult::Pass)] if d == "relay.test" && s == "dsn1")
 }
 
 fn invoice(to: &str) -> Vec<u8> {
@@ -494,4 +560,188 @@ async fn expiry_sends_a_failed_dsn_and_delay_one_delayed() {
     let failed = String::from_utf8_lossy(&got[1].data).to_string();
     assert!(failed.contains("451 4.2.1 mailbox busy"), "{failed}");
     assert_eq!(w.sender_mx.messages().len(), 2, "one delayed report only");
+}
+
+/// A DSN is DKIM-signed like relayed mail: with the key of its From:
+/// domain (herald's hostname), and it verifies against the key in DNS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dsn_is_dkim_signed_with_its_from_domains_key() {
+    let key = relay_key();
+    let w = world_in(
+        key.zone.clone(),
+        |_, _| SinkReply::Reply(550, "5.1.1 user unknown"),
+        |s| s.extra = key.section.clone(),
+    )
+    .await;
+    submit(
+        &w.relay,
+        "MAIL FROM:<billing@acme.test>",
+        "RCPT TO:<gone@one.test>",
+        "gone@one.test",
+    )
+    .await;
+    let got = w.sender_mx.wait_for(1, WAIT).await;
+    assert_eq!(got[0].from, "", "a DSN: {:?}", got[0]);
+    let msg = MessageParser::default().parse(&got[0].data[..]).unwrap();
+    assert_eq!(
+        msg.from().and_then(|f| f.first()).and_then(|a| a.address()),
+        Some("MAILER-DAEMON@relay.test")
+    );
+    let results = dkim_results(w.dns.addr, &got[0].data).await;
+    assert!(signed_by_relay(&results), "{results:?}");
+}
+
+/// A Postfix-style RFC 3464 report to `return_path` about `to`.
+fn late_report(return_path: &str, to: &str, action: &str, status: &str, diag: &str) -> Vec<u8> {
+    format!(
+        "From: MAILER-DAEMON@mx.one.test (Mail Delivery System)\r\n\
+         To: {return_path}\r\n\
+         Subject: Mail delivery report\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: text/plain\r\n\
+         \r\n\
+         A report about your message.\r\n\
+         \r\n\
+         --B1\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; mx.one.test\r\n\
+         \r\n\
+         Final-Recipient: rfc822; {to}\r\n\
+         Action: {action}\r\n\
+         Status: {status}\r\n\
+         Remote-MTA: dns; store.one.test\r\n\
+         Diagnostic-Code: smtp; {diag}\r\n\
+         \r\n\
+         --B1--\r\n"
+    )
+    .into_bytes()
+}
+
+/// With VERP a late bounce comes back to herald, not to the app: herald
+/// tells the original sender in a DSN of its own (signed, saying what the
+/// report said), once per recipient however often the report comes, and
+/// not for a delay warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_bounce_reaches_the_original_sender_as_a_dsn() {
+    common::within(Duration::from_secs(90), "late bounce to DSN", async {
+        let key = relay_key();
+        let w = world_in(
+            key.zone.clone(),
+            |_, _| SinkReply::Accept,
+            |s| {
+                s.extra = format!(
+                    "{}[bounces]\n\
+                     return_path_domain = \"bounces.relay.test\"\n\
+                     verp_secret = \"bounce-test-secret-0123456789\"\n\
+                     listener = \"127.0.0.1:0\"\n",
+                    key.section
+                )
+            },
+        )
+        .await;
+        let id = submit(
+            &w.relay,
+            "MAIL FROM:<billing@acme.test>",
+            "RCPT TO:<gone@one.test>",
+            "gone@one.test",
+        )
+        .await;
+        let other = submit(
+            &w.relay,
+            "MAIL FROM:<billing@acme.test>",
+            "RCPT TO:<left@one.test>",
+            "left@one.test",
+        )
+        .await;
+        let got = tokio::task::block_in_place(|| w.mx.wait_for_messages(2, WAIT));
+        let return_path = |to: &str| {
+            let m = got.iter().find(|m| m.rcpts == [to]).expect("delivered");
+            assert!(m.from.starts_with("bounces+"), "{m:?}");
+            m.from.clone()
+        };
+        let (gone_rp, left_rp) = (return_path("gone@one.test"), return_path("left@one.test"));
+        w.relay
+            .wait_events("both delivered", 2, WAIT, |e| {
+                field(e, "event") == "delivered"
+            })
+            .await;
+
+        let bounce_listener = *w.relay.running().smtp_addrs.last().unwrap();
+        let mut c = common::smtp::TestClient::connect(bounce_listener).await;
+        c.ehlo("mx.one.test").await.assert_code(250);
+        let failed = late_report(
+            &gone_rp,
+            "gone@one.test",
+            "failed",
+            "5.1.1",
+            "550 5.1.1 <gone@one.test>: Recipient address rejected: User unknown",
+        );
+        for (rcpt, body) in [
+            (
+                &gone_rp,
+                late_report(
+                    &gone_rp,
+                    "gone@one.test",
+                    "delayed",
+                    "4.2.2",
+                    "452 4.2.2 mailbox full",
+                ),
+            ),
+            (&gone_rp, failed.clone()),
+            (&gone_rp, failed),
+            (
+                &left_rp,
+                late_report(
+                    &left_rp,
+                    "left@one.test",
+                    "failed",
+                    "5.2.1",
+                    "550 5.2.1 mailbox disabled",
+                ),
+            ),
+        ] {
+            c.cmd("MAIL FROM:<>").await.assert_code(250);
+            c.cmd(&format!("RCPT TO:<{rcpt}>")).await.assert_code(250);
+            c.data(&body).await.assert_code(250);
+        }
+        let _ = c.cmd("QUIT").await;
+
+        let got = w.sender_mx.wait_for(2, WAIT).await;
+        // Every DSN queued by then has been delivered too.
+        w.relay.wait_queue_empty(WAIT).await;
+        let all = w.sender_mx.messages();
+        assert_eq!(all.len(), 2, "one DSN per failed recipient: {all:?}");
+        let about = |who: &str| {
+            got.iter()
+                .find(|g| String::from_utf8_lossy(&g.data).contains(who))
+                .unwrap_or_else(|| panic!("a DSN about {who}: {got:?}"))
+        };
+        let dsn = about("gone@one.test");
+        assert_eq!(dsn.from, "", "a DSN has the null sender");
+        assert_eq!(dsn.rcpts, ["billing@acme.test"], "the original sender");
+        let blocks = status_blocks(&dsn.data);
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        assert_eq!(get(&blocks[0], "x-herald-queue-id"), id);
+        let r = &blocks[1];
+        assert_eq!(get(r, "final-recipient"), "rfc822; gone@one.test");
+        assert_eq!(get(r, "action"), "failed");
+        assert_eq!(get(r, "status"), "5.1.1");
+        assert_eq!(get(r, "remote-mta"), "dns; store.one.test");
+        assert!(
+            get(r, "diagnostic-code").starts_with("smtp; 550 5.1.1"),
+            "{r:?}"
+        );
+        let results = dkim_results(w.dns.addr, &dsn.data).await;
+        assert!(signed_by_relay(&results), "{results:?}");
+
+        let blocks = status_blocks(&about("left@one.test").data);
+        assert_eq!(get(&blocks[0], "x-herald-queue-id"), other);
+        assert_eq!(get(&blocks[1], "status"), "5.2.1");
+    })
+    .await;
 }

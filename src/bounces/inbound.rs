@@ -63,11 +63,29 @@ pub fn ingest(
                 recipient = e.recipient.as_deref().unwrap_or(""),
                 "late report"
             );
+            late_dsn(queue, id, index, &e);
             reporter.emit(e);
             emitted += 1;
         }
     }
     emitted
+}
+
+/// A late failure also goes to the message's sender as a DSN (when DSNs
+/// apply to it): with VERP the report came to herald, not to them. A delay
+/// warning does not.
+fn late_dsn(queue: &Queue, id: QueueId, index: usize, e: &Event) {
+    let (EventKind::Bounced, Some(smtp)) = (e.event, &e.smtp) else {
+        return;
+    };
+    let reply = Reply {
+        code: smtp.code,
+        enhanced: smtp.enhanced.as_deref().and_then(Enhanced::parse),
+        text: smtp.text.clone(),
+    };
+    if queue.report_late_failure(id, index, reply, e.mx.clone()) {
+        tracing::info!(queue_id = %id, "late failure reported to the sender in a DSN");
+    }
 }
 
 /// The (message, recipient) pairs a report is about: the VERP addresses it

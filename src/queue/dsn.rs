@@ -3,9 +3,10 @@
 //!
 //! [`build`] is a pure function from the original envelope, the recipients
 //! to report on and the original message to the bytes of one DSN; the queue
-//! decides when one is due ([`wanted`], [`DsnSettings`]) and enqueues the
-//! result with the null sender, so a DSN is spooled and retried like any
-//! other message and is itself never bounced.
+//! decides when one is due ([`wanted`], [`DsnSettings`]), DKIM-signs it
+//! with the keys its From: domain picks (as for submitted mail) and
+//! enqueues the result with the null sender, so a DSN is spooled and
+//! retried like any other message and is itself never bounced.
 //!
 //! The multipart is written by hand rather than with mail-builder: it is
 //! three fixed parts, and writing it here keeps it deterministic (boundary
@@ -25,7 +26,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use crate::config::Config;
-use crate::envelope::{Envelope, Notify, Recipient, Ret};
+use crate::envelope::{Envelope, Notify, RcptStatus, Recipient, Ret};
 use crate::event::EventKind;
 use crate::reply::Reply;
 
@@ -158,6 +159,33 @@ pub fn on_outcome(
         last_attempt: now,
         will_retry_until: (action == Action::Delayed)
             .then(|| env.received_at.saturating_add(settings.lifetime)),
+    })
+}
+
+/// A failure reported after herald handed the message on (a late bounce
+/// to the VERP return path, which the sender never sees): the recipient to
+/// put in a DSN, under the rules of herald's own failures (see
+/// [`DsnSettings::applies_to`] and [`wanted`]). Only for a recipient herald
+/// counted as delivered: a failure herald saw itself was reported then.
+pub fn late_failure(
+    settings: &DsnSettings,
+    env: &Envelope,
+    r: &Recipient,
+    reply: Reply,
+    remote_mta: Option<String>,
+    now: u64,
+) -> Option<DsnRecipient> {
+    let ok = r.status == RcptStatus::Delivered
+        && wanted(r.notify, Action::Failed)
+        && settings.applies_to(env);
+    ok.then(|| DsnRecipient {
+        address: r.address.clone(),
+        orcpt: r.orcpt.clone(),
+        action: Action::Failed,
+        reply: Some(reply),
+        remote_mta,
+        last_attempt: now,
+        will_retry_until: None,
     })
 }
 
@@ -904,6 +932,50 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
         )
         .unwrap();
         assert!(DsnSettings::from_config(&off).is_none());
+    }
+
+    /// A late failure is reported for a delivered recipient that wants
+    /// failure reports, of a message that may cause DSNs; never otherwise.
+    #[test]
+    fn late_failures_follow_the_rules_of_herald_s_own() {
+        let cfg = Config::from_toml_str("[[listener]]\naddress = \"127.0.0.1:2587\"\n").unwrap();
+        let mut s = DsnSettings::from_config(&cfg).unwrap();
+        let env = envelope();
+        let mut r = Recipient::new("bob@one.test".into());
+        r.orcpt = Some("rfc822;Bob@one.test".into());
+        r.status = RcptStatus::Delivered;
+        let reply = Reply::new(550, Enhanced(5, 1, 1), "user unknown");
+        let late = |s: &DsnSettings, env: &Envelope, r: &Recipient| {
+            late_failure(s, env, r, reply.clone(), Some("mx.one.test".into()), DATE)
+        };
+        let x = late(&s, &env, &r).expect("reported");
+        assert_eq!(x.action, Action::Failed);
+        assert_eq!(status(&x), "5.1.1");
+        assert_eq!(x.orcpt.as_deref(), Some("rfc822;Bob@one.test"));
+        assert_eq!(x.remote_mta.as_deref(), Some("mx.one.test"));
+        assert_eq!(x.will_retry_until, None);
+
+        for status in [
+            RcptStatus::Pending,
+            RcptStatus::Deferred,
+            RcptStatus::Bounced,
+        ] {
+            let r = Recipient {
+                status,
+                ..r.clone()
+            };
+            assert!(late(&s, &env, &r).is_none(), "{status:?}");
+        }
+        let mut never = r.clone();
+        never.notify.never = true;
+        assert!(late(&s, &env, &never).is_none(), "NOTIFY=NEVER");
+        let null = Envelope {
+            sender: String::new(),
+            ..envelope()
+        };
+        assert!(late(&s, &null, &r).is_none(), "a bounce is never bounced");
+        s.tenants_off.insert("acme".into());
+        assert!(late(&s, &env, &r).is_none(), "tenant with DSNs off");
     }
 
     #[test]

@@ -67,6 +67,11 @@ struct Inner {
     reports_order: VecDeque<(QueueId, usize, u8)>,
 }
 
+/// The `kind` under which [`History::first_report`] remembers that a late
+/// failure of a recipient was reported to the sender in a DSN (apart from
+/// the kinds of the events a late report causes).
+pub const LATE_DSN: u8 = u8::MAX;
+
 /// Late reports remembered for deduplication.
 const MAX_REPORTS: usize = 100_000;
 

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{rfc3339, unix_now};
 use crate::config::Config;
 pub use crate::envelope::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
+use crate::policy::dkim::Signer;
 use crate::reply::{Enhanced, Reply};
 use crate::report::{Event, EventKind, Reason, Reporter};
 use dsn::{DsnRecipient, DsnSettings};
@@ -127,6 +128,8 @@ pub struct Queue {
     me: std::sync::Weak<Queue>,
     /// Finished messages and the Message-ID index.
     history: history::History,
+    /// Signs the DSNs the queue writes, like any message herald sends.
+    dkim: Arc<Signer>,
 }
 
 #[derive(Default)]
@@ -180,6 +183,17 @@ impl Queue {
         config: &Config,
         reporter: Reporter,
         jobs: mpsc::UnboundedSender<DeliveryJob>,
+    ) -> Result<Arc<Queue>, QueueError> {
+        Queue::open_with_dkim(config, reporter, jobs, Arc::new(Signer::empty()))
+    }
+
+    /// [`Queue::open`], with the keys that sign the DSNs it writes (the
+    /// same [`Signer`] as submitted mail, so the same key choice).
+    pub fn open_with_dkim(
+        config: &Config,
+        reporter: Reporter,
+        jobs: mpsc::UnboundedSender<DeliveryJob>,
+        dkim: Arc<Signer>,
     ) -> Result<Arc<Queue>, QueueError> {
         let (spool, recovered, head) = Spool::open_with(
             &config.server.spool_dir,
@@ -245,6 +259,7 @@ impl Queue {
             dsn: DsnSettings::from_config(config),
             me: me.clone(),
             history,
+            dkim,
         });
         queue.collect_segments(&mut queue.inner.lock().unwrap_or_else(PoisonError::into_inner));
         Ok(queue)
@@ -428,23 +443,24 @@ impl Queue {
         self.settle(&mut inner, id, now);
         drop(inner);
         if let Some((env, loc, reports)) = report {
-            self.send_dsn(id, env, loc, reports);
+            self.send_dsn(id, env, Some(loc), reports);
         }
         for ev in events {
             self.reporter.emit(ev);
         }
     }
 
-    /// Builds one DSN for `reports` and enqueues it, with the null sender,
-    /// to the message's sender: in a task, since the original is read back
-    /// from the spool (its segment was pinned by the caller). The report is
-    /// then as durable as any message; one still being built when the
+    /// Builds one DSN for `reports`, signs it and enqueues it, with the null
+    /// sender, to the message's sender: in a task, since the original is
+    /// read back from the spool (its segment, when given, was pinned by the
+    /// caller; without one the report leaves the original out). The report
+    /// is then as durable as any message; one still being built when the
     /// process stops is lost.
     fn send_dsn(
         &self,
         id: QueueId,
         envelope: Arc<Envelope>,
-        loc: BodyLoc,
+        loc: Option<BodyLoc>,
         reports: Vec<DsnRecipient>,
     ) {
         let (Some(me), Ok(rt), Some(settings)) = (
@@ -452,19 +468,27 @@ impl Queue {
             tokio::runtime::Handle::try_current(),
             self.dsn.clone(),
         ) else {
-            self.unpin(loc.segment);
+            if let Some(loc) = loc {
+                self.unpin(loc.segment);
+            }
             return;
         };
         rt.spawn(async move {
-            let spool = me.spool.clone();
-            let original = match tokio::task::spawn_blocking(move || spool.read_body(loc)).await {
-                Ok(Ok(b)) => b,
-                _ => {
-                    tracing::warn!(queue_id = %id, "cannot read the message back for its DSN; sending the report without it");
-                    Vec::new()
+            let original = match loc {
+                Some(loc) => {
+                    let spool = me.spool.clone();
+                    let read = tokio::task::spawn_blocking(move || spool.read_body(loc)).await;
+                    me.unpin(loc.segment);
+                    match read {
+                        Ok(Ok(b)) => b,
+                        _ => {
+                            tracing::warn!(queue_id = %id, "cannot read the message back for its DSN; sending the report without it");
+                            Vec::new()
+                        }
+                    }
                 }
+                None => Vec::new(),
             };
-            me.unpin(loc.segment);
             let dsn_id = QueueId::generate();
             let (token, qid) = (dsn_id.to_string(), id.to_string());
             let report = dsn::Notification {
@@ -477,7 +501,6 @@ impl Queue {
                 token: &token,
                 max_full: settings.max_full,
             };
-            let bytes = dsn::build(&report);
             let dsn_env = Envelope {
                 sender: String::new(),
                 tenant: None,
@@ -489,12 +512,64 @@ impl Queue {
                 ret: None,
                 env_id: None,
             };
+            // Signed like relayed mail (keys of the From: domain, a parent's,
+            // or the fallback): a receiver enforcing that domain's DMARC
+            // would otherwise drop the report. Should signing fail, the
+            // report still goes, unsigned: the sender needs it more than a
+            // signature.
+            let bytes = match me.dkim.sign(&dsn_env, dsn::build(&report)).await {
+                Ok(signed) => signed,
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, "cannot DKIM-sign the DSN; sending it unsigned");
+                    dsn::build(&report)
+                }
+            };
             let to = vec![Recipient::new(envelope.sender.clone())];
             match me.enqueue(dsn_id, dsn_env, to, Bytes::from(bytes)).await {
                 Ok(()) => tracing::info!(queue_id = %id, dsn = %dsn_id, "DSN queued for the sender"),
                 Err(e) => tracing::warn!(queue_id = %id, error = %e, "cannot queue the DSN"),
             }
         });
+    }
+
+    /// A failure reported after delivery by a late bounce to the VERP
+    /// return path: that report came to herald, so the message's sender
+    /// hears of it only through a DSN from herald, sent under the rules of
+    /// [`dsn::late_failure`] and at most once per recipient (while the
+    /// history remembers it). The original goes along while the message is
+    /// still queued; after that the report stands alone (RFC 6522 §3).
+    /// Returns whether a DSN was queued.
+    pub fn report_late_failure(
+        &self,
+        id: QueueId,
+        index: usize,
+        reply: Reply,
+        remote_mta: Option<String>,
+    ) -> bool {
+        let Some(settings) = &self.dsn else {
+            return false;
+        };
+        let Some(m) = self.find(id) else {
+            return false;
+        };
+        let Some(report) = m.recipients.get(index).and_then(|r| {
+            dsn::late_failure(settings, &m.envelope, r, reply, remote_mta, unix_now())
+        }) else {
+            return false;
+        };
+        if !self.history.first_report(id, index, history::LATE_DSN) {
+            return false;
+        }
+        let loc = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let loc = inner.messages.get(&id).map(|e| e.body);
+            if let Some(loc) = &loc {
+                *inner.live.entry(loc.segment).or_default() += 1;
+            }
+            loc
+        };
+        self.send_dsn(id, Arc::new(m.envelope), loc, vec![report]);
+        true
     }
 
     /// Releases a segment pinned by [`Queue::send_dsn`]'s caller.

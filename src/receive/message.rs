@@ -400,7 +400,7 @@ mod tests {
                     authenticated: true,
                     utf8: false,
                 },
-                tls: Some(("TLSv1.3", "TLS13_AES_256_GCM_SHA384")),
+                tls: Some(("TLSv1.3", "TLS_AES_256_GCM_SHA384")),
                 queue_id: "0123456789ABCDEF0123",
                 single_recipient: Some("bob@example.com"),
                 date: "Tue, 14 Jan 2025 10:00:00 +0000",
@@ -410,7 +410,7 @@ mod tests {
         assert_eq!(
             s,
             "Received: from app??evil???X-Injected:?1 ([192.0.2.7])\r\n\
-             \t(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)\r\n\
+             \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n\
              \tby relay.example.net (herald) with ESMTPSA id 0123456789ABCDEF0123\r\n\
              \tfor <bob@example.com>;\r\n\
              \tTue, 14 Jan 2025 10:00:00 +0000\r\n"

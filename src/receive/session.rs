@@ -74,9 +74,7 @@ impl TlsInfo {
         };
         let cipher = conn
             .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
-            .unwrap_or("unknown")
-            .to_string();
+            .map_or_else(|| "unknown".into(), |s| crate::tls::cipher_name(s.suite()));
         TlsInfo { version, cipher }
     }
 }

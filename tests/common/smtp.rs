@@ -171,7 +171,7 @@ impl TestClient {
     /// Connects with implicit TLS (port 465 style, SNI "localhost") and reads the greeting.
     pub async fn connect_tls(addr: SocketAddr) -> TestClient {
         let tcp = tcp_connect(addr).await;
-        let tls = tls_handshake(tcp, addr).await;
+        let tls = tls_handshake(tcp, addr, insecure_client_config()).await;
         let mut client = TestClient {
             greeting: Reply {
                 code: 0,
@@ -360,6 +360,12 @@ impl TestClient {
     /// STARTTLS reply; re-EHLO afterwards. Panics if the server sent anything after its 220
     /// before the handshake (that would be a STARTTLS response-injection bug).
     pub async fn starttls(&mut self) -> Reply {
+        self.starttls_with(insecure_client_config()).await
+    }
+
+    /// [`TestClient::starttls`] with this client configuration (one TLS
+    /// version or cipher suite, say).
+    pub async fn starttls_with(&mut self, config: ClientConfig) -> Reply {
         let reply = self.cmd("STARTTLS").await;
         if reply.code != 220 {
             return reply;
@@ -374,7 +380,7 @@ impl TestClient {
             Conn::Tls(_) => panic!("STARTTLS on a connection that already uses TLS"),
             Conn::Gone => unreachable!(),
         };
-        let tls = tls_handshake(tcp, self.peer).await;
+        let tls = tls_handshake(tcp, self.peer, config).await;
         self.conn = Conn::Tls(Box::new(tls));
         reply
     }
@@ -476,8 +482,12 @@ async fn tcp_connect(addr: SocketAddr) -> TcpStream {
     }
 }
 
-async fn tls_handshake(tcp: TcpStream, addr: SocketAddr) -> TlsStream<TcpStream> {
-    let connector = TlsConnector::from(Arc::new(insecure_client_config()));
+async fn tls_handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    config: ClientConfig,
+) -> TlsStream<TcpStream> {
+    let connector = TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from("localhost").expect("server name");
     match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => s,
