@@ -139,6 +139,35 @@ impl Reason {
         Reason::ALL.into_iter().find(|r| r.as_str() == name)
     }
 
+    /// In plain words, for people reading `herald bounce parse`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::UserUnknown => "the mailbox does not exist",
+            Reason::HasMoved => "the address is gone (the user has moved)",
+            Reason::HostUnknown => "the recipient's domain does not exist or has no mail server",
+            Reason::NotAccept => "the recipient's domain accepts no mail",
+            Reason::MailboxDisabled => "the mailbox is disabled or suspended",
+            Reason::MailboxFull => "the mailbox is full",
+            Reason::MessageTooLarge => "the message is too large for the receiver",
+            Reason::Blocked => {
+                "the sending IP or domain is blocked (blocklist, reputation, reverse DNS)"
+            }
+            Reason::SpamDetected => "the receiver judged the content spam",
+            Reason::Policy => "refused by the receiver's policy",
+            Reason::AuthFailure => "SPF, DKIM or DMARC failed",
+            Reason::RateLimited => "the receiver throttles: too many messages or connections",
+            Reason::RelayingDenied => "the server does not relay for this domain",
+            Reason::SenderRejected => "the envelope sender was refused",
+            Reason::Expired => "delivery was retried until the message expired",
+            Reason::Network => "the receiving server could not be reached",
+            Reason::Dns => "a DNS lookup failed",
+            Reason::Tls => "a TLS (encryption) problem",
+            Reason::SystemError => "the receiving system had a problem of its own",
+            Reason::SyntaxError => "an SMTP protocol error",
+            Reason::Other => "no cause named",
+        }
+    }
+
     /// Whether a permanent failure for this reason says the address itself
     /// can never receive mail, so that it may go on the suppression list.
     /// Everything else is the sender's, the content's or the receiver's
@@ -199,7 +228,8 @@ impl std::fmt::Display for Reason {
 /// The SMTP reply in an event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SmtpDetail {
-    pub code: u16,
+    /// `null` when a late report gave no reply code: none is invented.
+    pub code: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enhanced: Option<String>,
     pub text: String,
@@ -208,10 +238,27 @@ pub struct SmtpDetail {
 impl From<&Reply> for SmtpDetail {
     fn from(r: &Reply) -> Self {
         SmtpDetail {
-            code: r.code,
+            code: Some(r.code),
             enhanced: r.enhanced.map(|e| e.to_string()),
             text: r.text.clone(),
         }
+    }
+}
+
+/// `550 5.1.1 text`, leaving out what is missing.
+impl std::fmt::Display for SmtpDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [
+            self.code.map(|c| c.to_string()),
+            self.enhanced.clone(),
+            Some(self.text.clone()),
+        ];
+        let parts: Vec<String> = parts
+            .into_iter()
+            .flatten()
+            .filter(|p| !p.is_empty())
+            .collect();
+        f.write_str(&parts.join(" "))
     }
 }
 
@@ -417,7 +464,7 @@ mod tests {
         let mut e = Event::new(EventKind::Bounced, "billing@acme.example");
         e.recipient = Some("bob@example.net".into());
         e.smtp = Some(SmtpDetail {
-            code: 550,
+            code: Some(550),
             enhanced: Some("5.1.1".into()),
             text: "no such user".into(),
         });

@@ -73,6 +73,12 @@ enum Command {
         #[command(subcommand)]
         command: herald::diagnose::domain_check::DomainCommand,
     },
+    /// Bounces: `bounce parse FILE [--json]` prints what herald reads from
+    /// a bounce or complaint and whether it would suppress the address.
+    Bounce {
+        #[command(subcommand)]
+        command: herald::bounces::explain::BounceCommand,
+    },
     /// DNS blocklists: `dnsbl check [IP...]` tells whether herald's sending
     /// IPs (or the ones given) are listed in the configured zones.
     Dnsbl {
@@ -212,6 +218,7 @@ fn main() -> ExitCode {
             herald::diagnose::domain_check::cli(command, &cli.config, &rt)
         }
         Command::Dnsbl { command } => herald::policy::dnsbl::cli(&cli.config, command, &rt),
+        Command::Bounce { command } => herald::bounces::explain::cli(&cli.config, command),
         Command::Loadgen(a) => {
             use herald::loadgen::{LoadgenOptions, LoadgenTls};
             let auth = match a.auth.as_deref().map(|s| s.split_once(':')) {

@@ -249,13 +249,6 @@ fn parse_status(s: &str) -> Result<RcptStatus, ApiError> {
     })
 }
 
-fn reply_line(r: &SmtpDetail) -> String {
-    match &r.enhanced {
-        Some(e) => format!("{} {} {}", r.code, e, r.text),
-        None => format!("{} {}", r.code, r.text),
-    }
-}
-
 fn summary(m: &MessageView, now: u64) -> MessageSummary {
     let mut recipients = BTreeMap::new();
     let mut domains: Vec<String> = Vec::new();
@@ -290,7 +283,7 @@ fn summary(m: &MessageView, now: u64) -> MessageSummary {
         next_attempt: next.map(rfc3339),
         last_reply: last
             .and_then(|(_, r)| r.last_reply.as_ref())
-            .map(|r| reply_line(&SmtpDetail::from(r))),
+            .map(|r| SmtpDetail::from(r).to_string()),
     }
 }
 

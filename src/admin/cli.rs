@@ -504,10 +504,10 @@ fn show_text(m: &MessageDetail) -> String {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            let reply = r.last_reply.as_ref().map(|s| match &s.enhanced {
-                Some(e) => format!("{} {} {}", s.code, e, s.text.replace('\n', " / ")),
-                None => format!("{} {}", s.code, s.text.replace('\n', " / ")),
-            });
+            let reply = r
+                .last_reply
+                .as_ref()
+                .map(|s| s.to_string().replace('\n', " / "));
             let reply = match (reply, &r.last_mx) {
                 (Some(t), Some(mx)) => format!("{t} (from {mx})"),
                 (Some(t), None) => t,

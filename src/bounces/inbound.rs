@@ -79,7 +79,7 @@ fn late_dsn(queue: &Queue, id: QueueId, index: usize, e: &Event) {
         return;
     };
     let reply = Reply {
-        code: smtp.code,
+        code: smtp.code.unwrap_or(550),
         enhanced: smtp.enhanced.as_deref().and_then(Enhanced::parse),
         text: smtp.text.clone(),
     };
@@ -193,6 +193,9 @@ fn bounce_events(classifier: &Classifier, about: &About, bounce: &Bounce) -> Vec
             let reply = reply_of(r);
             let verdict = r.outcome(classifier);
             let mut e = about.event(kind).with_reply(&reply);
+            if let Some(smtp) = &mut e.smtp {
+                smtp.code = r.smtp_code;
+            }
             e.classification = Some(verdict.classification());
             e.reason = Some(verdict.reason.as_str().into());
             e.permanent = Some(verdict.permanent);

@@ -20,6 +20,7 @@
 //! comes from a mail system and carries an SMTP error is
 //! [`BounceFormat::Unknown`].
 
+pub mod explain;
 pub mod inbound;
 pub mod parse;
 
@@ -177,7 +178,14 @@ impl BouncedRecipient {
     /// only a server that said it for good may get an address suppressed.
     pub fn outcome(&self, classifier: &Classifier) -> Verdict {
         let v = self.classify(classifier);
-        let permanent = self.action == Action::Failed && (v.permanent || !v.reason.may_suppress());
+        let said_temporary = match self.smtp_code {
+            Some(code) => code / 100 == 4,
+            None => self
+                .status
+                .is_some_and(|s| s.0 == 4 && !self.status_derived),
+        };
+        let permanent =
+            self.action == Action::Failed && !(said_temporary && v.reason.may_suppress());
         Verdict { permanent, ..v }
     }
 }

@@ -48,6 +48,11 @@ pub fn parse(message: &[u8]) -> Option<Report> {
     let message = message.get(..MAX_INPUT).unwrap_or(message);
     let msg = MessageParser::default().parse(message)?;
     if let Some(c) = feedback_report(&msg) {
+        // An authentication failure report (RFC 6591) or a "not spam"
+        // report says nothing against the recipient.
+        if matches!(c.feedback_type.as_str(), "auth-failure" | "not-spam") {
+            return None;
+        }
         return Some(Report::Complaint(c));
     }
     if let Some(b) = delivery_status(&msg) {
@@ -57,7 +62,58 @@ pub fn parse(message: &[u8]) -> Option<Report> {
     if is_auto_reply(&msg, from_mail_system) || !from_mail_system {
         return None;
     }
+    if let Some(r) = forwarded_report(&msg) {
+        return Some(r);
+    }
+    if let Some(text) = inline_fields(&msg) {
+        return Some(Report::Bounce(delivery_status_of(&msg, &text)));
+    }
     plain_text(&msg).map(Report::Bounce)
+}
+
+/// A report a mail system forwarded as an attachment (`message/rfc822`
+/// holding the `multipart/report`): read the inner one.
+fn forwarded_report(msg: &Message<'_>) -> Option<Report> {
+    msg.parts.iter().find_map(|p| {
+        let PartType::Message(inner) = &p.body else {
+            return None;
+        };
+        if let Some(c) = feedback_report(inner) {
+            return (!matches!(c.feedback_type.as_str(), "auth-failure" | "not-spam"))
+                .then_some(Report::Complaint(c));
+        }
+        delivery_status(inner).map(Report::Bounce)
+    })
+}
+
+/// The delivery-status fields of a report whose MIME structure is broken
+/// (a boundary cut off or not matching its separators), so that they sit
+/// in the body as text: from the first `Reporting-MTA:` or
+/// `Final-Recipient:` line to the returned original.
+fn inline_fields(msg: &Message<'_>) -> Option<String> {
+    let root = msg.parts.first()?;
+    let body = msg.raw_message.get(root.offset_body as usize..)?;
+    let body = String::from_utf8_lossy(body.get(..MAX_FIELDS).unwrap_or(body));
+    let mut out = String::new();
+    let mut started = false;
+    for line in body.lines() {
+        let l = line.trim_start().to_ascii_lowercase();
+        if !started {
+            started = l.starts_with("reporting-mta:") || l.starts_with("final-recipient:");
+            if !started {
+                continue;
+            }
+        } else if l.starts_with("--")
+            || l.starts_with("return-path:")
+            || l.starts_with("received:")
+            || l.starts_with("content-type:")
+        {
+            break;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    (started && out.to_ascii_lowercase().contains("final-recipient:")).then_some(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -270,6 +326,12 @@ fn delivery_status(msg: &Message<'_>) -> Option<Bounce> {
         .iter()
         .find(|p| is_type(p, "message", &["delivery-status", "global-delivery-status"]))?;
     let text = part_text(part, MAX_FIELDS).unwrap_or_default();
+    Some(delivery_status_of(msg, &text))
+}
+
+/// A report from its delivery-status fields (`text`) and, for what they
+/// leave out, the rest of `msg`.
+fn delivery_status_of(msg: &Message<'_>, text: &str) -> Bounce {
     let mut bounce = Bounce {
         format: BounceFormat::Rfc3464,
         reporting_mta: None,
@@ -278,7 +340,7 @@ fn delivery_status(msg: &Message<'_>) -> Option<Bounce> {
         original_envelope_id: None,
     };
     let mut current: Option<DsnRecipient> = None;
-    for block in field_blocks(&text) {
+    for block in field_blocks(text) {
         for (name, value) in block {
             match name.as_str() {
                 "reporting-mta" => {
@@ -324,7 +386,50 @@ fn delivery_status(msg: &Message<'_>) -> Option<Bounce> {
         }
         push_recipient(&mut bounce.recipients, current.take());
     }
-    Some(bounce)
+    human_reasons(msg, &mut bounce.recipients);
+    bounce
+}
+
+/// Fills the diagnostic of recipient blocks that have none from the
+/// report's human-readable part: the line that names the recipient with a
+/// reply code ("554 bob@example.org... aliasing/forwarding loop broken"),
+/// or, for a report about one recipient, its first reply line.
+fn human_reasons(msg: &Message<'_>, recipients: &mut [BouncedRecipient]) {
+    if recipients.iter().all(|r| r.diagnostic.is_some()) {
+        return;
+    }
+    let Some(text) = msg.body_text(0) else { return };
+    let text = cut(&text, MAX_TEXT).replace("\r\n", "\n");
+    let (head, _) = split_original(&text);
+    let coded = |l: &str| basic_code(l, b"45").map(|(at, _)| l[at..].trim().to_string());
+    let single = recipients.len() == 1;
+    for r in recipients.iter_mut().filter(|r| r.diagnostic.is_none()) {
+        let addr = r.final_recipient.as_deref().map(str::to_ascii_lowercase);
+        let named = addr.as_deref().and_then(|a| {
+            head.lines()
+                .filter(|l| l.to_ascii_lowercase().contains(a))
+                .find_map(coded)
+        });
+        let any = || {
+            single
+                .then(|| {
+                    head.lines()
+                        .find(|l| basic_code(l.trim(), b"45").is_some_and(|(at, _)| at == 0))
+                        .map(|l| l.trim().to_string())
+                })
+                .flatten()
+        };
+        let Some(diag) = named.or_else(any) else {
+            continue;
+        };
+        let (code, enhanced) = reply_codes(&diag);
+        r.smtp_code = r.smtp_code.or(code);
+        if r.status.is_none() || r.status_derived {
+            r.status = enhanced.or(r.status);
+            r.status_derived = r.status_derived && enhanced.is_none();
+        }
+        r.diagnostic = Some(diag);
+    }
 }
 
 /// A recipient block's fields as read.
@@ -358,11 +463,18 @@ fn push_recipient(out: &mut Vec<BouncedRecipient>, r: Option<DsnRecipient>) {
         .and_then(parse_action)
         .or_else(|| reported.or(diag_status).and_then(action_of_class))
         .unwrap_or(Action::Failed);
+    // The diagnostic's own code wins over a Status: of the same class that
+    // differs ("Status: 5.1.1" over "550 5.7.1 IP blacklisted", or a
+    // generic "5.0.0"): it is the remote server's word.
+    let status = match (reported, diag_status) {
+        (Some(s), Some(d)) if s.0 == d.0 => Some(d),
+        (s, d) => s.or(d),
+    };
     let mut rcpt = BouncedRecipient {
         final_recipient: r.fin,
         original_recipient: r.original,
         action,
-        status: reported.or(diag_status),
+        status,
         status_derived: false,
         diagnostic: r.diagnostic,
         remote_mta: r.remote_mta,
@@ -605,6 +717,46 @@ fn feedback_report(msg: &Message<'_>) -> Option<Complaint> {
 /// postmaster sender, a null return path, or a bounce subject (not a
 /// reply's or forward's).
 fn from_mail_system(msg: &Message<'_>) -> bool {
+    let null_path = header(msg, "Return-Path").is_some_and(|v| v.replace(' ', "") == "<>");
+    let subject = msg.subject().unwrap_or_default().trim().to_lowercase();
+    let is_reply = ["re:", "fwd:", "fw:", "aw:", "wg:", "tr:", "sv:", "vs:"]
+        .iter()
+        .any(|p| subject.starts_with(p));
+    let bounce_subject = !is_reply && BOUNCE_SUBJECTS.iter().any(|p| subject.contains(p));
+    daemon_sender(msg) || null_path || bounce_subject
+}
+
+/// Words of a bounce's subject (not a reply's or forward's).
+const BOUNCE_SUBJECTS: &[&str] = &[
+    "undeliver",
+    "undelivered",
+    "delivery status notification",
+    "failure notice",
+    "mail delivery failed",
+    "returned mail",
+    "delivery failure",
+    "delivery failed",
+    "delivery has failed",
+    "could not be delivered",
+    "non-delivery",
+    "nondeliverable",
+    "mail system error",
+    "delayed mail",
+    "delivery delayed",
+    "warning: could not send message",
+    "mail error",
+    "delivery warning",
+    "delivery problem",
+    "bounce notification",
+    "user unknown",
+    "rejected mail",
+    "mail failure",
+    "failed mail",
+];
+
+/// Sent by a mailer-daemon or postmaster: whatever it says is about a
+/// delivery.
+fn daemon_sender(msg: &Message<'_>) -> bool {
     let from = msg
         .from()
         .and_then(|a| a.first())
@@ -616,43 +768,18 @@ fn from_mail_system(msg: &Message<'_>) -> bool {
         })
         .unwrap_or_default();
     let local = from.0.split('@').next().unwrap_or_default();
-    let daemon_sender = [
+    [
         "mailer-daemon",
         "postmaster",
+        "post_master",
         "mail-daemon",
         "maildaemon",
+        "mdaemon",
         "mail-delivery-subsystem",
     ]
     .contains(&local)
         || from.1.contains("mail delivery")
-        || from.1.contains("mailer-daemon");
-    let null_path = header(msg, "Return-Path").is_some_and(|v| v.replace(' ', "") == "<>");
-    let subject = msg.subject().unwrap_or_default().trim().to_lowercase();
-    let is_reply = ["re:", "fwd:", "fw:", "aw:", "wg:", "tr:", "sv:", "vs:"]
-        .iter()
-        .any(|p| subject.starts_with(p));
-    let bounce_subject = !is_reply
-        && [
-            "undeliver",
-            "undelivered",
-            "delivery status notification",
-            "failure notice",
-            "mail delivery failed",
-            "returned mail",
-            "delivery failure",
-            "delivery failed",
-            "delivery has failed",
-            "could not be delivered",
-            "non-delivery",
-            "nondeliverable",
-            "mail system error",
-            "delayed mail",
-            "delivery delayed",
-            "warning: could not send message",
-        ]
-        .iter()
-        .any(|p| subject.contains(p));
-    daemon_sender || null_path || bounce_subject
+        || from.1.contains("mailer-daemon")
 }
 
 /// An auto-reply (RFC 3834 and its older, informal markers). Bounces carry
@@ -693,7 +820,13 @@ fn is_auto_reply(msg: &Message<'_>, from_mail_system: bool) -> bool {
 // Plain-text bounces.
 
 fn plain_text(msg: &Message<'_>) -> Option<Bounce> {
-    let body = msg.body_text(0)?;
+    // A broken MIME structure (a boundary lost) hides the text part: read
+    // the raw body then.
+    let body = msg.body_text(0).or_else(|| {
+        let root = msg.parts.first()?;
+        let raw = msg.raw_message.get(root.offset_body as usize..)?;
+        Some(String::from_utf8_lossy(raw.get(..MAX_TEXT).unwrap_or(raw)))
+    })?;
     let body = cut(&body, MAX_TEXT).replace("\r\n", "\n");
     let (head, tail) = split_original(&body);
     let lower = head.to_lowercase();
@@ -789,12 +922,22 @@ fn split_original(text: &str) -> (&str, &str) {
     ];
     let mut at = 0;
     for line in text.split_inclusive('\n') {
-        let l = line.to_lowercase();
+        // ASCII lower-casing keeps byte offsets: a marker's offset in `l`
+        // is its offset in `line`.
+        let l = line.to_ascii_lowercase();
         // An original copied in without a marker starts with its headers.
-        if MARKERS.iter().any(|m| l.contains(m))
-            || (at > 0 && (l.starts_with("received: from ") || l.starts_with("return-path: <")))
-        {
+        if at > 0 && (l.starts_with("received: from ") || l.starts_with("return-path: <")) {
             return (&text[..at], &text[at..]);
+        }
+        // A marker may end a line that holds the whole report (an HTML
+        // body turned to text): the text before it stays.
+        if let Some(m) = MARKERS.iter().filter_map(|m| l.find(m)).min() {
+            let cut = if line[..m].trim().len() < 40 {
+                at
+            } else {
+                at + m
+            };
+            return (&text[..cut], &text[cut..]);
         }
         at += line.len();
     }
@@ -908,9 +1051,20 @@ fn exim(head: &str) -> Vec<BouncedRecipient> {
         }
         let addr = find_address(line);
         let mut details = Vec::new();
+        // "  <bob@example.org>: 550 unknown user": the reply on its line.
+        if let Some((_, rest)) = line.trim().split_once(">:")
+            && !rest.trim().is_empty()
+        {
+            details.push(rest.trim());
+        }
+        // 1&1 writes the details at the margin, up to a blank line.
+        let unindented = !is_quoted
+            && lines.get(i).is_some_and(|n| {
+                !n.trim().is_empty() && !n.starts_with(' ') && !n.starts_with('\t')
+            });
         while let Some(next) = lines.get(i) {
-            let more = if is_quoted {
-                !next.trim().is_empty() && !quoted(next)
+            let more = if is_quoted || unindented {
+                !next.trim().is_empty() && !quoted(next) && !classic(next)
             } else {
                 next.starts_with("    ") || next.starts_with('\t')
             };
@@ -919,6 +1073,25 @@ fn exim(head: &str) -> Vec<BouncedRecipient> {
             }
             details.push(next.trim());
             i += 1;
+        }
+        // Or after a blank line, at the margin, up to the next blank line.
+        if details.is_empty() {
+            let mut j = i;
+            while lines.get(j).is_some_and(|l| l.trim().is_empty()) {
+                j += 1;
+            }
+            while let Some(next) = lines.get(j) {
+                if next.trim().is_empty()
+                    || next.starts_with(' ')
+                    || next.starts_with('-')
+                    || quoted(next)
+                {
+                    break;
+                }
+                details.push(next.trim());
+                j += 1;
+            }
+            i = j.max(i);
         }
         let remote = details.iter().find_map(|d| {
             let h = d
@@ -1065,21 +1238,32 @@ fn gmail(head: &str) -> Vec<BouncedRecipient> {
             addrs.extend(l.get(at..).and_then(find_address));
         }
     }
-    let diag = lines.iter().enumerate().find_map(|(i, l)| {
-        let ll = l.to_lowercase();
-        (ll.contains("the other server returned")
-            || ll.contains("the response from the remote server")
-            || ll.trim() == "the response was:")
-            .then(|| {
-                join_lines(
-                    lines[i + 1..]
+    let diag = lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| {
+            let ll = l.to_lowercase();
+            (ll.contains("the other server returned")
+                || ll.contains("the response from the remote server")
+                || ll.trim() == "the response was:")
+                .then(|| {
+                    // "... returned was: 554 5.7.0 ..." on the same line,
+                    // or the paragraph under it.
+                    let same = l.split_once(':').map_or("", |(_, r)| r).trim();
+                    let under = lines[i + 1..]
                         .iter()
                         .copied()
                         .skip_while(|l| l.trim().is_empty())
-                        .take_while(|l| !l.trim().is_empty()),
-                )
-            })
-    });
+                        .take_while(|l| !l.trim().is_empty());
+                    join_lines(std::iter::once(same).chain(under))
+                })
+        })
+        // Older forms give only "Technical details: ... host X: 553 ...".
+        .or_else(|| {
+            lines
+                .iter()
+                .find_map(|l| basic_code(l, b"45").map(|(at, _)| l[at..].trim().to_string()))
+        });
     let remote = lines.iter().find_map(|l| {
         let at = l.find("for the recipient domain ")?;
         let rest = &l[at..];
@@ -1288,6 +1472,19 @@ const FAILURE_WORDS: &[&str] = &[
     "returned because",
     "message not delivered",
     "delivery attempts",
+    "not able to deliver",
+    "wasn't able to deliver",
+    "failed recipient",
+    "automatically rejected",
+    "incorrectly constructed",
+    "malformed",
+    "quota exceeded",
+    "too many hops",
+    "bounce notification",
+    "delivery of email to this address",
+    "failed mail",
+    "was aborted",
+    "could not find a gateway",
 ];
 
 /// Words that say the mail system is still trying.
@@ -1316,8 +1513,16 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
         .any(|l| basic_code(l, b"45").is_some() || enhanced_code(l).is_some_and(|e| e.0 != 2));
     let failure = FAILURE_WORDS
         .iter()
+        .chain(DELAY_WORDS)
         .any(|w| lower.contains(w) || subject.to_lowercase().contains(w));
-    if !has_code && !failure {
+    // A mailer-daemon writing in a language these words miss is still
+    // writing about a failed delivery; in English it would have said so.
+    let foreign_language = head
+        .chars()
+        .filter(|c| c.is_alphabetic() && !c.is_ascii())
+        .count()
+        >= 8;
+    if !(has_code || failure || foreign_language && daemon_sender(msg)) {
         return Vec::new();
     }
     let action = if DELAY_WORDS.iter().any(|w| lower.contains(w)) {
@@ -1365,10 +1570,23 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
             let under = lines[i + 1..]
                 .iter()
                 .take_while(|l| {
-                    !l.trim().is_empty() && addresses(l).is_empty() && !quoted_header(l)
+                    !l.trim().is_empty()
+                        && !quoted_header(l)
+                        && !addresses(l).iter().any(|a| foreign(a) && prominent(l, a))
                 })
                 .take(3)
                 .copied();
+            // "Invalid final delivery userid: bob@example.org": the words
+            // before the address are the reason.
+            let before = line[..at]
+                .trim()
+                .trim_end_matches([':', '<', '"', '\''])
+                .trim();
+            let rest = if rest.is_empty() && before.split_whitespace().count() >= 3 {
+                before
+            } else {
+                rest
+            };
             let diag = join_lines(std::iter::once(rest).chain(under));
             // "could not be delivered. Reason: 550 ...": the reply from its code.
             let diag = match basic_code(&diag, b"45") {
@@ -1399,6 +1617,7 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
                     join_lines(
                         lines[i + 1..]
                             .iter()
+                            .skip_while(|l| l.trim().is_empty())
                             .take_while(|l| !l.trim().is_empty())
                             .copied(),
                     )

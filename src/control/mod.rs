@@ -740,7 +740,7 @@ mod tests {
         let ev = c.observe(&hard()).expect("2 of 3 is over 5%");
         assert_eq!(ev.event, EventKind::Rejected);
         assert_eq!(ev.rule, Some(crate::event::RejectRule::TenantPaused));
-        assert_eq!(ev.smtp.as_ref().unwrap().code, 550);
+        assert_eq!(ev.smtp.as_ref().unwrap().code, Some(550));
         assert!(
             ev.reason
                 .as_deref()
@@ -782,7 +782,10 @@ mod tests {
         assert!(ev.reason.unwrap().contains("complaint rate"));
         // The default reply is a tempfail: the app keeps and retries its mail.
         let smtp = ev.smtp.unwrap();
-        assert_eq!((smtp.code, smtp.enhanced.as_deref()), (451, Some("4.7.1")));
+        assert_eq!(
+            (smtp.code, smtp.enhanced.as_deref()),
+            (Some(451), Some("4.7.1"))
+        );
 
         let cfg = config(
             dir.path(),

@@ -199,6 +199,10 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "loops back",
             "too many hops",
             "hop count exceeded",
+            "forwarding loop",
+            "alias loop",
+            "aliasing loop",
+            "loop broken",
         ],
     ),
     (
@@ -238,9 +242,11 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "deny list",
             "blocked using",
             "listed at",
-            "listed in",
             "listed on",
+            "listed by",
             "is listed",
+            "are listed",
+            "been listed",
             "dnsbl",
             "rbl",
             "spamhaus",
@@ -418,6 +424,18 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
         ],
     ),
     (
+        Reason::Dns,
+        &[
+            "host not found, try again",
+            "temporary failure in name resolution",
+            "dns lookup failed",
+            "dns timeout",
+            "servfail",
+            "dns temporary",
+            "temporary dns",
+        ],
+    ),
+    (
         Reason::HostUnknown,
         &[
             "host unknown",
@@ -502,6 +520,12 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "user account is unavailable",
             "destination mailbox address invalid",
             "this address no longer accepts mail",
+            "recipient name is not recognized",
+            "invalid final delivery userid",
+            "not listed in domino directory",
+            "not listed in public name & address book",
+            "does not like recipient",
+            "no such user here",
             "unknown in virtual",
             "unknown in local",
         ],
@@ -548,6 +572,8 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "message timed out",
             "too long in queue",
             "was not delivered within",
+            "attempts:",
+            "maximum delivery attempts",
         ],
     ),
     (
@@ -664,13 +690,18 @@ fn vague_code(e: Enhanced) -> Option<Reason> {
 /// Whether a text match may stand against a code that names another
 /// cause. The generic words of the last [`BY_TEXT`] group ("rejected",
 /// "denied") do not: "550 5.1.1 ... rejected" is still an unknown user.
-fn text_overrides(text_reason: Reason, generic: bool, code_reason: Reason) -> bool {
+fn text_overrides(text_reason: Reason, generic: bool, code_reason: Reason, code: Enhanced) -> bool {
     if generic {
         return false;
     }
     // A code that suppresses is believed only when the text agrees or says
     // nothing: "5.1.1 mailbox over quota", "5.1.1 blocked by Spamhaus".
-    code_reason.may_suppress() || !text_reason.may_suppress() || code_reason == Reason::Other
+    // A text that would suppress stands against a mailbox or addressing
+    // code ("5.2.1 User unknown"), never against a policy, network or
+    // system one.
+    code_reason.may_suppress()
+        || !text_reason.may_suppress()
+        || (matches!(code.1, 1 | 2 | 5) && code_reason != Reason::SenderRejected)
 }
 
 /// The built-in defaults; `text` is lower-cased.
@@ -696,7 +727,7 @@ fn built_in(enhanced: Option<Enhanced>, code: u16, text: &str) -> Reason {
             t
         }
         (Some((t, generic)), Some(c)) if t != c => {
-            if text_overrides(t, generic, c) {
+            if enhanced.is_some_and(|e| text_overrides(t, generic, c, e)) {
                 t
             } else {
                 c

@@ -79,7 +79,7 @@ impl Reporter {
             event = ?event.event,
             queue_id = event.queue_id.map(|q| q.to_string()).unwrap_or_default(),
             recipient = event.recipient.as_deref().unwrap_or(""),
-            smtp = event.smtp.as_ref().map(|s| format!("{} {}", s.code, s.text)).unwrap_or_default(),
+            smtp = event.smtp.as_ref().map(|s| s.to_string()).unwrap_or_default(),
             "event"
         );
         self.metrics.observe(&event);

@@ -213,10 +213,7 @@ impl Suppressions {
         };
         let tenant = e.tenant.as_deref().unwrap_or(NO_TENANT);
         let reason = match (&e.smtp, source) {
-            (Some(s), _) => match &s.enhanced {
-                Some(x) => format!("{} {} {}", s.code, x, s.text),
-                None => format!("{} {}", s.code, s.text),
-            },
+            (Some(s), _) => s.to_string(),
             (None, Source::Complaint) => "the recipient reported a message as spam".into(),
             (None, _) => "hard bounce".into(),
         };
@@ -474,7 +471,7 @@ mod tests {
         e.tenant = tenant.map(str::to_string);
         e.recipient = Some(rcpt.into());
         e.smtp = Some(SmtpDetail {
-            code: 550,
+            code: Some(550),
             enhanced: Some("5.1.1".into()),
             text: "user\r\nunknown".into(),
         });
