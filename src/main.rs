@@ -263,13 +263,7 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {
-    match Config::load(path) {
-        Ok(c) => Some(c),
-        Err(errs) => {
-            eprintln!("{}: {} problem(s):\n{errs}", path.display(), errs.0.len());
-            None
-        }
-    }
+    Config::load_or_print(path)
 }
 
 fn hash_password() -> ExitCode {

@@ -240,16 +240,9 @@ impl std::fmt::Display for Reading {
 pub fn cli(config_path: &Path, command: BounceCommand) -> ExitCode {
     let BounceCommand::Parse { file, json } = command;
     let classifier = if config_path.exists() {
-        match Config::load(config_path) {
-            Ok(c) => Classifier::new(&c.classification),
-            Err(errs) => {
-                eprintln!(
-                    "{}: {} problem(s):\n{errs}",
-                    config_path.display(),
-                    errs.0.len()
-                );
-                return ExitCode::from(2);
-            }
+        match Config::load_or_print(config_path) {
+            Some(c) => Classifier::new(&c.classification),
+            None => return ExitCode::from(2),
         }
     } else {
         Classifier::default()

@@ -699,6 +699,18 @@ pub struct TenantLimits {
 
 impl Config {
     /// Reads and validates a config file.
+    /// [`Config::load`] for a command line: every problem printed to
+    /// standard error with its key path, `None` then.
+    pub fn load_or_print(path: &Path) -> Option<Config> {
+        match Config::load(path) {
+            Ok(c) => Some(c),
+            Err(errs) => {
+                eprintln!("{}: {} problem(s):\n{errs}", path.display(), errs.0.len());
+                None
+            }
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {

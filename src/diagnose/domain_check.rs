@@ -1915,12 +1915,8 @@ pub fn cli(
             return ExitCode::from(2);
         }
     }
-    let cfg = match Config::load(config) {
-        Ok(c) => c,
-        Err(errs) => {
-            eprintln!("{}: {} problem(s):\n{errs}", config.display(), errs.0.len());
-            return ExitCode::from(2);
-        }
+    let Some(cfg) = Config::load_or_print(config) else {
+        return ExitCode::from(2);
     };
     let signer = match Signer::load(&cfg) {
         Ok(s) => s,

@@ -577,16 +577,8 @@ pub struct CheckArgs {
 /// Runs `herald dnsbl check`.
 pub fn cli(config_path: &Path, command: DnsblCommand, rt: &tokio::runtime::Runtime) -> ExitCode {
     let DnsblCommand::Check(args) = command;
-    let cfg = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(errs) => {
-            eprintln!(
-                "{}: {} problem(s):\n{errs}",
-                config_path.display(),
-                errs.0.len()
-            );
-            return ExitCode::from(2);
-        }
+    let Some(cfg) = Config::load_or_print(config_path) else {
+        return ExitCode::from(2);
     };
     let ips: Vec<IpAddr> = if args.ips.is_empty() {
         cfg.sending_ips().to_vec()
