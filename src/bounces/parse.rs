@@ -55,7 +55,8 @@ pub fn parse(message: &[u8]) -> Option<Report> {
         }
         return Some(Report::Complaint(c));
     }
-    if let Some(b) = delivery_status(&msg) {
+    if let Some(mut b) = delivery_status(&msg) {
+        names_from_text(&msg, &mut b);
         return Some(Report::Bounce(b));
     }
     let from_mail_system = from_mail_system(&msg);
@@ -69,6 +70,23 @@ pub fn parse(message: &[u8]) -> Option<Report> {
         return Some(Report::Bounce(delivery_status_of(&msg, &text)));
     }
     plain_text(&msg).map(Report::Bounce)
+}
+
+/// A report whose fields name nobody (no recipient block, or one without
+/// an address) takes the addresses its human-readable text names.
+fn names_from_text(msg: &Message<'_>, b: &mut Bounce) {
+    let named =
+        |r: &BouncedRecipient| r.final_recipient.is_some() || r.original_recipient.is_some();
+    if b.recipients.iter().any(named) || b.recipients.len() > 1 {
+        return;
+    }
+    let Some(text) = plain_text(msg) else { return };
+    let found: Vec<BouncedRecipient> = text.recipients.into_iter().filter(named).collect();
+    match (b.recipients.first_mut(), found.as_slice()) {
+        (None, [_, ..]) => b.recipients = found,
+        (Some(r), [one]) => r.final_recipient.clone_from(&one.final_recipient),
+        _ => {}
+    }
 }
 
 /// A report a mail system forwarded as an attachment (`message/rfc822`
@@ -218,11 +236,17 @@ fn original_of(m: &Message<'_>) -> Original {
 
 fn strip_angles(s: &str) -> String {
     let s = s.trim();
-    s.strip_prefix('<')
+    let s = s
+        .strip_prefix('<')
         .and_then(|s| s.strip_suffix('>'))
         .unwrap_or(s)
-        .trim()
-        .to_string()
+        .trim();
+    // A source route ("@relay.example:bob@example.org", RFC 5321 §4.1.2)
+    // is not part of the address.
+    match s.strip_prefix('@').and_then(|r| r.split_once(':')) {
+        Some((_, addr)) => addr.trim().to_string(),
+        None => s.to_string(),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -274,9 +298,11 @@ fn typed_address(value: &str) -> Option<String> {
         addr.to_string()
     };
     let addr = strip_angles(&addr);
-    // A local delivery's file or program ("rfc822;/var/spool/...") is no
-    // address to report.
-    addr.contains('@').then_some(addr)
+    // A local delivery's file or program ("rfc822;/var/spool/...") or a
+    // bare host ("@relay.example") is no address to report.
+    addr.split_once('@')
+        .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+        .then_some(addr)
 }
 
 /// Decodes the `\x{HEX}` escapes of RFC 6533's utf-8-addr-unitext.
@@ -864,6 +890,8 @@ fn plain_text(msg: &Message<'_>) -> Option<Bounce> {
             || has("----- transcript of session follows")
         {
             (BounceFormat::Sendmail, sendmail(head), None)
+        } else if has("are not accepting mail from") {
+            (BounceFormat::Unknown, aol(msg, head), None)
         } else if has("this is the mail system at host")
             || has("this is the postfix program at host")
         {
@@ -897,7 +925,26 @@ fn plain_text(msg: &Message<'_>) -> Option<Bounce> {
         }
         derive_status(r);
     }
-    let original_message_id = original(msg)
+    let returned = original(msg);
+    // A recipient named by its local part only ("kijitora"): the
+    // returned original's To: address with that local part.
+    let to = returned
+        .as_ref()
+        .and_then(|o| o.to.clone())
+        .or_else(|| inline_to(tail));
+    for r in &mut recipients {
+        if r.final_recipient
+            .as_deref()
+            .is_some_and(|n| !n.contains('@'))
+        {
+            let name = r.final_recipient.take().unwrap_or_default();
+            r.final_recipient = to.clone().filter(|to| {
+                to.split_once('@')
+                    .is_some_and(|(local, _)| local.eq_ignore_ascii_case(&name))
+            });
+        }
+    }
+    let original_message_id = returned
         .and_then(|o| o.message_id)
         .or_else(|| inline_message_id(tail));
     Some(Bounce {
@@ -942,6 +989,20 @@ fn split_original(text: &str) -> (&str, &str) {
         at += line.len();
     }
     (text, "")
+}
+
+/// The To: of an original copied inline after the marker, when it names
+/// exactly one address.
+fn inline_to(tail: &str) -> Option<String> {
+    let value = tail.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("to").then_some(value)
+    })?;
+    let found = addresses(value);
+    match found.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
 }
 
 /// The Message-ID header of an original copied inline after the marker.
@@ -1030,26 +1091,53 @@ fn exim(head: &str) -> Vec<BouncedRecipient> {
     } else {
         Action::Failed
     };
+    // `"bob@example.org":` (GMX, 1&1) or `bob@example.org:` at the margin.
     let quoted = |l: &str| {
         let t = l.trim_end();
-        t.starts_with('"') && t.ends_with("\":") && t.contains('@')
+        !t.starts_with([' ', '\t'])
+            && t.ends_with(':')
+            && t.contains('@')
+            && !t.contains(char::is_whitespace)
     };
-    let classic = |l: &str| {
+    // Under "The following address(es) failed:" an entry need not be an
+    // address: a local name, "save to FILE", "an undisclosed address".
+    let list_at = head
+        .to_ascii_lowercase()
+        .find("following address")
+        .unwrap_or(usize::MAX);
+    let classic = |l: &str, at: usize| {
         l.starts_with("  ")
             && !l.starts_with("   ")
-            && l.split_whitespace().next().is_some_and(|t| t.contains('@'))
+            && l.split_whitespace()
+                .next()
+                .is_some_and(|t| t.contains('@') || at > list_at)
     };
     let lines: Vec<&str> = head.lines().collect();
+    let offsets: Vec<usize> = lines
+        .iter()
+        .scan(0, |at, l| {
+            let here = *at;
+            *at += l.len() + 1;
+            Some(here)
+        })
+        .collect();
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() && out.len() < MAX_RECIPIENTS {
         let line = lines[i];
+        let line_at = offsets[i];
         i += 1;
         let is_quoted = quoted(line);
-        if !is_quoted && !classic(line) {
+        if !is_quoted && !classic(line, line_at) {
             continue;
         }
-        let addr = find_address(line);
+        // "name@example.org <bob@example.org>: ...": the address in angle
+        // brackets is the one; what precedes it is a display name.
+        let addr = line
+            .split_once('<')
+            .and_then(|(_, r)| r.split_once('>'))
+            .and_then(|(inner, _)| find_address(inner))
+            .or_else(|| find_address(line));
         let mut details = Vec::new();
         // "  <bob@example.org>: 550 unknown user": the reply on its line.
         if let Some((_, rest)) = line.trim().split_once(">:")
@@ -1064,7 +1152,7 @@ fn exim(head: &str) -> Vec<BouncedRecipient> {
             });
         while let Some(next) = lines.get(i) {
             let more = if is_quoted || unindented {
-                !next.trim().is_empty() && !quoted(next) && !classic(next)
+                !next.trim().is_empty() && !quoted(next) && !classic(next, offsets[i])
             } else {
                 next.starts_with("    ") || next.starts_with('\t')
             };
@@ -1125,6 +1213,19 @@ fn exim(head: &str) -> Vec<BouncedRecipient> {
                     .filter(|d| !d.starts_with("host ") && !d.starts_with("host:")),
             ),
         };
+        // "an undisclosed address (generated from bob@example.org)", or a
+        // local name alone (matched against the original's To: later).
+        let addr = addr
+            .or_else(|| {
+                details
+                    .iter()
+                    .find(|d| d.contains("generated from"))
+                    .and_then(|d| find_address(d))
+            })
+            .or_else(|| {
+                let t = line.trim();
+                (!t.is_empty() && !t.contains(char::is_whitespace)).then(|| t.to_string())
+            });
         let mut r = recipient(addr, action, Some(diag));
         r.remote_mta = remote;
         out.push(r);
@@ -1416,6 +1517,42 @@ fn sendmail(head: &str) -> Vec<BouncedRecipient> {
     out
 }
 
+/// AOL's old form: screen names (no domain) indented under "Your mail to
+/// the following recipients could not be delivered because they are not
+/// accepting mail from SENDER:"; the domain is the bounce's own.
+fn aol(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
+    let domain = msg
+        .from()
+        .and_then(|a| a.first()?.address())
+        .and_then(|a| a.split_once('@'))
+        .map(|(_, d)| d.to_ascii_lowercase());
+    let lines: Vec<&str> = head.lines().collect();
+    let Some(at) = lines.iter().position(|l| {
+        l.to_ascii_lowercase()
+            .contains("are not accepting mail from")
+    }) else {
+        return Vec::new();
+    };
+    let reason = lines[at].trim().to_string();
+    lines[at + 1..]
+        .iter()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| l.starts_with([' ', '\t']) && !l.trim().is_empty())
+        .take(MAX_RECIPIENTS)
+        .map(|l| {
+            let name = l.trim();
+            let addr = if name.contains('@') {
+                find_address(name)
+            } else {
+                domain
+                    .as_ref()
+                    .map(|d| format!("{}@{d}", name.to_ascii_lowercase()))
+            };
+            recipient(addr, Action::Failed, Some(reason.clone()))
+        })
+        .collect()
+}
+
 /// Header names a plain bounce quotes about the returned message ("Your
 /// message To: list@example.org Subject: ..."), whose addresses are not
 /// the failed recipient's.
@@ -1549,8 +1686,32 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
         if out.len() >= MAX_RECIPIENTS || quoted_header(line) {
             continue;
         }
-        for addr in addresses(line).into_iter().filter(|a| foreign(a)) {
-            if !prominent(line, &addr) {
+        let context = (
+            i.checked_sub(1).map_or("", |p| lines[p]),
+            lines.get(i + 1).copied().unwrap_or(""),
+        );
+        let lower_line = line.to_ascii_lowercase();
+        let mut found = addresses(line);
+        // "name@example.org <bob@example.org>": the first is a display
+        // name; the one in brackets stands where it stands.
+        let mut promoted = None;
+        if let [first, second, ..] = found.as_slice()
+            && lower_line.contains(&format!(
+                "{} <{}>",
+                first.to_ascii_lowercase(),
+                second.to_ascii_lowercase()
+            ))
+        {
+            let name = first.clone();
+            promoted = Some((second.clone(), name.clone()));
+            found.retain(|a| *a != name);
+        }
+        for addr in found {
+            let stands = match &promoted {
+                Some((bracketed, name)) if *bracketed == addr => prominent(line, name, context),
+                _ => prominent(line, &addr, context),
+            };
+            if !foreign(&addr) || !stands {
                 continue;
             }
             if out.iter().any(|r| {
@@ -1572,7 +1733,9 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
                 .take_while(|l| {
                     !l.trim().is_empty()
                         && !quoted_header(l)
-                        && !addresses(l).iter().any(|a| foreign(a) && prominent(l, a))
+                        && !addresses(l)
+                            .iter()
+                            .any(|a| foreign(a) && prominent(l, a, ("", "")))
                 })
                 .take(3)
                 .copied();
@@ -1649,24 +1812,54 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
 }
 
 /// Whether an address stands where a failed recipient is named: alone or
-/// first on its line, after a label ("Intended recipient:"), or after
-/// "to"/"for" ("could not be delivered to x@y", "your message to x@y
-/// cannot be delivered"). Addresses inside other prose (help texts,
-/// examples, the sender's address) are not.
-fn prominent(line: &str, addr: &str) -> bool {
+/// first on its line (not as the next word of a wrapped sentence), after
+/// a label ("Intended recipient:") or a bullet, or after "to"/"for" in a
+/// sentence about the failure ("could not be delivered to x@y", "your
+/// message to x@y cannot be delivered"). Addresses inside other prose
+/// (help texts, examples, the sender's address) are not. `context` is the
+/// line before and the line after.
+fn prominent(line: &str, addr: &str, context: (&str, &str)) -> bool {
     let Some(at) = line.to_ascii_lowercase().find(&addr.to_ascii_lowercase()) else {
         return false;
     };
     let before = line[..at]
         .trim_end_matches(['<', '"', '\'', '(', '[', ' ', '\t'])
+        .trim()
         .to_ascii_lowercase();
-    before.is_empty()
+    // A list's bullet: "* bob@example.org", "-- bob@example.org", "1. ...".
+    let bullet = !before.is_empty()
+        && before
+            .chars()
+            .all(|c| matches!(c, '*' | '-' | '.' | ')' | '\u{2022}') || c.is_ascii_digit());
+    let (prev, next) = context;
+    // "... If an address such as\nbob@example.org fails, try ...": the
+    // address only continues a sentence of prose.
+    let after = line[at + addr.len()..].trim_start();
+    let wrapped = prev.trim().len() > 50
+        && prev
+            .trim_end()
+            .ends_with(|c: char| c.is_ascii_alphabetic() || c == ',')
+        && after.starts_with(|c: char| c.is_ascii_lowercase());
+    let about_failure = || {
+        let l = format!("{line} {next}").to_ascii_lowercase();
+        FAILURE_WORDS.iter().any(|w| l.contains(w))
+            || ["failed", "rejected", "returned", "cannot", "could not"]
+                .iter()
+                .any(|w| l.contains(w))
+    };
+    // A reply line names its recipient: "552 Quota violation for bob@...".
+    let reply_line = basic_code(line.trim(), b"45").is_some_and(|(at, _)| at == 0);
+    (before.is_empty() && !wrapped)
+        || bullet
+        || reply_line
+        || before.ends_with("addressed to")
         || before.ends_with(':')
         || before.ends_with('=')
-        || before.ends_with(" to")
-        || before.ends_with(" for")
-        || before == "to"
-        || before == "for"
+        || ((before.ends_with(" to")
+            || before.ends_with(" for")
+            || before == "to"
+            || before == "for")
+            && about_failure())
 }
 
 /// Every address in `s`, in order.

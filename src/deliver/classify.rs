@@ -153,6 +153,9 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "sender address is not valid",
             "domain of sender address",
             "sender's domain",
+            "not accepting mail from",
+            "does not accept mail from",
+            "doesn't accept mail from",
             "unverified sender",
             "envelope sender",
             "mail from address",
@@ -381,15 +384,7 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
     ),
     (
         Reason::NotAccept,
-        &[
-            "null mx",
-            "does not accept mail",
-            "doesn't accept mail",
-            "accepts no mail",
-            "not accepting mail",
-            "no longer accepts mail",
-            "does not receive mail",
-        ],
+        &["null mx", "accepts no mail", "domain does not accept mail"],
     ),
     (
         Reason::MailboxDisabled,
