@@ -267,7 +267,7 @@ fn real_world_bounces() {
         }
     }
     assert!(labels.message.len() >= 100, "corpus too small");
-    // Floors at what is measured now; the targets are higher.
+    // The targets: what a relay that suppresses addresses must read.
     assert!(all.detected.value() >= 0.98, "detection {}", all.detected);
     assert_eq!(all.false_positives.hit, 0, "non-bounces taken");
     assert!(
@@ -275,7 +275,7 @@ fn real_world_bounces() {
         "complaints {}",
         all.complaints
     );
-    assert!(all.found.value() >= 0.95, "recipients {}", all.found);
+    assert!(all.found.value() >= 0.97, "recipients {}", all.found);
     assert_eq!(all.invented.hit, 0, "recipients invented");
     assert!(
         all.status_exact.value() >= 0.95,
@@ -283,7 +283,7 @@ fn real_world_bounces() {
         all.status_exact
     );
     assert!(
-        all.permanence.value() >= 0.97,
+        all.permanence.value() >= 0.98,
         "permanence {}",
         all.permanence
     );
@@ -292,5 +292,5 @@ fn real_world_bounces() {
         "precision {}",
         all.precision
     );
-    assert!(all.recall.value() >= 0.87, "recall {}", all.recall);
+    assert!(all.recall.value() >= 0.90, "recall {}", all.recall);
 }

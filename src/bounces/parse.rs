@@ -413,7 +413,34 @@ fn delivery_status_of(msg: &Message<'_>, text: &str) -> Bounce {
         push_recipient(&mut bounce.recipients, current.take());
     }
     human_reasons(msg, &mut bounce.recipients);
+    failed_recipients_header(msg, &mut bounce.recipients);
     bounce
+}
+
+/// Exim's `X-Failed-Recipients:` header names the address of a failure
+/// its text names only as a file, a program or a local name: given to the
+/// one recipient without an address when the header lists one address the
+/// report does not already name.
+fn failed_recipients_header(msg: &Message<'_>, recipients: &mut [BouncedRecipient]) {
+    let Some(value) = header(msg, "X-Failed-Recipients") else {
+        return;
+    };
+    let listed: Vec<String> = addresses(&value)
+        .into_iter()
+        .filter(|a| {
+            !recipients.iter().any(|r| {
+                r.final_recipient
+                    .as_deref()
+                    .is_some_and(|f| f.eq_ignore_ascii_case(a))
+            })
+        })
+        .collect();
+    let mut unnamed = recipients
+        .iter_mut()
+        .filter(|r| r.final_recipient.is_none());
+    if let ([one], Some(r), None) = (listed.as_slice(), unnamed.next(), unnamed.next()) {
+        r.final_recipient = Some(one.clone());
+    }
 }
 
 /// Fills the diagnostic of recipient blocks that have none from the
@@ -944,6 +971,7 @@ fn plain_text(msg: &Message<'_>) -> Option<Bounce> {
             });
         }
     }
+    failed_recipients_header(msg, &mut recipients);
     let original_message_id = returned
         .and_then(|o| o.message_id)
         .or_else(|| inline_message_id(tail));
@@ -966,6 +994,7 @@ fn split_original(text: &str) -> (&str, &str) {
         "----- original message -----",
         "returned message follows",
         "unsent message below",
+        "unsent message follows",
     ];
     let mut at = 0;
     for line in text.split_inclusive('\n') {
@@ -1222,10 +1251,7 @@ fn exim(head: &str) -> Vec<BouncedRecipient> {
                     .find(|d| d.contains("generated from"))
                     .and_then(|d| find_address(d))
             })
-            .or_else(|| {
-                let t = line.trim();
-                (!t.is_empty() && !t.contains(char::is_whitespace)).then(|| t.to_string())
-            });
+            .or_else(|| Some(line.trim().to_string()).filter(|t| !t.is_empty()));
         let mut r = recipient(addr, action, Some(diag));
         r.remote_mta = remote;
         out.push(r);
@@ -1726,7 +1752,7 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
                 .find(&addr.to_ascii_lowercase())
                 .unwrap_or(0);
             let rest = line[(at + addr.len()).min(line.len())..]
-                .trim_start_matches(['>', '"', '\'', ':', ';', ',', '.', ' ', '\t'])
+                .trim_start_matches(['>', '"', '\'', ')', ':', ';', ',', '.', ' ', '\t'])
                 .trim();
             let under = lines[i + 1..]
                 .iter()
@@ -1745,7 +1771,7 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
                 .trim()
                 .trim_end_matches([':', '<', '"', '\''])
                 .trim();
-            let rest = if rest.is_empty() && before.split_whitespace().count() >= 3 {
+            let rest = if rest.is_empty() && before.split_whitespace().count() >= 2 {
                 before
             } else {
                 rest
@@ -1804,6 +1830,26 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
         if reason_line.is_some() && !own_code && (weak || reason_has_code) {
             r.diagnostic = reason_line.clone();
         }
+    }
+    // A text in a language these rules cannot read: any address it names
+    // outside quoted headers is who it is about.
+    if out.is_empty() && foreign_language {
+        let mut seen: Vec<String> = Vec::new();
+        for a in lines
+            .iter()
+            .filter(|l| !quoted_header(l))
+            .flat_map(|l| addresses(l))
+            .filter(|a| foreign(a))
+        {
+            if !seen.iter().any(|s| s.eq_ignore_ascii_case(&a)) {
+                seen.push(a);
+            }
+        }
+        out.extend(
+            seen.into_iter()
+                .take(MAX_RECIPIENTS)
+                .map(|a| recipient(Some(a), action, reason_line.clone())),
+        );
     }
     if out.is_empty() {
         out.push(recipient(None, action, reason_line));
