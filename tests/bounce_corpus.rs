@@ -294,3 +294,28 @@ fn real_world_bounces() {
     );
     assert!(all.recall.value() >= 0.90, "recall {}", all.recall);
 }
+
+/// `[[classification.rules]]` decide for late reports as for replies at
+/// delivery: a postmaster who knows that a provider's "Address rejected"
+/// means a missing mailbox says so, and that corpus report then
+/// suppresses; by default it does not.
+#[test]
+fn configured_rules_decide_for_corpus_reports() {
+    let config = herald::config::Config::from_toml_str(
+        "[[listener]]\naddress = \"127.0.0.1:2587\"\n\
+         [[classification.rules]]\nmatch = \"address rejected\"\nstatus = \"5.1\"\nreason = \"user_unknown\"\n",
+    )
+    .unwrap();
+    let configured = Classifier::new(&config.classification);
+    let bytes = std::fs::read(Path::new(DIR).join("sisimai/email-gsuite-01.eml")).unwrap();
+    let Some(Report::Bounce(b)) = bounces::parse(&bytes) else {
+        panic!("not read as a bounce");
+    };
+    let r = b.about("kijitora@example.de").expect("a recipient block");
+    let default = r.outcome(&Classifier::default());
+    assert_eq!(default.reason, Reason::Policy);
+    assert!(!default.suppresses());
+    let v = r.outcome(&configured);
+    assert_eq!(v.reason, Reason::UserUnknown);
+    assert!(v.suppresses());
+}

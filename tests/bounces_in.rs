@@ -82,6 +82,26 @@ fn invoice(to: &str, message_id: &str) -> Vec<u8> {
 
 /// A Postfix-style RFC 3464 report saying `to` does not exist.
 fn dsn(return_path: &str, to: &str, message_id: &str) -> Vec<u8> {
+    dsn_saying(
+        return_path,
+        to,
+        message_id,
+        "5.1.1",
+        &format!(
+            "Diagnostic-Code: smtp; 550 5.1.1 <{to}>: Recipient address rejected: User unknown\r\n"
+        ),
+    )
+}
+
+/// A DSN about `to` with the given `Status:` and diagnostic field line
+/// (empty for none).
+fn dsn_saying(
+    return_path: &str,
+    to: &str,
+    message_id: &str,
+    status: &str,
+    diagnostic_field: &str,
+) -> Vec<u8> {
     format!(
         "From: MAILER-DAEMON@mx.one.test (Mail Delivery System)\r\n\
          To: {return_path}\r\n\
@@ -102,9 +122,9 @@ fn dsn(return_path: &str, to: &str, message_id: &str) -> Vec<u8> {
          \r\n\
          Final-Recipient: rfc822; {to}\r\n\
          Action: failed\r\n\
-         Status: 5.1.1\r\n\
+         Status: {status}\r\n\
          Remote-MTA: dns; store.one.test\r\n\
-         Diagnostic-Code: smtp; 550 5.1.1 <{to}>: Recipient address rejected: User unknown\r\n\
+         {diagnostic_field}\
          \r\n\
          --B1\r\n\
          Content-Type: text/rfc822-headers\r\n\
@@ -188,6 +208,7 @@ async fn a_late_dsn_bounces_the_right_recipient_and_suppresses_it() {
         assert_eq!(field(e, "tenant"), "acme");
         assert_eq!(field(e, "sender"), "billing@acme.test");
         assert_eq!(field(e, "classification"), "invalid_recipient");
+        assert_eq!(field(e, "reason"), "user_unknown");
         assert_eq!(e["permanent"], true);
         assert_eq!(e["smtp"]["code"], 550);
         assert_eq!(e["smtp"]["enhanced"], "5.1.1");
@@ -236,6 +257,75 @@ async fn a_late_dsn_bounces_the_right_recipient_and_suppresses_it() {
         let (ok, out, err) = herald(&cfg, &["queue", "status", &id, "--json"]).await;
         assert!(ok, "{err}");
         assert!(out.contains("\"finished\": true"), "{out}");
+    })
+    .await;
+}
+
+/// The text wins over a Status: that names another cause, and a blocked
+/// IP says nothing about the address: reported, never suppressed. A
+/// report without a reply code keeps `"code": null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_blocklist_bounce_is_reported_and_suppresses_nothing() {
+    common::within(Duration::from_secs(60), "late blocklist DSN", async {
+        let w = world().await;
+        let mut paths = Vec::new();
+        for (to, mid) in [
+            ("listed@one.test", "<inv-b1@acme.test>"),
+            ("nocode@one.test", "<inv-b2@acme.test>"),
+        ] {
+            let (_, return_path) = w.deliver(to, mid).await;
+            paths.push((to, mid, return_path));
+        }
+        w.relay
+            .wait_events("delivered", 2, WAIT, |e| field(e, "event") == "delivered")
+            .await;
+        let reports = [
+            dsn_saying(
+                &paths[0].2,
+                paths[0].0,
+                paths[0].1,
+                "5.1.1",
+                "Diagnostic-Code: smtp; 550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.spamhaus.org\r\n",
+            ),
+            dsn_saying(&paths[1].2, paths[1].0, paths[1].1, "5.2.2", ""),
+        ];
+        for ((_, _, return_path), report) in paths.iter().zip(&reports) {
+            let mut c = w.bounce_client().await;
+            c.cmd("MAIL FROM:<>").await.assert_code(250);
+            c.cmd(&format!("RCPT TO:<{return_path}>"))
+                .await
+                .assert_code(250);
+            c.data(report).await.assert_code(250);
+            let _ = c.cmd("QUIT").await;
+        }
+        let bounced = w
+            .relay
+            .wait_events("late bounces", 2, WAIT, |e| {
+                field(e, "event") == "bounced" && field(e, "tenant") == "acme"
+            })
+            .await;
+        let of = |to: &str| {
+            bounced
+                .iter()
+                .find(|e| field(e, "recipient") == to)
+                .unwrap_or_else(|| panic!("no bounce for {to}: {bounced:?}"))
+        };
+        let listed = of("listed@one.test");
+        assert_eq!(field(listed, "reason"), "blocked", "{listed}");
+        assert_eq!(field(listed, "classification"), "spam_block", "{listed}");
+        assert_eq!(listed["smtp"]["enhanced"], "5.7.1", "{listed}");
+        let nocode = of("nocode@one.test");
+        assert_eq!(field(nocode, "reason"), "mailbox_full", "{nocode}");
+        assert!(nocode["smtp"]["code"].is_null(), "{nocode}");
+
+        // Neither address went on the suppression list.
+        let mut c = w.relay.client().await;
+        c.cmd("MAIL FROM:<billing@acme.test>")
+            .await
+            .assert_code(250);
+        for to in ["listed@one.test", "nocode@one.test"] {
+            c.cmd(&format!("RCPT TO:<{to}>")).await.assert_code(250);
+        }
     })
     .await;
 }
@@ -429,6 +519,76 @@ async fn the_same_message_id_to_other_recipients_is_not_a_duplicate() {
         assert_ne!(queue_id(&first), queue_id(&second));
         let got = tokio::task::block_in_place(|| w.mx.wait_for_messages(2, WAIT));
         assert_eq!(got.len(), 2);
+    })
+    .await;
+}
+
+/// `herald bounce parse` reads a report as the listener does and says why
+/// an address would (or would not) be suppressed; the config's rules
+/// apply, and a missing config file means the built-in rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounce_parse_explains_what_herald_reads() {
+    common::within(Duration::from_secs(60), "bounce parse", async {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("report.eml");
+        std::fs::write(
+            &report,
+            dsn_saying(
+                "bounces+x@relay.test",
+                "gone@one.test",
+                "<inv-9@acme.test>",
+                "5.1.1",
+                "Diagnostic-Code: smtp; 550 5.1.1 <gone@one.test>: Recipient address rejected: User unknown\r\n",
+            ),
+        )
+        .unwrap();
+        let report = report.to_str().unwrap();
+        let no_config = dir.path().join("absent.toml");
+        let (ok, out, err) = herald(&no_config, &["bounce", "parse", report, "--json"]).await;
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["kind"], "bounce");
+        assert_eq!(v["format"], "rfc3464");
+        let r = &v["recipients"][0];
+        assert_eq!(r["address"], "gone@one.test");
+        assert_eq!(r["status"], "5.1.1");
+        assert_eq!(r["code"], 550);
+        assert_eq!(r["reason"], "user_unknown");
+        assert_eq!(r["would_suppress"], true);
+
+        let (ok, out, err) = herald(&no_config, &["bounce", "parse", report]).await;
+        assert!(ok, "{err}");
+        assert!(out.contains("reason: user_unknown (the mailbox does not exist)"), "{out}");
+        assert!(out.contains("would suppress: yes"), "{out}");
+
+        // A config rule that calls this text something else is obeyed.
+        let config = dir.path().join("herald.toml");
+        std::fs::write(
+            &config,
+            "[[listener]]\naddress = \"127.0.0.1:2587\"\n\
+             [[classification.rules]]\nmatch = \"user unknown\"\nreason = \"mailbox_disabled\"\n",
+        )
+        .unwrap();
+        let (ok, out, err) = herald(&config, &["bounce", "parse", report]).await;
+        assert!(ok, "{err}");
+        assert!(out.contains("reason: mailbox_disabled"), "{out}");
+        assert!(out.contains("would suppress: no"), "{out}");
+
+        // Not a report: said so, nothing recorded.
+        let reply = dir.path().join("reply.eml");
+        std::fs::write(
+            &reply,
+            "From: Bob <bob@one.test>\r\nSubject: Re: Invoice 9\r\n\r\nThanks, paid.\r\n",
+        )
+        .unwrap();
+        let (ok, out, _) = herald(&no_config, &["bounce", "parse", reply.to_str().unwrap()]).await;
+        assert!(ok);
+        assert!(out.starts_with("not a bounce or complaint"), "{out}");
+
+        // A file that cannot be read: a clear error, exit code 2.
+        let (ok, _, err) = herald(&no_config, &["bounce", "parse", "/nonexistent/x.eml"]).await;
+        assert!(!ok);
+        assert!(err.contains("cannot read /nonexistent/x.eml"), "{err}");
     })
     .await;
 }

@@ -569,7 +569,9 @@ fn action_of_class(e: Enhanced) -> Option<Action> {
 /// `(#5.1.1)` → (None, 5.1.1). Digits inside IP addresses, dates and
 /// longer numbers are not codes.
 pub(crate) fn reply_codes(s: &str) -> (Option<u16>, Option<Enhanced>) {
-    let code = basic_code(s, b"245");
+    // A failure's code before any 2xx: "220-laposte 421 4.2.1 Service
+    // refused" is a refusal quoted after the greeting it came with.
+    let code = basic_code(s, b"45").or_else(|| basic_code(s, b"2"));
     let from = code.map_or(0, |(at, _)| at);
     let enhanced = enhanced_code(&s[from..]).or_else(|| enhanced_code(s));
     (code.map(|(_, c)| c), enhanced)
@@ -2463,6 +2465,18 @@ mod tests {
             let msg = format!("{headers}{OOO_BODY}");
             assert_eq!(parse(msg.as_bytes()), None, "{headers}");
         }
+    }
+
+    #[test]
+    fn reply_codes_prefer_the_failure_to_a_greeting() {
+        assert_eq!(
+            reply_codes("220-laposte 421 4.2.1 Service refused"),
+            (Some(421), Some(Enhanced(4, 2, 1)))
+        );
+        assert_eq!(
+            reply_codes("smtp; 250 2.0.0 queued"),
+            (Some(250), Some(Enhanced(2, 0, 0)))
+        );
     }
 
     #[test]

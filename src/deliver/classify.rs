@@ -1338,6 +1338,68 @@ mod corpus {
             Reason::Network,
             false,
         ),
+        // The code says one thing, the text another: the text wins where
+        // it names a cause, and only the address's own causes suppress.
+        (
+            450,
+            "4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered. Please resend your message at a later point.",
+            Reason::RateLimited,
+            false,
+        ),
+        (
+            550,
+            "5.1.1 Service unavailable; client [192.0.2.1] blocked using zen.spamhaus.org",
+            Reason::Blocked,
+            true,
+        ),
+        (
+            550,
+            "mailbox is over quota temporarily (#5.1.1)",
+            Reason::MailboxFull,
+            true,
+        ),
+        (
+            550,
+            "5.1.1 <bob@one.example>: Recipient address rejected: SPF check failed for 192.0.2.1",
+            Reason::AuthFailure,
+            true,
+        ),
+        (
+            550,
+            "5.1.1 Message rejected as spam by Content Filtering.",
+            Reason::SpamDetected,
+            true,
+        ),
+        (
+            554,
+            "5.1.1 Too many messages from 192.0.2.1, slow down",
+            Reason::RateLimited,
+            true,
+        ),
+        (
+            550,
+            "5.2.1 <bob@one.example>... User Unknown",
+            Reason::UserUnknown,
+            true,
+        ),
+        (
+            550,
+            "5.1.7 No such domain sender.example",
+            Reason::SenderRejected,
+            true,
+        ),
+        (
+            554,
+            "5.7.1 <bob@one.example>: Relay access denied",
+            Reason::RelayingDenied,
+            true,
+        ),
+        (
+            550,
+            "Requested action not taken: mailbox unavailable or not local",
+            Reason::Other,
+            true,
+        ),
     ];
 
     #[test]
