@@ -150,7 +150,7 @@ impl Reason {
             Reason::MailboxFull => "the mailbox is full",
             Reason::MessageTooLarge => "the message is too large for the receiver",
             Reason::Blocked => {
-                "the sending IP or domain is blocked (blocklist, reputation, reverse DNS)"
+                "the sending IP or domain is blocked: blocklist, reputation or reverse DNS"
             }
             Reason::SpamDetected => "the receiver judged the content spam",
             Reason::Policy => "refused by the receiver's policy",
