@@ -472,7 +472,21 @@ fn human_reasons(msg: &Message<'_>, recipients: &mut [BouncedRecipient]) {
                 })
                 .flatten()
         };
-        let Some(diag) = named.or_else(any) else {
+        // Else what the text says about it, read as any plain bounce.
+        let from_text = || {
+            let read = generic(msg, head);
+            read.iter()
+                .find(|g| {
+                    g.final_recipient
+                        .as_deref()
+                        .zip(addr.as_deref())
+                        .is_some_and(|(g, a)| g.eq_ignore_ascii_case(a))
+                })
+                .or(if single { read.first() } else { None })
+                .and_then(|g| g.diagnostic.clone())
+                .filter(|d| !says_nothing(d))
+        };
+        let Some(diag) = named.or_else(any).or_else(from_text) else {
             continue;
         };
         let (code, enhanced) = reply_codes(&diag);
@@ -1761,9 +1775,11 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
                 .take_while(|l| {
                     !l.trim().is_empty()
                         && !quoted_header(l)
-                        && !addresses(l)
-                            .iter()
-                            .any(|a| foreign(a) && prominent(l, a, ("", "")))
+                        && !addresses(l).iter().any(|a| {
+                            !a.eq_ignore_ascii_case(&addr)
+                                && foreign(a)
+                                && prominent(l, a, ("", ""))
+                        })
                 })
                 .take(3)
                 .copied();
@@ -1815,6 +1831,16 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
                 })
             })
         })
+        // The first line that names a cause, as the reply rules read it.
+        .or_else(|| {
+            // (The first 200 lines: the reason comes before any long text.)
+            lines
+                .iter()
+                .take(200)
+                .map(|l| l.trim())
+                .find(|l| !l.is_empty() && !says_nothing(l))
+                .map(str::to_string)
+        })
         .or_else(|| {
             let s = subject.trim();
             let after = s.split_once(':').map_or(s, |(_, r)| r).trim();
@@ -1823,13 +1849,18 @@ fn generic(msg: &Message<'_>, head: &str) -> Vec<BouncedRecipient> {
     let reason_has_code = reason_line
         .as_deref()
         .is_some_and(|l| basic_code(l, b"45").is_some());
+    let reason_names_cause = reason_line.as_deref().is_some_and(|l| !says_nothing(l));
     for r in &mut out {
         let own_code = r
             .diagnostic
             .as_deref()
             .is_some_and(|d| basic_code(d, b"45").is_some());
         let weak = r.diagnostic.as_deref().is_none_or(|d| d.len() < 8);
-        if reason_line.is_some() && !own_code && (weak || reason_has_code) {
+        let silent = r.diagnostic.as_deref().is_none_or(says_nothing);
+        if reason_line.is_some()
+            && !own_code
+            && (weak || reason_has_code || (silent && reason_names_cause))
+        {
             r.diagnostic = reason_line.clone();
         }
     }
@@ -1908,6 +1939,14 @@ fn prominent(line: &str, addr: &str, context: (&str, &str)) -> bool {
             || before == "to"
             || before == "for")
             && about_failure())
+}
+
+/// Whether a text names no cause the reply rules know ("Delivery failure",
+/// "Undeliverable Address"): built-in rules only, as the parser has no
+/// config; the listener classifies the chosen text with the config's.
+fn says_nothing(text: &str) -> bool {
+    crate::deliver::classify::classify_with(&[], None, 0, text).reason
+        == crate::event::Reason::Other
 }
 
 /// Every address in `s`, in order.
