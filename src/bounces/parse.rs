@@ -47,7 +47,7 @@ const MAX_RECIPIENTS: usize = 1000;
 pub fn parse(message: &[u8]) -> Option<Report> {
     let message = message.get(..MAX_INPUT).unwrap_or(message);
     let msg = MessageParser::default().parse(message)?;
-    if let Some(c) = feedback_report(&msg) {
+    if let Some(c) = feedback_report(&msg).or_else(|| legacy_complaint(&msg)) {
         // An authentication failure report (RFC 6591) or a "not spam"
         // report says nothing against the recipient.
         if matches!(c.feedback_type.as_str(), "auth-failure" | "not-spam") {
@@ -746,6 +746,49 @@ fn derive_status(r: &mut BouncedRecipient) {
 
 // ---------------------------------------------------------------------------
 // ARF (RFC 5965).
+
+/// A complaint in the older form before ARF, still sent by Hotmail's
+/// (Outlook.com's) JMRP and Amazon SES's forwarding: a message from
+/// `staff@hotmail.com` (or `complaints@email-abuse.amazonses.com`) whose
+/// subject says "complaint about message from IP", with the complained
+/// message attached; the recipient is the attached message's `To:` or
+/// Microsoft's `X-HmXmrOriginalRecipient`.
+fn legacy_complaint(msg: &Message<'_>) -> Option<Complaint> {
+    let from = msg.from()?.first()?.address()?.to_ascii_lowercase();
+    if !matches!(
+        from.as_str(),
+        "staff@hotmail.com" | "complaints@email-abuse.amazonses.com"
+    ) {
+        return None;
+    }
+    let subject = msg.subject().unwrap_or_default();
+    let lower = subject.to_ascii_lowercase();
+    let at = lower.find("complaint about message from")?;
+    let source_ip = subject[at + "complaint about message from".len()..]
+        .split_whitespace()
+        .next()
+        .map(|ip| {
+            ip.trim_matches(|c: char| !c.is_ascii_hexdigit() && c != '.' && c != ':')
+                .to_string()
+        })
+        .filter(|ip| !ip.is_empty());
+    let original = original(msg).unwrap_or_default();
+    Some(Complaint {
+        feedback_type: "abuse".into(),
+        user_agent: Some(if from.ends_with("hotmail.com") {
+            "Hotmail (legacy complaint)".into()
+        } else {
+            "Amazon SES (legacy complaint)".into()
+        }),
+        original_mail_from: None,
+        original_rcpt_to: None,
+        reported_domain: None,
+        source_ip,
+        arrival_date: None,
+        original_message_id: original.message_id,
+        original_recipient_header: original.to,
+    })
+}
 
 fn feedback_report(msg: &Message<'_>) -> Option<Complaint> {
     let part = msg
@@ -2561,6 +2604,28 @@ mod tests {
             )
             .replace("Nondeliverable mail", "Notice");
         assert_eq!(parse(notice.as_bytes()), None);
+    }
+
+    #[test]
+    fn a_legacy_hotmail_complaint_is_a_complaint() {
+        let msg = "From: staff@hotmail.com\r\nTo: bounces+x@relay.example\r\n\
+            Subject: complaint about message from 192.0.2.1\r\n\
+            MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+            --b\r\nContent-Type: message/rfc822\r\n\r\n\
+            X-HmXmrOriginalRecipient: <carol@hotmail.example>\r\n\
+            From: billing@acme.example\r\nMessage-ID: <inv-5@acme.example>\r\n\
+            Subject: Invoice 5\r\n\r\nPay.\r\n--b--\r\n";
+        let c = complaint(msg.as_bytes());
+        assert_eq!(c.feedback_type, "abuse");
+        assert_eq!(c.source_ip, s("192.0.2.1"));
+        assert_eq!(c.original_message_id, s("<inv-5@acme.example>"));
+        assert_eq!(c.original_recipient_header, s("carol@hotmail.example"));
+        // The same subject from anyone else is no complaint.
+        let forged = msg.replace("staff@hotmail.com", "someone@hotmail.com");
+        assert!(!matches!(
+            parse(forged.as_bytes()),
+            Some(Report::Complaint(_))
+        ));
     }
 
     #[test]
