@@ -293,7 +293,7 @@ async fn dispatcher_outcomes_per_recipient_and_destination() {
     let out = h.outcome(id).await;
     for o in &out {
         match &o.result {
-            AttemptResult::Bounced(r, Reason::UserUnknown) => {
+            AttemptResult::Bounced(r, Reason::NotAccept) => {
                 assert_eq!(r.code, 556);
                 assert_eq!(r.enhanced, Some(Enhanced(5, 1, 10)));
             }
