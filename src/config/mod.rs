@@ -431,6 +431,8 @@ pub struct DeliveryConfig {
     /// they differ from `source_ips` (NAT); used by SPF alignment, `domain
     /// check` and `dnsbl check`.
     pub public_ips: Vec<IpAddr>,
+    /// `[delivery.mta_sts]`: MTA-STS policies of recipient domains (RFC 8461).
+    pub mta_sts: MtaStsConfig,
 }
 
 impl Default for DeliveryConfig {
@@ -453,6 +455,36 @@ impl Default for DeliveryConfig {
             max_bytes_in_flight: Size(256 << 20),
             starttls: StarttlsPolicy::Opportunistic,
             public_ips: Vec::new(),
+            mta_sts: MtaStsConfig::default(),
+        }
+    }
+}
+
+/// `[delivery.mta_sts]`: how recipient domains' MTA-STS policies (RFC 8461)
+/// are fetched and cached.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct MtaStsConfig {
+    /// Look policies up at all. Default true.
+    pub enabled: bool,
+    /// The whole fetch of one policy: address lookup, connect, TLS, answer.
+    /// Default 10s.
+    pub fetch_timeout: Span,
+    /// A PEM file of CA certificates trusted for policy hosts besides the
+    /// system's trust store (private deployments, tests). Default none.
+    pub ca_file: Option<PathBuf>,
+    /// How long a domain without an `_mta-sts` TXT record is remembered as
+    /// such. Default 1h.
+    pub negative_cache: Span,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            enabled: true,
+            fetch_timeout: Span(std::time::Duration::from_secs(10)),
+            ca_file: None,
+            negative_cache: Span(std::time::Duration::from_secs(3600)),
         }
     }
 }
@@ -1129,6 +1161,14 @@ impl Config {
         }
         if d.max_messages_per_connection == 0 {
             errs.push("delivery.max_messages_per_connection", "must be at least 1");
+        }
+        if d.mta_sts.fetch_timeout.0.is_zero() {
+            errs.push("delivery.mta_sts.fetch_timeout", "must be longer than 0");
+        }
+        if let Some(path) = &d.mta_sts.ca_file
+            && let Err(e) = smarthost::load_roots(path)
+        {
+            errs.push("delivery.mta_sts.ca_file", e);
         }
 
         if self.needs_tls() && !self.tls.self_signed {

@@ -33,6 +33,7 @@ pub mod explain;
 pub mod failure;
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod mta_sts;
 pub mod smarthost;
 
 use std::collections::{HashMap, VecDeque};
