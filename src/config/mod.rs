@@ -476,6 +476,9 @@ pub struct MtaStsConfig {
     /// How long a domain without an `_mta-sts` TXT record is remembered as
     /// such. Default 1h.
     pub negative_cache: Span,
+    /// The port policy hosts are asked on. RFC 8461 says 443; only tests
+    /// (which cannot bind 443) change it.
+    pub https_port: u16,
 }
 
 impl Default for MtaStsConfig {
@@ -485,6 +488,7 @@ impl Default for MtaStsConfig {
             fetch_timeout: Span(std::time::Duration::from_secs(10)),
             ca_file: None,
             negative_cache: Span(std::time::Duration::from_secs(3600)),
+            https_port: 443,
         }
     }
 }

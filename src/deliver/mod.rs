@@ -115,8 +115,27 @@ fn start_inner(
     shutdown: CancellationToken,
     control: Option<crate::control::Control>,
 ) -> tokio::task::JoinHandle<()> {
+    let mta_sts = config.delivery.mta_sts.enabled.then(|| {
+        mta_sts::MtaSts::new(
+            &config.delivery.mta_sts,
+            dns.clone(),
+            config.server.spool_dir.join("mta-sts-cache.json"),
+        )
+    });
+    let mta_sts = match mta_sts {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            // The config check reads ca_file first; this is a file that
+            // went away since. Delivering as without policies is what
+            // RFC 8461 §5 does when none can be had.
+            tracing::error!(error = %e, "MTA-STS is off: cannot load its trust anchors");
+            None
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         control,
+        mta_sts,
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
         rate_limits: crate::ratelimit::RateLimits::new(
@@ -161,6 +180,8 @@ struct Ctx {
     control: Option<crate::control::Control>,
     /// `[[smarthost]]` routing by tenant and sender domain.
     smarthosts: smarthost::Routes,
+    /// `[delivery.mta_sts]`: recipient domains' published TLS policies.
+    mta_sts: Option<mta_sts::MtaSts>,
 }
 
 impl Ctx {
@@ -802,10 +823,49 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     };
 
     let mut last: Option<(Reply, Reason, String)> = None;
+    // RFC 8461: an enforced policy names the MX hosts that may be used and
+    // requires verified TLS to them; testing mode only reports.
+    let enforced = match &ctx.mta_sts {
+        Some(m) => match m.lookup(name).await {
+            mta_sts::Lookup::Policy(p) if p.mode == mta_sts::Mode::Enforce => Some(p),
+            mta_sts::Lookup::Policy(p) => {
+                tracing::debug!(domain = %name, id = %p.id, mode = p.mode.as_str(), "MTA-STS policy not enforced");
+                None
+            }
+            mta_sts::Lookup::Failed {
+                result_type,
+                detail,
+            } => {
+                tracing::info!(domain = %name, result_type, detail, "no usable MTA-STS policy; delivering as without one");
+                None
+            }
+            mta_sts::Lookup::NoPolicy => None,
+        },
+        None => None,
+    };
     // Like Postfix's smtp_mx_address_limit: a domain with many dead hosts
     // must not hold a connection slot for connect_timeout × every address.
     let mut budget = ctx.config.delivery.max_mx_addresses;
     'hosts: for host in &hosts {
+        if let Some(p) = &enforced
+            && !p.allows_mx(&host.name)
+        {
+            last = Some((
+                Reply::new(
+                    451,
+                    Enhanced(4, 7, 5),
+                    format!(
+                        "MTA-STS policy of {name} (enforce, id {}) does not list mail server {} among {}; not used",
+                        p.id,
+                        host.name,
+                        p.mx.join(", ")
+                    ),
+                ),
+                Reason::Tls,
+                host.name.clone(),
+            ));
+            continue;
+        }
         let ips = match ctx.dns.ips(&host.name).await {
             Ok(ips) if !ips.is_empty() => ips,
             Ok(_) => {
@@ -850,7 +910,8 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             }
             budget -= 1;
             let addr = SocketAddr::new(ip, ctx.config.delivery.port);
-            let opened = open(ctx, &host.name, addr).await;
+            let require = enforced.as_deref().map(|p| (name.as_str(), p));
+            let opened = open(ctx, &host.name, addr, require).await;
             if let (Ok(client), Some(m)) = (&opened, ctx.sink.metrics()) {
                 m.connections_out
                     .inc(client.tls_version().unwrap_or("none"));
@@ -890,13 +951,23 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
 }
 
 /// Connects to one address: greeting, EHLO, and STARTTLS per policy.
-async fn open(ctx: &Ctx, host: &str, addr: SocketAddr) -> Result<SmtpClient, (Reply, Reason)> {
+/// `require`: the recipient domain and its enforced MTA-STS policy, which
+/// make verified TLS mandatory whatever `delivery.starttls` says.
+async fn open(
+    ctx: &Ctx,
+    host: &str,
+    addr: SocketAddr,
+    require: Option<(&str, &mta_sts::Policy)>,
+) -> Result<SmtpClient, (Reply, Reason)> {
     let fail = |e: ClientError| synthesize(&ctx.classifier, &e, host, addr);
     let source = ctx.source_for(addr.ip());
     let mut client = SmtpClient::connect(addr, source, ctx.timeouts)
         .await
         .map_err(fail)?;
     client.ehlo(&ctx.helo).await.map_err(fail)?;
+    if let Some((domain, policy)) = require {
+        return enforced_tls(ctx, client, host, addr, domain, policy).await;
+    }
     match ctx.config.delivery.starttls {
         StarttlsPolicy::Disabled => Ok(client),
         StarttlsPolicy::Required => {
@@ -930,6 +1001,55 @@ async fn open(ctx: &Ctx, host: &str, addr: SocketAddr) -> Result<SmtpClient, (Re
                 }
             }
         }
+    }
+}
+
+/// STARTTLS with a certificate verified for `host` (RFC 8461 §4.2), or a
+/// deferral that says which policy required it and what failed: never a
+/// delivery in clear.
+async fn enforced_tls(
+    ctx: &Ctx,
+    mut client: SmtpClient,
+    host: &str,
+    addr: SocketAddr,
+    domain: &str,
+    policy: &mta_sts::Policy,
+) -> Result<SmtpClient, (Reply, Reason)> {
+    let why = |enhanced: Enhanced, what: String| {
+        (
+            Reply::new(
+                451,
+                enhanced,
+                format!(
+                    "MTA-STS policy of {domain} (enforce, id {}) requires TLS with a certificate valid for {host}; {what}",
+                    policy.id
+                ),
+            ),
+            Reason::Tls,
+        )
+    };
+    if !client.capabilities().starttls {
+        return Err(why(
+            Enhanced(4, 7, 10),
+            format!("{host} [{}] offered no STARTTLS", addr.ip()),
+        ));
+    }
+    let Some(tls) = ctx.mta_sts.as_ref().and_then(|m| m.mx_tls()) else {
+        return Err(why(
+            Enhanced(4, 7, 5),
+            "this relay has no trusted root certificates to verify it with".into(),
+        ));
+    };
+    match client.starttls(tls, host, &ctx.helo).await {
+        Ok(()) => Ok(client),
+        Err(ClientError::Rejected { reply, .. }) => Err(why(
+            Enhanced(4, 7, 10),
+            format!("{host} [{}] refused STARTTLS: {reply}", addr.ip()),
+        )),
+        Err(e) => Err(why(
+            Enhanced(4, 7, 5),
+            format!("the TLS handshake with {host} [{}] failed: {e}", addr.ip()),
+        )),
     }
 }
 
@@ -1190,6 +1310,7 @@ mod tests {
             verp: None,
             control: None,
             smarthosts: smarthost::Routes::default(),
+            mta_sts: None,
             classifier: Classifier::default(),
             config,
         }
@@ -1211,7 +1332,7 @@ mod tests {
     #[tokio::test]
     async fn opportunistic_tls_falls_back_to_plaintext_on_a_new_connection() {
         let (addr, rec) = fake::start(broken_tls()).await;
-        let c = open(&ctx("opportunistic"), "mx.test", addr).await.unwrap();
+        let c = open(&ctx("opportunistic"), "mx.test", addr, None).await.unwrap();
         assert_eq!(c.tls_version(), None);
         assert!(c.is_usable());
         assert_eq!(rec.lock().unwrap().connections, 2);
@@ -1220,7 +1341,7 @@ mod tests {
     #[tokio::test]
     async fn required_tls_defers_when_the_handshake_fails_or_tls_is_missing() {
         let (addr, _) = fake::start(broken_tls()).await;
-        let (r, c) = open(&ctx("required"), "mx.test", addr).await.unwrap_err();
+        let (r, c) = open(&ctx("required"), "mx.test", addr, None).await.unwrap_err();
         assert_eq!((r.code, r.enhanced), (451, Some(Enhanced(4, 7, 5))));
         assert!(
             r.text
@@ -1230,13 +1351,13 @@ mod tests {
         assert_eq!(c, Reason::Tls);
 
         let (addr, _) = fake::start(fake::Script::default()).await;
-        let (r, c) = open(&ctx("required"), "mx.test", addr).await.unwrap_err();
+        let (r, c) = open(&ctx("required"), "mx.test", addr, None).await.unwrap_err();
         assert_eq!(r.enhanced, Some(Enhanced(4, 7, 10)));
         assert_eq!(c, Reason::Tls);
 
         // Disabled: STARTTLS is not even tried.
         let (addr, rec) = fake::start(broken_tls()).await;
-        let c = open(&ctx("disabled"), "mx.test", addr).await.unwrap();
+        let c = open(&ctx("disabled"), "mx.test", addr, None).await.unwrap();
         assert_eq!(c.tls_version(), None);
         assert!(!rec.lock().unwrap().lines.iter().any(|l| l == "STARTTLS"));
     }
@@ -1300,7 +1421,7 @@ mod tests {
         };
 
         // The first message goes through; the server then hangs up.
-        let s = session(open(&ctx, "mx.test", addr).await.unwrap());
+        let s = session(open(&ctx, "mx.test", addr, None).await.unwrap());
         let s = deliver_job(&ctx, &domain, Some(s), job("x.test")).await;
         assert!(s.as_ref().is_some_and(|s| s.sent == 1));
         // The second finds the connection dead before anything was handed
@@ -1322,7 +1443,7 @@ mod tests {
             ..fake::Script::default()
         })
         .await;
-        let s = session(open(&ctx, "mx.test", addr).await.unwrap());
+        let s = session(open(&ctx, "mx.test", addr, None).await.unwrap());
         assert!(
             deliver_job(&ctx, &domain, Some(s), job("x.test"))
                 .await
@@ -1344,7 +1465,7 @@ mod tests {
             ..fake::Script::default()
         })
         .await;
-        let c = open(&ctx("opportunistic"), "mx.test", addr).await.unwrap();
+        let c = open(&ctx("opportunistic"), "mx.test", addr, None).await.unwrap();
         assert_eq!(c.tls_version(), Some("TLSv1.3"));
     }
 

@@ -454,6 +454,7 @@ struct Inner {
     dns: Dns,
     tls: TlsConnector,
     port: AtomicU16,
+    mx_tls: Option<crate::deliver::client::Tls>,
     cache_file: PathBuf,
     state: Mutex<State>,
     /// Held while the cache file is written, so that writes land in order.
@@ -483,6 +484,15 @@ impl MtaSts {
             );
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        // MX hosts under an enforced policy: WebPKI, the same anchors, the
+        // MX's name checked (RFC 8461 §4.2).
+        let mx_tls = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots.clone()),
+            provider.clone(),
+        )
+        .build()
+        .ok()
+        .map(|v| crate::deliver::client::Tls::with_verifier(provider.clone(), v));
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("cannot set up TLS for MTA-STS: {e}"))?
@@ -500,12 +510,21 @@ impl MtaSts {
                 negative_cache: config.negative_cache.0,
                 dns,
                 tls: TlsConnector::from(Arc::new(tls)),
-                port: AtomicU16::new(443),
+                port: AtomicU16::new(config.https_port),
+                mx_tls,
                 cache_file,
                 state: Mutex::new(state),
                 writing: Mutex::new(()),
             }),
         })
+    }
+
+    /// TLS for MX hosts under an enforced policy: certificates verified
+    /// against the system's trust store and `ca_file`, names checked.
+    /// `None` when there is no trust anchor at all (every such MX then
+    /// fails verification).
+    pub fn mx_tls(&self) -> Option<&crate::deliver::client::Tls> {
+        self.inner.mx_tls.as_ref()
     }
 
     /// Fetches policies from `port` instead of 443: tests cannot bind 443.

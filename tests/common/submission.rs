@@ -52,6 +52,8 @@ pub struct Script {
     pub auth_refused: &'static str,
     /// The reply to MAIL FROM once logged in.
     pub mail: &'static str,
+    /// Takes mail without AUTH, as an MX does.
+    pub open_relay: bool,
 }
 
 impl Default for Script {
@@ -62,6 +64,7 @@ impl Default for Script {
             password: "provider-pa55word",
             auth_refused: "535 5.7.8 Authentication credentials invalid",
             mail: "250 2.1.0 Sender OK",
+            open_relay: false,
         }
     }
 }
@@ -103,7 +106,12 @@ pub struct SubmissionServer {
 
 impl SubmissionServer {
     pub async fn start(script: Script) -> SubmissionServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0".parse().unwrap(), script).await
+    }
+
+    /// Listens on `addr` (127.0.0.x, a given or any port).
+    pub async fn start_at(addr: SocketAddr, script: Script) -> SubmissionServer {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let record: Arc<Mutex<Record>> = Arc::default();
         let rec = record.clone();
@@ -292,7 +300,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 format!("{}\r\n", script.auth_refused)
             }
         } else if upper.starts_with("MAIL FROM:") {
-            if user.is_none() {
+            if user.is_none() && !script.open_relay {
                 "530 5.7.0 Authentication required\r\n".to_string()
             } else {
                 if script.mail.starts_with('2') {

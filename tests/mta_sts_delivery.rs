@@ -1,0 +1,206 @@
+//! MTA-STS in delivery (RFC 8461 §4/§5), end to end on loopback: a real
+//! herald relay, its resolver asking the in-process test DNS, policies
+//! fetched over HTTPS from a local policy server with a test CA, and MX
+//! hosts that speak SMTP with STARTTLS and certificates from that CA — or
+//! without STARTTLS, or with a certificate for another name.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::dns::{TestDns, Zone};
+use common::https::{Answer, PolicyServer};
+use common::mx::ip;
+use common::pki::Pki;
+use common::relay::{Setup, TestRelay, field};
+use common::submission::{Script, SubmissionServer, TlsMode};
+
+const WAIT: Duration = Duration::from_secs(30);
+const DOMAIN: &str = "sts.test";
+
+/// How an MX host secures its sessions.
+enum Mx {
+    /// STARTTLS with a certificate for these names.
+    Tls(&'static [&'static str]),
+    /// No STARTTLS offered (or stripped by someone on the path).
+    Plain,
+}
+
+struct World {
+    /// Its CA file must outlive the relay that reads it.
+    _pki: Pki,
+    _dns: TestDns,
+    _policy: PolicyServer,
+    mxs: Vec<SubmissionServer>,
+    relay: TestRelay,
+}
+
+/// `sts.test` with one MX per entry of `mxs` (mx1, mx2, ... in order of
+/// preference, on 127.0.0.2, .3, ... and one port), publishing `policy`.
+async fn world(mode: &str, listed: &[&str], mxs: &[Mx]) -> World {
+    let pki = Pki::new();
+    let policy_text = format!(
+        "version: STSv1\nmode: {mode}\n{}max_age: 86400\n",
+        listed
+            .iter()
+            .map(|m| format!("mx: {m}\n"))
+            .collect::<String>()
+    );
+    let policy = PolicyServer::start(
+        ip(9),
+        pki.acceptor(&[&format!("mta-sts.{DOMAIN}")]),
+        Answer::policy(&policy_text),
+    )
+    .await;
+    let mut zone = Zone::new("test.")
+        .txt(&format!("_mta-sts.{DOMAIN}"), "v=STSv1; id=20261207T1;")
+        .a(&format!("mta-sts.{DOMAIN}"), ip(9));
+    let mut servers = Vec::new();
+    let mut port = 0;
+    for (n, mx) in mxs.iter().enumerate() {
+        let host = format!("mx{}.{DOMAIN}", n + 1);
+        let addr = ip(2 + n as u8);
+        zone = zone.mx(DOMAIN, 10 * (n as u16 + 1), &host).a(&host, addr);
+        let tls = match mx {
+            Mx::Tls(names) => TlsMode::Starttls(pki.acceptor(names)),
+            Mx::Plain => TlsMode::None,
+        };
+        let server = SubmissionServer::start_at(
+            SocketAddr::from((addr, port)),
+            Script {
+                tls,
+                open_relay: true,
+                ..Script::default()
+            },
+        )
+        .await;
+        port = server.port();
+        servers.push(server);
+    }
+    let dns = TestDns::start(zone).await;
+    let mut setup = Setup::new(dns.addr, port);
+    setup.extra = format!(
+        "[delivery.mta_sts]\nca_file = \"{}\"\nhttps_port = {}\nfetch_timeout = \"5s\"\n",
+        pki.ca_file.display(),
+        policy.addr.port()
+    );
+    let relay = TestRelay::start(setup).await;
+    World {
+        _pki: pki,
+        _dns: dns,
+        _policy: policy,
+        mxs: servers,
+        relay,
+    }
+}
+
+fn invoice(to: &str) -> Vec<u8> {
+    format!(
+        "From: billing@acme.test\r\nTo: {to}\r\nSubject: Invoice 12\r\n\
+         Message-ID: <inv-12@acme.test>\r\n\r\nPlease pay.\r\n"
+    )
+    .into_bytes()
+}
+
+impl World {
+    async fn send(&self, to: &str) {
+        self.relay
+            .submit("billing@acme.test", &[to], &invoice(to))
+            .await
+            .assert_code(250);
+    }
+
+    async fn first(&self, kind: &str) -> serde_json::Value {
+        self.relay
+            .wait_events(kind, 1, WAIT, |e| field(e, "event") == kind)
+            .await
+            .remove(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_with_a_valid_certificate_delivers_over_tls() {
+    common::within(WAIT * 2, "enforce, valid", async {
+        let w = world("enforce", &["mx1.sts.test"], &[Mx::Tls(&["mx1.sts.test"])]).await;
+        w.send("carol@sts.test").await;
+        let e = w.first("delivered").await;
+        assert_eq!(field(&e, "mx"), "mx1.sts.test", "{e}");
+        let got = w.mxs[0].wait_messages(1, WAIT).await;
+        assert!(got[0].tls, "delivered in clear");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_never_delivers_in_clear_when_starttls_is_missing() {
+    common::within(WAIT * 2, "enforce, no STARTTLS", async {
+        let w = world("enforce", &["mx1.sts.test"], &[Mx::Plain]).await;
+        w.send("carol@sts.test").await;
+        let e = w.first("deferred").await;
+        let text = e["smtp"]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("MTA-STS policy of sts.test (enforce, id 20261207T1)")
+                && text.contains("offered no STARTTLS"),
+            "{e}"
+        );
+        assert_eq!(e["smtp"]["enhanced"], "4.7.10", "{e}");
+        assert_eq!(field(&e, "classification"), "tls", "{e}");
+        // The retry (a second after) meets the same refusal.
+        w.relay
+            .wait_events("second deferral", 2, WAIT, |e| {
+                field(e, "event") == "deferred"
+            })
+            .await;
+        assert!(w.mxs[0].messages().is_empty(), "delivered in clear");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_refuses_a_certificate_for_another_name() {
+    common::within(WAIT * 2, "enforce, wrong name", async {
+        let w = world("enforce", &["mx1.sts.test"], &[Mx::Tls(&["other.example"])]).await;
+        w.send("carol@sts.test").await;
+        let e = w.first("deferred").await;
+        let text = e["smtp"]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("requires TLS with a certificate valid for mx1.sts.test")
+                && text.contains("handshake"),
+            "{e}"
+        );
+        assert_eq!(e["smtp"]["enhanced"], "4.7.5", "{e}");
+        assert!(w.mxs[0].messages().is_empty(), "delivered unverified");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_skips_mail_servers_the_policy_does_not_list() {
+    common::within(WAIT * 2, "enforce, unlisted MX", async {
+        // mx1 (preferred) is not in the policy; mx2 is.
+        let w = world(
+            "enforce",
+            &["mx2.sts.test"],
+            &[Mx::Tls(&["mx1.sts.test"]), Mx::Tls(&["mx2.sts.test"])],
+        )
+        .await;
+        w.send("carol@sts.test").await;
+        let e = w.first("delivered").await;
+        assert_eq!(field(&e, "mx"), "mx2.sts.test", "{e}");
+        assert_eq!(w.mxs[0].connections(), 0, "an unlisted MX was contacted");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testing_mode_delivers_as_before() {
+    common::within(WAIT * 2, "testing", async {
+        let w = world("testing", &["mx1.sts.test"], &[Mx::Plain]).await;
+        w.send("carol@sts.test").await;
+        w.first("delivered").await;
+        let got = w.mxs[0].wait_messages(1, WAIT).await;
+        assert!(!got[0].tls);
+    })
+    .await;
+}
