@@ -39,6 +39,12 @@ struct World {
 /// `sts.test` with one MX per entry of `mxs` (mx1, mx2, ... in order of
 /// preference, on 127.0.0.2, .3, ... and one port), publishing `policy`.
 async fn world(mode: &str, listed: &[&str], mxs: &[Mx]) -> World {
+    world_with(mode, listed, mxs, "").await
+}
+
+/// [`world`] without a published policy when `mode` is empty, and with
+/// `tls_policy` lines in `[delivery.tls_policy]`.
+async fn world_with(mode: &str, listed: &[&str], mxs: &[Mx], tls_policy: &str) -> World {
     let pki = Pki::new();
     let policy_text = format!(
         "version: STSv1\nmode: {mode}\n{}max_age: 86400\n",
@@ -53,9 +59,10 @@ async fn world(mode: &str, listed: &[&str], mxs: &[Mx]) -> World {
         Answer::policy(&policy_text),
     )
     .await;
-    let mut zone = Zone::new("test.")
-        .txt(&format!("_mta-sts.{DOMAIN}"), "v=STSv1; id=20261207T1;")
-        .a(&format!("mta-sts.{DOMAIN}"), ip(9));
+    let mut zone = Zone::new("test.").a(&format!("mta-sts.{DOMAIN}"), ip(9));
+    if !mode.is_empty() {
+        zone = zone.txt(&format!("_mta-sts.{DOMAIN}"), "v=STSv1; id=20261207T1;");
+    }
     let mut servers = Vec::new();
     let mut port = 0;
     for (n, mx) in mxs.iter().enumerate() {
@@ -81,7 +88,8 @@ async fn world(mode: &str, listed: &[&str], mxs: &[Mx]) -> World {
     let dns = TestDns::start(zone).await;
     let mut setup = Setup::new(dns.addr, port);
     setup.extra = format!(
-        "[delivery.mta_sts]\nca_file = \"{}\"\nhttps_port = {}\nfetch_timeout = \"5s\"\n",
+        "[delivery.mta_sts]\nca_file = \"{}\"\nhttps_port = {}\nfetch_timeout = \"5s\"\n\
+         [delivery.tls_policy]\n{tls_policy}\n",
         pki.ca_file.display(),
         policy.addr.port()
     );
@@ -201,6 +209,99 @@ async fn testing_mode_delivers_as_before() {
         w.first("delivered").await;
         let got = w.mxs[0].wait_messages(1, WAIT).await;
         assert!(!got[0].tls);
+    })
+    .await;
+}
+
+/// `[delivery.tls_policy]`: a domain that publishes nothing can still be
+/// held to verified TLS by the postmaster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_verify_level_refuses_a_certificate_for_another_name() {
+    common::within(WAIT * 2, "tls_policy verify", async {
+        let w = world_with(
+            "",
+            &[],
+            &[Mx::Tls(&["other.example"])],
+            "\"sts.test\" = \"verify\"",
+        )
+        .await;
+        w.send("carol@sts.test").await;
+        let e = w.first("deferred").await;
+        let text = e["smtp"]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.starts_with(
+                "TLS policy for sts.test (delivery.tls_policy: verify) requires TLS with a certificate valid for mx1.sts.test;"
+            ),
+            "{e}"
+        );
+        assert!(w.mxs[0].messages().is_empty(), "delivered unverified");
+    })
+    .await;
+}
+
+/// "encrypt": TLS required, any certificate; a parent entry covers
+/// subdomains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_encrypt_level_needs_tls_but_no_name() {
+    common::within(WAIT * 2, "tls_policy encrypt", async {
+        let w = world_with(
+            "",
+            &[],
+            &[Mx::Tls(&["other.example"])],
+            "\".test\" = \"encrypt\"",
+        )
+        .await;
+        w.send("carol@sts.test").await;
+        w.first("delivered").await;
+        assert!(w.mxs[0].wait_messages(1, WAIT).await[0].tls);
+
+        let w = world_with("", &[], &[Mx::Plain], "\"sts.test\" = \"encrypt\"").await;
+        w.send("carol@sts.test").await;
+        let e = w.first("deferred").await;
+        let text = e["smtp"]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("(delivery.tls_policy: encrypt) requires TLS;")
+                && text.contains("offered no STARTTLS"),
+            "{e}"
+        );
+        assert!(w.mxs[0].messages().is_empty(), "delivered in clear");
+    })
+    .await;
+}
+
+/// A config line never weakens a published policy, unless written with
+/// "!".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weaker_config_level_needs_a_bang_to_override_a_published_policy() {
+    common::within(WAIT * 2, "tls_policy vs MTA-STS", async {
+        let w = world_with(
+            "enforce",
+            &["mx1.sts.test"],
+            &[Mx::Plain],
+            "\"sts.test\" = \"may\"",
+        )
+        .await;
+        w.send("carol@sts.test").await;
+        let e = w.first("deferred").await;
+        assert!(
+            e["smtp"]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("MTA-STS policy of sts.test (enforce"),
+            "{e}"
+        );
+        assert!(w.mxs[0].messages().is_empty(), "delivered in clear");
+
+        let w = world_with(
+            "enforce",
+            &["mx1.sts.test"],
+            &[Mx::Plain],
+            "\"sts.test\" = \"may!\"",
+        )
+        .await;
+        w.send("carol@sts.test").await;
+        w.first("delivered").await;
+        assert!(!w.mxs[0].wait_messages(1, WAIT).await[0].tls);
     })
     .await;
 }

@@ -395,6 +395,73 @@ pub enum StarttlsPolicy {
     Disabled,
 }
 
+/// A destination's TLS level in `[delivery.tls_policy]`, as Postfix's
+/// `smtp_tls_policy_maps` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsLevel {
+    /// No STARTTLS.
+    None,
+    /// STARTTLS when offered, any certificate, plaintext when it fails.
+    May,
+    /// STARTTLS required, any certificate.
+    Encrypt,
+    /// STARTTLS required with a certificate valid for the MX host name.
+    Verify,
+}
+
+impl TlsLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+        }
+    }
+}
+
+/// One entry of `[delivery.tls_policy]`: a level, and whether it may be
+/// weaker than what the domain publishes (`"may!"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TlsPolicyEntry {
+    pub level: TlsLevel,
+    /// Written with a trailing `!`: applies even where a published MTA-STS
+    /// policy asks for more.
+    pub overrides_published: bool,
+}
+
+impl TryFrom<String> for TlsPolicyEntry {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let (name, bang) = match s.strip_suffix('!') {
+            Some(n) => (n, true),
+            None => (s.as_str(), false),
+        };
+        let level = match name {
+            "none" => TlsLevel::None,
+            "may" => TlsLevel::May,
+            "encrypt" => TlsLevel::Encrypt,
+            "verify" => TlsLevel::Verify,
+            "dane" | "dane-only" => {
+                return Err(format!(
+                    "{name:?}: DANE is not supported yet; use \"verify\" (TLS with a certificate valid for the MX host name)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unknown TLS level {other:?}; one of \"none\", \"may\", \"encrypt\", \"verify\" (a trailing ! lets it weaken a published MTA-STS policy)"
+                ));
+            }
+        };
+        Ok(TlsPolicyEntry {
+            level,
+            overrides_published: bang,
+        })
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct DeliveryConfig {
@@ -427,12 +494,35 @@ pub struct DeliveryConfig {
     /// once; retries wait beyond that (a backlog after a restart or flush).
     pub max_bytes_in_flight: Size,
     pub starttls: StarttlsPolicy,
+    /// Per destination domain (`"bank.example"`, or `".bank.example"` for
+    /// its subdomains): the TLS level delivery must reach there, stricter
+    /// than `starttls`; see [`TlsPolicyEntry`].
+    pub tls_policy: std::collections::BTreeMap<String, TlsPolicyEntry>,
     /// The public addresses receivers see herald's mail come from, when
     /// they differ from `source_ips` (NAT); used by SPF alignment, `domain
     /// check` and `dnsbl check`.
     pub public_ips: Vec<IpAddr>,
     /// `[delivery.mta_sts]`: MTA-STS policies of recipient domains (RFC 8461).
     pub mta_sts: MtaStsConfig,
+}
+
+impl DeliveryConfig {
+    /// The `[delivery.tls_policy]` entry for a destination domain: its own,
+    /// else the nearest `.parent` entry.
+    pub fn tls_policy_for(&self, domain: &str) -> Option<TlsPolicyEntry> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(e) = self.tls_policy.get(&domain) {
+            return Some(*e);
+        }
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(e) = self.tls_policy.get(&format!(".{parent}")) {
+                return Some(*e);
+            }
+            rest = parent;
+        }
+        None
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -454,6 +544,7 @@ impl Default for DeliveryConfig {
             idle_timeout: Span(std::time::Duration::from_secs(5)),
             max_bytes_in_flight: Size(256 << 20),
             starttls: StarttlsPolicy::Opportunistic,
+            tls_policy: std::collections::BTreeMap::new(),
             public_ips: Vec::new(),
             mta_sts: MtaStsConfig::default(),
         }
@@ -1166,6 +1257,17 @@ impl Config {
         if d.max_messages_per_connection == 0 {
             errs.push("delivery.max_messages_per_connection", "must be at least 1");
         }
+        for (domain, entry) in &d.tls_policy {
+            if domain.trim_start_matches('.').is_empty() || domain.contains(char::is_whitespace) {
+                errs.push(
+                    format!("delivery.tls_policy.{domain:?}"),
+                    "not a domain (\"bank.example\", or \".bank.example\" for its subdomains)",
+                );
+            }
+            if entry.overrides_published {
+                tracing::warn!(domain = %domain, level = entry.level.as_str(), "delivery.tls_policy overrides what the domain publishes (MTA-STS): it may deliver with weaker TLS than the domain asks for");
+            }
+        }
         if d.mta_sts.fetch_timeout.0.is_zero() {
             errs.push("delivery.mta_sts.fetch_timeout", "must be longer than 0");
         }
@@ -1324,6 +1426,36 @@ mod tests {
             .into_iter()
             .map(|e| e.path)
             .collect()
+    }
+
+    #[test]
+    fn tls_policy_levels_and_lookup() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:2587\"\n[delivery.tls_policy]\n";
+        let c = Config::from_toml_str(&format!(
+            "{base}\"bank.example\" = \"verify\"\n\".corp.example\" = \"encrypt\"\n\"old.example\" = \"may!\"\n"
+        ))
+        .unwrap();
+        let d = &c.delivery;
+        let at = |name: &str| {
+            d.tls_policy_for(name)
+                .map(|e| (e.level, e.overrides_published))
+        };
+        assert_eq!(at("Bank.Example."), Some((TlsLevel::Verify, false)));
+        assert_eq!(at("mail.bank.example"), None, "no parent entry");
+        assert_eq!(at("a.b.corp.example"), Some((TlsLevel::Encrypt, false)));
+        assert_eq!(at("corp.example"), None, "a dot entry is for subdomains");
+        assert_eq!(at("old.example"), Some((TlsLevel::May, true)));
+
+        for (value, says) in [
+            ("dane", "DANE is not supported yet"),
+            ("sometimes", "unknown TLS level \"sometimes\""),
+        ] {
+            let e = Config::from_toml_str(&format!("{base}\"bank.example\" = \"{value}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("delivery.tls_policy"), "{e}");
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -133,9 +133,25 @@ fn start_inner(
         }
         None => None,
     };
+    // Certificates of MX hosts that must be verified (an enforced MTA-STS
+    // policy, `tls_policy = "verify"`): WebPKI, names checked.
+    let verify_tls = mta_sts::trust_roots(config.delivery.mta_sts.ca_file.as_deref())
+        .ok()
+        .filter(|roots| !roots.is_empty())
+        .and_then(|roots| {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .ok()
+            .map(|v| Tls::with_verifier(provider, v))
+        });
     let ctx = Arc::new(Ctx {
         control,
         mta_sts,
+        verify_tls,
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
         rate_limits: crate::ratelimit::RateLimits::new(
@@ -182,6 +198,44 @@ struct Ctx {
     smarthosts: smarthost::Routes,
     /// `[delivery.mta_sts]`: recipient domains' published TLS policies.
     mta_sts: Option<mta_sts::MtaSts>,
+    /// TLS that verifies the MX's certificate and name; `None` without any
+    /// trusted root (a verified session then always fails).
+    verify_tls: Option<Tls>,
+}
+
+/// What TLS a session to a destination must reach, and who asks for it.
+#[derive(Clone, Copy)]
+enum Asked<'a> {
+    /// `delivery.starttls` alone.
+    Default,
+    /// `[delivery.tls_policy]` for the domain.
+    Config {
+        domain: &'a str,
+        level: crate::config::TlsLevel,
+    },
+    /// The domain's enforced MTA-STS policy: verified TLS to listed MX hosts.
+    MtaSts {
+        domain: &'a str,
+        policy: &'a mta_sts::Policy,
+    },
+}
+
+impl Asked<'_> {
+    /// Who asks, for the reply that says why a session was refused.
+    fn who(&self) -> String {
+        match self {
+            Asked::Default => "delivery.starttls".into(),
+            Asked::Config { domain, level } => {
+                format!(
+                    "TLS policy for {domain} (delivery.tls_policy: {})",
+                    level.as_str()
+                )
+            }
+            Asked::MtaSts { domain, policy } => {
+                format!("MTA-STS policy of {domain} (enforce, id {})", policy.id)
+            }
+        }
+    }
 }
 
 impl Ctx {
@@ -843,6 +897,21 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
         },
         None => None,
     };
+    // A config line may ask for more than the domain publishes; it asks
+    // for less only when written with "!" (and then MTA-STS is not used).
+    let configured = ctx.config.delivery.tls_policy_for(name);
+    let enforced = enforced.filter(|_| !configured.is_some_and(|c| c.overrides_published));
+    let asked = match (&enforced, configured) {
+        (Some(p), _) => Asked::MtaSts {
+            domain: name,
+            policy: p,
+        },
+        (None, Some(c)) => Asked::Config {
+            domain: name,
+            level: c.level,
+        },
+        (None, None) => Asked::Default,
+    };
     // Like Postfix's smtp_mx_address_limit: a domain with many dead hosts
     // must not hold a connection slot for connect_timeout × every address.
     let mut budget = ctx.config.delivery.max_mx_addresses;
@@ -910,8 +979,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             }
             budget -= 1;
             let addr = SocketAddr::new(ip, ctx.config.delivery.port);
-            let require = enforced.as_deref().map(|p| (name.as_str(), p));
-            let opened = open(ctx, &host.name, addr, require).await;
+            let opened = open(ctx, &host.name, addr, asked).await;
             if let (Ok(client), Some(m)) = (&opened, ctx.sink.metrics()) {
                 m.connections_out
                     .inc(client.tls_version().unwrap_or("none"));
@@ -950,25 +1018,43 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     })
 }
 
-/// Connects to one address: greeting, EHLO, and STARTTLS per policy.
-/// `require`: the recipient domain and its enforced MTA-STS policy, which
-/// make verified TLS mandatory whatever `delivery.starttls` says.
+/// Connects to one address: greeting, EHLO, and STARTTLS as `asked`: a
+/// domain's enforced MTA-STS policy or its `[delivery.tls_policy]` level
+/// beat `delivery.starttls`.
 async fn open(
     ctx: &Ctx,
     host: &str,
     addr: SocketAddr,
-    require: Option<(&str, &mta_sts::Policy)>,
+    asked: Asked<'_>,
 ) -> Result<SmtpClient, (Reply, Reason)> {
+    use crate::config::TlsLevel;
     let fail = |e: ClientError| synthesize(&ctx.classifier, &e, host, addr);
     let source = ctx.source_for(addr.ip());
     let mut client = SmtpClient::connect(addr, source, ctx.timeouts)
         .await
         .map_err(fail)?;
     client.ehlo(&ctx.helo).await.map_err(fail)?;
-    if let Some((domain, policy)) = require {
-        return enforced_tls(ctx, client, host, addr, domain, policy).await;
-    }
-    match ctx.config.delivery.starttls {
+    let starttls = match asked {
+        Asked::MtaSts { .. }
+        | Asked::Config {
+            level: TlsLevel::Verify,
+            ..
+        } => return required_tls(ctx, client, host, addr, &asked, true).await,
+        Asked::Config {
+            level: TlsLevel::Encrypt,
+            ..
+        } => return required_tls(ctx, client, host, addr, &asked, false).await,
+        Asked::Config {
+            level: TlsLevel::None,
+            ..
+        } => StarttlsPolicy::Disabled,
+        Asked::Config {
+            level: TlsLevel::May,
+            ..
+        } => StarttlsPolicy::Opportunistic,
+        Asked::Default => ctx.config.delivery.starttls,
+    };
+    match starttls {
         StarttlsPolicy::Disabled => Ok(client),
         StarttlsPolicy::Required => {
             client
@@ -1004,27 +1090,25 @@ async fn open(
     }
 }
 
-/// STARTTLS with a certificate verified for `host` (RFC 8461 §4.2), or a
-/// deferral that says which policy required it and what failed: never a
-/// delivery in clear.
-async fn enforced_tls(
+/// STARTTLS that must succeed, with a certificate verified for `host`
+/// when `verify` (RFC 8461 §4.2), or a deferral that says who required it
+/// and what failed: never a delivery in clear.
+async fn required_tls(
     ctx: &Ctx,
     mut client: SmtpClient,
     host: &str,
     addr: SocketAddr,
-    domain: &str,
-    policy: &mta_sts::Policy,
+    asked: &Asked<'_>,
+    verify: bool,
 ) -> Result<SmtpClient, (Reply, Reason)> {
+    let needs = if verify {
+        format!("requires TLS with a certificate valid for {host}")
+    } else {
+        "requires TLS".to_string()
+    };
     let why = |enhanced: Enhanced, what: String| {
         (
-            Reply::new(
-                451,
-                enhanced,
-                format!(
-                    "MTA-STS policy of {domain} (enforce, id {}) requires TLS with a certificate valid for {host}; {what}",
-                    policy.id
-                ),
-            ),
+            Reply::new(451, enhanced, format!("{} {needs}; {what}", asked.who())),
             Reason::Tls,
         )
     };
@@ -1034,11 +1118,16 @@ async fn enforced_tls(
             format!("{host} [{}] offered no STARTTLS", addr.ip()),
         ));
     }
-    let Some(tls) = ctx.mta_sts.as_ref().and_then(|m| m.mx_tls()) else {
-        return Err(why(
-            Enhanced(4, 7, 5),
-            "this relay has no trusted root certificates to verify it with".into(),
-        ));
+    let tls = if verify {
+        let Some(tls) = &ctx.verify_tls else {
+            return Err(why(
+                Enhanced(4, 7, 5),
+                "this relay has no trusted root certificates to verify it with".into(),
+            ));
+        };
+        tls
+    } else {
+        &ctx.tls
     };
     match client.starttls(tls, host, &ctx.helo).await {
         Ok(()) => Ok(client),
@@ -1311,6 +1400,7 @@ mod tests {
             control: None,
             smarthosts: smarthost::Routes::default(),
             mta_sts: None,
+            verify_tls: None,
             classifier: Classifier::default(),
             config,
         }
@@ -1332,7 +1422,9 @@ mod tests {
     #[tokio::test]
     async fn opportunistic_tls_falls_back_to_plaintext_on_a_new_connection() {
         let (addr, rec) = fake::start(broken_tls()).await;
-        let c = open(&ctx("opportunistic"), "mx.test", addr, None).await.unwrap();
+        let c = open(&ctx("opportunistic"), "mx.test", addr, Asked::Default)
+            .await
+            .unwrap();
         assert_eq!(c.tls_version(), None);
         assert!(c.is_usable());
         assert_eq!(rec.lock().unwrap().connections, 2);
@@ -1341,7 +1433,9 @@ mod tests {
     #[tokio::test]
     async fn required_tls_defers_when_the_handshake_fails_or_tls_is_missing() {
         let (addr, _) = fake::start(broken_tls()).await;
-        let (r, c) = open(&ctx("required"), "mx.test", addr, None).await.unwrap_err();
+        let (r, c) = open(&ctx("required"), "mx.test", addr, Asked::Default)
+            .await
+            .unwrap_err();
         assert_eq!((r.code, r.enhanced), (451, Some(Enhanced(4, 7, 5))));
         assert!(
             r.text
@@ -1351,13 +1445,17 @@ mod tests {
         assert_eq!(c, Reason::Tls);
 
         let (addr, _) = fake::start(fake::Script::default()).await;
-        let (r, c) = open(&ctx("required"), "mx.test", addr, None).await.unwrap_err();
+        let (r, c) = open(&ctx("required"), "mx.test", addr, Asked::Default)
+            .await
+            .unwrap_err();
         assert_eq!(r.enhanced, Some(Enhanced(4, 7, 10)));
         assert_eq!(c, Reason::Tls);
 
         // Disabled: STARTTLS is not even tried.
         let (addr, rec) = fake::start(broken_tls()).await;
-        let c = open(&ctx("disabled"), "mx.test", addr, None).await.unwrap();
+        let c = open(&ctx("disabled"), "mx.test", addr, Asked::Default)
+            .await
+            .unwrap();
         assert_eq!(c.tls_version(), None);
         assert!(!rec.lock().unwrap().lines.iter().any(|l| l == "STARTTLS"));
     }
@@ -1421,7 +1519,7 @@ mod tests {
         };
 
         // The first message goes through; the server then hangs up.
-        let s = session(open(&ctx, "mx.test", addr, None).await.unwrap());
+        let s = session(open(&ctx, "mx.test", addr, Asked::Default).await.unwrap());
         let s = deliver_job(&ctx, &domain, Some(s), job("x.test")).await;
         assert!(s.as_ref().is_some_and(|s| s.sent == 1));
         // The second finds the connection dead before anything was handed
@@ -1443,7 +1541,7 @@ mod tests {
             ..fake::Script::default()
         })
         .await;
-        let s = session(open(&ctx, "mx.test", addr, None).await.unwrap());
+        let s = session(open(&ctx, "mx.test", addr, Asked::Default).await.unwrap());
         assert!(
             deliver_job(&ctx, &domain, Some(s), job("x.test"))
                 .await
@@ -1465,7 +1563,9 @@ mod tests {
             ..fake::Script::default()
         })
         .await;
-        let c = open(&ctx("opportunistic"), "mx.test", addr, None).await.unwrap();
+        let c = open(&ctx("opportunistic"), "mx.test", addr, Asked::Default)
+            .await
+            .unwrap();
         assert_eq!(c.tls_version(), Some("TLSv1.3"));
     }
 

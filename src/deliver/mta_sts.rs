@@ -454,11 +454,22 @@ struct Inner {
     dns: Dns,
     tls: TlsConnector,
     port: AtomicU16,
-    mx_tls: Option<crate::deliver::client::Tls>,
     cache_file: PathBuf,
     state: Mutex<State>,
     /// Held while the cache file is written, so that writes land in order.
     writing: Mutex<()>,
+}
+
+/// The certificates trusted for policy hosts and for MX hosts that must be
+/// verified: the system's trust store and `ca_file` (PEM).
+pub fn trust_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = ca_file {
+        let extra = crate::config::smarthost::load_roots(path)?;
+        roots.roots.extend(extra.roots);
+    }
+    Ok(roots)
 }
 
 /// MTA-STS policy lookups with their cache; cheap to clone.
@@ -472,27 +483,13 @@ impl MtaSts {
     /// logged and ignored) and the trust anchors: the system's trust store
     /// and `ca_file`. Errors only for an unreadable `ca_file`.
     pub fn new(config: &MtaStsConfig, dns: Dns, cache_file: PathBuf) -> Result<MtaSts, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        if let Some(path) = &config.ca_file {
-            let extra = crate::config::smarthost::load_roots(path)?;
-            roots.roots.extend(extra.roots);
-        }
+        let roots = trust_roots(config.ca_file.as_deref())?;
         if roots.is_empty() && config.enabled {
             tracing::warn!(
                 "no trusted root certificates found: every MTA-STS policy fetch will fail"
             );
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        // MX hosts under an enforced policy: WebPKI, the same anchors, the
-        // MX's name checked (RFC 8461 §4.2).
-        let mx_tls = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots.clone()),
-            provider.clone(),
-        )
-        .build()
-        .ok()
-        .map(|v| crate::deliver::client::Tls::with_verifier(provider.clone(), v));
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("cannot set up TLS for MTA-STS: {e}"))?
@@ -511,20 +508,11 @@ impl MtaSts {
                 dns,
                 tls: TlsConnector::from(Arc::new(tls)),
                 port: AtomicU16::new(config.https_port),
-                mx_tls,
                 cache_file,
                 state: Mutex::new(state),
                 writing: Mutex::new(()),
             }),
         })
-    }
-
-    /// TLS for MX hosts under an enforced policy: certificates verified
-    /// against the system's trust store and `ca_file`, names checked.
-    /// `None` when there is no trust anchor at all (every such MX then
-    /// fails verification).
-    pub fn mx_tls(&self) -> Option<&crate::deliver::client::Tls> {
-        self.inner.mx_tls.as_ref()
     }
 
     /// Fetches policies from `port` instead of 443: tests cannot bind 443.
