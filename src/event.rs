@@ -225,6 +225,24 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// The TLS of a delivery (`tls_info` of a `delivered` event).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsInfo {
+    /// "TLSv1.3", "TLSv1.2".
+    pub version: String,
+    /// The cipher suite by its IANA name.
+    pub cipher: String,
+    /// How the server's certificate was checked: "none" (opportunistic or
+    /// `encrypt`: any certificate), "verify" (WebPKI and the MX host name,
+    /// asked by `delivery.tls_policy`), "mta-sts" (the same, asked by the
+    /// domain's enforced MTA-STS policy), "smarthost" (a smarthost's CA).
+    pub verified: String,
+    /// The policy that applied, e.g. "mta-sts enforce id 20261207" or
+    /// "tls_policy verify".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
 /// The SMTP reply in an event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SmtpDetail {
@@ -374,6 +392,9 @@ pub struct Event {
     pub mx: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
+    /// `delivered` only: version, cipher and how the server was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_info: Option<TlsInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<SmtpDetail>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -425,6 +446,7 @@ impl Event {
             attempt: None,
             mx: None,
             tls: None,
+            tls_info: None,
             smtp: None,
             classification: None,
             permanent: None,

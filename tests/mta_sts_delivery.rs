@@ -134,6 +134,17 @@ async fn enforce_with_a_valid_certificate_delivers_over_tls() {
         w.send("carol@sts.test").await;
         let e = w.first("delivered").await;
         assert_eq!(field(&e, "mx"), "mx1.sts.test", "{e}");
+        assert_eq!(e["tls"], "TLSv1.3", "{e}");
+        let info = &e["tls_info"];
+        assert_eq!(info["version"], "TLSv1.3", "{e}");
+        assert!(
+            info["cipher"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("TLS_")),
+            "{e}"
+        );
+        assert_eq!(info["verified"], "mta-sts", "{e}");
+        assert_eq!(info["policy"], "mta-sts enforce id 20261207T1", "{e}");
         let got = w.mxs[0].wait_messages(1, WAIT).await;
         assert!(got[0].tls, "delivered in clear");
     })
@@ -252,7 +263,9 @@ async fn a_configured_encrypt_level_needs_tls_but_no_name() {
         )
         .await;
         w.send("carol@sts.test").await;
-        w.first("delivered").await;
+        let e = w.first("delivered").await;
+        assert_eq!(e["tls_info"]["verified"], "none", "{e}");
+        assert_eq!(e["tls_info"]["policy"], "tls_policy encrypt", "{e}");
         assert!(w.mxs[0].wait_messages(1, WAIT).await[0].tls);
 
         let w = world_with("", &[], &[Mx::Plain], "\"sts.test\" = \"encrypt\"").await;

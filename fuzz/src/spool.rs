@@ -255,7 +255,12 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             index,
             result,
             mx: Some("mx.example.test".into()),
-            tls: Some("TLSv1.3".into()),
+            tls: Some(herald::event::TlsInfo {
+                version: "TLSv1.3".into(),
+                cipher: "TLS_AES_256_GCM_SHA384".into(),
+                verified: "none".into(),
+                policy: None,
+            }),
             next_hop_dsn: true,
         };
         let later = Reply::new(451, Enhanced(4, 7, 1), "greylisted, try again");

@@ -501,6 +501,18 @@ impl SmtpClient {
         self.tls_version
     }
 
+    /// The TLS cipher suite by its IANA name, once STARTTLS succeeded.
+    pub fn tls_cipher(&self) -> Option<String> {
+        match &self.stream {
+            Stream::Tls(s) => s
+                .get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .map(|c| crate::tls::cipher_name(c.suite())),
+            _ => None,
+        }
+    }
+
     /// False once a read or write failed or the server closed the session;
     /// the connection must then be dropped.
     pub fn is_usable(&self) -> bool {

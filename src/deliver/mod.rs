@@ -526,7 +526,22 @@ struct Session {
     sent: usize,
     /// The smarthost this session is logged in to, if it is one.
     smarthost: Option<Arc<smarthost::Smarthost>>,
+    /// How the server's certificate was checked, and the policy that asked
+    /// (`tls_info` of delivered events).
+    verified: &'static str,
+    policy: Option<String>,
     _live: Connected,
+}
+
+impl Session {
+    fn tls_info(&self) -> Option<crate::event::TlsInfo> {
+        Some(crate::event::TlsInfo {
+            version: self.client.tls_version()?.to_string(),
+            cipher: self.client.tls_cipher().unwrap_or_default(),
+            verified: self.verified.to_string(),
+            policy: self.policy.clone(),
+        })
+    }
 }
 
 /// Counts the domain's open connections while it lives.
@@ -748,7 +763,7 @@ async fn deliver_job(
                 };
                 tracing::info!(domain = %domain.name, mx = %s.mx, queue_id = %job.id, reply = %reply, "transaction failed");
                 let mx = s.mx.clone();
-                let tls = s.client.tls_version().map(str::to_string);
+                let tls = s.tls_info();
                 let outcomes = job
                     .recipients
                     .iter()
@@ -821,6 +836,8 @@ async fn connect_smarthost(
                 mx: sh.host.clone(),
                 sent: 0,
                 smarthost: Some(sh.clone()),
+                verified: "smarthost",
+                policy: None,
                 _live: Connected::new(domain),
             })
         }
@@ -991,6 +1008,23 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                         mx: host.name.clone(),
                         sent: 0,
                         smarthost: None,
+                        verified: match asked {
+                            Asked::MtaSts { .. } => "mta-sts",
+                            Asked::Config {
+                                level: crate::config::TlsLevel::Verify,
+                                ..
+                            } => "verify",
+                            _ => "none",
+                        },
+                        policy: match asked {
+                            Asked::MtaSts { policy, .. } => {
+                                Some(format!("mta-sts enforce id {}", policy.id))
+                            }
+                            Asked::Config { level, .. } => {
+                                Some(format!("tls_policy {}", level.as_str()))
+                            }
+                            Asked::Default => None,
+                        },
                         _live: Connected::new(domain),
                     });
                 }
@@ -1150,7 +1184,7 @@ async fn transact(
     job: &DeliveryJob,
 ) -> Result<Vec<RcptOutcome>, TransactionError> {
     let env = &job.envelope;
-    let tls = s.client.tls_version();
+    let tls = s.tls_info();
     let mx = s.mx.as_str();
     let local = |reply: Reply, class| {
         job.recipients
@@ -1159,7 +1193,7 @@ async fn transact(
                 index: r.index,
                 result: AttemptResult::Bounced(reply.clone(), class),
                 mx: Some(mx.to_string()),
-                tls: tls.map(str::to_string),
+                tls: tls.clone(),
                 next_hop_dsn: false,
             })
             .collect::<Vec<_>>()
@@ -1254,7 +1288,7 @@ async fn transact(
                 index: r.index,
                 result: result.clone(),
                 mx: Some(mx.to_string()),
-                tls: tls.map(str::to_string),
+                tls: tls.clone(),
                 next_hop_dsn,
             })
             .collect());
@@ -1307,7 +1341,7 @@ fn outcomes(
     job: &DeliveryJob,
     tx: &TransactionReplies,
     mx: &str,
-    tls: Option<&str>,
+    tls: Option<crate::event::TlsInfo>,
     next_hop_dsn: bool,
 ) -> Vec<RcptOutcome> {
     job.recipients
@@ -1340,7 +1374,7 @@ fn outcomes(
                 index: r.index,
                 result,
                 mx: Some(mx.to_string()),
-                tls: tls.map(str::to_string),
+                tls: tls.clone(),
                 next_hop_dsn,
             }
         })
@@ -1515,6 +1549,8 @@ mod tests {
             mx: "mx.test".into(),
             sent: 0,
             smarthost: None,
+            verified: "none",
+            policy: None,
             _live: Connected::new(&domain),
         };
 

@@ -68,8 +68,8 @@ pub struct RcptOutcome {
     pub result: AttemptResult,
     /// The host that answered, when one did.
     pub mx: Option<String>,
-    /// TLS version of the connection, e.g. "TLSv1.3".
-    pub tls: Option<String>,
+    /// The connection's TLS, when it had any.
+    pub tls: Option<crate::event::TlsInfo>,
     /// The MX announced DSN, so NOTIFY and ORCPT went on with the message
     /// and success reports are the final hop's to send (RFC 3461 §5.2.2).
     pub next_hop_dsn: bool,
@@ -415,7 +415,10 @@ impl Queue {
             ev.recipient = Some(r.address.clone());
             ev.attempt = Some(r.attempts);
             ev.mx = o.mx;
-            ev.tls = o.tls;
+            ev.tls = o.tls.as_ref().map(|t| t.version.clone());
+            if kind == EventKind::Delivered {
+                ev.tls_info = o.tls;
+            }
             ev.classification = class.map(Reason::classification);
             ev.reason = class.map(|r| r.as_str().to_string());
             match kind {
