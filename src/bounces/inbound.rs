@@ -1,8 +1,8 @@
 //! What a report that came back to the return path means for the app:
 //! which message and recipient it is about (from the VERP token), and the
 //! `bounced`, `deferred` or `complained` event that tells the app. The
-//! suppression list hears the same events (a hard `invalid_recipient`
-//! bounce or a complaint adds the address).
+//! suppression list hears the same events (a permanent bounce whose reason
+//! says the address cannot receive mail, or a complaint, adds it).
 
 use crate::bounces::{Action, Bounce, BouncedRecipient, Complaint, Report};
 use crate::deliver::classify::Classifier;
@@ -79,7 +79,13 @@ fn late_dsn(queue: &Queue, id: QueueId, index: usize, e: &Event) {
         return;
     };
     let reply = Reply {
-        code: smtp.code.unwrap_or(550),
+        // No code in the report: the class its status gives.
+        code: smtp
+            .code
+            .unwrap_or(match smtp.enhanced.as_deref().and_then(Enhanced::parse) {
+                Some(Enhanced(4, ..)) => 450,
+                _ => 550,
+            }),
         enhanced: smtp.enhanced.as_deref().and_then(Enhanced::parse),
         text: smtp.text.clone(),
     };

@@ -163,8 +163,10 @@ impl BouncedRecipient {
     /// reply at delivery time ([`Classifier::classify_parts`]): its status
     /// (derived or not), SMTP code (0 when none) and diagnostic.
     pub fn classify(&self, classifier: &Classifier) -> Verdict {
+        // A status herald derived from the text is not a code the remote
+        // side gave: the text is classified on its own words.
         classifier.classify_parts(
-            self.status,
+            self.status.filter(|_| !self.status_derived),
             self.smtp_code.unwrap_or(0),
             self.diagnostic.as_deref().unwrap_or(""),
         )
@@ -184,8 +186,9 @@ impl BouncedRecipient {
                 .status
                 .is_some_and(|s| s.0 == 4 && !self.status_derived),
         };
-        let permanent =
-            self.action == Action::Failed && !(said_temporary && v.reason.may_suppress());
+        let permanent = self.action == Action::Failed
+            && !(said_temporary && v.reason.may_suppress())
+            && v.ruled_permanent != Some(false);
         Verdict { permanent, ..v }
     }
 }

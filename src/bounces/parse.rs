@@ -461,12 +461,17 @@ fn human_reasons(msg: &Message<'_>, recipients: &mut [BouncedRecipient]) {
     let (head, _) = split_original(&text);
     let coded = |l: &str| basic_code(l, b"45").map(|(at, _)| l[at..].trim().to_string());
     let single = recipients.len() == 1;
+    // Each text read once, whatever the number of recipient blocks (up to
+    // MAX_RECIPIENTS): lower-cased lines, and the plain reading on demand.
+    let lower: Vec<(String, &str)> = head.lines().map(|l| (l.to_ascii_lowercase(), l)).collect();
+    let mut read: Option<Vec<BouncedRecipient>> = None;
     for r in recipients.iter_mut().filter(|r| r.diagnostic.is_none()) {
         let addr = r.final_recipient.as_deref().map(str::to_ascii_lowercase);
         let named = addr.as_deref().and_then(|a| {
-            head.lines()
-                .filter(|l| l.to_ascii_lowercase().contains(a))
-                .find_map(coded)
+            lower
+                .iter()
+                .filter(|(l, _)| l.contains(a))
+                .find_map(|(_, l)| coded(l))
         });
         let any = || {
             single
@@ -479,7 +484,7 @@ fn human_reasons(msg: &Message<'_>, recipients: &mut [BouncedRecipient]) {
         };
         // Else what the text says about it, read as any plain bounce.
         let from_text = || {
-            let read = generic(msg, head);
+            let read = read.get_or_insert_with(|| generic(msg, head));
             read.iter()
                 .find(|g| {
                     g.final_recipient
@@ -2285,11 +2290,13 @@ mod tests {
                 .pair(),
             (Classification::MailboxFull, false)
         );
-        // Exim's "Unrouteable address": no code, a derived 5.1.1.
+        // Exim's "Unrouteable address": no code, a derived 5.1.1 that the
+        // classifier does not take for the server's; the text decides, and
+        // the failed action makes it permanent.
         let b = bounce(fixture!("exim.eml"));
         assert_eq!(
             b.recipients[1]
-                .classify(&crate::deliver::classify::Classifier::default())
+                .outcome(&crate::deliver::classify::Classifier::default())
                 .pair(),
             (Classification::InvalidRecipient, true)
         );
@@ -2552,6 +2559,41 @@ mod tests {
             let msg = format!("{headers}{OOO_BODY}");
             assert_eq!(parse(msg.as_bytes()), None, "{headers}");
         }
+    }
+
+    #[test]
+    fn a_derived_status_never_suppresses_on_its_own() {
+        // "doesn't have a" derives 5.1.1, but the text names no missing
+        // mailbox: not suppressed.
+        let msg = "From: MAILER-DAEMON@mx.one.example\r\nSubject: Undelivered Mail\r\n\r\n\
+            This is the mail system at host mx.one.example.\r\n\r\n\
+            <bob@one.example>: host mx.one.example[192.0.2.1] said: 550 The message\r\n\
+            doesn't have a valid Message-ID header\r\n";
+        let b = bounce(msg.as_bytes());
+        let v = b.recipients[0].outcome(&crate::deliver::classify::Classifier::default());
+        assert!(!v.suppresses(), "{v:?}");
+    }
+
+    #[test]
+    fn a_rule_that_says_temporary_holds_for_late_reports() {
+        let config = crate::config::Config::from_toml_str(
+            "[[listener]]\naddress = \"127.0.0.1:2587\"\n\
+             [[classification.rules]]\nmatch = \"user unknown\"\ncategory = \"invalid_recipient\"\npermanent = false\n",
+        )
+        .unwrap();
+        let c = crate::deliver::classify::Classifier::new(&config.classification);
+        let b = bounce(fixture!("postfix-dsn-2rcpt.eml"));
+        let r = b
+            .recipients
+            .iter()
+            .find(|r| {
+                r.diagnostic
+                    .as_deref()
+                    .is_some_and(|d| d.to_lowercase().contains("user unknown"))
+            })
+            .expect("a user unknown block");
+        let v = r.outcome(&c);
+        assert!(!v.permanent && !v.suppresses(), "{v:?}");
     }
 
     #[test]

@@ -495,8 +495,8 @@ pub struct DeliveryConfig {
     pub max_bytes_in_flight: Size,
     pub starttls: StarttlsPolicy,
     /// Per destination domain (`"bank.example"`, or `".bank.example"` for
-    /// its subdomains): the TLS level delivery must reach there, stricter
-    /// than `starttls`; see [`TlsPolicyEntry`].
+    /// its subdomains): the TLS level delivery uses there instead of
+    /// `starttls`; see [`TlsPolicyEntry`].
     pub tls_policy: std::collections::BTreeMap<String, TlsPolicyEntry>,
     /// The public addresses receivers see herald's mail come from, when
     /// they differ from `source_ips` (NAT); used by SPF alignment, `domain
@@ -510,14 +510,21 @@ impl DeliveryConfig {
     /// The `[delivery.tls_policy]` entry for a destination domain: its own,
     /// else the nearest `.parent` entry.
     pub fn tls_policy_for(&self, domain: &str) -> Option<TlsPolicyEntry> {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(e) = self.tls_policy.get(&domain) {
-            return Some(*e);
+        // Keys as written ("Bank.Example.") match like DNS names do.
+        let get = |name: &str| {
+            self.tls_policy
+                .iter()
+                .find(|(k, _)| k.trim_end_matches('.').eq_ignore_ascii_case(name))
+                .map(|(_, e)| *e)
+        };
+        let domain = domain.trim_end_matches('.');
+        if let Some(e) = get(domain) {
+            return Some(e);
         }
-        let mut rest = domain.as_str();
+        let mut rest = domain;
         while let Some((_, parent)) = rest.split_once('.') {
-            if let Some(e) = self.tls_policy.get(&format!(".{parent}")) {
-                return Some(*e);
+            if let Some(e) = get(&format!(".{parent}")) {
+                return Some(e);
             }
             rest = parent;
         }
@@ -1432,7 +1439,7 @@ mod tests {
     fn tls_policy_levels_and_lookup() {
         let base = "[[listener]]\naddress = \"127.0.0.1:2587\"\n[delivery.tls_policy]\n";
         let c = Config::from_toml_str(&format!(
-            "{base}\"bank.example\" = \"verify\"\n\".corp.example\" = \"encrypt\"\n\"old.example\" = \"may!\"\n"
+            "{base}\"bank.example\" = \"verify\"\n\".corp.example\" = \"encrypt\"\n\"Old.Example.\" = \"may!\"\n"
         ))
         .unwrap();
         let d = &c.delivery;
@@ -1441,6 +1448,7 @@ mod tests {
                 .map(|e| (e.level, e.overrides_published))
         };
         assert_eq!(at("Bank.Example."), Some((TlsLevel::Verify, false)));
+        assert_eq!(at("OLD.example"), Some((TlsLevel::May, true)));
         assert_eq!(at("mail.bank.example"), None, "no parent entry");
         assert_eq!(at("a.b.corp.example"), Some((TlsLevel::Encrypt, false)));
         assert_eq!(at("corp.example"), None, "a dot entry is for subdomains");

@@ -52,6 +52,9 @@ impl Rule {
 pub struct Verdict {
     pub reason: Reason,
     pub permanent: bool,
+    /// A `[[classification.rules]]` rule set the permanence: it stands
+    /// whatever else a report says.
+    pub ruled_permanent: Option<bool>,
 }
 
 impl Verdict {
@@ -112,11 +115,13 @@ pub fn classify_with(rules: &[Rule], enhanced: Option<Enhanced>, code: u16, text
         return Verdict {
             reason: rule.reason,
             permanent: rule.permanent.unwrap_or(permanent),
+            ruled_permanent: rule.permanent,
         };
     }
     Verdict {
         reason: built_in(enhanced, code, &lower),
         permanent,
+        ruled_permanent: None,
     }
 }
 
@@ -426,8 +431,10 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "no longer at this address",
             "no longer with",
             "no longer employed",
-            "is no longer valid",
-            "no longer available",
+            "address is no longer valid",
+            "address is no longer available",
+            "mailbox is no longer available",
+            "account is no longer available",
         ],
     ),
     (
@@ -530,7 +537,6 @@ const BY_TEXT: &[(Reason, &[&str])] = &[
             "recipient name is not recognized",
             "user not known",
             "address is wrong",
-            "no longer valid",
             // German, French, Spanish, Italian, Portuguese, Dutch.
             "benutzer unbekannt",
             "empfänger unbekannt",

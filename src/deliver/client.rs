@@ -353,9 +353,6 @@ impl Tls {
 
     /// Verifies the server's certificate and name against the CA
     /// certificates in a PEM file (for a smarthost with a private CA).
-    ///
-    /// TODO: verifying against the system's roots needs rustls-native-certs
-    /// or webpki-roots, neither of which is in the dependency set yet.
     pub fn verify_with_ca_file(path: &Path) -> Result<Tls, String> {
         let file = std::fs::File::open(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -1276,7 +1276,7 @@ async fn transact(
         && !tx.mail.is_positive()
     {
         let explained = sh.mail_refused(&tx.mail, job.sender());
-        let result = match failure(classifier, &tx.mail) {
+        let result = match mail_failure(classifier, &tx.mail) {
             AttemptResult::Bounced(_, class) => AttemptResult::Bounced(explained, class),
             AttemptResult::Deferred(_, class) => AttemptResult::Deferred(explained, class),
             other => other,
@@ -1349,7 +1349,7 @@ fn outcomes(
         .enumerate()
         .map(|(i, r)| {
             let result = if !tx.mail.is_positive() {
-                failure(classifier, &tx.mail)
+                mail_failure(classifier, &tx.mail)
             } else {
                 match (tx.rcpts.get(i), &tx.data) {
                     (Some(rr), Some(d)) if rr.is_positive() && d.is_positive() => {
@@ -1379,6 +1379,21 @@ fn outcomes(
             }
         })
         .collect()
+}
+
+/// A refusal of MAIL FROM as every recipient's outcome: it is about the
+/// sender, never about a recipient's mailbox, so no reason that would
+/// suppress an address ("553 5.1.2 <sender> is not a valid address").
+fn mail_failure(classifier: &Classifier, reply: &Reply) -> AttemptResult {
+    match failure(classifier, reply) {
+        AttemptResult::Bounced(r, reason) if reason.may_suppress() => {
+            AttemptResult::Bounced(r, Reason::SenderRejected)
+        }
+        AttemptResult::Deferred(r, reason) if reason.may_suppress() => {
+            AttemptResult::Deferred(r, Reason::SenderRejected)
+        }
+        other => other,
+    }
 }
 
 /// A negative reply as an outcome: 5xx bounces, anything else defers.
@@ -1450,6 +1465,33 @@ mod tests {
             ehlo: Some("PIPELINING\nSTARTTLS"),
             broken_tls: true,
             ..fake::Script::default()
+        }
+    }
+
+    #[test]
+    fn a_refused_mail_from_never_suppresses_recipients() {
+        let c = Classifier::default();
+        for (code, text) in [
+            (
+                553,
+                "5.1.2 The sender address <bounces+x@relay.example> is not a valid address",
+            ),
+            (550, "5.1.1 <billing@acme.example>... User unknown"),
+        ] {
+            match mail_failure(&c, &Reply::from_wire(code, text)) {
+                AttemptResult::Bounced(_, reason) => {
+                    assert_eq!(reason, Reason::SenderRejected, "{text}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Other causes keep their reason.
+        match mail_failure(
+            &c,
+            &Reply::from_wire(554, "5.7.1 blocked using zen.spamhaus.org"),
+        ) {
+            AttemptResult::Bounced(_, reason) => assert_eq!(reason, Reason::Blocked),
+            other => panic!("{other:?}"),
         }
     }
 

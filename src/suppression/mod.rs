@@ -189,7 +189,8 @@ impl Suppressions {
         self.store.lookup(tenant, &normalize(address), unix_now())
     }
 
-    /// Adds the recipient of a hard `invalid_recipient` bounce or of a
+    /// Adds the recipient of a permanent bounce whose reason says the
+    /// address cannot receive mail ([`Reason::may_suppress`]) or of a
     /// complaint. Never blocks: the store writes in the background.
     pub fn observe(&self, e: &Event) {
         let source = match e.event {
