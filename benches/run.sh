@@ -60,6 +60,14 @@ case "${POLICY:-}" in
   *) echo "POLICY is off or full" >&2; exit 2 ;;
 esac
 
+# EXTRA_CONFIG=FILE: append FILE to the generated config (e.g. a
+# "[delivery.mta_sts] enabled = false" section for an A/B run); its base
+# name is added to the scenario label.
+if [ -n "${EXTRA_CONFIG:-}" ]; then
+  { echo; cat "$EXTRA_CONFIG"; } >> var/bench/herald.toml
+  LABEL="$LABEL-$(basename "$EXTRA_CONFIG" .toml)"
+fi
+
 ulimit -n "$(ulimit -Hn)" || true
 RUST_LOG=warn target/release/herald --config var/bench/herald.toml serve 2> var/bench/herald.log &
 HERALD_PID=$!

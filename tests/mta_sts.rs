@@ -232,6 +232,23 @@ async fn a_dns_failure_leaves_the_cached_policy_in_force() {
     assert_eq!(web.requests(), 1);
 }
 
+/// A nameserver failing for `_mta-sts` with nothing cached: no policy,
+/// and not asked again at once (every new connection would otherwise wait
+/// for the DNS timeout).
+#[tokio::test]
+async fn a_dns_failure_without_a_cache_is_not_asked_again_at_once() {
+    let ip = Ipv4Addr::new(127, 0, 0, 90);
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let failing = ScriptedDns::start(zone("1", ip), &["_mta-sts.example.test"]).await;
+    let sts = sts(failing.addr, &pki, &cache_file(&dir), 443);
+    assert!(matches!(lookup(&sts).await, Lookup::NoPolicy));
+    let asked = failing.queries();
+    assert!(asked >= 1);
+    assert!(matches!(lookup(&sts).await, Lookup::NoPolicy));
+    assert_eq!(failing.queries(), asked, "asked again at once");
+}
+
 #[tokio::test]
 async fn a_server_down_without_a_cache_is_a_fetch_error() {
     let ip = Ipv4Addr::new(127, 0, 0, 68);

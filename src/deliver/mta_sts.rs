@@ -546,6 +546,11 @@ impl MtaSts {
             Ok(records) => txt_id(&records),
             Err(e) => {
                 tracing::debug!(domain, error = %e, cached = cached.is_some(), "MTA-STS TXT lookup failed");
+                // A nameserver that times out would otherwise cost every new
+                // connection to the domain a DNS timeout: ask again later.
+                if cached.is_none() {
+                    self.remember_absent_for(&domain, FAILURE_HOLD);
+                }
                 return cached.map_or(Lookup::NoPolicy, |c| Lookup::from_policy(c.policy));
             }
         };
@@ -632,7 +637,11 @@ impl MtaSts {
     }
 
     fn remember_absent(&self, domain: &str) {
-        let until = Instant::now() + self.inner.negative_cache;
+        self.remember_absent_for(domain, self.inner.negative_cache);
+    }
+
+    fn remember_absent_for(&self, domain: &str, how_long: Duration) {
+        let until = Instant::now() + how_long;
         self.lock().absent.insert(domain.to_string(), until);
     }
 
