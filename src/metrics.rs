@@ -202,6 +202,12 @@ pub struct Metrics {
     pub tls_in: Labeled,
     /// Delivery connections opened, by TLS version ("none" for plaintext).
     pub connections_out: Labeled,
+    /// Recipients delivered over TLS, by how the certificate was checked
+    /// (`tls_info.verified`: none, verify, mta-sts, smarthost).
+    delivered_verified: Labeled,
+    /// MTA-STS lookups that found a record but no usable policy, by the
+    /// TLS-RPT result type (sts-policy-fetch-error, ...).
+    pub mta_sts_failures: Labeled,
     /// DNS lookups (MX, address, TXT) and how long they took.
     pub dns_latency: Histogram,
     /// DNS lookups that failed temporarily, by cause.
@@ -276,6 +282,8 @@ impl Default for Metrics {
             accept_latency: Histogram::new(ACCEPT_BOUNDS),
             tls_in: Labeled::default(),
             connections_out: Labeled::default(),
+            delivered_verified: Labeled::default(),
+            mta_sts_failures: Labeled::default(),
             dns_latency: Histogram::new(DNS_BOUNDS),
             dns_failures: Labeled::default(),
             redis_fallbacks: AtomicU64::new(0),
@@ -371,6 +379,9 @@ impl Metrics {
                 one(&self.delivered);
                 if e.tls.is_some() {
                     one(&self.delivered_tls);
+                }
+                if let Some(info) = &e.tls_info {
+                    self.delivered_verified.inc(&info.verified);
                 }
             }
             EventKind::Deferred => self.deferred.inc(e.classification),
@@ -623,6 +634,18 @@ impl Metrics {
             "herald_connections_out_total",
             "Delivery connections opened, by TLS version (\"none\" = plaintext).",
             "tls",
+        );
+        self.delivered_verified.render(
+            &mut out,
+            "herald_delivered_tls_verified_total",
+            "Recipients delivered over TLS, by how the server's certificate was checked (none, verify, mta-sts, smarthost).",
+            "verified",
+        );
+        self.mta_sts_failures.render(
+            &mut out,
+            "herald_mta_sts_failures_total",
+            "MTA-STS lookups that found a record but no usable policy, by TLS-RPT result type.",
+            "result",
         );
         self.dns_latency.render(
             &mut out,

@@ -31,7 +31,7 @@ struct World {
     /// Its CA file must outlive the relay that reads it.
     _pki: Pki,
     _dns: TestDns,
-    _policy: PolicyServer,
+    policy_server: PolicyServer,
     mxs: Vec<SubmissionServer>,
     relay: TestRelay,
 }
@@ -97,7 +97,7 @@ async fn world_with(mode: &str, listed: &[&str], mxs: &[Mx], tls_policy: &str) -
     World {
         _pki: pki,
         _dns: dns,
-        _policy: policy,
+        policy_server: policy,
         mxs: servers,
         relay,
     }
@@ -117,6 +117,18 @@ impl World {
             .submit("billing@acme.test", &[to], &invoice(to))
             .await
             .assert_code(250);
+    }
+
+    async fn metrics(&self) -> String {
+        common::http::request(
+            self.relay.admin,
+            "GET",
+            "/metrics",
+            Some(self.relay.admin_token),
+            None,
+        )
+        .await
+        .text()
     }
 
     async fn first(&self, kind: &str) -> serde_json::Value {
@@ -147,6 +159,11 @@ async fn enforce_with_a_valid_certificate_delivers_over_tls() {
         assert_eq!(info["policy"], "mta-sts enforce id 20261207T1", "{e}");
         let got = w.mxs[0].wait_messages(1, WAIT).await;
         assert!(got[0].tls, "delivered in clear");
+        let page = w.metrics().await;
+        assert!(
+            page.contains("herald_delivered_tls_verified_total{verified=\"mta-sts\"} 1"),
+            "{page}"
+        );
     })
     .await;
 }
@@ -315,6 +332,27 @@ async fn a_weaker_config_level_needs_a_bang_to_override_a_published_policy() {
         w.send("carol@sts.test").await;
         w.first("delivered").await;
         assert!(!w.mxs[0].wait_messages(1, WAIT).await[0].tls);
+    })
+    .await;
+}
+
+/// A record whose policy cannot be had (here: the host redirects, which
+/// RFC 8461 forbids following): delivered as without a policy, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_policy_is_delivered_without_and_counted() {
+    common::within(WAIT * 2, "policy fetch error", async {
+        let w = world("enforce", &["mx1.sts.test"], &[Mx::Plain]).await;
+        w.policy_server.set(Answer::redirect(
+            "https://elsewhere.test/.well-known/mta-sts.txt",
+        ));
+        w.send("carol@sts.test").await;
+        w.first("delivered").await;
+        assert!(!w.mxs[0].wait_messages(1, WAIT).await[0].tls);
+        let page = w.metrics().await;
+        assert!(
+            page.contains("herald_mta_sts_failures_total{result=\"sts-policy-fetch-error\"} 1"),
+            "{page}"
+        );
     })
     .await;
 }

@@ -908,6 +908,9 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                 detail,
             } => {
                 tracing::info!(domain = %name, result_type, detail, "no usable MTA-STS policy; delivering as without one");
+                if let Some(metrics) = ctx.sink.metrics() {
+                    metrics.mta_sts_failures.inc(result_type);
+                }
                 None
             }
             mta_sts::Lookup::NoPolicy => None,
