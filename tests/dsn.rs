@@ -296,6 +296,19 @@ fn status_blocks(data: &[u8]) -> Vec<Vec<(String, String)>> {
         .collect()
 }
 
+/// Checks a recipient block reporting `550 5.1.1` for `rcpt` from `remote`.
+#[track_caller]
+fn assert_failed_5_1_1(r: &[(String, String)], rcpt: &str, remote: &str) {
+    assert_eq!(get(r, "final-recipient"), format!("rfc822; {rcpt}"));
+    assert_eq!(get(r, "action"), "failed");
+    assert_eq!(get(r, "status"), "5.1.1");
+    assert_eq!(get(r, "remote-mta"), format!("dns; {remote}"));
+    assert!(
+        get(r, "diagnostic-code").starts_with("smtp; 550 5.1.1"),
+        "{r:?}"
+    );
+}
+
 fn get<'a>(b: &'a [(String, String)], name: &str) -> &'a str {
     b.iter()
         .find(|(n, _)| n == name)
@@ -343,15 +356,8 @@ async fn refused_recipient_gets_a_dsn_at_the_senders_mx() {
     assert_eq!(get(&blocks[0], "original-envelope-id"), "inv-42");
     assert_eq!(get(&blocks[0], "x-herald-queue-id"), id);
     let r = &blocks[1];
-    assert_eq!(get(r, "final-recipient"), "rfc822; nobody@one.test");
+    assert_failed_5_1_1(r, "nobody@one.test", "mx.one.test");
     assert_eq!(get(r, "original-recipient"), "rfc822;Nobody@one.test");
-    assert_eq!(get(r, "action"), "failed");
-    assert_eq!(get(r, "status"), "5.1.1");
-    assert_eq!(get(r, "remote-mta"), "dns; mx.one.test");
-    assert!(
-        get(r, "diagnostic-code").starts_with("smtp; 550 5.1.1"),
-        "{r:?}"
-    );
     // Headers only (no RET): the original's Subject, not its body.
     let text = String::from_utf8_lossy(data);
     assert!(text.contains("text/rfc822-headers"));
@@ -727,15 +733,7 @@ async fn a_late_bounce_reaches_the_original_sender_as_a_dsn() {
         let blocks = status_blocks(&dsn.data);
         assert_eq!(blocks.len(), 2, "{blocks:?}");
         assert_eq!(get(&blocks[0], "x-herald-queue-id"), id);
-        let r = &blocks[1];
-        assert_eq!(get(r, "final-recipient"), "rfc822; gone@one.test");
-        assert_eq!(get(r, "action"), "failed");
-        assert_eq!(get(r, "status"), "5.1.1");
-        assert_eq!(get(r, "remote-mta"), "dns; store.one.test");
-        assert!(
-            get(r, "diagnostic-code").starts_with("smtp; 550 5.1.1"),
-            "{r:?}"
-        );
+        assert_failed_5_1_1(&blocks[1], "gone@one.test", "store.one.test");
         let results = dkim_results(w.dns.addr, &dsn.data).await;
         assert!(signed_by_relay(&results), "{results:?}");
 
