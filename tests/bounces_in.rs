@@ -8,10 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone};
+use common::dns::TestDns;
 use common::http::api;
-use common::mx::{MxSink, SinkReply, ip, reserve_port};
-use common::relay::{Setup, TestRelay, field, herald, queue_id};
+use common::mx::MxSink;
+use common::relay::{OneTest, TestRelay, field, herald, one_test, queue_id};
 use common::smtp::TestClient;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -23,19 +23,14 @@ struct World {
 }
 
 async fn world() -> World {
-    let zone = Zone::new("test.")
-        .mx("one.test", 10, "mx.one.test")
-        .a("mx.one.test", ip(2));
-    let dns = TestDns::start(zone).await;
-    let (port, mut listeners) = reserve_port(&[ip(2)]);
-    let mx = MxSink::start_on(listeners.pop().unwrap(), |_, _| SinkReply::Accept).unwrap();
-    let mut setup = Setup::new(dns.addr, port);
-    setup.extra = "[bounces]\n\
-        return_path_domain = \"bounces.relay.test\"\n\
-        verp_secret = \"bounce-test-secret-0123456789\"\n\
-        listener = \"127.0.0.1:0\"\n"
-        .to_string();
-    let relay = TestRelay::start(setup).await;
+    let OneTest { dns, mx, relay } = one_test(|setup| {
+        setup.extra = "[bounces]\n\
+            return_path_domain = \"bounces.relay.test\"\n\
+            verp_secret = \"bounce-test-secret-0123456789\"\n\
+            listener = \"127.0.0.1:0\"\n"
+            .to_string();
+    })
+    .await;
     World {
         _dns: dns,
         mx,

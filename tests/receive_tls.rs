@@ -14,9 +14,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone};
-use common::mx::{MxSink, SinkReply, ip, reserve_port};
-use common::relay::{PASSWORD, Setup, TestRelay, USER, queue_id};
+use common::relay::{OneTest, PASSWORD, TestRelay, USER, one_test, queue_id};
 use common::smtp::TestClient;
 use common::within;
 use rustls::pki_types::ServerName;
@@ -25,25 +23,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct World {
-    _dns: TestDns,
-    mx: MxSink,
-    relay: TestRelay,
-}
-
-async fn world() -> World {
-    let zone = Zone::new("test.")
-        .mx("one.test", 10, "mx.one.test")
-        .a("mx.one.test", ip(2));
-    let dns = TestDns::start(zone).await;
-    let (port, mut listeners) = reserve_port(&[ip(2)]);
-    let mx = MxSink::start_on(listeners.pop().unwrap(), |_, _| SinkReply::Accept).unwrap();
-    let relay = TestRelay::start(Setup::new(dns.addr, port)).await;
-    World {
-        _dns: dns,
-        mx,
-        relay,
-    }
+async fn world() -> OneTest {
+    one_test(|_| {}).await
 }
 
 /// A client that offers one protocol version and one cipher suite, and

@@ -6,9 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone};
-use common::mx::{MxSink, SinkReply, ip, reserve_port};
-use common::relay::{Setup, TestRelay, queue_id};
+use common::relay::{OneTest, one_test, queue_id};
 use herald::queue::QueueId;
 use herald::verp::Verp;
 
@@ -29,17 +27,16 @@ fn invoice(to: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_recipient_gets_its_own_authenticated_return_path() {
     common::within(Duration::from_secs(60), "VERP delivery", async {
-        let zone = Zone::new("test.")
-            .mx("one.test", 10, "mx.one.test")
-            .a("mx.one.test", ip(2));
-        let dns = TestDns::start(zone).await;
-        let (port, mut listeners) = reserve_port(&[ip(2)]);
-        let mx = MxSink::start_on(listeners.pop().unwrap(), |_, _| SinkReply::Accept).unwrap();
-        let mut setup = Setup::new(dns.addr, port);
-        setup.extra = format!(
-            "[bounces]\nreturn_path_domain = \"bounces.relay.test\"\nverp_secret = \"{SECRET}\"\n"
-        );
-        let relay = TestRelay::start(setup).await;
+        let OneTest {
+            dns: _dns,
+            mx,
+            relay,
+        } = one_test(|setup| {
+            setup.extra = format!(
+                "[bounces]\nreturn_path_domain = \"bounces.relay.test\"\nverp_secret = \"{SECRET}\"\n"
+            );
+        })
+        .await;
 
         let rcpts = ["a@one.test", "b@one.test"];
         let reply = relay

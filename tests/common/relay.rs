@@ -321,3 +321,27 @@ pub fn queue_id(reply: &Reply) -> String {
 pub fn field<'a>(e: &'a Value, key: &str) -> &'a str {
     e.get(key).and_then(Value::as_str).unwrap_or("")
 }
+
+/// `one.test`, whose MX `mx.one.test` (127.0.0.2) is a sink that accepts
+/// everything, and a relay delivering there: the world most delivery tests
+/// start from.
+pub struct OneTest {
+    pub dns: super::dns::TestDns,
+    pub mx: super::mx::MxSink,
+    pub relay: TestRelay,
+}
+
+/// Starts a [`OneTest`]; `configure` adds to the relay's [`Setup`].
+pub async fn one_test(configure: impl FnOnce(&mut Setup)) -> OneTest {
+    use super::mx::{MxSink, SinkReply, ip, reserve_port};
+    let zone = super::dns::Zone::new("test.")
+        .mx("one.test", 10, "mx.one.test")
+        .a("mx.one.test", ip(2));
+    let dns = super::dns::TestDns::start(zone).await;
+    let (port, mut listeners) = reserve_port(&[ip(2)]);
+    let mx = MxSink::start_on(listeners.pop().unwrap(), |_, _| SinkReply::Accept).unwrap();
+    let mut setup = Setup::new(dns.addr, port);
+    configure(&mut setup);
+    let relay = TestRelay::start(setup).await;
+    OneTest { dns, mx, relay }
+}
