@@ -12,6 +12,7 @@ use common::dns::TestDns;
 use common::http::api;
 use common::mx::MxSink;
 use common::relay::{OneTest, TestRelay, field, herald, one_test, queue_id};
+use common::reports::Dsn;
 use common::smtp::TestClient;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -77,59 +78,16 @@ fn invoice(to: &str, message_id: &str) -> Vec<u8> {
 
 /// A Postfix-style RFC 3464 report saying `to` does not exist.
 fn dsn(return_path: &str, to: &str, message_id: &str) -> Vec<u8> {
-    dsn_saying(
+    let diagnostic = format!("550 5.1.1 <{to}>: Recipient address rejected: User unknown");
+    Dsn {
         return_path,
         to,
-        message_id,
-        "5.1.1",
-        &format!(
-            "Diagnostic-Code: smtp; 550 5.1.1 <{to}>: Recipient address rejected: User unknown\r\n"
-        ),
-    )
-}
-
-/// A DSN about `to` with the given `Status:` and diagnostic field line
-/// (empty for none).
-fn dsn_saying(
-    return_path: &str,
-    to: &str,
-    message_id: &str,
-    status: &str,
-    diagnostic_field: &str,
-) -> Vec<u8> {
-    format!(
-        "From: MAILER-DAEMON@mx.one.test (Mail Delivery System)\r\n\
-         To: {return_path}\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
-         Auto-Submitted: auto-replied\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\
-         \r\n\
-         --B1\r\n\
-         Content-Type: text/plain\r\n\
-         \r\n\
-         I'm sorry to have to inform you that your message could not be delivered.\r\n\
-         \r\n\
-         --B1\r\n\
-         Content-Type: message/delivery-status\r\n\
-         \r\n\
-         Reporting-MTA: dns; mx.one.test\r\n\
-         \r\n\
-         Final-Recipient: rfc822; {to}\r\n\
-         Action: failed\r\n\
-         Status: {status}\r\n\
-         Remote-MTA: dns; store.one.test\r\n\
-         {diagnostic_field}\
-         \r\n\
-         --B1\r\n\
-         Content-Type: text/rfc822-headers\r\n\
-         \r\n\
-         From: billing@acme.test\r\n\
-         Message-ID: {message_id}\r\n\
-         \r\n\
-         --B1--\r\n"
-    )
-    .into_bytes()
+        action: "failed",
+        status: "5.1.1",
+        diagnostic: Some(&diagnostic),
+        message_id: Some(message_id),
+    }
+    .bytes()
 }
 
 /// An ARF report (RFC 5965) about a message to `to`.
@@ -275,14 +233,26 @@ async fn a_late_blocklist_bounce_is_reported_and_suppresses_nothing() {
             .wait_events("delivered", 2, WAIT, |e| field(e, "event") == "delivered")
             .await;
         let reports = [
-            dsn_saying(
-                &paths[0].2,
-                paths[0].0,
-                paths[0].1,
-                "5.1.1",
-                "Diagnostic-Code: smtp; 550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.spamhaus.org\r\n",
-            ),
-            dsn_saying(&paths[1].2, paths[1].0, paths[1].1, "5.2.2", ""),
+            Dsn {
+                return_path: &paths[0].2,
+                to: paths[0].0,
+                action: "failed",
+                status: "5.1.1",
+                diagnostic: Some(
+                    "550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.spamhaus.org",
+                ),
+                message_id: Some(paths[0].1),
+            }
+            .bytes(),
+            Dsn {
+                return_path: &paths[1].2,
+                to: paths[1].0,
+                action: "failed",
+                status: "5.2.2",
+                diagnostic: None,
+                message_id: Some(paths[1].1),
+            }
+            .bytes(),
         ];
         for ((_, _, return_path), report) in paths.iter().zip(&reports) {
             let mut c = w.bounce_client().await;
@@ -528,13 +498,7 @@ async fn bounce_parse_explains_what_herald_reads() {
         let report = dir.path().join("report.eml");
         std::fs::write(
             &report,
-            dsn_saying(
-                "bounces+x@relay.test",
-                "gone@one.test",
-                "<inv-9@acme.test>",
-                "5.1.1",
-                "Diagnostic-Code: smtp; 550 5.1.1 <gone@one.test>: Recipient address rejected: User unknown\r\n",
-            ),
+            dsn("bounces+x@relay.test", "gone@one.test", "<inv-9@acme.test>"),
         )
         .unwrap();
         let report = report.to_str().unwrap();
@@ -553,7 +517,10 @@ async fn bounce_parse_explains_what_herald_reads() {
 
         let (ok, out, err) = herald(&no_config, &["bounce", "parse", report]).await;
         assert!(ok, "{err}");
-        assert!(out.contains("reason: user_unknown (the mailbox does not exist)"), "{out}");
+        assert!(
+            out.contains("reason: user_unknown (the mailbox does not exist)"),
+            "{out}"
+        );
         assert!(out.contains("would suppress: yes"), "{out}");
 
         // A config rule that calls this text something else is obeyed.

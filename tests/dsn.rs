@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::reports::Dsn;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -599,33 +600,15 @@ async fn the_dsn_is_dkim_signed_with_its_from_domains_key() {
 
 /// A Postfix-style RFC 3464 report to `return_path` about `to`.
 fn late_report(return_path: &str, to: &str, action: &str, status: &str, diag: &str) -> Vec<u8> {
-    format!(
-        "From: MAILER-DAEMON@mx.one.test (Mail Delivery System)\r\n\
-         To: {return_path}\r\n\
-         Subject: Mail delivery report\r\n\
-         Auto-Submitted: auto-replied\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\
-         \r\n\
-         --B1\r\n\
-         Content-Type: text/plain\r\n\
-         \r\n\
-         A report about your message.\r\n\
-         \r\n\
-         --B1\r\n\
-         Content-Type: message/delivery-status\r\n\
-         \r\n\
-         Reporting-MTA: dns; mx.one.test\r\n\
-         \r\n\
-         Final-Recipient: rfc822; {to}\r\n\
-         Action: {action}\r\n\
-         Status: {status}\r\n\
-         Remote-MTA: dns; store.one.test\r\n\
-         Diagnostic-Code: smtp; {diag}\r\n\
-         \r\n\
-         --B1--\r\n"
-    )
-    .into_bytes()
+    Dsn {
+        return_path,
+        to,
+        action,
+        status,
+        diagnostic: Some(diag),
+        message_id: None,
+    }
+    .bytes()
 }
 
 /// With VERP a late bounce comes back to herald, not to the app: herald

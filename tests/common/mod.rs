@@ -21,6 +21,7 @@ pub mod mx;
 pub mod pki;
 pub mod redis;
 pub mod relay;
+pub mod reports;
 pub mod smtp;
 pub mod submission;
 pub mod tmpfs;
