@@ -15,19 +15,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone, resolver_config};
+use common::dkim::{verifier, verify};
+use common::dns::{TestDns, Zone};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
 use common::relay::{Setup, TestRelay, queue_id};
 use common::smtp::TestClient;
 use common::within;
 use herald::config::{Config, DkimAlgorithm};
 use herald::policy::dkim::{self, Published, Signer};
-use mail_auth::hickory_resolver::config::ResolverOpts;
-use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
+use mail_auth::DkimResult;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -205,27 +204,6 @@ async fn world(
         relay,
         _keys: keys_dir,
     }
-}
-
-/// mail-auth's verifier, asking only the test DNS server.
-fn verifier(dns: SocketAddr) -> MessageAuthenticator {
-    let mut opts = ResolverOpts::default();
-    opts.timeout = Duration::from_secs(2);
-    opts.attempts = 1;
-    MessageAuthenticator::new(resolver_config(dns), opts).expect("verifier")
-}
-
-/// Every DKIM signature of `message`: (d=, s=, result).
-async fn verify(auth: &MessageAuthenticator, message: &[u8]) -> Vec<(String, String, DkimResult)> {
-    let parsed = AuthenticatedMessage::parse(message).expect("message parses");
-    auth.verify_dkim(&parsed)
-        .await
-        .into_iter()
-        .map(|o| {
-            let sig = o.signature().expect("a signature");
-            (sig.d.clone(), sig.s.clone(), o.result().clone())
-        })
-        .collect()
 }
 
 fn read(name: &str) -> Vec<u8> {

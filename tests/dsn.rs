@@ -13,13 +13,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dns::{TestDns, Zone, resolver_config};
+use common::dns::{TestDns, Zone};
 use common::mx::{MxSink, SinkReply, ip, reserve_port};
 use common::relay::{Setup, TestRelay, field, queue_id};
 use herald::config::DkimAlgorithm;
 use herald::policy::dkim;
-use mail_auth::hickory_resolver::config::ResolverOpts;
-use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
+use mail_auth::DkimResult;
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
@@ -217,19 +216,7 @@ fn relay_key() -> RelayKey {
 /// Every DKIM signature of `message` as mail-auth verifies it against the
 /// test DNS: (d=, s=, result).
 async fn dkim_results(dns: SocketAddr, message: &[u8]) -> Vec<(String, String, DkimResult)> {
-    let mut opts = ResolverOpts::default();
-    opts.timeout = Duration::from_secs(2);
-    opts.attempts = 1;
-    let auth = MessageAuthenticator::new(resolver_config(dns), opts).expect("verifier");
-    let parsed = AuthenticatedMessage::parse(message).expect("message parses");
-    auth.verify_dkim(&parsed)
-        .await
-        .into_iter()
-        .map(|o| {
-            let sig = o.signature().expect("a signature");
-            (sig.d.clone(), sig.s.clone(), o.result().clone())
-        })
-        .collect()
+    common::dkim::verify(&common::dkim::verifier(dns), message).await
 }
 
 fn signed_by_relay(results: &[(String, String, DkimResult)]) -> bool {

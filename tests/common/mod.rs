@@ -14,6 +14,7 @@
 //!
 //! Rules: loopback addresses only, no sleeps as synchronisation, every wait bounded.
 
+pub mod dkim;
 pub mod dns;
 pub mod http;
 pub mod https;
