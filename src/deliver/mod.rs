@@ -67,6 +67,12 @@ pub trait AttemptSink: Send + Sync + 'static {
     fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
         None
     }
+
+    /// Where delivery counts TLS sessions for TLS-RPT (RFC 8460); none
+    /// when reports are off.
+    fn tls_reports(&self) -> Option<&crate::report::tlsrpt::TlsRptCounts> {
+        None
+    }
 }
 
 impl AttemptSink for Queue {

@@ -9,6 +9,7 @@
 //! the server at start-up.
 
 pub mod stream;
+pub mod tlsrpt;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};

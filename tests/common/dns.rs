@@ -143,7 +143,7 @@ impl Zone {
                 })
                 .insert(record, 0);
         }
-        InMemoryZoneHandler::new(self.origin, map, ZoneType::Primary, AxfrPolicy::Deny)
+        InMemoryZoneHandler::new(self.origin, map, ZoneType::Primary, AxfrPolicy::Deny, None)
             .expect("building the in-memory zone")
     }
 }
