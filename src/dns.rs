@@ -53,8 +53,51 @@ pub struct Dns {
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
+/// An answer from the validating resolver ([`Dns::validating`]), with what
+/// DNSSEC proved of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Validated<T> {
+    /// Signed, and the signatures chain to a trust anchor.
+    Secure(T),
+    /// From a zone that is provably unsigned (or not signed all the way).
+    Insecure(T),
+    /// Signatures that should be there and are not, or do not verify: an
+    /// attacker, or a broken zone. Never a reason to go on without DNSSEC.
+    Bogus,
+}
+
+/// One TLSA record (RFC 6698 §2.1), as published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tlsa {
+    /// 0 PKIX-TA, 1 PKIX-EE, 2 DANE-TA, 3 DANE-EE.
+    pub usage: u8,
+    /// 0 the full certificate, 1 its SubjectPublicKeyInfo.
+    pub selector: u8,
+    /// 0 exact, 1 SHA-256, 2 SHA-512.
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
 impl Dns {
     pub fn new(cfg: &DnsConfig) -> Result<Dns, String> {
+        Self::build(cfg, None)
+    }
+
+    /// A resolver that validates DNSSEC itself (RFC 4035) from `anchors`
+    /// (the DNS root's keys unless the caller has its own), for DANE. Kept
+    /// apart from the routing resolver so that SPF, DKIM and MX lookups
+    /// are unchanged by a signature problem somewhere.
+    pub fn validating(
+        cfg: &DnsConfig,
+        anchors: hickory_resolver::proto::dnssec::TrustAnchors,
+    ) -> Result<Dns, String> {
+        Self::build(cfg, Some(anchors))
+    }
+
+    fn build(
+        cfg: &DnsConfig,
+        anchors: Option<hickory_resolver::proto::dnssec::TrustAnchors>,
+    ) -> Result<Dns, String> {
         let servers = cfg.nameserver_addrs()?;
         let mut opts = ResolverOpts::default();
         opts.timeout = cfg.timeout.as_duration();
@@ -64,6 +107,7 @@ impl Dns {
         // IPv4 first: a host whose IPv6 path silently drops packets would
         // otherwise cost a connect timeout per MX.
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        opts.validate = anchors.is_some();
         let builder = if servers.is_empty() {
             TokioResolver::builder_tokio()
                 .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?
@@ -93,6 +137,10 @@ impl Dns {
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))?
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
+        let builder = match anchors {
+            Some(a) => builder.with_trust_anchor(Arc::new(a)),
+            None => builder,
+        };
         let resolver = builder
             .with_options(opts)
             .with_tls_config(no_roots)
@@ -275,6 +323,68 @@ impl Dns {
         }
     }
 
+    /// The MX hosts of `domain` (ordered as [`Dns::mx`] orders them) and
+    /// whether DNSSEC proves them; from a [`Dns::validating`] resolver. A
+    /// domain without MX records, or with a null MX, is `Insecure` with no
+    /// hosts: DANE has nothing to say about it and [`Dns::mx`] decides.
+    pub async fn mx_validated(&self, domain: &str) -> Result<Validated<Vec<MxHost>>, DnsError> {
+        match self
+            .timed(self.resolver.mx_lookup(fqdn(domain).as_str()))
+            .await
+        {
+            Ok(lookup) => {
+                let answers = lookup.answers();
+                let mut hosts = mx_hosts(answers);
+                if hosts.is_empty() || hosts.iter().any(|h| h.name.is_empty()) {
+                    return Ok(Validated::Insecure(Vec::new()));
+                }
+                order_hosts(&mut hosts);
+                let proofs = answers
+                    .iter()
+                    .filter(|r| matches!(r.data, RData::MX(_)))
+                    .map(|r| r.proof);
+                Ok(judged(proofs, hosts))
+            }
+            Err(NetError::Dns(WireError::DnssecBogus)) => Ok(Validated::Bogus),
+            Err(e) if negative(&e).is_some() => Ok(Validated::Insecure(Vec::new())),
+            Err(e) => Err(self.temp_error(domain, &e)),
+        }
+    }
+
+    /// The TLSA records at `name` (`_25._tcp.mx.example.`) and whether
+    /// DNSSEC proves them; none when the name has none.
+    pub async fn tlsa(&self, name: &str) -> Result<Validated<Vec<Tlsa>>, DnsError> {
+        match self
+            .timed(self.resolver.tlsa_lookup(fqdn(name).as_str()))
+            .await
+        {
+            Ok(lookup) => {
+                let records: Vec<_> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::TLSA(t) => Some((
+                            r.proof,
+                            Tlsa {
+                                usage: t.cert_usage.into(),
+                                selector: t.selector.into(),
+                                matching: t.matching.into(),
+                                data: t.cert_data.clone(),
+                            },
+                        )),
+                        _ => None,
+                    })
+                    .collect();
+                let proofs: Vec<_> = records.iter().map(|(p, _)| *p).collect();
+                let records = records.into_iter().map(|(_, t)| t).collect();
+                Ok(judged(proofs.into_iter(), records))
+            }
+            Err(NetError::Dns(WireError::DnssecBogus)) => Ok(Validated::Bogus),
+            Err(e) if negative(&e).is_some() => Ok(Validated::Insecure(Vec::new())),
+            Err(e) => Err(self.temp_error(name, &e)),
+        }
+    }
+
     /// The IPv4 addresses at `name` and how long the answer may be cached:
     /// what is left of the answer's TTL, or for NXDOMAIN / no data (an empty
     /// list) the negative TTL from the SOA (RFC 2308), zero when the answer
@@ -310,6 +420,22 @@ impl Dns {
                 _ => Err(self.temp_error(name, &e)),
             },
         }
+    }
+}
+
+/// What DNSSEC proved of an RRset, from its records' proofs: one bogus
+/// record spoils it, all must be secure for it to be.
+fn judged<T>(
+    proofs: impl Iterator<Item = hickory_resolver::proto::dnssec::Proof> + Clone,
+    value: T,
+) -> Validated<T> {
+    use hickory_resolver::proto::dnssec::Proof;
+    if proofs.clone().any(|p| p == Proof::Bogus) {
+        Validated::Bogus
+    } else if proofs.into_iter().all(|p| p == Proof::Secure) {
+        Validated::Secure(value)
+    } else {
+        Validated::Insecure(value)
     }
 }
 

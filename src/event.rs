@@ -235,7 +235,8 @@ pub struct TlsInfo {
     /// How the server's certificate was checked: "none" (opportunistic or
     /// `encrypt`: any certificate), "verify" (WebPKI and the MX host name,
     /// asked by `delivery.tls_policy`), "mta-sts" (the same, asked by the
-    /// domain's enforced MTA-STS policy), "smarthost" (a smarthost's CA).
+    /// domain's enforced MTA-STS policy), "dane" (a TLSA record of the MX
+    /// host, RFC 7672), "smarthost" (a smarthost's CA).
     pub verified: String,
     /// The policy that applied, e.g. "mta-sts enforce id 20261207" or
     /// "tls_policy verify".

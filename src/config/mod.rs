@@ -407,6 +407,11 @@ pub enum TlsLevel {
     Encrypt,
     /// STARTTLS required with a certificate valid for the MX host name.
     Verify,
+    /// DANE (RFC 7672) where the MX hosts publish TLSA records under
+    /// DNSSEC; elsewhere as `may`, or as the domain's MTA-STS policy says.
+    Dane,
+    /// DANE or nothing: an MX host without usable TLSA records is not used.
+    DaneOnly,
 }
 
 impl TlsLevel {
@@ -416,6 +421,8 @@ impl TlsLevel {
             TlsLevel::May => "may",
             TlsLevel::Encrypt => "encrypt",
             TlsLevel::Verify => "verify",
+            TlsLevel::Dane => "dane",
+            TlsLevel::DaneOnly => "dane-only",
         }
     }
 }
@@ -444,14 +451,11 @@ impl TryFrom<String> for TlsPolicyEntry {
             "may" => TlsLevel::May,
             "encrypt" => TlsLevel::Encrypt,
             "verify" => TlsLevel::Verify,
-            "dane" | "dane-only" => {
-                return Err(format!(
-                    "{name:?}: DANE is not supported yet; use \"verify\" (TLS with a certificate valid for the MX host name)"
-                ));
-            }
+            "dane" => TlsLevel::Dane,
+            "dane-only" => TlsLevel::DaneOnly,
             other => {
                 return Err(format!(
-                    "unknown TLS level {other:?}; one of \"none\", \"may\", \"encrypt\", \"verify\" (a trailing ! lets it weaken a published MTA-STS policy)"
+                    "unknown TLS level {other:?}; one of \"none\", \"may\", \"encrypt\", \"verify\", \"dane\", \"dane-only\" (a trailing ! lets it weaken a published MTA-STS or DANE policy)"
                 ));
             }
         };
@@ -502,6 +506,9 @@ pub struct DeliveryConfig {
     /// they differ from `source_ips` (NAT); used by SPF alignment, `domain
     /// check` and `dnsbl check`.
     pub public_ips: Vec<IpAddr>,
+    /// `[delivery.dane]`: DANE for SMTP (RFC 7672).
+    pub dane: DaneConfig,
+
     /// `[delivery.mta_sts]`: MTA-STS policies of recipient domains (RFC 8461).
     pub mta_sts: MtaStsConfig,
 }
@@ -553,7 +560,35 @@ impl Default for DeliveryConfig {
             starttls: StarttlsPolicy::Opportunistic,
             tls_policy: std::collections::BTreeMap::new(),
             public_ips: Vec::new(),
+            dane: DaneConfig::default(),
+
             mta_sts: MtaStsConfig::default(),
+        }
+    }
+}
+
+/// `[delivery.dane]`: DANE for SMTP (RFC 7672), checked with a resolver of
+/// its own that validates DNSSEC.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct DaneConfig {
+    /// DANE for every destination (as `tls_policy` level `"dane"` does for
+    /// one). Default false: it needs nameservers that pass DNSSEC records
+    /// through, or every signed destination would defer as bogus.
+    pub enabled: bool,
+    /// A file of DNSKEY records in zone-file form
+    /// (`example. 3600 IN DNSKEY 257 3 13 ...`) trusted instead of the
+    /// DNS root's keys (private roots, tests). Default: the root's.
+    pub trust_anchor: Option<PathBuf>,
+}
+
+impl DaneConfig {
+    /// The keys DNSSEC validation starts from.
+    pub fn trust_anchors(&self) -> Result<hickory_resolver::proto::dnssec::TrustAnchors, String> {
+        match &self.trust_anchor {
+            None => Ok(Default::default()),
+            Some(path) => hickory_resolver::proto::dnssec::TrustAnchors::from_file(path)
+                .map_err(|e| format!("cannot read DNSKEY records from {}: {e}", path.display())),
         }
     }
 }
@@ -1275,6 +1310,11 @@ impl Config {
                 tracing::warn!(domain = %domain, level = entry.level.as_str(), "delivery.tls_policy overrides what the domain publishes (MTA-STS): it may deliver with weaker TLS than the domain asks for");
             }
         }
+        if d.dane.trust_anchor.is_some()
+            && let Err(e) = d.dane.trust_anchors()
+        {
+            errs.push("delivery.dane.trust_anchor", e);
+        }
         if d.mta_sts.fetch_timeout.0.is_zero() {
             errs.push("delivery.mta_sts.fetch_timeout", "must be longer than 0");
         }
@@ -1455,7 +1495,7 @@ mod tests {
         assert_eq!(at("old.example"), Some((TlsLevel::May, true)));
 
         for (value, says) in [
-            ("dane", "DANE is not supported yet"),
+            ("dane-sometimes", "unknown TLS level \"dane-sometimes\""),
             ("sometimes", "unknown TLS level \"sometimes\""),
         ] {
             let e = Config::from_toml_str(&format!("{base}\"bank.example\" = \"{value}\"\n"))

@@ -118,6 +118,78 @@ impl fmt::Display for Stage {
     }
 }
 
+/// Why a TLS handshake failed: the error's text, and what was wrong with
+/// the server's certificate when that was it (for TLS-RPT's result types).
+#[derive(Clone, Debug)]
+pub struct TlsFailure {
+    pub text: String,
+    pub cert: Option<CertProblem>,
+}
+
+/// What a certificate check refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertProblem {
+    /// Valid, but not for the host name asked for.
+    HostMismatch,
+    /// Outside its validity period.
+    Expired,
+    /// Its chain leads to no trusted root (self-signed, unknown issuer).
+    NotTrusted,
+    /// No TLSA record of the host names it (DANE).
+    NoTlsaMatch,
+    /// Anything else the verifier refused.
+    Other,
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl From<&str> for TlsFailure {
+    fn from(text: &str) -> TlsFailure {
+        TlsFailure {
+            text: text.to_string(),
+            cert: None,
+        }
+    }
+}
+
+impl TlsFailure {
+    /// Reads what rustls (inside tokio-rustls's io::Error) refused.
+    fn from_io(e: &io::Error) -> TlsFailure {
+        use rustls::CertificateError as C;
+        let cert = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(|r| match r {
+                rustls::Error::InvalidCertificate(c) => Some(match c {
+                    C::NotValidForName | C::NotValidForNameContext { .. } => {
+                        CertProblem::HostMismatch
+                    }
+                    C::Expired
+                    | C::ExpiredContext { .. }
+                    | C::NotValidYet
+                    | C::NotValidYetContext { .. } => CertProblem::Expired,
+                    C::UnknownIssuer | C::BadSignature => CertProblem::NotTrusted,
+                    C::Other(_) if super::dane::is_no_match(r) => CertProblem::NoTlsaMatch,
+                    _ => CertProblem::Other,
+                }),
+                _ => None,
+            });
+        // rustls shows a verifier's own error with Debug; its Display is
+        // the sentence to quote.
+        let text = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::InvalidCertificate(C::Other(o))) => {
+                format!("invalid peer certificate: {}", o.0)
+            }
+            _ => e.to_string(),
+        };
+        TlsFailure { text, cert }
+    }
+}
+
 /// Why a session step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -132,7 +204,7 @@ pub enum ClientError {
     #[error("connection lost {stage}: {source}")]
     Io { stage: Stage, source: io::Error },
     #[error("TLS handshake failed: {0}")]
-    Tls(String),
+    Tls(TlsFailure),
     #[error("protocol error {stage}: {what}")]
     Protocol { stage: Stage, what: &'static str },
     /// The server answered, but not with the reply the step needs.
@@ -1209,7 +1281,7 @@ async fn handshake(
             };
             Ok((Box::new(stream), version))
         }
-        Ok(Err(e)) => Err(ClientError::Tls(e.to_string())),
+        Ok(Err(e)) => Err(ClientError::Tls(TlsFailure::from_io(&e))),
         Err(_) => Err(ClientError::Timeout(Stage::TlsHandshake)),
     }
 }
@@ -1818,7 +1890,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&e, ClientError::Tls(m) if m.contains("after its 220")),
+            matches!(&e, ClientError::Tls(m) if m.text.contains("after its 220")),
             "{e}"
         );
         assert!(!c.is_usable());

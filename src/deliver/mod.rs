@@ -29,6 +29,7 @@
 pub mod cert;
 pub mod classify;
 pub mod client;
+pub mod dane;
 pub mod explain;
 pub mod failure;
 #[cfg(test)]
@@ -46,11 +47,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::config::{Config, StarttlsPolicy};
+use crate::config::{Config, StarttlsPolicy, TlsLevel};
 use crate::dns::{Dns, MxLookup};
 use crate::event::Reason;
 use crate::queue::{AttemptResult, DeliveryJob, Queue, RcptOutcome};
 use crate::reply::{Enhanced, Reply};
+use mail_auth::report::tlsrpt::{FailureDetails, PolicyDetails, PolicyType, ResultType};
 
 pub use classify::Classifier;
 use client::{
@@ -154,9 +156,36 @@ fn start_inner(
             .ok()
             .map(|v| Tls::with_verifier(provider, v))
         });
+    // DANE has a resolver of its own, which validates DNSSEC.
+    let dane_asked = config.delivery.dane.enabled
+        || config
+            .delivery
+            .tls_policy
+            .values()
+            .any(|e| matches!(e.level, TlsLevel::Dane | TlsLevel::DaneOnly));
+    let dane = match dane_asked.then(|| {
+        config
+            .delivery
+            .dane
+            .trust_anchors()
+            .and_then(|anchors| Dns::validating(&config.dns, anchors))
+    }) {
+        Some(Ok(d)) => Some(match sink.metrics().or(dns.metrics()) {
+            Some(m) => d.with_metrics(m.clone()),
+            None => d,
+        }),
+        Some(Err(e)) => {
+            // The config check read the trust anchors; this is a file that
+            // went away since. Domains asking for DANE only then defer.
+            tracing::error!(error = %e, "DANE is off: cannot build its validating resolver");
+            None
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         control,
         mta_sts,
+        dane,
         verify_tls,
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
@@ -204,6 +233,10 @@ struct Ctx {
     smarthosts: smarthost::Routes,
     /// `[delivery.mta_sts]`: recipient domains' published TLS policies.
     mta_sts: Option<mta_sts::MtaSts>,
+    /// The DNSSEC-validating resolver DANE asks for MX and TLSA records;
+    /// `None` when neither `[delivery.dane]` nor a `tls_policy` line asks
+    /// for DANE.
+    dane: Option<Dns>,
     /// TLS that verifies the MX's certificate and name; `None` without any
     /// trusted root (a verified session then always fails).
     verify_tls: Option<Tls>,
@@ -224,6 +257,12 @@ enum Asked<'a> {
         domain: &'a str,
         policy: &'a mta_sts::Policy,
     },
+    /// The MX host's TLSA records, proven by DNSSEC: TLS, and a certificate
+    /// one of them names (none usable: TLS alone).
+    Dane {
+        domain: &'a str,
+        tlsa: &'a Arc<dane::TlsaSet>,
+    },
 }
 
 impl Asked<'_> {
@@ -240,6 +279,52 @@ impl Asked<'_> {
             Asked::MtaSts { domain, policy } => {
                 format!("MTA-STS policy of {domain} (enforce, id {})", policy.id)
             }
+            Asked::Dane { domain, tlsa } => {
+                format!("DANE for {domain} (TLSA records at {})", tlsa.name)
+            }
+        }
+    }
+
+    /// How a session it opened checked the certificate (`tls_info.verified`).
+    fn verified(&self) -> &'static str {
+        match self {
+            Asked::MtaSts { .. } => "mta-sts",
+            Asked::Dane { tlsa, .. } if tlsa.any_usable() => "dane",
+            Asked::Config {
+                level: crate::config::TlsLevel::Verify,
+                ..
+            } => "verify",
+            _ => "none",
+        }
+    }
+
+    /// The policy that applied (`tls_info.policy`).
+    fn policy(&self) -> Option<String> {
+        match self {
+            Asked::MtaSts { policy, .. } => Some(format!("mta-sts enforce id {}", policy.id)),
+            Asked::Dane { tlsa, .. } => Some(format!("dane {}", tlsa.name)),
+            Asked::Config { level, .. } => Some(format!("tls_policy {}", level.as_str())),
+            Asked::Default => None,
+        }
+    }
+
+    /// The published policy a TLS-RPT report covers (RFC 8460 §4.4), for
+    /// the session to `host`; none for what only this relay's config asks.
+    fn tls_report_policy(&self, host: &str) -> Option<PolicyDetails> {
+        match self {
+            Asked::MtaSts { domain, policy } => Some(PolicyDetails {
+                policy_type: PolicyType::Sts,
+                policy_string: policy.lines(),
+                policy_domain: domain.to_string(),
+                mx_host: policy.mx.clone(),
+            }),
+            Asked::Dane { domain, tlsa } => Some(PolicyDetails {
+                policy_type: PolicyType::Tlsa,
+                policy_string: tlsa.policy_strings(),
+                policy_domain: domain.to_string(),
+                mx_host: vec![host.to_string()],
+            }),
+            _ => None,
         }
     }
 }
@@ -900,10 +985,42 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     };
 
     let mut last: Option<(Reply, Reason, String)> = None;
+    // A config line may ask for more than the domain publishes; it asks
+    // for less only when written with "!" (and then published policies,
+    // MTA-STS and DANE, are not used).
+    let configured = ctx.config.delivery.tls_policy_for(name);
+    let overridden = configured.is_some_and(|c| c.overrides_published);
+    // RFC 8461 §2: DANE wins over MTA-STS for a host with TLSA records;
+    // MTA-STS still rules the hosts without.
+    let dane_only = configured.is_some_and(|c| c.level == TlsLevel::DaneOnly);
+    let dane = match (&ctx.dane, configured) {
+        (Some(v), Some(c)) if matches!(c.level, TlsLevel::Dane | TlsLevel::DaneOnly) => Some(v),
+        (Some(v), _) if ctx.config.delivery.dane.enabled && !overridden => Some(v),
+        (None, Some(c)) if c.level == TlsLevel::DaneOnly => {
+            return Err(site_deferral(
+                Reply::new(
+                    451,
+                    Enhanced(4, 7, 5),
+                    format!(
+                        "TLS policy for {name} (delivery.tls_policy: dane-only) requires DANE, but this relay has no DNSSEC-validating resolver (see the log)"
+                    ),
+                ),
+                None,
+            ));
+        }
+        _ => None,
+    };
+    let dane = match dane {
+        Some(v) => match dane_domain(ctx, v, name, dane_only).await {
+            Ok(secure) => secure.then_some(v),
+            Err(reply) => return Err(site_deferral(reply, None)),
+        },
+        None => None,
+    };
     // RFC 8461: an enforced policy names the MX hosts that may be used and
     // requires verified TLS to them; testing mode only reports.
     let enforced = match &ctx.mta_sts {
-        Some(m) => match m.lookup(name).await {
+        Some(m) if !dane_only => match m.lookup(name).await {
             mta_sts::Lookup::Policy(p) if p.mode == mta_sts::Mode::Enforce => Some(p),
             mta_sts::Lookup::Policy(p) => {
                 tracing::debug!(domain = %name, id = %p.id, mode = p.mode.as_str(), "MTA-STS policy not enforced");
@@ -921,12 +1038,9 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             }
             mta_sts::Lookup::NoPolicy => None,
         },
-        None => None,
+        _ => None,
     };
-    // A config line may ask for more than the domain publishes; it asks
-    // for less only when written with "!" (and then MTA-STS is not used).
-    let configured = ctx.config.delivery.tls_policy_for(name);
-    let enforced = enforced.filter(|_| !configured.is_some_and(|c| c.overrides_published));
+    let enforced = enforced.filter(|_| !overridden);
     let asked = match (&enforced, configured) {
         (Some(p), _) => Asked::MtaSts {
             domain: name,
@@ -942,7 +1056,21 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     // must not hold a connection slot for connect_timeout × every address.
     let mut budget = ctx.config.delivery.max_mx_addresses;
     'hosts: for host in &hosts {
-        if let Some(p) = &enforced
+        let tlsa = match dane {
+            Some(v) => match dane_host(ctx, v, name, &host.name, dane_only).await {
+                Ok(tlsa) => tlsa,
+                Err(reply) => {
+                    last = Some((reply, Reason::Tls, host.name.clone()));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let asked = match &tlsa {
+            Some(tlsa) => Asked::Dane { domain: name, tlsa },
+            None => asked,
+        };
+        if let Asked::MtaSts { policy: p, .. } = asked
             && !p.allows_mx(&host.name)
         {
             last = Some((
@@ -1017,23 +1145,8 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                         mx: host.name.clone(),
                         sent: 0,
                         smarthost: None,
-                        verified: match asked {
-                            Asked::MtaSts { .. } => "mta-sts",
-                            Asked::Config {
-                                level: crate::config::TlsLevel::Verify,
-                                ..
-                            } => "verify",
-                            _ => "none",
-                        },
-                        policy: match asked {
-                            Asked::MtaSts { policy, .. } => {
-                                Some(format!("mta-sts enforce id {}", policy.id))
-                            }
-                            Asked::Config { level, .. } => {
-                                Some(format!("tls_policy {}", level.as_str()))
-                            }
-                            Asked::Default => None,
-                        },
+                        verified: asked.verified(),
+                        policy: asked.policy(),
                         _live: Connected::new(domain),
                     });
                 }
@@ -1061,6 +1174,153 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     })
 }
 
+/// A deferral of the whole destination for a TLS policy reason.
+fn site_deferral(reply: Reply, mx: Option<String>) -> ConnectFailure {
+    ConnectFailure::Site {
+        result: AttemptResult::Deferred(reply, Reason::Tls),
+        mx,
+    }
+}
+
+/// Whether DNSSEC proves the MX records of `domain`, so that DANE applies
+/// to its hosts (RFC 7672 §2.2.1). Bogus records, or for `dane-only`
+/// unsigned ones, defer the domain: never a downgrade to no DANE.
+async fn dane_domain(
+    ctx: &Ctx,
+    validating: &Dns,
+    domain: &str,
+    dane_only: bool,
+) -> Result<bool, Reply> {
+    use crate::dns::Validated;
+    let report = |result_type, info: &str| {
+        report_tls(
+            ctx,
+            &PolicyDetails {
+                policy_type: PolicyType::Tlsa,
+                policy_string: Vec::new(),
+                policy_domain: domain.to_string(),
+                mx_host: Vec::new(),
+            },
+            Some((result_type, None, None, info)),
+        )
+    };
+    match validating.mx_validated(domain).await {
+        Ok(Validated::Secure(hosts)) if !hosts.is_empty() => Ok(true),
+        Ok(Validated::Secure(_) | Validated::Insecure(_)) if dane_only => {
+            report(ResultType::DaneRequired, "MX records not signed");
+            Err(Reply::new(
+                451,
+                Enhanced(4, 7, 5),
+                format!(
+                    "TLS policy for {domain} (delivery.tls_policy: dane-only) requires DANE, but the MX records of {domain} are not signed (DNSSEC insecure)"
+                ),
+            ))
+        }
+        Ok(Validated::Secure(_) | Validated::Insecure(_)) => Ok(false),
+        Ok(Validated::Bogus) => {
+            report(ResultType::DnssecInvalid, "MX records bogus");
+            Err(Reply::new(
+                451,
+                Enhanced(4, 7, 5),
+                format!(
+                    "DANE: the MX records of {domain} fail DNSSEC validation (bogus: signatures missing, expired or not matching); not delivering until they validate"
+                ),
+            ))
+        }
+        Err(e) => Err(Reply::new(
+            451,
+            Enhanced(4, 4, 3),
+            format!("DANE: {e}; DNSSEC-validated MX records are needed before delivering"),
+        )),
+    }
+}
+
+/// The TLSA records of an MX host of a domain whose MX records DNSSEC
+/// proved: `Some` when they are proven too, `None` when the host has none
+/// (then MTA-STS or the config decides). Bogus or failed lookups make the
+/// host unusable (RFC 7672 §2.2), as does no TLSA under `dane-only`.
+async fn dane_host(
+    ctx: &Ctx,
+    validating: &Dns,
+    domain: &str,
+    host: &str,
+    dane_only: bool,
+) -> Result<Option<Arc<dane::TlsaSet>>, Reply> {
+    use crate::dns::Validated;
+    let name = format!("_{}._tcp.{host}", ctx.config.delivery.port);
+    let policy = PolicyDetails {
+        policy_type: PolicyType::Tlsa,
+        policy_string: Vec::new(),
+        policy_domain: domain.to_string(),
+        mx_host: vec![host.to_string()],
+    };
+    let failed = |result_type, info: &str| {
+        report_tls(ctx, &policy, Some((result_type, Some(host), None, info)));
+    };
+    match validating.tlsa(&name).await {
+        Ok(Validated::Secure(records)) if !records.is_empty() => {
+            Ok(Some(Arc::new(dane::TlsaSet { name, records })))
+        }
+        Ok(Validated::Bogus) => {
+            failed(ResultType::DnssecInvalid, "TLSA records bogus");
+            Err(Reply::new(
+                451,
+                Enhanced(4, 7, 5),
+                format!(
+                    "DANE: the TLSA records of mail server {host} of {domain} ({name}) fail DNSSEC validation (bogus); not used"
+                ),
+            ))
+        }
+        Ok(_) if dane_only => {
+            failed(ResultType::DaneRequired, "no TLSA records");
+            Err(Reply::new(
+                451,
+                Enhanced(4, 7, 5),
+                format!(
+                    "TLS policy for {domain} (delivery.tls_policy: dane-only) requires DANE; mail server {host} has no DNSSEC-signed TLSA records at {name}; not used"
+                ),
+            ))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(Reply::new(
+            451,
+            Enhanced(4, 4, 3),
+            format!(
+                "DANE: {e}; mail server {host} of {domain} not used until its TLSA records can be read"
+            ),
+        )),
+    }
+}
+
+/// Counts one session (or a failure before it) for TLS-RPT, when reports
+/// are on: `failure` is the result type, the MX host, its address and a
+/// word on what happened.
+fn report_tls(
+    ctx: &Ctx,
+    policy: &PolicyDetails,
+    failure: Option<(ResultType, Option<&str>, Option<IpAddr>, &str)>,
+) {
+    let Some(counts) = ctx.sink.tls_reports() else {
+        return;
+    };
+    match failure {
+        None => counts.success(policy),
+        Some((result_type, mx, ip, info)) => counts.failure(
+            policy,
+            FailureDetails {
+                result_type,
+                sending_mta_ip: None,
+                receiving_mx_hostname: mx.map(str::to_string),
+                receiving_mx_helo: None,
+                receiving_ip: ip,
+                failed_session_count: 1,
+                additional_information: None,
+                failure_reason_code: (!info.is_empty()).then(|| info.to_string()),
+            },
+        ),
+    }
+}
+
 /// Connects to one address: greeting, EHLO, and STARTTLS as `asked`: a
 /// domain's enforced MTA-STS policy or its `[delivery.tls_policy]` level
 /// beat `delivery.starttls`.
@@ -1079,20 +1339,19 @@ async fn open(
     client.ehlo(&ctx.helo).await.map_err(fail)?;
     let starttls = match asked {
         Asked::MtaSts { .. }
+        | Asked::Dane { .. }
         | Asked::Config {
-            level: TlsLevel::Verify,
+            level: TlsLevel::Verify | TlsLevel::Encrypt,
             ..
-        } => return required_tls(ctx, client, host, addr, &asked, true).await,
-        Asked::Config {
-            level: TlsLevel::Encrypt,
-            ..
-        } => return required_tls(ctx, client, host, addr, &asked, false).await,
+        } => return required_tls(ctx, client, host, addr, &asked).await,
         Asked::Config {
             level: TlsLevel::None,
             ..
         } => StarttlsPolicy::Disabled,
+        // Hosts without TLSA records, under `dane`: as `may`. (`dane-only`
+        // never opens a session to such a host.)
         Asked::Config {
-            level: TlsLevel::May,
+            level: TlsLevel::May | TlsLevel::Dane | TlsLevel::DaneOnly,
             ..
         } => StarttlsPolicy::Opportunistic,
         Asked::Default => ctx.config.delivery.starttls,
@@ -1133,23 +1392,53 @@ async fn open(
     }
 }
 
-/// STARTTLS that must succeed, with a certificate verified for `host`
-/// when `verify` (RFC 8461 §4.2), or a deferral that says who required it
-/// and what failed: never a delivery in clear.
+/// STARTTLS that must succeed, with the certificate checked as `asked`
+/// says (WebPKI and the host name for MTA-STS and `verify`, RFC 8461
+/// §4.2; the TLSA records for DANE; nothing for `encrypt`), or a deferral
+/// that says who required it and what failed: never a delivery in clear.
+/// Sessions under a published policy are counted for TLS-RPT.
 async fn required_tls(
     ctx: &Ctx,
     mut client: SmtpClient,
     host: &str,
     addr: SocketAddr,
     asked: &Asked<'_>,
-    verify: bool,
 ) -> Result<SmtpClient, (Reply, Reason)> {
-    let needs = if verify {
-        format!("requires TLS with a certificate valid for {host}")
-    } else {
-        "requires TLS".to_string()
+    let dane_tls;
+    let (tls, needs) = match asked {
+        Asked::Dane { tlsa, .. } if tlsa.any_usable() => {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            dane_tls = Tls::with_verifier(
+                provider.clone(),
+                Arc::new(dane::DaneVerifier::new((*tlsa).clone(), provider)),
+            );
+            (
+                Some(&dane_tls),
+                format!(
+                    "requires TLS with a certificate its TLSA records name ({})",
+                    dane::summary(tlsa)
+                ),
+            )
+        }
+        Asked::Dane { .. }
+        | Asked::Config {
+            level: TlsLevel::Encrypt,
+            ..
+        } => (Some(&ctx.tls), "requires TLS".to_string()),
+        _ => (
+            ctx.verify_tls.as_ref(),
+            format!("requires TLS with a certificate valid for {host}"),
+        ),
     };
-    let why = |enhanced: Enhanced, what: String| {
+    let report = asked.tls_report_policy(host);
+    let why = |enhanced: Enhanced, result_type: ResultType, what: String| {
+        if let Some(policy) = &report {
+            report_tls(
+                ctx,
+                policy,
+                Some((result_type, Some(host), Some(addr.ip()), "")),
+            );
+        }
         (
             Reply::new(451, enhanced, format!("{} {needs}; {what}", asked.who())),
             Reason::Tls,
@@ -1158,30 +1447,47 @@ async fn required_tls(
     if !client.capabilities().starttls {
         return Err(why(
             Enhanced(4, 7, 10),
+            ResultType::StartTlsNotSupported,
             format!("{host} [{}] offered no STARTTLS", addr.ip()),
         ));
     }
-    let tls = if verify {
-        let Some(tls) = &ctx.verify_tls else {
-            return Err(why(
-                Enhanced(4, 7, 5),
-                "this relay has no trusted root certificates to verify it with".into(),
-            ));
-        };
-        tls
-    } else {
-        &ctx.tls
+    let Some(tls) = tls else {
+        return Err(why(
+            Enhanced(4, 7, 5),
+            ResultType::CertificateNotTrusted,
+            "this relay has no trusted root certificates to verify it with".into(),
+        ));
     };
     match client.starttls(tls, host, &ctx.helo).await {
-        Ok(()) => Ok(client),
+        Ok(()) => {
+            if let Some(policy) = &report {
+                report_tls(ctx, policy, None);
+            }
+            Ok(client)
+        }
         Err(ClientError::Rejected { reply, .. }) => Err(why(
             Enhanced(4, 7, 10),
+            ResultType::StartTlsNotSupported,
             format!("{host} [{}] refused STARTTLS: {reply}", addr.ip()),
         )),
-        Err(e) => Err(why(
-            Enhanced(4, 7, 5),
-            format!("the TLS handshake with {host} [{}] failed: {e}", addr.ip()),
-        )),
+        Err(e) => {
+            use client::CertProblem;
+            let result_type = match &e {
+                ClientError::Tls(f) => match f.cert {
+                    Some(CertProblem::HostMismatch) => ResultType::CertificateHostMismatch,
+                    Some(CertProblem::Expired) => ResultType::CertificateExpired,
+                    Some(CertProblem::NotTrusted) => ResultType::CertificateNotTrusted,
+                    Some(CertProblem::NoTlsaMatch) => ResultType::TlsaInvalid,
+                    Some(CertProblem::Other) | None => ResultType::ValidationFailure,
+                },
+                _ => ResultType::ValidationFailure,
+            };
+            Err(why(
+                Enhanced(4, 7, 5),
+                result_type,
+                format!("the TLS handshake with {host} [{}] failed: {e}", addr.ip()),
+            ))
+        }
     }
 }
 
@@ -1458,6 +1764,7 @@ mod tests {
             control: None,
             smarthosts: smarthost::Routes::default(),
             mta_sts: None,
+            dane: None,
             verify_tls: None,
             classifier: Classifier::default(),
             config,

@@ -103,6 +103,18 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy as TLS-RPT quotes it (RFC 8460 §4.4: `policy-string`,
+    /// one element per line of the policy file).
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = vec![
+            "version: STSv1".to_string(),
+            format!("mode: {}", self.mode.as_str()),
+        ];
+        lines.extend(self.mx.iter().map(|mx| format!("mx: {mx}")));
+        lines.push(format!("max_age: {}", self.max_age));
+        lines
+    }
+
     /// RFC 8461 §3.2 strict parse of the policy file text: `version: STSv1`
     /// first, then `mode`, `max_age` and one or more `mx` (none needed with
     /// mode none), one `key: value` per line ended by CRLF or LF. Unknown

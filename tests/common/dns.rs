@@ -133,7 +133,22 @@ impl Zone {
         self.record(name, RData::TXT(TXT::new(parts)))
     }
 
-    fn into_handler(self) -> InMemoryZoneHandler<TokioRuntimeProvider> {
+    /// A TLSA record (RFC 6698), e.g. `tlsa("_25._tcp.mx1.example.test", 3, 1, 1, &sha256_of_spki)`.
+    pub fn tlsa(self, name: &str, usage: u8, selector: u8, matching: u8, data: &[u8]) -> Self {
+        use hickory_server::proto::rr::rdata::TLSA;
+        use hickory_server::proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
+        self.record(
+            name,
+            RData::TLSA(TLSA::new(
+                CertUsage::from(usage),
+                Selector::from(selector),
+                Matching::from(matching),
+                data.to_vec(),
+            )),
+        )
+    }
+
+    fn into_handler(self, key: Option<&ZoneKey>) -> InMemoryZoneHandler<TokioRuntimeProvider> {
         let mut map: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
         for record in self.records {
             let key = RrKey::new(LowerName::from(&record.name), record.record_type());
@@ -143,8 +158,64 @@ impl Zone {
                 })
                 .insert(record, 0);
         }
-        InMemoryZoneHandler::new(self.origin, map, ZoneType::Primary, AxfrPolicy::Deny, None)
-            .expect("building the in-memory zone")
+        let mut handler = InMemoryZoneHandler::new(
+            self.origin.clone(),
+            map,
+            ZoneType::Primary,
+            AxfrPolicy::Deny,
+            key.map(|_| hickory_server::dnssec::NxProofKind::Nsec),
+        )
+        .expect("building the in-memory zone");
+        if let Some(key) = key {
+            handler
+                .add_zone_signing_key_mut(key.signer(&self.origin))
+                .expect("adding the zone key");
+            handler.secure_zone_mut().expect("signing the zone");
+        }
+        handler
+    }
+}
+
+/// A DNSSEC key (ECDSA P-256) that signs a test zone, and the trust anchor that makes a
+/// validating resolver believe it.
+pub struct ZoneKey {
+    pkcs8: rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+}
+
+impl ZoneKey {
+    pub fn generate() -> ZoneKey {
+        use hickory_server::proto::dnssec::{Algorithm, crypto::EcdsaSigningKey};
+        ZoneKey {
+            pkcs8: EcdsaSigningKey::generate_pkcs8(Algorithm::ECDSAP256SHA256)
+                .expect("generating a zone key"),
+        }
+    }
+
+    fn signing_key(&self) -> hickory_server::proto::dnssec::crypto::EcdsaSigningKey {
+        use hickory_server::proto::dnssec::{Algorithm, crypto::EcdsaSigningKey};
+        EcdsaSigningKey::from_pkcs8(&self.pkcs8, Algorithm::ECDSAP256SHA256)
+            .expect("reading the zone key")
+    }
+
+    fn dnskey(&self) -> hickory_server::proto::dnssec::rdata::DNSKEY {
+        use hickory_server::proto::dnssec::SigningKey as _;
+        let public = self.signing_key().to_public_key().expect("public zone key");
+        hickory_server::proto::dnssec::rdata::DNSKEY::from_key(&public)
+    }
+
+    fn signer(&self, origin: &Name) -> hickory_server::proto::dnssec::DnssecSigner {
+        hickory_server::proto::dnssec::DnssecSigner::new(
+            self.dnskey(),
+            Box::new(self.signing_key()),
+            origin.clone(),
+            Duration::from_secs(7 * 86400),
+        )
+    }
+
+    /// The zone's DNSKEY as a trust-anchor file line (`test. 3600 IN DNSKEY 257 3 13 ...`),
+    /// the format `[delivery.dane] trust_anchor` reads.
+    pub fn trust_anchor(&self, origin: &str) -> String {
+        format!("{} 3600 IN DNSKEY {}\n", fqdn(origin), self.dnskey())
     }
 }
 
@@ -158,8 +229,18 @@ pub struct TestDns {
 
 impl TestDns {
     pub async fn start(zone: Zone) -> TestDns {
+        Self::serve(zone, None).await
+    }
+
+    /// Serves `zone` signed with `key` (NSEC denial of existence): answers carry RRSIGs
+    /// when the query asks for DNSSEC records.
+    pub async fn start_signed(zone: Zone, key: &ZoneKey) -> TestDns {
+        Self::serve(zone, Some(key)).await
+    }
+
+    async fn serve(zone: Zone, key: Option<&ZoneKey>) -> TestDns {
         let origin = zone.origin.clone();
-        let handler = zone.into_handler();
+        let handler = zone.into_handler(key);
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::from(&origin), vec![Arc::new(handler)]);
         let (udp, tcp) = bind_udp_and_tcp().await;
@@ -290,7 +371,7 @@ impl ScriptedDns {
     /// Serves `zone`, except that queries for a name in `servfail` get SERVFAIL.
     pub async fn start(zone: Zone, servfail: &[&str]) -> ScriptedDns {
         let origin = zone.origin.clone();
-        let handler = zone.into_handler();
+        let handler = zone.into_handler(None);
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::from(&origin), vec![Arc::new(handler)]);
         let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));

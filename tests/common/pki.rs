@@ -46,6 +46,14 @@ impl Pki {
     }
 
     fn issue(&self, names: &[&str], expired: bool) -> TlsAcceptor {
+        self.issue_chain(names, expired, false).acceptor
+    }
+
+    /// A server certificate from this CA for `names`, with what DANE records
+    /// name: the certificate, its public key and the CA's certificate. With
+    /// `send_ca`, the server sends the CA certificate after its own (as a
+    /// DANE-TA server must, RFC 7671 §5.2.2).
+    pub fn issue_chain(&self, names: &[&str], expired: bool, send_ca: bool) -> Issued {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
@@ -58,8 +66,35 @@ impl Pki {
             params.not_after = rcgen::date_time_ymd(2020, 1, 1);
         }
         let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        acceptor(cert.der().clone(), &key)
+        let mut chain = vec![cert.der().clone()];
+        if send_ca {
+            chain.push(self.ca.der().clone());
+        }
+        Issued {
+            acceptor: acceptor_with_chain(chain, &key),
+            cert: cert.der().to_vec(),
+            spki: key.public_key_der(),
+            ca_cert: self.ca.der().to_vec(),
+        }
     }
+}
+
+/// A server certificate and the bytes TLSA records are made of.
+pub struct Issued {
+    pub acceptor: TlsAcceptor,
+    /// The server certificate, DER.
+    pub cert: Vec<u8>,
+    /// Its SubjectPublicKeyInfo, DER.
+    pub spki: Vec<u8>,
+    /// The issuing CA's certificate, DER.
+    pub ca_cert: Vec<u8>,
+}
+
+/// SHA-256, as TLSA matching type 1 takes it.
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
 }
 
 /// An acceptor with a self-signed certificate for 127.0.0.1.
@@ -69,6 +104,10 @@ pub fn self_signed_acceptor() -> TlsAcceptor {
 }
 
 fn acceptor(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> TlsAcceptor {
+    acceptor_with_chain(vec![cert], key)
+}
+
+fn acceptor_with_chain(chain: Vec<CertificateDer<'static>>, key: &rcgen::KeyPair) -> TlsAcceptor {
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -76,7 +115,7 @@ fn acceptor(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> TlsAcceptor 
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
+    .with_single_cert(chain, key)
     .unwrap();
     TlsAcceptor::from(Arc::new(config))
 }
