@@ -242,6 +242,10 @@ pub struct TlsInfo {
     /// "tls_policy verify".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// What a policy in testing mode (MTA-STS `mode: testing`) would have
+    /// refused in this session, which went ahead as the mode says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_failure: Option<String>,
 }
 
 /// The SMTP reply in an event.

@@ -203,11 +203,16 @@ pub struct Metrics {
     /// Delivery connections opened, by TLS version ("none" for plaintext).
     pub connections_out: Labeled,
     /// Recipients delivered over TLS, by how the certificate was checked
-    /// (`tls_info.verified`: none, verify, mta-sts, smarthost).
+    /// (`tls_info.verified`: none, verify, mta-sts, dane, smarthost).
     delivered_verified: Labeled,
     /// MTA-STS lookups that found a record but no usable policy, by the
     /// TLS-RPT result type (sts-policy-fetch-error, ...).
     pub mta_sts_failures: Labeled,
+    /// MTA-STS policies in the cache, unexpired (set by its owner).
+    pub mta_sts_cached: AtomicU64,
+    /// Sessions (or lookups) that failed a published TLS policy, MTA-STS
+    /// or DANE, by TLS-RPT result type; testing-mode failures included.
+    pub tls_policy_failures: Labeled,
     /// DNS lookups (MX, address, TXT) and how long they took.
     pub dns_latency: Histogram,
     /// DNS lookups that failed temporarily, by cause.
@@ -284,6 +289,8 @@ impl Default for Metrics {
             connections_out: Labeled::default(),
             delivered_verified: Labeled::default(),
             mta_sts_failures: Labeled::default(),
+            mta_sts_cached: AtomicU64::new(0),
+            tls_policy_failures: Labeled::default(),
             dns_latency: Histogram::new(DNS_BOUNDS),
             dns_failures: Labeled::default(),
             redis_fallbacks: AtomicU64::new(0),
@@ -638,13 +645,25 @@ impl Metrics {
         self.delivered_verified.render(
             &mut out,
             "herald_delivered_tls_verified_total",
-            "Recipients delivered over TLS, by how the server's certificate was checked (none, verify, mta-sts, smarthost).",
+            "Recipients delivered over TLS, by how the server's certificate was checked (none, verify, mta-sts, dane, smarthost).",
             "verified",
         );
         self.mta_sts_failures.render(
             &mut out,
             "herald_mta_sts_failures_total",
             "MTA-STS lookups that found a record but no usable policy, by TLS-RPT result type.",
+            "result",
+        );
+        gauge(
+            &mut out,
+            "herald_mta_sts_cached_policies",
+            "MTA-STS policies cached and unexpired.",
+            self.mta_sts_cached.load(Ordering::Relaxed),
+        );
+        self.tls_policy_failures.render(
+            &mut out,
+            "herald_tls_policy_failures_total",
+            "Delivery sessions that failed a published TLS policy (MTA-STS, DANE; testing mode included), by TLS-RPT result type.",
             "result",
         );
         self.dns_latency.render(

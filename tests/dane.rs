@@ -208,6 +208,11 @@ async fn a_dane_ee_match_delivers_whatever_the_name_on_the_certificate() {
         let e = w.first("delivered").await;
         assert_eq!(field(&e, "mx"), "mx1.dane.test", "{e}");
         assert_eq!(e["tls_info"]["verified"], "dane", "{e}");
+        let page = w.relay.metrics_page().await;
+        assert!(
+            page.contains("herald_delivered_tls_verified_total{verified=\"dane\"} 1"),
+            "{page}"
+        );
         let policy = e["tls_info"]["policy"].as_str().unwrap_or_default();
         assert!(policy.starts_with("dane _"), "{e}");
         assert!(policy.ends_with("._tcp.mx1.dane.test"), "{e}");
@@ -230,6 +235,11 @@ async fn a_certificate_no_tlsa_record_names_is_refused() {
         assert!(
             text.contains("no TLSA record matches the certificate"),
             "{text}"
+        );
+        let page = w.relay.metrics_page().await;
+        assert!(
+            page.contains("herald_tls_policy_failures_total{result=\"tlsa-invalid\"}"),
+            "{page}"
         );
     })
     .await;

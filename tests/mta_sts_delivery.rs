@@ -119,18 +119,6 @@ impl World {
             .assert_code(250);
     }
 
-    async fn metrics(&self) -> String {
-        common::http::request(
-            self.relay.admin,
-            "GET",
-            "/metrics",
-            Some(self.relay.admin_token),
-            None,
-        )
-        .await
-        .text()
-    }
-
     async fn first(&self, kind: &str) -> serde_json::Value {
         self.relay
             .wait_events(kind, 1, WAIT, |e| field(e, "event") == kind)
@@ -159,11 +147,12 @@ async fn enforce_with_a_valid_certificate_delivers_over_tls() {
         assert_eq!(info["policy"], "mta-sts enforce id 20261207T1", "{e}");
         let got = w.mxs[0].wait_messages(1, WAIT).await;
         assert!(got[0].tls, "delivered in clear");
-        let page = w.metrics().await;
+        let page = w.relay.metrics_page().await;
         assert!(
             page.contains("herald_delivered_tls_verified_total{verified=\"mta-sts\"} 1"),
             "{page}"
         );
+        assert!(page.contains("herald_mta_sts_cached_policies 1"), "{page}");
     })
     .await;
 }
@@ -234,9 +223,44 @@ async fn testing_mode_delivers_as_before() {
     common::within(WAIT * 2, "testing", async {
         let w = world("testing", &["mx1.sts.test"], &[Mx::Plain]).await;
         w.send("carol@sts.test").await;
-        w.first("delivered").await;
+        let e = w.first("delivered").await;
         let got = w.mxs[0].wait_messages(1, WAIT).await;
         assert!(!got[0].tls);
+        // The event still says what enforce would have refused.
+        assert!(e["tls_info"].is_null(), "no TLS, no tls_info: {e}");
+    })
+    .await;
+}
+
+/// Testing mode checks the certificate as enforce would and notes the
+/// failure in the event, delivering anyway (RFC 8461 §5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testing_mode_notes_what_enforce_would_refuse() {
+    common::within(WAIT * 2, "testing, wrong name", async {
+        let w = world(
+            "testing",
+            &["mx1.sts.test"],
+            &[Mx::Tls(&["other.example"])],
+        )
+        .await;
+        w.send("carol@sts.test").await;
+        let e = w.first("delivered").await;
+        let info = &e["tls_info"];
+        assert_eq!(info["verified"], "none", "{e}");
+        assert_eq!(info["policy"], "mta-sts testing id 20261207T1", "{e}");
+        let failure = info["policy_failure"].as_str().unwrap_or_default();
+        assert!(
+            failure.starts_with("MTA-STS policy of sts.test (testing, id 20261207T1) would refuse this session: the certificate of mx1.sts.test"),
+            "{e}"
+        );
+        assert!(w.mxs[0].wait_messages(1, WAIT).await[0].tls);
+
+        // A certificate enforce would accept: nothing to note.
+        let w = world("testing", &["mx1.sts.test"], &[Mx::Tls(&["mx1.sts.test"])]).await;
+        w.send("carol@sts.test").await;
+        let e = w.first("delivered").await;
+        assert_eq!(e["tls_info"]["policy"], "mta-sts testing id 20261207T1", "{e}");
+        assert!(e["tls_info"]["policy_failure"].is_null(), "{e}");
     })
     .await;
 }
@@ -348,7 +372,7 @@ async fn an_unusable_policy_is_delivered_without_and_counted() {
         w.send("carol@sts.test").await;
         w.first("delivered").await;
         assert!(!w.mxs[0].wait_messages(1, WAIT).await[0].tls);
-        let page = w.metrics().await;
+        let page = w.relay.metrics_page().await;
         assert!(
             page.contains("herald_mta_sts_failures_total{result=\"sts-policy-fetch-error\"} 1"),
             "{page}"

@@ -260,6 +260,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 cipher: "TLS_AES_256_GCM_SHA384".into(),
                 verified: "none".into(),
                 policy: None,
+                policy_failure: None,
             }),
             next_hop_dsn: true,
         };

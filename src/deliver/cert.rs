@@ -79,6 +79,18 @@ impl RecordingVerifier {
         })
     }
 
+    /// Checks with `inner` (none: no trust store) and never refuses: for
+    /// policies that only report (MTA-STS testing mode).
+    pub fn lenient(inner: Option<Arc<WebPkiServerVerifier>>) -> Arc<RecordingVerifier> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        Arc::new(RecordingVerifier {
+            inner,
+            signatures: AcceptAnyCert(provider),
+            strict: false,
+            outcome: Mutex::new(None),
+        })
+    }
+
     /// Verifies with `inner` and refuses what it refuses, keeping the
     /// reason for the caller to explain.
     pub fn strict(

@@ -141,6 +141,24 @@ pub enum CertProblem {
     Other,
 }
 
+impl CertProblem {
+    pub fn of(e: &rustls::CertificateError) -> CertProblem {
+        use rustls::CertificateError as C;
+        match e {
+            C::NotValidForName | C::NotValidForNameContext { .. } => CertProblem::HostMismatch,
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => CertProblem::Expired,
+            C::UnknownIssuer | C::BadSignature => CertProblem::NotTrusted,
+            C::Other(o) if o.0.downcast_ref::<super::dane::NoMatch>().is_some() => {
+                CertProblem::NoTlsaMatch
+            }
+            _ => CertProblem::Other,
+        }
+    }
+}
+
 impl fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -164,18 +182,7 @@ impl TlsFailure {
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
             .and_then(|r| match r {
-                rustls::Error::InvalidCertificate(c) => Some(match c {
-                    C::NotValidForName | C::NotValidForNameContext { .. } => {
-                        CertProblem::HostMismatch
-                    }
-                    C::Expired
-                    | C::ExpiredContext { .. }
-                    | C::NotValidYet
-                    | C::NotValidYetContext { .. } => CertProblem::Expired,
-                    C::UnknownIssuer | C::BadSignature => CertProblem::NotTrusted,
-                    C::Other(_) if super::dane::is_no_match(r) => CertProblem::NoTlsaMatch,
-                    _ => CertProblem::Other,
-                }),
+                rustls::Error::InvalidCertificate(c) => Some(CertProblem::of(c)),
                 _ => None,
             });
         // rustls shows a verifier's own error with Debug; its Display is

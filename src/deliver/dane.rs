@@ -155,8 +155,9 @@ fn no_match(set: &TlsaSet) -> rustls::Error {
     ))))
 }
 
+/// DANE's refusal: no TLSA record names the certificate.
 #[derive(Debug)]
-struct NoMatch(String);
+pub struct NoMatch(String);
 
 impl fmt::Display for NoMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -165,12 +166,6 @@ impl fmt::Display for NoMatch {
 }
 
 impl std::error::Error for NoMatch {}
-
-/// Whether a handshake error is [`DaneVerifier`]'s "no TLSA record
-/// matches".
-pub fn is_no_match(e: &rustls::Error) -> bool {
-    matches!(e, rustls::Error::InvalidCertificate(CertificateError::Other(o)) if o.0.downcast_ref::<NoMatch>().is_some())
-}
 
 impl ServerCertVerifier for DaneVerifier {
     fn verify_server_cert(

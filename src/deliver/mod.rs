@@ -131,7 +131,12 @@ fn start_inner(
         )
     });
     let mta_sts = match mta_sts {
-        Some(Ok(m)) => Some(m),
+        Some(Ok(m)) => {
+            if let Some(metrics) = sink.metrics() {
+                m.count_into(metrics.clone());
+            }
+            Some(m)
+        }
         Some(Err(e)) => {
             // The config check reads ca_file first; this is a file that
             // went away since. Delivering as without policies is what
@@ -143,19 +148,23 @@ fn start_inner(
     };
     // Certificates of MX hosts that must be verified (an enforced MTA-STS
     // policy, `tls_policy = "verify"`): WebPKI, names checked.
-    let verify_tls = mta_sts::trust_roots(config.delivery.mta_sts.ca_file.as_deref())
+    let webpki = mta_sts::trust_roots(config.delivery.mta_sts.ca_file.as_deref())
         .ok()
         .filter(|roots| !roots.is_empty())
         .and_then(|roots| {
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
             rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),
-                provider.clone(),
+                Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
             )
             .build()
             .ok()
-            .map(|v| Tls::with_verifier(provider, v))
         });
+    let verify_tls = webpki.as_ref().map(|v| {
+        Tls::with_verifier(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            v.clone(),
+        )
+    });
     // DANE has a resolver of its own, which validates DNSSEC.
     let dane_asked = config.delivery.dane.enabled
         || config
@@ -187,6 +196,7 @@ fn start_inner(
         mta_sts,
         dane,
         verify_tls,
+        webpki,
         timeouts: Timeouts::from_config(&config.delivery),
         helo: config.helo_name().to_string(),
         rate_limits: crate::ratelimit::RateLimits::new(
@@ -240,6 +250,9 @@ struct Ctx {
     /// TLS that verifies the MX's certificate and name; `None` without any
     /// trusted root (a verified session then always fails).
     verify_tls: Option<Tls>,
+    /// The verifier behind `verify_tls`, for sessions that check a
+    /// certificate without refusing it (MTA-STS testing mode).
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
 }
 
 /// What TLS a session to a destination must reach, and who asks for it.
@@ -256,6 +269,14 @@ enum Asked<'a> {
     MtaSts {
         domain: &'a str,
         policy: &'a mta_sts::Policy,
+    },
+    /// The domain's MTA-STS policy in testing mode (RFC 8461 §5): delivery
+    /// as without it, the certificate checked as enforce would and what
+    /// fails reported, not refused.
+    MtaStsTesting {
+        domain: &'a str,
+        policy: &'a mta_sts::Policy,
+        recorder: &'a Arc<cert::RecordingVerifier>,
     },
     /// The MX host's TLSA records, proven by DNSSEC: TLS, and a certificate
     /// one of them names (none usable: TLS alone).
@@ -282,6 +303,9 @@ impl Asked<'_> {
             Asked::Dane { domain, tlsa } => {
                 format!("DANE for {domain} (TLSA records at {})", tlsa.name)
             }
+            Asked::MtaStsTesting { domain, policy, .. } => {
+                format!("MTA-STS policy of {domain} (testing, id {})", policy.id)
+            }
         }
     }
 
@@ -303,6 +327,9 @@ impl Asked<'_> {
         match self {
             Asked::MtaSts { policy, .. } => Some(format!("mta-sts enforce id {}", policy.id)),
             Asked::Dane { tlsa, .. } => Some(format!("dane {}", tlsa.name)),
+            Asked::MtaStsTesting { policy, .. } => {
+                Some(format!("mta-sts testing id {}", policy.id))
+            }
             Asked::Config { level, .. } => Some(format!("tls_policy {}", level.as_str())),
             Asked::Default => None,
         }
@@ -312,12 +339,14 @@ impl Asked<'_> {
     /// the session to `host`; none for what only this relay's config asks.
     fn tls_report_policy(&self, host: &str) -> Option<PolicyDetails> {
         match self {
-            Asked::MtaSts { domain, policy } => Some(PolicyDetails {
-                policy_type: PolicyType::Sts,
-                policy_string: policy.lines(),
-                policy_domain: domain.to_string(),
-                mx_host: policy.mx.clone(),
-            }),
+            Asked::MtaSts { domain, policy } | Asked::MtaStsTesting { domain, policy, .. } => {
+                Some(PolicyDetails {
+                    policy_type: PolicyType::Sts,
+                    policy_string: policy.lines(),
+                    policy_domain: domain.to_string(),
+                    mx_host: policy.mx.clone(),
+                })
+            }
             Asked::Dane { domain, tlsa } => Some(PolicyDetails {
                 policy_type: PolicyType::Tlsa,
                 policy_string: tlsa.policy_strings(),
@@ -621,6 +650,8 @@ struct Session {
     /// (`tls_info` of delivered events).
     verified: &'static str,
     policy: Option<String>,
+    /// What a policy in testing mode would have refused here.
+    policy_failure: Option<String>,
     _live: Connected,
 }
 
@@ -631,6 +662,7 @@ impl Session {
             cipher: self.client.tls_cipher().unwrap_or_default(),
             verified: self.verified.to_string(),
             policy: self.policy.clone(),
+            policy_failure: self.policy_failure.clone(),
         })
     }
 }
@@ -929,6 +961,7 @@ async fn connect_smarthost(
                 smarthost: Some(sh.clone()),
                 verified: "smarthost",
                 policy: None,
+                policy_failure: None,
                 _live: Connected::new(domain),
             })
         }
@@ -1019,13 +1052,9 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     };
     // RFC 8461: an enforced policy names the MX hosts that may be used and
     // requires verified TLS to them; testing mode only reports.
-    let enforced = match &ctx.mta_sts {
-        Some(m) if !dane_only => match m.lookup(name).await {
-            mta_sts::Lookup::Policy(p) if p.mode == mta_sts::Mode::Enforce => Some(p),
-            mta_sts::Lookup::Policy(p) => {
-                tracing::debug!(domain = %name, id = %p.id, mode = p.mode.as_str(), "MTA-STS policy not enforced");
-                None
-            }
+    let published = match &ctx.mta_sts {
+        Some(m) if !dane_only && !overridden => match m.lookup(name).await {
+            mta_sts::Lookup::Policy(p) => Some(p),
             mta_sts::Lookup::Failed {
                 result_type,
                 detail,
@@ -1034,23 +1063,41 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                 if let Some(metrics) = ctx.sink.metrics() {
                     metrics.mta_sts_failures.inc(result_type);
                 }
+                report_tls(
+                    ctx,
+                    &PolicyDetails {
+                        policy_type: PolicyType::Sts,
+                        policy_string: Vec::new(),
+                        policy_domain: name.to_string(),
+                        mx_host: Vec::new(),
+                    },
+                    Some((sts_result_type(result_type), None, None, &detail)),
+                );
                 None
             }
             mta_sts::Lookup::NoPolicy => None,
         },
         _ => None,
     };
-    let enforced = enforced.filter(|_| !overridden);
-    let asked = match (&enforced, configured) {
-        (Some(p), _) => Asked::MtaSts {
+    let recorder;
+    let asked = match (&published, configured) {
+        (Some(p), _) if p.mode == mta_sts::Mode::Enforce => Asked::MtaSts {
             domain: name,
             policy: p,
         },
-        (None, Some(c)) => Asked::Config {
+        (Some(p), None) if p.mode == mta_sts::Mode::Testing => {
+            recorder = cert::RecordingVerifier::lenient(ctx.webpki.clone());
+            Asked::MtaStsTesting {
+                domain: name,
+                policy: p,
+                recorder: &recorder,
+            }
+        }
+        (_, Some(c)) => Asked::Config {
             domain: name,
             level: c.level,
         },
-        (None, None) => Asked::Default,
+        (_, None) => Asked::Default,
     };
     // Like Postfix's smtp_mx_address_limit: a domain with many dead hosts
     // must not hold a connection slot for connect_timeout × every address.
@@ -1070,9 +1117,29 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             Some(tlsa) => Asked::Dane { domain: name, tlsa },
             None => asked,
         };
-        if let Asked::MtaSts { policy: p, .. } = asked
+        let mut unlisted = None;
+        if let Asked::MtaSts { policy: p, .. } | Asked::MtaStsTesting { policy: p, .. } = asked
             && !p.allows_mx(&host.name)
         {
+            if let Some(policy) = asked.tls_report_policy(&host.name) {
+                report_tls(
+                    ctx,
+                    &policy,
+                    Some((
+                        ResultType::ValidationFailure,
+                        Some(&host.name),
+                        None,
+                        "MX host not listed in the policy",
+                    )),
+                );
+            }
+            unlisted = Some(format!(
+                "MTA-STS policy of {name} does not list mail server {} among {}",
+                host.name,
+                p.mx.join(", ")
+            ));
+        }
+        if let (Some(_), Asked::MtaSts { policy: p, .. }) = (&unlisted, asked) {
             last = Some((
                 Reply::new(
                     451,
@@ -1140,6 +1207,13 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
             }
             match opened {
                 Ok(client) => {
+                    let policy_failure = match asked {
+                        Asked::MtaStsTesting { recorder, .. } => {
+                            testing_outcome(ctx, &asked, &client, recorder, &host.name, addr)
+                                .or(unlisted)
+                        }
+                        _ => None,
+                    };
                     return Ok(Session {
                         client,
                         mx: host.name.clone(),
@@ -1147,6 +1221,7 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
                         smarthost: None,
                         verified: asked.verified(),
                         policy: asked.policy(),
+                        policy_failure,
                         _live: Connected::new(domain),
                     });
                 }
@@ -1172,6 +1247,93 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
         result: AttemptResult::Deferred(reply, class),
         mx: (!mx.is_empty()).then_some(mx),
     })
+}
+
+/// What a session opened under an MTA-STS policy in testing mode would
+/// have met under enforce: counted for TLS-RPT, and said in the event
+/// (`tls_info.policy_failure`). `None` when it would have passed.
+fn testing_outcome(
+    ctx: &Ctx,
+    asked: &Asked<'_>,
+    client: &SmtpClient,
+    recorder: &cert::RecordingVerifier,
+    host: &str,
+    addr: SocketAddr,
+) -> Option<String> {
+    let policy = asked.tls_report_policy(host)?;
+    let (result_type, what) = match (client.tls_version(), recorder.outcome()) {
+        (Some(_), Some(cert::CertOutcome::Verified)) => {
+            report_tls(ctx, &policy, None);
+            return None;
+        }
+        (None, _) if !client.capabilities().starttls => (
+            ResultType::StartTlsNotSupported,
+            format!("{host} [{}] offered no STARTTLS", addr.ip()),
+        ),
+        (None, _) => (
+            ResultType::ValidationFailure,
+            format!("the TLS handshake with {host} [{}] failed", addr.ip()),
+        ),
+        (Some(_), Some(cert::CertOutcome::Failed { error, .. })) => (
+            tls_result_type(client::CertProblem::of(&error)),
+            format!("the certificate of {host} [{}]: {error}", addr.ip()),
+        ),
+        (Some(_), _) => (
+            ResultType::CertificateNotTrusted,
+            "this relay has no trusted root certificates to verify it with".to_string(),
+        ),
+    };
+    report_tls(
+        ctx,
+        &policy,
+        Some((result_type, Some(host), Some(addr.ip()), "")),
+    );
+    Some(format!("{} would refuse this session: {what}", asked.who()))
+}
+
+/// The TLS-RPT result type of a certificate problem.
+fn tls_result_type(problem: client::CertProblem) -> ResultType {
+    use client::CertProblem;
+    match problem {
+        CertProblem::HostMismatch => ResultType::CertificateHostMismatch,
+        CertProblem::Expired => ResultType::CertificateExpired,
+        CertProblem::NotTrusted => ResultType::CertificateNotTrusted,
+        CertProblem::NoTlsaMatch => ResultType::TlsaInvalid,
+        CertProblem::Other => ResultType::ValidationFailure,
+    }
+}
+
+/// TLS-RPT's result types and their names (RFC 8460 §4.3).
+const RESULT_TYPES: [(ResultType, &str); 11] = [
+    (ResultType::StartTlsNotSupported, "starttls-not-supported"),
+    (
+        ResultType::CertificateHostMismatch,
+        "certificate-host-mismatch",
+    ),
+    (ResultType::CertificateExpired, "certificate-expired"),
+    (ResultType::CertificateNotTrusted, "certificate-not-trusted"),
+    (ResultType::ValidationFailure, "validation-failure"),
+    (ResultType::TlsaInvalid, "tlsa-invalid"),
+    (ResultType::DnssecInvalid, "dnssec-invalid"),
+    (ResultType::DaneRequired, "dane-required"),
+    (ResultType::StsPolicyFetchError, "sts-policy-fetch-error"),
+    (ResultType::StsPolicyInvalid, "sts-policy-invalid"),
+    (ResultType::StsWebpkiInvalid, "sts-webpki-invalid"),
+];
+
+fn result_name(t: ResultType) -> &'static str {
+    RESULT_TYPES
+        .iter()
+        .find(|(r, _)| *r == t)
+        .map_or("validation-failure", |(_, n)| n)
+}
+
+/// The TLS-RPT result type of an MTA-STS lookup failure, by its name.
+fn sts_result_type(name: &str) -> ResultType {
+    RESULT_TYPES
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map_or(ResultType::StsPolicyFetchError, |(r, _)| *r)
 }
 
 /// A deferral of the whole destination for a TLS policy reason.
@@ -1300,6 +1462,9 @@ fn report_tls(
     policy: &PolicyDetails,
     failure: Option<(ResultType, Option<&str>, Option<IpAddr>, &str)>,
 ) {
+    if let (Some((result_type, ..)), Some(m)) = (&failure, ctx.sink.metrics()) {
+        m.tls_policy_failures.inc(result_name(*result_type));
+    }
     let Some(counts) = ctx.sink.tls_reports() else {
         return;
     };
@@ -1354,22 +1519,29 @@ async fn open(
             level: TlsLevel::May | TlsLevel::Dane | TlsLevel::DaneOnly,
             ..
         } => StarttlsPolicy::Opportunistic,
-        Asked::Default => ctx.config.delivery.starttls,
+        Asked::Default | Asked::MtaStsTesting { .. } => ctx.config.delivery.starttls,
+    };
+    // Testing mode checks the certificate as enforce would, and only notes
+    // what it finds.
+    let testing_tls;
+    let tls = match asked {
+        Asked::MtaStsTesting { recorder, .. } => {
+            testing_tls = recorder.tls();
+            &testing_tls
+        }
+        _ => &ctx.tls,
     };
     match starttls {
         StarttlsPolicy::Disabled => Ok(client),
         StarttlsPolicy::Required => {
-            client
-                .starttls(&ctx.tls, host, &ctx.helo)
-                .await
-                .map_err(fail)?;
+            client.starttls(tls, host, &ctx.helo).await.map_err(fail)?;
             Ok(client)
         }
         StarttlsPolicy::Opportunistic => {
             if !client.capabilities().starttls {
                 return Ok(client);
             }
-            match client.starttls(&ctx.tls, host, &ctx.helo).await {
+            match client.starttls(tls, host, &ctx.helo).await {
                 Ok(()) => Ok(client),
                 // Refused with a 4xx/5xx: the session goes on in plaintext.
                 Err(ClientError::Rejected {
@@ -1473,13 +1645,7 @@ async fn required_tls(
         Err(e) => {
             use client::CertProblem;
             let result_type = match &e {
-                ClientError::Tls(f) => match f.cert {
-                    Some(CertProblem::HostMismatch) => ResultType::CertificateHostMismatch,
-                    Some(CertProblem::Expired) => ResultType::CertificateExpired,
-                    Some(CertProblem::NotTrusted) => ResultType::CertificateNotTrusted,
-                    Some(CertProblem::NoTlsaMatch) => ResultType::TlsaInvalid,
-                    Some(CertProblem::Other) | None => ResultType::ValidationFailure,
-                },
+                ClientError::Tls(f) => tls_result_type(f.cert.unwrap_or(CertProblem::Other)),
                 _ => ResultType::ValidationFailure,
             };
             Err(why(
@@ -1766,6 +1932,7 @@ mod tests {
             mta_sts: None,
             dane: None,
             verify_tls: None,
+            webpki: None,
             classifier: Classifier::default(),
             config,
         }
@@ -1909,6 +2076,7 @@ mod tests {
             smarthost: None,
             verified: "none",
             policy: None,
+            policy_failure: None,
             _live: Connected::new(&domain),
         };
 

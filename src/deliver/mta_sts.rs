@@ -470,6 +470,8 @@ struct Inner {
     state: Mutex<State>,
     /// Held while the cache file is written, so that writes land in order.
     writing: Mutex<()>,
+    /// Where the number of cached policies is shown.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 /// The certificates trusted for policy hosts and for MX hosts that must be
@@ -523,8 +525,18 @@ impl MtaSts {
                 cache_file,
                 state: Mutex::new(state),
                 writing: Mutex::new(()),
+                metrics: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Shows the number of cached policies in `metrics` from now on.
+    pub fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let n = self.lock().policies.len() as u64;
+        metrics
+            .mta_sts_cached
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// Fetches policies from `port` instead of 443: tests cannot bind 443.
@@ -921,6 +933,10 @@ impl MtaSts {
                 expires_at: e.expires_at,
             })
             .collect();
+        if let Some(m) = self.inner.metrics.get() {
+            m.mta_sts_cached
+                .store(policies.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         policies.sort_by(|a, b| a.domain.cmp(&b.domain));
         let file = CacheFile {
             version: CACHE_VERSION,

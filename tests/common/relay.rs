@@ -174,12 +174,16 @@ token = "{ADMIN_TOKEN}"
         self.dir.path().join("events.jsonl")
     }
 
+    /// The relay's `/metrics` page.
+    pub async fn metrics_page(&self) -> String {
+        super::http::request(self.admin, "GET", "/metrics", Some(self.admin_token), None)
+            .await
+            .text()
+    }
+
     /// A counter or gauge without labels from the relay's `/metrics` page.
     pub async fn metric(&self, name: &str) -> u64 {
-        let page =
-            super::http::request(self.admin, "GET", "/metrics", Some(self.admin_token), None)
-                .await
-                .text();
+        let page = self.metrics_page().await;
         page.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
