@@ -12,6 +12,7 @@ pub mod reputation;
 pub mod senders;
 pub mod smarthost;
 pub mod spam;
+pub mod tlsrpt;
 pub mod units;
 pub mod webhook;
 
@@ -504,6 +505,8 @@ pub struct DeliveryConfig {
     pub public_ips: Vec<IpAddr>,
     /// `[delivery.mta_sts]`: MTA-STS policies of recipient domains (RFC 8461).
     pub mta_sts: MtaStsConfig,
+    /// `[delivery.tls_reports]`: daily TLS reports to recipient domains (RFC 8460).
+    pub tls_reports: tlsrpt::TlsReportsConfig,
 }
 
 impl DeliveryConfig {
@@ -554,6 +557,7 @@ impl Default for DeliveryConfig {
             tls_policy: std::collections::BTreeMap::new(),
             public_ips: Vec::new(),
             mta_sts: MtaStsConfig::default(),
+            tls_reports: tlsrpt::TlsReportsConfig::default(),
         }
     }
 }
