@@ -208,6 +208,10 @@ pub struct Metrics {
     /// MTA-STS lookups that found a record but no usable policy, by the
     /// TLS-RPT result type (sts-policy-fetch-error, ...).
     pub mta_sts_failures: Labeled,
+    /// TLS reports (RFC 8460) posted or queued, by transport (https, mailto).
+    pub tls_reports_sent: Labeled,
+    /// TLS reports that could not be posted or queued, by transport.
+    pub tls_reports_failed: Labeled,
     /// DNS lookups (MX, address, TXT) and how long they took.
     pub dns_latency: Histogram,
     /// DNS lookups that failed temporarily, by cause.
@@ -284,6 +288,8 @@ impl Default for Metrics {
             connections_out: Labeled::default(),
             delivered_verified: Labeled::default(),
             mta_sts_failures: Labeled::default(),
+            tls_reports_sent: Labeled::default(),
+            tls_reports_failed: Labeled::default(),
             dns_latency: Histogram::new(DNS_BOUNDS),
             dns_failures: Labeled::default(),
             redis_fallbacks: AtomicU64::new(0),
@@ -646,6 +652,18 @@ impl Metrics {
             "herald_mta_sts_failures_total",
             "MTA-STS lookups that found a record but no usable policy, by TLS-RPT result type.",
             "result",
+        );
+        self.tls_reports_sent.render(
+            &mut out,
+            "herald_tls_reports_sent_total",
+            "TLS reports (RFC 8460) posted to https: report URIs or queued for mailto: ones, by transport.",
+            "transport",
+        );
+        self.tls_reports_failed.render(
+            &mut out,
+            "herald_tls_reports_failed_total",
+            "TLS reports that could not be posted or queued (retried later), by transport.",
+            "transport",
         );
         self.dns_latency.render(
             &mut out,

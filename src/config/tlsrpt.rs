@@ -117,7 +117,9 @@ impl TryFrom<RawTlsReportsConfig> for TlsReportsConfig {
             ("submitter", &raw.submitter),
         ] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                problems.push(format!("{key}: must not be empty (leave it out for the default)"));
+                problems.push(format!(
+                    "{key}: must not be empty (leave it out for the default)"
+                ));
             }
         }
         if raw

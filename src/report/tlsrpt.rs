@@ -112,7 +112,10 @@ impl std::str::FromStr for UtcDay {
         let month = time::Month::try_from(m).map_err(|_| bad())?;
         let date = time::Date::from_calendar_date(y, month, d).map_err(|_| bad())?;
         Ok(UtcDay(
-            date.midnight().assume_utc().unix_timestamp().div_euclid(86_400),
+            date.midnight()
+                .assume_utc()
+                .unix_timestamp()
+                .div_euclid(86_400),
         ))
     }
 }
@@ -450,9 +453,9 @@ impl TlsRptCounts {
     /// Successful and failed sessions of `day`, over every policy.
     pub fn totals(&self, day: UtcDay) -> (u64, u64) {
         self.lock().get(&day).map_or((0, 0), |c| {
-            c.policies.values().fold((0, 0), |(s, f), p| {
-                (s + p.successes, f + p.failures)
-            })
+            c.policies
+                .values()
+                .fold((0, 0), |(s, f), p| (s + p.successes, f + p.failures))
         })
     }
 
@@ -520,11 +523,8 @@ impl TlsRptCounts {
         let policies = policies
             .into_iter()
             .map(|(key, counts)| {
-                let mut details: Vec<FailureDetails> = counts
-                    .details
-                    .iter()
-                    .map(|(k, n)| k.details(*n))
-                    .collect();
+                let mut details: Vec<FailureDetails> =
+                    counts.details.iter().map(|(k, n)| k.details(*n)).collect();
                 // Most frequent first; the rest only for a stable order.
                 details.sort_by(|a, b| {
                     b.failed_session_count
@@ -896,7 +896,11 @@ mod tests {
         let p = &r.policies[0];
         assert_eq!(p.summary.total_failure as usize, MAX_DETAILS + extra);
         assert_eq!(p.failure_details.len(), MAX_DETAILS + 1);
-        let sum: u32 = p.failure_details.iter().map(|d| d.failed_session_count).sum();
+        let sum: u32 = p
+            .failure_details
+            .iter()
+            .map(|d| d.failed_session_count)
+            .sum();
         assert_eq!(sum as usize, MAX_DETAILS + extra);
         let agg = &p.failure_details[0];
         assert_eq!(agg.failed_session_count as usize, extra);
