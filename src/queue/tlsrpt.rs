@@ -41,7 +41,7 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// How often reports that could not go out are tried again.
 pub const RETRY_EVERY: Duration = Duration::from_secs(3600);
 /// Waits between the POSTs of one report to one `https:` URI.
-const POST_RETRIES: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(30)];
+const POST_RETRIES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(4)];
 
 /// What one [`TlsReportSender::send_day`] did, counted per report URI
 /// (`no_record`: per domain).
@@ -53,6 +53,8 @@ pub struct SendSummary {
     pub failed: usize,
     /// Domains that publish no usable TLS-RPT record.
     pub no_record: usize,
+    /// Why the failed ones failed: `domain uri: error`.
+    pub errors: Vec<String>,
 }
 
 /// Sends the reports of the queue's counts.
@@ -138,6 +140,7 @@ impl TlsReportSender {
             Err(e) => {
                 tracing::warn!(%day, domain, error = %e, "TLS report not sent; will retry");
                 summary.failed += 1;
+                summary.errors.push(format!("{domain}: {e}"));
                 return;
             }
         };
@@ -152,6 +155,9 @@ impl TlsReportSender {
             Err(e) => {
                 tracing::error!(%day, domain, error = %e, "cannot build the TLS report");
                 summary.failed += 1;
+                summary
+                    .errors
+                    .push(format!("{domain}: cannot build the report: {e}"));
                 return;
             }
         };
@@ -187,6 +193,7 @@ impl TlsReportSender {
                     tracing::warn!(%day, domain, uri = %name, error = %e, "TLS report not sent; will retry");
                     self.metrics.tls_reports_failed.inc(transport);
                     summary.failed += 1;
+                    summary.errors.push(format!("{domain} {name}: {e}"));
                     all_served = false;
                 }
             }
@@ -224,7 +231,15 @@ impl TlsReportSender {
     ) -> Result<(), crate::report::tlsrpt::PostError> {
         let mut waits = POST_RETRIES.iter();
         loop {
-            match post(url, gzipped.to_vec(), &self.tls, self.https_timeout).await {
+            match post(
+                url,
+                gzipped.to_vec(),
+                &self.dns,
+                &self.tls,
+                self.https_timeout,
+            )
+            .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e) => match waits.next() {
                     Some(wait) => {

@@ -755,11 +755,13 @@ pub enum PostError {
     Timeout(Duration),
 }
 
-/// POSTs a gzipped report to `uri` (RFC 8460 §5.4): the server's certificate
-/// verified by `tls`, no redirect followed, all within `timeout`. Ok on 2xx.
+/// POSTs a gzipped report to `uri` (RFC 8460 §5.4): the host's addresses
+/// from `dns`, tried in turn; its certificate verified by `tls`; no
+/// redirect followed; all within `timeout`. Ok on 2xx.
 pub async fn post(
     uri: &str,
     gzipped: Vec<u8>,
+    dns: &crate::dns::Dns,
     tls: &tokio_rustls::TlsConnector,
     timeout: Duration,
 ) -> Result<(), PostError> {
@@ -777,13 +779,7 @@ pub async fn post(
         .body(Body::from(gzipped))
         .map_err(|e| PostError::Http(format!("bad request: {e}")))?;
     let status = tokio::time::timeout(timeout, async {
-        let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
-            .await
-            .map_err(|source| PostError::Connect {
-                host: t.host.clone(),
-                port: t.port,
-                source,
-            })?;
+        let tcp = connect(dns, &t.host, t.port).await?;
         let name = rustls::pki_types::ServerName::try_from(t.host.clone())
             .map_err(|e| PostError::Uri(format!("{uri:?}: server name: {e}")))?;
         let stream = tls
@@ -804,6 +800,32 @@ pub async fn post(
     } else {
         Err(PostError::Status { status })
     }
+}
+
+/// A connection to `host` (a name or an address literal) on `port`: its
+/// addresses from herald's resolver, tried in turn.
+async fn connect(
+    dns: &crate::dns::Dns,
+    host: &str,
+    port: u16,
+) -> Result<tokio::net::TcpStream, PostError> {
+    let addrs = dns.ips(host).await.map_err(|e| PostError::Connect {
+        host: host.to_string(),
+        port,
+        source: io::Error::other(e),
+    })?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
+    for ip in addrs {
+        match tokio::net::TcpStream::connect((ip, port)).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = e,
+        }
+    }
+    Err(PostError::Connect {
+        host: host.to_string(),
+        port,
+        source: last,
+    })
 }
 
 #[cfg(test)]
