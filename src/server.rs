@@ -270,13 +270,12 @@ impl Running {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.scheduler_task).await;
         // A report being sent is abandoned: it is not marked sent, so it
         // goes again after restart.
-        if let Some(mut t) = self.tls_reports_task {
-            if tokio::time::timeout(Duration::from_secs(2), &mut t)
+        if let Some(mut t) = self.tls_reports_task
+            && tokio::time::timeout(Duration::from_secs(2), &mut t)
                 .await
                 .is_err()
-            {
-                t.abort();
-            }
+        {
+            t.abort();
         }
         drop(self.tls_reports);
         self.queue.close().await;
