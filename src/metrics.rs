@@ -213,6 +213,10 @@ pub struct Metrics {
     /// Sessions (or lookups) that failed a published TLS policy, MTA-STS
     /// or DANE, by TLS-RPT result type; testing-mode failures included.
     pub tls_policy_failures: Labeled,
+    /// TLS reports (RFC 8460) posted or queued, by transport (https, mailto).
+    pub tls_reports_sent: Labeled,
+    /// TLS reports that could not be posted or queued, by transport.
+    pub tls_reports_failed: Labeled,
     /// DNS lookups (MX, address, TXT) and how long they took.
     pub dns_latency: Histogram,
     /// DNS lookups that failed temporarily, by cause.
@@ -291,6 +295,8 @@ impl Default for Metrics {
             mta_sts_failures: Labeled::default(),
             mta_sts_cached: AtomicU64::new(0),
             tls_policy_failures: Labeled::default(),
+            tls_reports_sent: Labeled::default(),
+            tls_reports_failed: Labeled::default(),
             dns_latency: Histogram::new(DNS_BOUNDS),
             dns_failures: Labeled::default(),
             redis_fallbacks: AtomicU64::new(0),
@@ -665,6 +671,18 @@ impl Metrics {
             "herald_tls_policy_failures_total",
             "Delivery sessions that failed a published TLS policy (MTA-STS, DANE; testing mode included), by TLS-RPT result type.",
             "result",
+        );
+        self.tls_reports_sent.render(
+            &mut out,
+            "herald_tls_reports_sent_total",
+            "TLS reports (RFC 8460) posted to https: report URIs or queued for mailto: ones, by transport.",
+            "transport",
+        );
+        self.tls_reports_failed.render(
+            &mut out,
+            "herald_tls_reports_failed_total",
+            "TLS reports that could not be posted or queued (retried later), by transport.",
+            "transport",
         );
         self.dns_latency.render(
             &mut out,

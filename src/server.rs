@@ -16,6 +16,7 @@ use crate::admin::{self, AdminServer, AdminState};
 use crate::config::{Config, ConfigErrors};
 use crate::dns::Dns;
 use crate::queue::Queue;
+use crate::queue::tlsrpt::TlsReportSender;
 use crate::receive::{self, ReceiveContext};
 use crate::report::Reporter;
 use crate::suppression::Suppressions;
@@ -63,6 +64,10 @@ pub struct Running {
     stream_task: Option<JoinHandle<()>>,
     suppressions: Suppressions,
     webhooks: Option<crate::report::webhook::Webhooks>,
+    /// Sends the daily TLS reports (RFC 8460), when `[delivery.tls_reports]`
+    /// is on; [`TlsReportSender::send_day`] sends a day's at once.
+    pub tls_reports: Option<Arc<TlsReportSender>>,
+    tls_reports_task: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +176,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let queue = Queue::open_with_dkim(&config, reporter.clone(), jobs_tx, dkim.clone())?;
     let stop_delivering = CancellationToken::new();
     let scheduler_task = tokio::spawn(queue.clone().run_scheduler(stop_delivering.clone()));
+    let tls_reports =
+        TlsReportSender::new(&config, &queue, dns.clone()).map_err(StartError::Config)?;
+    let tls_reports_task = tls_reports
+        .clone()
+        .map(|s| tokio::spawn(s.run(stop_delivering.clone())));
     let deliver_task = deliver::start_with_control(
         config.clone(),
         dns.clone(),
@@ -222,6 +232,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stream_task,
         suppressions,
         webhooks,
+        tls_reports,
+        tls_reports_task,
     })
 }
 
@@ -256,6 +268,16 @@ impl Running {
         }
         // The scheduler may be reading a backlog of bodies: bounded wait.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.scheduler_task).await;
+        // A report being sent is abandoned: it is not marked sent, so it
+        // goes again after restart.
+        if let Some(mut t) = self.tls_reports_task
+            && tokio::time::timeout(Duration::from_secs(2), &mut t)
+                .await
+                .is_err()
+        {
+            t.abort();
+        }
+        drop(self.tls_reports);
         self.queue.close().await;
         // Entries added by the last bounces are written in the background.
         if let Ok(Err(e)) =

@@ -1,6 +1,7 @@
 //! The server side of TLS: loads the certificate chain and private key named
 //! in `[tls]` into a [`TlsAcceptor`] for STARTTLS (RFC 3207) and implicit-TLS
-//! (RFC 8314) listeners.
+//! (RFC 8314) listeners. Also the trust anchors of herald's HTTPS clients
+//! ([`client_roots`]), shared by the stages that fetch or post over HTTPS.
 //!
 //! When both files are missing and `tls.self_signed` is true, a self-signed
 //! certificate for `server.hostname` and `localhost` is generated into those
@@ -230,6 +231,33 @@ pub fn cipher_name(suite: rustls::CipherSuite) -> String {
         Some(n) => n.to_string(),
         None => format!("0x{:04X}", u16::from(suite)),
     }
+}
+
+/// The roots an HTTPS client of herald trusts: the system's trust store
+/// (read from disk: no list baked into the binary to go stale), plus the CA
+/// certificates in `ca_file` for private deployments and tests. Errors only
+/// for an unreadable or empty `ca_file`; an empty store is the caller's to
+/// warn about.
+pub fn client_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = ca_file {
+        let extra = crate::config::smarthost::load_roots(path)?;
+        roots.roots.extend(extra.roots);
+    }
+    Ok(roots)
+}
+
+/// A TLS client that verifies servers against `roots` (aws-lc-rs, the
+/// default protocol versions, no client certificate).
+pub fn client_connector(roots: rustls::RootCertStore) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the default provider supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 #[cfg(test)]

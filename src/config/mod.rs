@@ -12,6 +12,7 @@ pub mod reputation;
 pub mod senders;
 pub mod smarthost;
 pub mod spam;
+pub mod tlsrpt;
 pub mod units;
 pub mod webhook;
 
@@ -511,6 +512,8 @@ pub struct DeliveryConfig {
 
     /// `[delivery.mta_sts]`: MTA-STS policies of recipient domains (RFC 8461).
     pub mta_sts: MtaStsConfig,
+    /// `[delivery.tls_reports]`: daily TLS reports to recipient domains (RFC 8460).
+    pub tls_reports: tlsrpt::TlsReportsConfig,
 }
 
 impl DeliveryConfig {
@@ -563,6 +566,7 @@ impl Default for DeliveryConfig {
             dane: DaneConfig::default(),
 
             mta_sts: MtaStsConfig::default(),
+            tls_reports: tlsrpt::TlsReportsConfig::default(),
         }
     }
 }

@@ -85,6 +85,10 @@ impl AttemptSink for Queue {
     fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
         Some(self.reporter().metrics())
     }
+
+    fn tls_reports(&self) -> Option<&crate::report::tlsrpt::TlsRptCounts> {
+        Queue::tls_reports(self)
+    }
 }
 
 /// Starts the delivery stage. It takes jobs from `jobs` until `shutdown`

@@ -7,6 +7,7 @@ pub mod history;
 
 pub mod schedule;
 pub mod spool;
+pub mod tlsrpt;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,7 @@ use crate::config::Config;
 pub use crate::envelope::{Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
 use crate::policy::dkim::Signer;
 use crate::reply::{Enhanced, Reply};
+use crate::report::tlsrpt::TlsRptCounts;
 use crate::report::{Event, EventKind, Reason, Reporter};
 use dsn::{DsnRecipient, DsnSettings};
 use schedule::{NextStep, RetrySchedule};
@@ -130,6 +132,9 @@ pub struct Queue {
     history: history::History,
     /// Signs the DSNs the queue writes, like any message herald sends.
     dkim: Arc<Signer>,
+    /// Delivery sessions counted for TLS reports (RFC 8460); none when
+    /// `[delivery.tls_reports]` is off.
+    tls_reports: Option<TlsRptCounts>,
 }
 
 #[derive(Default)]
@@ -247,6 +252,13 @@ impl Queue {
         for id in finished {
             spool.append(Record::done(id));
         }
+        let tls_reports = if config.delivery.tls_reports.enabled {
+            Some(TlsRptCounts::open(
+                &config.server.spool_dir.join(tlsrpt::DIR),
+            )?)
+        } else {
+            None
+        };
         let queue = Arc::new_cyclic(|me| Queue {
             spool,
             inner: Mutex::new(inner),
@@ -260,6 +272,7 @@ impl Queue {
             me: me.clone(),
             history,
             dkim,
+            tls_reports,
         });
         queue.collect_segments(&mut queue.inner.lock().unwrap_or_else(PoisonError::into_inner));
         Ok(queue)
@@ -973,6 +986,18 @@ impl Queue {
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.spool.close().await;
+        // Deliveries have ended: the counts are final until restart.
+        if let Some(counts) = &self.tls_reports
+            && let Err(e) = counts.flush().await
+        {
+            tracing::error!(error = %e, "TLS report counts not saved; the sessions since the last save are lost");
+        }
+    }
+
+    /// Where delivery counts its sessions for TLS reports; none when they
+    /// are off.
+    pub fn tls_reports(&self) -> Option<&TlsRptCounts> {
+        self.tls_reports.as_ref()
     }
 
     /// Messages in the queue, oldest first.

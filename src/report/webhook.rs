@@ -655,7 +655,9 @@ async fn attempt(
     }
 }
 
-async fn send<S>(io: S, req: Request<Body>) -> Result<hyper::StatusCode, String>
+/// One HTTP/1.1 request on `io`; the answer's status (the body is not
+/// read). Also used by the TLS report sender.
+pub(super) async fn send<S>(io: S, req: Request<Body>) -> Result<hyper::StatusCode, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

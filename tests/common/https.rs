@@ -1,6 +1,7 @@
 //! A scripted HTTPS server on 127.0.0.x standing in for an MTA-STS policy
 //! host (RFC 8461 §3.3): it answers every request with the [`Answer`] set
-//! last, and counts the requests it read.
+//! last, and counts the requests it read. And [`RecordingServer`], which
+//! keeps whole requests (a TLS report receiver, RFC 8460 §5.4).
 //!
 //! ```ignore
 //! let server = PolicyServer::start(ip, pki.acceptor(&["mta-sts.example.test"]),
@@ -144,4 +145,119 @@ impl Drop for PolicyServer {
 pub async fn closed_port(ip: Ipv4Addr) -> u16 {
     let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// One request a [`RecordingServer`] read.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Request line and header fields, as sent.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// A header field's value (name matched case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// An HTTPS server on 127.0.0.x that reads whole requests (body by
+/// `Content-Length`), keeps them, and answers each `200 OK`: a TLS report
+/// receiver (RFC 8460 §5.4) or any upload endpoint.
+pub struct RecordingServer {
+    pub addr: SocketAddr,
+    received: watch::Receiver<Vec<Received>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingServer {
+    /// Listens on `ip` (127.0.0.x), any free port.
+    pub async fn start(ip: Ipv4Addr, acceptor: TlsAcceptor) -> RecordingServer {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("bind the recording server");
+        let addr = listener.local_addr().unwrap();
+        let (tx, received) = watch::channel(Vec::new());
+        let tx = Arc::new(tx);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                conns.spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut raw = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let (head_len, body_len) = loop {
+                        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+                            let len = head
+                                .lines()
+                                .find_map(|l| {
+                                    let (n, v) = l.split_once(':')?;
+                                    n.eq_ignore_ascii_case("content-length")
+                                        .then(|| v.trim().parse::<usize>().ok())?
+                                })
+                                .unwrap_or(0);
+                            break (end + 4, len);
+                        }
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    while raw.len() < head_len + body_len {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let request = Received {
+                        head: String::from_utf8_lossy(&raw[..head_len - 4]).into_owned(),
+                        body: raw[head_len..head_len + body_len].to_vec(),
+                    };
+                    tx.send_modify(|v| v.push(request));
+                    let _ = tls
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        RecordingServer {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    /// Requests read so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.borrow().clone()
+    }
+
+    /// Waits (unbounded: wrap in `within`) until `n` requests were read.
+    pub async fn wait_requests(&self, n: usize) -> Vec<Received> {
+        let mut rx = self.received.clone();
+        rx.wait_for(|v| v.len() >= n)
+            .await
+            .expect("recording server gone")
+            .clone()
+    }
+}
+
+impl Drop for RecordingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

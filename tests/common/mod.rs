@@ -6,7 +6,8 @@
 //! * [`mx`]: scriptable recipient MX sinks on 127.0.0.x ([`mx::MxSink`], [`mx::reserve_port`]).
 //! * [`smtp`]: a wire-level async SMTP client with TLS ([`smtp::TestClient`]).
 //! * [`http`]: a bare HTTP/1.1 client for the admin API ([`http::api`]).
-//! * [`https`]: a scripted HTTPS server for MTA-STS policy files ([`https::PolicyServer`]).
+//! * [`https`]: a scripted HTTPS server for MTA-STS policy files ([`https::PolicyServer`]) and
+//!   one that records uploads such as TLS reports ([`https::RecordingServer`]).
 //! * [`redis`]: the test Redis for cluster tests ([`redis::available`], key prefixes, clean-up).
 //! * [`submission`]: a scripted submission server (STARTTLS / implicit TLS, AUTH) and a test
 //!   CA, standing in for a customer's SMTP provider used as a smarthost.
