@@ -15,6 +15,7 @@ use common::mx::ip;
 use common::pki::{Pki, sha256};
 use common::relay::{Setup, TestRelay, field};
 use common::submission::{Script, SubmissionServer, TlsMode};
+use herald::report::tlsrpt::UtcDay;
 
 const WAIT: Duration = Duration::from_secs(30);
 const DOMAIN: &str = "dane.test";
@@ -145,6 +146,7 @@ async fn world(mxs: &[Mx], options: Options) -> World {
     setup.extra = format!(
         "[delivery.dane]\nenabled = {enabled}\ntrust_anchor = \"{}\"\n\
          [delivery.mta_sts]\nca_file = \"{}\"\nhttps_port = {}\nfetch_timeout = \"5s\"\n\
+         [delivery.tls_reports]\nenabled = true\nfrom = \"tls-reports@acme.test\"\n\
          [delivery.tls_policy]\n{}\n",
         anchor.display(),
         pki.ca_file.display(),
@@ -180,6 +182,21 @@ impl World {
             .wait_events(kind, 1, WAIT, |e| field(e, "event") == kind)
             .await
             .remove(0)
+    }
+
+    /// Sessions counted for TLS-RPT today (and yesterday, should the test
+    /// run across midnight): (successes, failures).
+    fn tls_report_totals(&self) -> (u64, u64) {
+        let counts = self
+            .relay
+            .running()
+            .queue
+            .tls_reports()
+            .expect("reports on");
+        let today = UtcDay::today();
+        let (a, b) = counts.totals(today);
+        let (c, d) = counts.totals(today.prev());
+        (a + c, b + d)
     }
 
     /// The first deferral's reply text, after checking it is a TLS one.
@@ -218,6 +235,7 @@ async fn a_dane_ee_match_delivers_whatever_the_name_on_the_certificate() {
         assert!(policy.ends_with("._tcp.mx1.dane.test"), "{e}");
         let got = w.mxs[0].wait_messages(1, WAIT).await;
         assert!(got[0].tls, "delivered in clear");
+        assert_eq!(w.tls_report_totals(), (1, 0), "one session for TLS-RPT");
     })
     .await;
 }
@@ -241,6 +259,9 @@ async fn a_certificate_no_tlsa_record_names_is_refused() {
             page.contains("herald_tls_policy_failures_total{result=\"tlsa-invalid\"}"),
             "{page}"
         );
+        let (ok, failed) = w.tls_report_totals();
+        assert_eq!(ok, 0);
+        assert!(failed >= 1, "the refused session counts for TLS-RPT");
     })
     .await;
 }
