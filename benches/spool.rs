@@ -24,6 +24,7 @@ fn envelope() -> Envelope {
         body_8bit: false,
         ret: None,
         env_id: None,
+        require_tls: false,
     }
 }
 

@@ -109,6 +109,10 @@ pub struct Envelope {
     pub ret: Option<Ret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_id: Option<String>,
+    /// MAIL FROM ... REQUIRETLS (RFC 8689): deliver only over TLS with a
+    /// verified certificate to a host that keeps the requirement, or bounce.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_tls: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

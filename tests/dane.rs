@@ -57,6 +57,8 @@ struct Options {
     mta_sts: Option<&'static [&'static str]>,
     /// `[delivery.tls_policy]` lines; `[delivery.dane] enabled` unless set.
     tls_policy: &'static str,
+    /// The MX hosts offer REQUIRETLS (RFC 8689).
+    requiretls: bool,
 }
 
 struct World {
@@ -110,6 +112,7 @@ async fn world(mxs: &[Mx], options: Options) -> World {
             Script {
                 tls,
                 open_relay: true,
+                requiretls: options.requiretls,
                 ..Script::default()
             },
         )
@@ -175,6 +178,25 @@ impl World {
             .submit("billing@acme.test", &[&to], body.as_bytes())
             .await
             .assert_code(250);
+    }
+
+    /// Submits with `MAIL FROM:<...> REQUIRETLS`, after checking the relay
+    /// offers it over TLS only.
+    async fn send_requiretls(&self) {
+        let mut plain = common::smtp::TestClient::connect(self.relay.submission).await;
+        let ehlo = plain.ehlo("app.test").await;
+        assert!(!ehlo.has_extension("REQUIRETLS"), "offered in clear");
+        let mut c = self.relay.client().await;
+        let ehlo = c.ehlo("app.test").await;
+        assert!(ehlo.has_extension("REQUIRETLS"), "not offered over TLS");
+        c.cmd("MAIL FROM:<billing@acme.test> REQUIRETLS")
+            .await
+            .assert_code(250);
+        c.cmd(&format!("RCPT TO:<carol@{DOMAIN}>"))
+            .await
+            .assert_code(250);
+        let body = "From: billing@acme.test\r\nTo: carol@dane.test\r\nSubject: Invoice 8\r\n\r\nConfidential.\r\n";
+        c.data(body.as_bytes()).await.assert_code(250);
     }
 
     async fn first(&self, kind: &str) -> serde_json::Value {
@@ -406,6 +428,58 @@ async fn a_tls_policy_line_turns_dane_on_for_one_domain() {
         w.send().await;
         let text = w.deferred().await;
         assert!(text.contains("no TLSA record matches"), "{text}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiretls_goes_only_over_verified_tls_to_hosts_that_keep_it() {
+    common::within(WAIT * 3, "REQUIRETLS", async {
+        // DANE-verified, and the MX offers REQUIRETLS: delivered, with the
+        // requirement passed on.
+        let w = world(
+            &[mx(&["mx1.dane.test"], Tlsa::EeKey)],
+            Options {
+                requiretls: true,
+                ..Options::default()
+            },
+        )
+        .await;
+        w.send_requiretls().await;
+        let e = w.first("delivered").await;
+        assert_eq!(e["tls_info"]["verified"], "dane", "{e}");
+        let got = w.mxs[0].wait_messages(1, WAIT).await;
+        assert!(
+            got[0].mail_command.ends_with(" REQUIRETLS"),
+            "{}",
+            got[0].mail_command
+        );
+
+        // Verified, but the MX would not keep the requirement: bounced.
+        let w = world(&[mx(&["mx1.dane.test"], Tlsa::EeKey)], Options::default()).await;
+        w.send_requiretls().await;
+        let e = w.first("bounced").await;
+        assert_eq!(e["smtp"]["enhanced"], "5.7.30", "{e}");
+        assert!(w.mxs[0].messages().is_empty());
+
+        // No verified path at all (no TLSA, no MTA-STS): bounced.
+        let w = world(
+            &[mx(&["mx1.dane.test"], Tlsa::None)],
+            Options {
+                requiretls: true,
+                ..Options::default()
+            },
+        )
+        .await;
+        w.send_requiretls().await;
+        let e = w.first("bounced").await;
+        assert_eq!(e["smtp"]["enhanced"], "5.7.10", "{e}");
+        let text = e["smtp"]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.starts_with("REQUIRETLS: the sender asked for TLS with a verified certificate"),
+            "{e}"
+        );
+        assert!(w.mxs[0].messages().is_empty());
     })
     .await;
 }

@@ -139,6 +139,7 @@ fn job(domain: &str, locals: &[&str], body: &[u8]) -> DeliveryJob {
             body_8bit: false,
             ret: None,
             env_id: None,
+            require_tls: false,
         }),
         body: Bytes::copy_from_slice(body),
         domain: domain.into(),

@@ -125,6 +125,7 @@ async fn session(addr: SocketAddr, flags: u8) {
             smtputf8: flags & SMTPUTF8 != 0,
             ret: Some(Ret::Hdrs),
             env_id: Some("env-1"),
+            require_tls: false,
         };
         let rcpts = [
             RcptParams {

@@ -191,6 +191,7 @@ fn envelope(sender: &str) -> Envelope {
         body_8bit: true,
         ret: Some(Ret::Full),
         env_id: Some("env-1".into()),
+        require_tls: true,
     }
 }
 

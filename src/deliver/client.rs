@@ -268,6 +268,8 @@ pub struct Capabilities {
     pub dsn: bool,
     pub enhanced_status_codes: bool,
     pub chunking: bool,
+    /// RFC 8689: the server keeps a REQUIRETLS message's requirement.
+    pub requiretls: bool,
     /// AUTH mechanisms, upper-cased, in the server's order.
     pub auth: Vec<String>,
 }
@@ -304,6 +306,7 @@ impl Capabilities {
                 "DSN" => caps.dsn = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
                 "CHUNKING" => caps.chunking = true,
+                "REQUIRETLS" => caps.requiretls = true,
                 "SIZE" => {
                     caps.size_ext = true;
                     caps.size = words
@@ -353,6 +356,8 @@ pub struct MailParams<'a> {
     pub ret: Option<Ret>,
     /// DSN ENVID (xtext-decoded), sent when the server offers DSN.
     pub env_id: Option<&'a str>,
+    /// REQUIRETLS (RFC 8689); the caller checked the server offers it.
+    pub require_tls: bool,
 }
 
 /// One RCPT TO.
@@ -1009,6 +1014,9 @@ impl SmtpClient {
         if mail.smtputf8 && self.caps.smtputf8 {
             w.extend_from_slice(b" SMTPUTF8");
         }
+        if mail.require_tls && self.caps.requiretls {
+            w.extend_from_slice(b" REQUIRETLS");
+        }
         if self.caps.dsn {
             match mail.ret {
                 Some(Ret::Full) => w.extend_from_slice(b" RET=FULL"),
@@ -1601,6 +1609,7 @@ mod tests {
                 smtputf8: true,
                 ret: Some(Ret::Hdrs),
                 env_id: Some("id 1"),
+                require_tls: false,
             },
             42,
         );
@@ -1638,6 +1647,7 @@ mod tests {
                 smtputf8: true,
                 ret: Some(Ret::Full),
                 env_id: Some("x"),
+                require_tls: false,
             },
             42,
         );

@@ -865,6 +865,25 @@ async fn deliver_job(
                 }
             },
         };
+        if job.envelope.require_tls
+            && let Some(reply) = requiretls_refusal(&s, &domain.name)
+        {
+            tracing::info!(domain = %domain.name, mx = %s.mx, queue_id = %job.id, reply = %reply, "REQUIRETLS message not delivered");
+            let tls = s.tls_info();
+            let outcomes = job
+                .recipients
+                .iter()
+                .map(|r| RcptOutcome {
+                    index: r.index,
+                    result: AttemptResult::Bounced(reply.clone(), Reason::Tls),
+                    mx: Some(s.mx.clone()),
+                    tls: tls.clone(),
+                    next_hop_dsn: false,
+                })
+                .collect();
+            ctx.report(&job, outcomes);
+            return Some(s);
+        }
         let reused = s.sent > 0;
         match transact(&ctx.classifier, &mut s, &job).await {
             Ok(outcomes) => {
@@ -907,6 +926,36 @@ async fn deliver_job(
             }
         }
     }
+}
+
+/// Why a REQUIRETLS message (RFC 8689 §5) may not go over this session:
+/// it must be TLS with a certificate checked by a policy (MTA-STS enforce,
+/// DANE, `tls_policy` verify, a smarthost's CA), to a server that offers
+/// REQUIRETLS and so keeps the requirement on the next hop. Either failing
+/// is permanent for the message: it bounces, as the RFC asks.
+fn requiretls_refusal(s: &Session, domain: &str) -> Option<Reply> {
+    let verified = s.client.tls_version().is_some() && s.verified != "none";
+    if !verified {
+        return Some(Reply::new(
+            550,
+            Enhanced(5, 7, 10),
+            format!(
+                "REQUIRETLS: the sender asked for TLS with a verified certificate all the way, but {} offers no such path for {domain} (no MTA-STS enforce policy, no DANE TLSA records, no delivery.tls_policy verify line); not delivered",
+                s.mx
+            ),
+        ));
+    }
+    if !s.client.capabilities().requiretls {
+        return Some(Reply::new(
+            550,
+            Enhanced(5, 7, 30),
+            format!(
+                "REQUIRETLS: {} ({} verified TLS) does not offer REQUIRETLS, so it could not keep the sender's requirement; not delivered",
+                s.mx, s.verified
+            ),
+        ));
+    }
+    None
 }
 
 /// Settles every job queued for the domain with a destination-wide result
@@ -1727,6 +1776,7 @@ async fn transact(
         smtputf8: env.smtputf8,
         ret: env.ret,
         env_id: env.env_id.as_deref(),
+        require_tls: env.require_tls,
     };
     let rcpts: Vec<RcptParams<'_>> = job
         .recipients
@@ -2036,6 +2086,7 @@ mod tests {
                 body_8bit: false,
                 ret: None,
                 env_id: None,
+                require_tls: false,
             }),
             body: bytes::Bytes::from_static(b"Subject: x\r\n\r\nx\r\n"),
             domain: domain.into(),

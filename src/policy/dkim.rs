@@ -889,6 +889,7 @@ mod tests {
             body_8bit: false,
             ret: None,
             env_id: None,
+            require_tls: false,
         }
     }
 

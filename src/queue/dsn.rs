@@ -605,6 +605,7 @@ mod tests {
             body_8bit: false,
             ret: None,
             env_id: Some("inv 7+x".into()),
+            require_tls: false,
         }
     }
 

@@ -531,6 +531,7 @@ mod tests {
                 body_8bit: false,
                 ret: None,
                 env_id: None,
+                require_tls: false,
             },
             recipients: vec![r],
             size: 10,

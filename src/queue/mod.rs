@@ -527,6 +527,7 @@ impl Queue {
                 body_8bit: false,
                 ret: None,
                 env_id: None,
+                require_tls: false,
             };
             // Signed like relayed mail (keys of the From: domain, a parent's,
             // or the fallback): a receiver enforcing that domain's DMARC
@@ -1185,6 +1186,7 @@ mod tests {
             body_8bit: false,
             ret: None,
             env_id: None,
+            require_tls: false,
         }
     }
 

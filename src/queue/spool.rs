@@ -1068,6 +1068,7 @@ mod tests {
             body_8bit: false,
             ret: None,
             env_id: None,
+            require_tls: false,
         }
     }
 
@@ -1803,6 +1804,7 @@ mod prop_tests {
             body_8bit: false,
             ret: None,
             env_id: None,
+            require_tls: false,
         }
     }
 

@@ -301,6 +301,7 @@ impl TlsReportSender {
             body_8bit: false,
             ret: None,
             env_id: None,
+            require_tls: false,
         };
         // Signed like DSNs: RFC 8460 §5.3 wants mailed reports DKIM-signed
         // by the reporting domain. A report that cannot be signed goes

@@ -31,8 +31,9 @@ pub fn too_big(max: u64) -> Reply {
     )
 }
 
-/// Checks the parameters of MAIL; the reply when one is refused.
-pub fn check_parameters(from: &MailFrom<String>, max_size: u64) -> Result<(), Reply> {
+/// Checks the parameters of MAIL (`tls`: the session is encrypted); the
+/// reply when one is refused.
+pub fn check_parameters(from: &MailFrom<String>, max_size: u64, tls: bool) -> Result<(), Reply> {
     use smtp_proto::*;
     let unsupported = |name: &str| {
         Err(Reply::new(
@@ -44,8 +45,13 @@ pub fn check_parameters(from: &MailFrom<String>, max_size: u64) -> Result<(), Re
     if from.flags & MAIL_BODY_BINARYMIME != 0 {
         return unsupported("BODY=BINARYMIME");
     }
-    if from.flags & MAIL_REQUIRETLS != 0 {
-        return unsupported("REQUIRETLS");
+    // RFC 8689 §4.1: offered, and taken, only over TLS.
+    if from.flags & MAIL_REQUIRETLS != 0 && !tls {
+        return Err(Reply::new(
+            530,
+            Enhanced(5, 7, 10),
+            "REQUIRETLS needs an encrypted session: use STARTTLS (or port 465) first",
+        ));
     }
     if from.flags & (MAIL_BY_NOTIFY | MAIL_BY_RETURN | MAIL_BY_TRACE) != 0 {
         return unsupported("BY");
@@ -158,7 +164,7 @@ impl Session {
             return self.error(reply);
         }
         let max = self.ctx.config.server.max_message_size.0;
-        if let Err(reply) = check_parameters(&from, max) {
+        if let Err(reply) = check_parameters(&from, max, self.tls.is_some()) {
             if reply.code == 552 {
                 self.reject_event(RejectRule::MessageTooLarge, &reply, &from.address, None);
             }
@@ -243,6 +249,7 @@ impl Session {
                 body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
                 ret,
                 env_id: from.env_id,
+                require_tls: from.flags & smtp_proto::MAIL_REQUIRETLS != 0,
             },
             recipients: Vec::new(),
             rcpt_attempts: 0,
@@ -289,24 +296,33 @@ mod tests {
     fn size_over_the_limit_is_552() {
         let mut m = mail("a@b.example");
         m.size = 1001;
-        let r = check_parameters(&m, 1000).unwrap_err();
+        let r = check_parameters(&m, 1000, false).unwrap_err();
         assert_eq!((r.code, r.enhanced), (552, Some(Enhanced(5, 3, 4))));
         m.size = 1000;
-        assert!(check_parameters(&m, 1000).is_ok());
+        assert!(check_parameters(&m, 1000, false).is_ok());
     }
 
     #[test]
     fn unadvertised_parameters_are_refused() {
         let mut m = mail("a@b.example");
         m.flags = smtp_proto::MAIL_BODY_BINARYMIME;
-        assert_eq!(check_parameters(&m, 1000).unwrap_err().code, 555);
+        assert_eq!(check_parameters(&m, 1000, false).unwrap_err().code, 555);
         let mut m = mail("a@b.example");
         m.hold_for = 10;
-        assert_eq!(check_parameters(&m, 1000).unwrap_err().code, 555);
+        assert_eq!(check_parameters(&m, 1000, false).unwrap_err().code, 555);
         let mut m = mail("a@b.example");
         m.flags = smtp_proto::MAIL_BODY_8BITMIME | smtp_proto::MAIL_RET_HDRS;
         m.env_id = Some("abc".into());
-        assert!(check_parameters(&m, 1000).is_ok());
+        assert!(check_parameters(&m, 1000, false).is_ok());
+    }
+
+    #[test]
+    fn requiretls_only_over_tls() {
+        let mut m = mail("a@b.example");
+        m.flags = smtp_proto::MAIL_REQUIRETLS;
+        let r = check_parameters(&m, 1000, false).unwrap_err();
+        assert_eq!((r.code, r.enhanced), (530, Some(Enhanced(5, 7, 10))));
+        assert!(check_parameters(&m, 1000, true).is_ok());
     }
 
     #[test]

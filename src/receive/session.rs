@@ -783,6 +783,9 @@ impl Session {
         if l.tls == TlsMode::Starttls && self.tls.is_none() && self.ctx.tls.is_some() {
             caps.push("STARTTLS".into());
         }
+        if self.tls.is_some() {
+            caps.push("REQUIRETLS".into());
+        }
         if self.auth_offered() {
             caps.push("AUTH PLAIN LOGIN".into());
         }

@@ -54,6 +54,8 @@ pub struct Script {
     pub mail: &'static str,
     /// Takes mail without AUTH, as an MX does.
     pub open_relay: bool,
+    /// Offers REQUIRETLS (RFC 8689) once TLS is up.
+    pub requiretls: bool,
 }
 
 impl Default for Script {
@@ -65,6 +67,7 @@ impl Default for Script {
             auth_refused: "535 5.7.8 Authentication credentials invalid",
             mail: "250 2.1.0 Sender OK",
             open_relay: false,
+            requiretls: false,
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct Received {
     /// The account logged in when it was sent.
     pub user: String,
     pub from: String,
+    /// The whole MAIL FROM command, parameters included.
+    pub mail_command: String,
     pub rcpts: Vec<String>,
     /// Dot-unstuffed, without the final `.CRLF`.
     pub data: Vec<u8>,
@@ -246,6 +251,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut user: Option<String> = None;
     let mut from: Option<String> = None;
+    let mut mail_command = String::new();
     let mut rcpts: Vec<String> = Vec::new();
     loop {
         let cmd = read(&mut r).await?;
@@ -262,6 +268,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             if tls || !starttls {
                 kw.push("AUTH PLAIN LOGIN");
+            }
+            if tls && script.requiretls {
+                kw.push("REQUIRETLS");
             }
             ehlo_reply(&kw)
         } else if upper == "STARTTLS" && starttls && !tls {
@@ -305,6 +314,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             } else {
                 if script.mail.starts_with('2') {
                     from = Some(path_of(&cmd));
+                    mail_command = cmd.clone();
                     rcpts.clear();
                 }
                 format!("{}\r\n", script.mail)
@@ -339,6 +349,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 rec.lock().unwrap().messages.push(Received {
                     user: user.clone().unwrap_or_default(),
                     from: from.take().unwrap_or_default(),
+                    mail_command: std::mem::take(&mut mail_command),
                     rcpts: std::mem::take(&mut rcpts),
                     data,
                     tls,
