@@ -451,3 +451,33 @@ async fn a_policy_near_expiry_is_refreshed_in_the_background() {
     assert!(policy(lookup(&sts).await).allows_mx("mx1.example.test"));
     assert_eq!(web.requests(), 1);
 }
+
+/// A recipient domain in Unicode (SMTPUTF8) has its policy looked up and
+/// fetched by its A-labels.
+#[tokio::test]
+async fn a_unicode_domain_is_looked_up_by_its_a_labels() {
+    let ip = Ipv4Addr::new(127, 0, 0, 79);
+    let ace = "xn--bcher-kva.test";
+    let host = format!("mta-sts.{ace}");
+    let pki = Pki::new();
+    let web = PolicyServer::start(
+        ip,
+        pki.acceptor(&[&host]),
+        Answer::policy(
+            "version: STSv1\nmode: enforce\nmx: mx.xn--bcher-kva.test\nmax_age: 86400\n",
+        ),
+    )
+    .await;
+    let dns = TestDns::start(
+        Zone::new("test.")
+            .txt(&format!("_mta-sts.{ace}"), "v=STSv1; id=7;")
+            .a(&host, ip),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sts = sts(dns.addr, &pki, &cache_file(&dir), web.addr.port());
+    let p = policy(within(LIMIT, "lookup", sts.lookup("bücher.test")).await);
+    assert_eq!(p.id, "7");
+    assert!(p.allows_mx("mx.xn--bcher-kva.test"));
+    assert_eq!(web.requests(), 1);
+}

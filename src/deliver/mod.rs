@@ -1690,10 +1690,19 @@ async fn required_tls(
             }
             Ok(client)
         }
-        Err(ClientError::Rejected { reply, .. }) => Err(why(
+        Err(ClientError::Rejected {
+            stage: Stage::StartTls,
+            reply,
+        }) => Err(why(
             Enhanced(4, 7, 10),
             ResultType::StartTlsNotSupported,
             format!("{host} [{}] refused STARTTLS: {reply}", addr.ip()),
+        )),
+        // TLS came up; the server then refused EHLO over it.
+        Err(ClientError::Rejected { stage, reply }) => Err(why(
+            Enhanced(4, 7, 5),
+            ResultType::ValidationFailure,
+            format!("{host} [{}] refused {stage} over TLS: {reply}", addr.ip()),
         )),
         Err(e) => {
             use client::CertProblem;

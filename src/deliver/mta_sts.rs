@@ -558,6 +558,13 @@ impl MtaSts {
         if !self.inner.enabled {
             return Lookup::NoPolicy;
         }
+        // A domain in Unicode (SMTPUTF8 recipients) is looked up, and its
+        // policy host named, by its A-labels (RFC 8461 §3.3 speaks of
+        // A-labels only).
+        let domain = match hickory_resolver::proto::rr::Name::from_utf8(domain) {
+            Ok(name) => name.to_ascii(),
+            Err(_) => return Lookup::NoPolicy,
+        };
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         if !is_domain(&domain) {
             return Lookup::NoPolicy;
