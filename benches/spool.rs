@@ -25,6 +25,7 @@ fn envelope() -> Envelope {
         ret: None,
         env_id: None,
         require_tls: false,
+        ignore_tls_policies: false,
     }
 }
 

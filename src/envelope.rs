@@ -113,6 +113,11 @@ pub struct Envelope {
     /// verified certificate to a host that keeps the requirement, or bounce.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_tls: bool,
+    /// herald's own TLS reports (RFC 8460 §3): where the destination's
+    /// published policy (MTA-STS, DANE) fails, delivered with opportunistic
+    /// TLS instead of deferred, since the report may be about that failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_tls_policies: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -140,6 +140,7 @@ fn job(domain: &str, locals: &[&str], body: &[u8]) -> DeliveryJob {
             ret: None,
             env_id: None,
             require_tls: false,
+            ignore_tls_policies: false,
         }),
         body: Bytes::copy_from_slice(body),
         domain: domain.into(),

@@ -45,6 +45,18 @@ async fn world(mode: &str, listed: &[&str], mxs: &[Mx]) -> World {
 /// [`world`] without a published policy when `mode` is empty, and with
 /// `tls_policy` lines in `[delivery.tls_policy]`.
 async fn world_with(mode: &str, listed: &[&str], mxs: &[Mx], tls_policy: &str) -> World {
+    world_reporting(mode, listed, mxs, tls_policy, false).await
+}
+
+/// [`world_with`]; with `tls_reports`, the relay sends TLS reports and
+/// sts.test asks for them by mail at tlsrpt@sts.test.
+async fn world_reporting(
+    mode: &str,
+    listed: &[&str],
+    mxs: &[Mx],
+    tls_policy: &str,
+    tls_reports: bool,
+) -> World {
     let pki = Pki::new();
     let policy_text = format!(
         "version: STSv1\nmode: {mode}\n{}max_age: 86400\n",
@@ -60,6 +72,12 @@ async fn world_with(mode: &str, listed: &[&str], mxs: &[Mx], tls_policy: &str) -
     )
     .await;
     let mut zone = Zone::new("test.").a(&format!("mta-sts.{DOMAIN}"), ip(9));
+    if tls_reports {
+        zone = zone.txt(
+            &format!("_smtp._tls.{DOMAIN}"),
+            &format!("v=TLSRPTv1; rua=mailto:tlsrpt@{DOMAIN}"),
+        );
+    }
     if !mode.is_empty() {
         zone = zone.txt(&format!("_mta-sts.{DOMAIN}"), "v=STSv1; id=20261207T1;");
     }
@@ -89,7 +107,8 @@ async fn world_with(mode: &str, listed: &[&str], mxs: &[Mx], tls_policy: &str) -
     let mut setup = Setup::new(dns.addr, port);
     setup.extra = format!(
         "[delivery.mta_sts]\nca_file = \"{}\"\nhttps_port = {}\nfetch_timeout = \"5s\"\n\
-         [delivery.tls_policy]\n{tls_policy}\n",
+         [delivery.tls_policy]\n{tls_policy}\n\
+         [delivery.tls_reports]\nenabled = {tls_reports}\nfrom = \"tls-reports@acme.test\"\n",
         pki.ca_file.display(),
         policy.addr.port()
     );
@@ -376,6 +395,35 @@ async fn an_unusable_policy_is_delivered_without_and_counted() {
         assert!(
             page.contains("herald_mta_sts_failures_total{result=\"sts-policy-fetch-error\"} 1"),
             "{page}"
+        );
+    })
+    .await;
+}
+
+/// A TLS report may be about the very failure that makes the domain's
+/// policy refuse its MX: it goes anyway, opportunistically, on a session
+/// of its own, while the domain's other mail keeps waiting (RFC 8460 §3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_report_is_delivered_where_the_policy_it_reports_on_fails() {
+    common::within(WAIT * 2, "TLS report through a failing policy", async {
+        let w = world_reporting("enforce", &["mx1.sts.test"], &[Mx::Plain], "", true).await;
+        w.send("carol@sts.test").await;
+        w.first("deferred").await;
+        let sender = w.relay.running().tls_reports.clone().expect("reports on");
+        let today = herald::report::tlsrpt::UtcDay::today();
+        let sent = common::within(WAIT, "sending the report", sender.send_day(today)).await;
+        assert_eq!(sent.sent, 1, "{sent:?}");
+        let got = w.mxs[0].wait_messages(1, WAIT).await;
+        assert_eq!(got[0].rcpts, vec!["tlsrpt@sts.test".to_string()]);
+        let text = String::from_utf8_lossy(&got[0].data);
+        assert!(text.contains("TLS-Report-Domain: sts.test"), "{text}");
+        assert!(!got[0].tls);
+        // The invoice itself still waits for TLS.
+        assert!(
+            w.mxs[0]
+                .messages()
+                .iter()
+                .all(|m| m.rcpts != vec!["carol@sts.test".to_string()])
         );
     })
     .await;

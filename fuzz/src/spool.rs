@@ -192,6 +192,7 @@ fn envelope(sender: &str) -> Envelope {
         ret: Some(Ret::Full),
         env_id: Some("env-1".into()),
         require_tls: true,
+        ignore_tls_policies: false,
     }
 }
 

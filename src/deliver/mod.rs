@@ -852,11 +852,20 @@ async fn deliver_job(
     loop {
         let mut s = match session.take() {
             Some(s) => s,
-            None => match connect_domain(ctx, domain).await {
+            None => match connect_domain(ctx, domain, false).await {
                 Ok(s) => s,
                 Err(ConnectFailure::Shutdown) => {
                     ctx.report_all(&job, &AttemptResult::NotAttempted, None);
                     return None;
+                }
+                Err(ConnectFailure::Site {
+                    result: AttemptResult::Deferred(_, Reason::Tls),
+                    ..
+                }) if job.envelope.ignore_tls_policies => {
+                    // Its own session, used for this job alone: the
+                    // destination's other mail keeps its policy.
+                    let relaxed = connect_domain(ctx, domain, true).await;
+                    return relaxed_delivery(ctx, job, relaxed).await;
                 }
                 Err(ConnectFailure::Site { result, mx }) => {
                     ctx.report_all(&job, &result, mx.as_deref());
@@ -958,6 +967,40 @@ fn requiretls_refusal(s: &Session, domain: &str) -> Option<Reply> {
     None
 }
 
+/// A job sent without the destination's published TLS policies over a
+/// session of its own, closed afterwards.
+async fn relaxed_delivery(
+    ctx: &Ctx,
+    job: DeliveryJob,
+    session: Result<Session, ConnectFailure>,
+) -> Option<Session> {
+    let mut s = match session {
+        Ok(s) => s,
+        Err(ConnectFailure::Shutdown) => {
+            ctx.report_all(&job, &AttemptResult::NotAttempted, None);
+            return None;
+        }
+        Err(ConnectFailure::Site { result, mx }) => {
+            ctx.report_all(&job, &result, mx.as_deref());
+            return None;
+        }
+    };
+    tracing::info!(mx = %s.mx, queue_id = %job.id, "TLS report delivered without the destination's TLS policy, which failed");
+    match transact(&ctx.classifier, &mut s, &job).await {
+        Ok(outcomes) => ctx.report(&job, outcomes),
+        Err(e) => {
+            let reply = match e.error {
+                ClientError::Rejected { reply, .. } => reply,
+                error => synthesize(&ctx.classifier, &error, &s.mx, s.client.peer()).0,
+            };
+            let class = ctx.classifier.classify(&reply).reason;
+            ctx.report_all(&job, &AttemptResult::Deferred(reply, class), Some(&s.mx));
+        }
+    }
+    s.client.quit().await;
+    None
+}
+
 /// Settles every job queued for the domain with a destination-wide result
 /// (a DNS verdict, or every host unreachable while no connection is up).
 fn settle_domain(ctx: &Ctx, domain: &Domain, result: &AttemptResult, mx: Option<&str>) {
@@ -978,11 +1021,19 @@ fn settle_domain(ctx: &Ctx, domain: &Domain, result: &AttemptResult, mx: Option<
 /// Finds the domain's MX hosts and connects to the first address that
 /// greets and answers EHLO (RFC 5321 §5.1: on to the next address or host
 /// on a refused connection, a timeout, or a 4xx/5xx greeting or EHLO).
-async fn connect_domain(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session, ConnectFailure> {
+/// Opens a session to the destination; `relaxed`: without its published
+/// TLS policies (see [`Envelope::ignore_tls_policies`]).
+///
+/// [`Envelope::ignore_tls_policies`]: crate::envelope::Envelope::ignore_tls_policies
+async fn connect_domain(
+    ctx: &Ctx,
+    domain: &Arc<Domain>,
+    relaxed: bool,
+) -> Result<Session, ConnectFailure> {
     let connect = async {
         match &domain.smarthost {
             Some(sh) => connect_smarthost(ctx, domain, sh).await,
-            None => connect_domain_inner(ctx, domain).await,
+            None => connect_domain_inner(ctx, domain, relaxed).await,
         }
     };
     tokio::select! {
@@ -1025,7 +1076,11 @@ async fn connect_smarthost(
     }
 }
 
-async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session, ConnectFailure> {
+async fn connect_domain_inner(
+    ctx: &Ctx,
+    domain: &Arc<Domain>,
+    relaxed: bool,
+) -> Result<Session, ConnectFailure> {
     let name = &domain.name;
     let hosts = match ctx.dns.mx(name).await {
         Ok(MxLookup::Hosts(hosts)) => hosts,
@@ -1074,8 +1129,12 @@ async fn connect_domain_inner(ctx: &Ctx, domain: &Arc<Domain>) -> Result<Session
     // A config line may ask for more than the domain publishes; it asks
     // for less only when written with "!" (and then published policies,
     // MTA-STS and DANE, are not used).
-    let configured = ctx.config.delivery.tls_policy_for(name);
-    let overridden = configured.is_some_and(|c| c.overrides_published);
+    let configured = ctx
+        .config
+        .delivery
+        .tls_policy_for(name)
+        .filter(|_| !relaxed);
+    let overridden = relaxed || configured.is_some_and(|c| c.overrides_published);
     // RFC 8461 §2: DANE wins over MTA-STS for a host with TLSA records;
     // MTA-STS still rules the hosts without.
     let dane_only = configured.is_some_and(|c| c.level == TlsLevel::DaneOnly);
@@ -2096,6 +2155,7 @@ mod tests {
                 ret: None,
                 env_id: None,
                 require_tls: false,
+                ignore_tls_policies: false,
             }),
             body: bytes::Bytes::from_static(b"Subject: x\r\n\r\nx\r\n"),
             domain: domain.into(),

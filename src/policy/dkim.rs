@@ -890,6 +890,7 @@ mod tests {
             ret: None,
             env_id: None,
             require_tls: false,
+            ignore_tls_policies: false,
         }
     }
 

@@ -606,6 +606,7 @@ mod tests {
             ret: None,
             env_id: Some("inv 7+x".into()),
             require_tls: false,
+            ignore_tls_policies: false,
         }
     }
 

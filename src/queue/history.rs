@@ -532,6 +532,7 @@ mod tests {
                 ret: None,
                 env_id: None,
                 require_tls: false,
+                ignore_tls_policies: false,
             },
             recipients: vec![r],
             size: 10,

@@ -528,6 +528,7 @@ impl Queue {
                 ret: None,
                 env_id: None,
                 require_tls: false,
+                ignore_tls_policies: false,
             };
             // Signed like relayed mail (keys of the From: domain, a parent's,
             // or the fallback): a receiver enforcing that domain's DMARC
@@ -1187,6 +1188,7 @@ mod tests {
             ret: None,
             env_id: None,
             require_tls: false,
+            ignore_tls_policies: false,
         }
     }
 

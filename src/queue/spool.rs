@@ -1069,6 +1069,7 @@ mod tests {
             ret: None,
             env_id: None,
             require_tls: false,
+            ignore_tls_policies: false,
         }
     }
 
@@ -1805,6 +1806,7 @@ mod prop_tests {
             ret: None,
             env_id: None,
             require_tls: false,
+            ignore_tls_policies: false,
         }
     }
 

@@ -302,6 +302,7 @@ impl TlsReportSender {
             ret: None,
             env_id: None,
             require_tls: false,
+            ignore_tls_policies: true,
         };
         // Signed like DSNs: RFC 8460 §5.3 wants mailed reports DKIM-signed
         // by the reporting domain. A report that cannot be signed goes

@@ -250,6 +250,7 @@ impl Session {
                 ret,
                 env_id: from.env_id,
                 require_tls: from.flags & smtp_proto::MAIL_REQUIRETLS != 0,
+                ignore_tls_policies: false,
             },
             recipients: Vec::new(),
             rcpt_attempts: 0,
