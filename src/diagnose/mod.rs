@@ -22,6 +22,7 @@
 
 pub mod certinfo;
 pub mod domain_check;
+pub mod domain_tls;
 pub mod password;
 pub mod smtp_test;
 pub mod tls_check;

@@ -392,7 +392,7 @@ pub async fn check(config: &Config, domain: &str, opts: &Options) -> Result<TlsR
     }
 
     // MTA-STS, fetched for the report even where it does not apply.
-    report.mta_sts = tls_probe::fetch_policy(config, &dns, &domain).await;
+    report.mta_sts = tls_probe::fetch_policy(&d.mta_sts, &dns, &domain).await;
     let published = report.mta_sts.policy.clone();
     let enforced = published
         .clone()

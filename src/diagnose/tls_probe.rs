@@ -27,7 +27,7 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use serde::Serialize;
 
 use super::certinfo::{CertSummary, rfc3339};
-use crate::config::Config;
+use crate::config::{Config, MtaStsConfig};
 use crate::deliver::client::{ClientError, SmtpClient, Timeouts, Tls};
 use crate::deliver::dane::{self, DaneVerifier, TlsaSet};
 use crate::deliver::mta_sts::{self, Lookup, Mode, MtaSts, Policy};
@@ -173,11 +173,10 @@ fn valid_sts_txt(record: &str) -> bool {
 }
 
 /// The domain's MTA-STS policy, looked up and fetched with delivery's own
-/// code ([`MtaSts::lookup`], with `[delivery.mta_sts]`) and an empty,
-/// throw-away cache: what is published now. Never fails; problems are in
-/// the report.
-pub async fn fetch_policy(config: &Config, dns: &Dns, domain: &str) -> StsReport {
-    let cfg = &config.delivery.mta_sts;
+/// code ([`MtaSts::lookup`], with `cfg`, the relay's `[delivery.mta_sts]`)
+/// and an empty, throw-away cache: what is published now. Never fails;
+/// problems are in the report.
+pub async fn fetch_policy(cfg: &MtaStsConfig, dns: &Dns, domain: &str) -> StsReport {
     if !cfg.enabled {
         return StsReport::new(domain, StsStatus::Disabled);
     }
