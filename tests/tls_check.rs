@@ -188,9 +188,13 @@ async fn run(config: &Path, args: &[&str]) -> Run {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let out = common::within(RUN_LIMIT, &format!("herald {}", args.join(" ")), cmd.output())
-        .await
-        .expect("run herald");
+    let out = common::within(
+        RUN_LIMIT,
+        &format!("herald {}", args.join(" ")),
+        cmd.output(),
+    )
+    .await
+    .expect("run herald");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -299,7 +303,10 @@ async fn no_starttls_under_an_enforced_policy_defers() {
     assert_eq!(a["code"], "4.7.10", "{a}");
     let verdict = j["verdict"].as_str().unwrap();
     assert!(verdict.contains("offered no STARTTLS"), "{verdict}");
-    assert!(verdict.contains("fix: enable STARTTLS on mx1.sts.test"), "{verdict}");
+    assert!(
+        verdict.contains("fix: enable STARTTLS on mx1.sts.test"),
+        "{verdict}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,7 +398,10 @@ async fn bogus_dnssec_defers() {
     assert_eq!(j["delivers"], false);
     let verdict = j["verdict"].as_str().unwrap();
     assert!(verdict.contains("fail DNSSEC validation"), "{verdict}");
-    assert!(verdict.contains("fix: repair DNSSEC for dane.test"), "{verdict}");
+    assert!(
+        verdict.contains("fix: repair DNSSEC for dane.test"),
+        "{verdict}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,7 +425,10 @@ async fn an_mx_missing_from_the_policy_is_passed_over() {
     assert_eq!(j["mx"][0]["in_mta_sts"], false);
     assert_eq!(j["mx"][0]["delivers"], false);
     let verdict = j["verdict"].as_str().unwrap();
-    assert!(verdict.contains("delivery will use mx2.sts.test"), "{verdict}");
+    assert!(
+        verdict.contains("delivery will use mx2.sts.test"),
+        "{verdict}"
+    );
     assert!(verdict.contains("mx1.sts.test is passed over"), "{verdict}");
 }
 
@@ -460,14 +473,20 @@ async fn domain_check_reports_a_policy_parse_error_with_its_line() {
         "sts.test",
         &[mx(&["mx1.sts.test"], Tlsa::None)],
         Options {
-            policy: Some("version: STSv1\nmode: enforce\nmx: mx_1.sts.test\nmax_age: 86400\n".into()),
+            policy: Some(
+                "version: STSv1\nmode: enforce\nmx: mx_1.sts.test\nmax_age: 86400\n".into(),
+            ),
             ..Options::default()
         },
     )
     .await;
     let r = domain_check(&w, "sts.test").await;
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    r.item("FAIL", "mta-sts-policy", "line 3: mx \"mx_1.sts.test\" is not a host pattern");
+    r.item(
+        "FAIL",
+        "mta-sts-policy",
+        "line 3: mx \"mx_1.sts.test\" is not a host pattern",
+    );
     r.item("FAIL", "mta-sts-policy", "sts-policy-invalid");
     r.has("serve:   https://mta-sts.sts.test/.well-known/mta-sts.txt (text/plain):");
     r.has("mx: mx1.sts.test");
@@ -493,7 +512,11 @@ async fn domain_check_reports_an_mx_missing_from_the_policy_and_bad_certificates
     r.item("pass", "mta-sts-policy", "mode enforce");
     r.item("pass", "mta-sts-mx", "mx1.sts.test is listed");
     r.item("FAIL", "mta-sts-mx", "MX mx3.sts.test is not listed");
-    r.item("pass", "mta-sts-cert", "mx1.sts.test presents a certificate valid");
+    r.item(
+        "pass",
+        "mta-sts-cert",
+        "mx1.sts.test presents a certificate valid",
+    );
     r.item(
         "FAIL",
         "mta-sts-cert",
@@ -520,7 +543,11 @@ async fn domain_check_compares_tlsa_records_with_what_each_mx_presents() {
     .await;
     let r = domain_check(&w, "dane.test").await;
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    r.item("pass", "dane-tlsa", "mx1.dane.test matches its TLSA record 3 1 1");
+    r.item(
+        "pass",
+        "dane-tlsa",
+        "mx1.dane.test matches its TLSA record 3 1 1",
+    );
     r.item("FAIL", "dane-tlsa", "no TLSA record at _");
     r.has(". TLSA 3 1 1 ");
 }

@@ -49,7 +49,10 @@ impl CertSummary {
 pub fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("{secs} s after 1970"))
 }
 
@@ -243,6 +246,9 @@ mod tests {
         assert!(!s.self_signed);
         assert!(CertSummary::parse(ca.der()).self_signed);
         assert_eq!(CertSummary::parse(b"junk"), CertSummary::default());
-        assert_eq!(CertSummary::parse(&leaf.der()[..60]), CertSummary::default());
+        assert_eq!(
+            CertSummary::parse(&leaf.der()[..60]),
+            CertSummary::default()
+        );
     }
 }

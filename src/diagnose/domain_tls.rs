@@ -247,7 +247,10 @@ pub async fn check(config: &Config, dns: &Dns, domain: &str, sts_record_ok: bool
         let mut out = Vec::new();
         for ip in ips {
             let addr = SocketAddr::new(ip, d.port);
-            out.push((ip, tls_probe::probe(&h.name, addr, None, &helo, timeouts).await));
+            out.push((
+                ip,
+                tls_probe::probe(&h.name, addr, None, &helo, timeouts).await,
+            ));
         }
         Ok(out)
     }))
@@ -327,7 +330,10 @@ fn cert_item(host: &str, sessions: &[(std::net::IpAddr, Probe, Option<CertReport
                 format!(
                     "{host} [{ip}] offers no STARTTLS: senders that enforce the MTA-STS policy do not deliver to it"
                 ),
-                cert_fix(host, format!("STARTTLS enabled with a certificate valid for {host}")),
+                cert_fix(
+                    host,
+                    format!("STARTTLS enabled with a certificate valid for {host}"),
+                ),
             );
         }
         if let Some(e) = &p.handshake_error {
@@ -335,7 +341,10 @@ fn cert_item(host: &str, sessions: &[(std::net::IpAddr, Probe, Option<CertReport
                 CHECK,
                 Status::Fail,
                 format!("the TLS handshake with {host} [{ip}] fails: {e}"),
-                cert_fix(host, format!("a working TLS set-up with a certificate valid for {host}")),
+                cert_fix(
+                    host,
+                    format!("a working TLS set-up with a certificate valid for {host}"),
+                ),
             );
         }
         match cert {
@@ -353,7 +362,12 @@ fn cert_item(host: &str, sessions: &[(std::net::IpAddr, Probe, Option<CertReport
                         c.webpki_error.as_deref().unwrap_or("certificate refused"),
                         webpki_fix(fault, host)
                     ),
-                    cert_fix(host, format!("a certificate valid for {host} from a public CA, with its intermediates")),
+                    cert_fix(
+                        host,
+                        format!(
+                            "a certificate valid for {host} from a public CA, with its intermediates"
+                        ),
+                    ),
                 );
             }
             None => {
@@ -408,7 +422,13 @@ fn tlsa_item(
                         )
                     }
                 ),
-                cert_fix(host, format!("STARTTLS with the key its TLSA records at {} name", set.name)),
+                cert_fix(
+                    host,
+                    format!(
+                        "STARTTLS with the key its TLSA records at {} name",
+                        set.name
+                    ),
+                ),
             );
         };
         match c.tlsa_match {

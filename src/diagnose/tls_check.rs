@@ -160,6 +160,9 @@ pub struct AddrReport {
     pub tls: Option<&'static str>,
     pub cipher: Option<String>,
     pub certificate: Option<CertReport>,
+    /// What was found, in a few words (`mx1.example.com presents a
+    /// certificate for other.example`).
+    pub finding: String,
     /// Delivery over this address would go ahead.
     pub delivers: bool,
     /// …encrypted.
@@ -186,6 +189,8 @@ pub struct MxReport {
     pub tlsa: Option<TlsaReport>,
     pub addresses: Vec<AddrReport>,
     pub delivers: bool,
+    /// What was found, in a few words.
+    pub finding: String,
     pub result: String,
     pub code: Option<&'static str>,
     pub fix: Option<String>,
@@ -531,10 +536,9 @@ fn applies(plan: &Plan<'_>, sts: &StsReport, asked: &Rule, dane_secure: bool) ->
                 ""
             }
         ),
-        (StsStatus::Testing, Some(p)) => format!(
-            "MTA-STS testing id {}: reported on, not enforced",
-            p.id
-        ),
+        (StsStatus::Testing, Some(p)) => {
+            format!("MTA-STS testing id {}: reported on, not enforced", p.id)
+        }
         (StsStatus::None, _) => "MTA-STS policy of mode none: no policy".into(),
         (StsStatus::Failed, _) => match &sts.error {
             Some(e) => format!(
@@ -543,9 +547,9 @@ fn applies(plan: &Plan<'_>, sts: &StsReport, asked: &Rule, dane_secure: bool) ->
             ),
             None => "no MTA-STS policy could be fetched".into(),
         },
-        (StsStatus::InvalidRecord, _) => format!(
-            "the _mta-sts.{domain} TXT record is invalid and ignored: no MTA-STS policy"
-        ),
+        (StsStatus::InvalidRecord, _) => {
+            format!("the _mta-sts.{domain} TXT record is invalid and ignored: no MTA-STS policy")
+        }
         (StsStatus::DnsError, _) => {
             "the _mta-sts TXT record could not be read: delivery goes on as without a policy".into()
         }
@@ -557,7 +561,8 @@ fn applies(plan: &Plan<'_>, sts: &StsReport, asked: &Rule, dane_secure: bool) ->
         parts.push(format!(
             "delivery.starttls = {}",
             match plan.config.delivery.starttls {
-                StarttlsPolicy::Opportunistic => "opportunistic (TLS when offered, any certificate)",
+                StarttlsPolicy::Opportunistic =>
+                    "opportunistic (TLS when offered, any certificate)",
                 StarttlsPolicy::Required => "required (TLS, any certificate)",
                 StarttlsPolicy::Disabled => "disabled (no TLS)",
             }
@@ -594,11 +599,13 @@ async fn check_host(
         tlsa: None,
         addresses: Vec::new(),
         delivers: false,
+        finding: String::new(),
         result: String::new(),
         code: None,
         fix: None,
     };
     let skip = |mut r: MxReport, code: &'static str, result: String, fix: String| {
+        r.finding = result.clone();
         r.result = result;
         r.code = Some(code);
         r.fix = Some(fix);
@@ -630,8 +637,12 @@ async fn check_host(
                 return skip(
                     report,
                     "4.7.5",
-                    format!("the TLSA records of {host} ({name}) fail DNSSEC validation (bogus): {host} is not used"),
-                    format!("repair the DNSSEC signatures of {name} (re-sign the zone that holds it)"),
+                    format!(
+                        "the TLSA records of {host} ({name}) fail DNSSEC validation (bogus): {host} is not used"
+                    ),
+                    format!(
+                        "repair the DNSSEC signatures of {name} (re-sign the zone that holds it)"
+                    ),
                 );
             }
             Ok(v) => {
@@ -644,8 +655,12 @@ async fn check_host(
                     return skip(
                         report,
                         "4.7.5",
-                        format!("TLS policy for {domain} (delivery.tls_policy: dane-only) requires DANE; {host} has no DNSSEC-signed TLSA records at {name}: not used"),
-                        format!("publish a TLSA record for {host} at {name} in a signed zone (for its current key: {name}. TLSA 3 1 1 <SHA-256 of the key>), or change the dane-only line"),
+                        format!(
+                            "TLS policy for {domain} (delivery.tls_policy: dane-only) requires DANE; {host} has no DNSSEC-signed TLSA records at {name}: not used"
+                        ),
+                        format!(
+                            "publish a TLSA record for {host} at {name} in a signed zone (for its current key: {name}. TLSA 3 1 1 <SHA-256 of the key>), or change the dane-only line"
+                        ),
                     );
                 }
             }
@@ -735,6 +750,7 @@ async fn check_host(
         .cloned();
     if let Some(a) = pick {
         report.delivers = a.delivers;
+        report.finding = a.finding;
         report.result = a.result;
         report.code = a.code;
         report.fix = a.fix;
@@ -763,6 +779,7 @@ fn judge(
         tls: p.tls_version,
         cipher: p.cipher.clone(),
         certificate: cert,
+        finding: String::new(),
         delivers: false,
         encrypted: false,
         result: String::new(),
@@ -777,13 +794,15 @@ fn judge(
     };
     let defer = |a: &mut AddrReport, code: &'static str, what: String, fix: String| {
         a.result = format!("{who} {requires}; {what}: delivery to {host} defers ({code})");
+        a.finding = what;
         a.code = Some(code);
         a.fix = Some(fix);
     };
     if let Some(e) = &p.error
         && p.tls_version.is_none()
     {
-        a.result = format!("cannot open a session: {e}");
+        a.finding = format!("cannot open a session: {e}");
+        a.result = a.finding.clone();
         a.code = Some("4.4.1");
         a.fix = Some(format!(
             "check that {host} accepts SMTP connections from this relay on port {} (firewall, blocklist, server down)",
@@ -795,26 +814,34 @@ fn judge(
     match need {
         Need::Plain => {
             a.delivers = true;
-            a.result = format!("{who} says no STARTTLS: delivery to {at} goes in clear");
+            a.finding = format!("{who} says no STARTTLS");
+            a.result = format!("{}: delivery to {at} goes in clear", a.finding);
             return a;
         }
         Need::Opportunistic => {
             a.delivers = true;
             a.encrypted = tls_up;
-            a.result = if tls_up {
-                format!(
-                    "{at} offers STARTTLS ({}); the certificate is not checked: delivery uses TLS without authentication",
-                    p.tls_version.unwrap_or("TLS")
-                )
+            (a.finding, a.result) = if tls_up {
+                let f = format!("{at} offers STARTTLS ({})", p.tls_version.unwrap_or("TLS"));
+                let r = format!(
+                    "{f}; the certificate is not checked: delivery uses TLS without authentication"
+                );
+                (f, r)
             } else if p.starttls == Some(false) {
-                format!("{at} offers no STARTTLS: delivery goes in clear (opportunistic TLS)")
+                let f = format!("{at} offers no STARTTLS");
+                let r = format!("{f}: delivery goes in clear (opportunistic TLS)");
+                (f, r)
             } else if let Some(r) = &p.starttls_refused {
-                format!("{at} refused STARTTLS ({r}): delivery goes in clear")
+                let f = format!("{at} refused STARTTLS ({r})");
+                let r = format!("{f}: delivery goes in clear");
+                (f, r)
             } else {
-                format!(
-                    "the TLS handshake with {at} failed ({}): delivery retries in clear",
+                let f = format!(
+                    "the TLS handshake with {at} failed ({})",
                     p.handshake_error.as_deref().unwrap_or("no reason given")
-                )
+                );
+                let r = format!("{f}: delivery retries in clear");
+                (f, r)
             };
             if !tls_up {
                 a.fix = Some(format!(
@@ -875,18 +902,21 @@ fn judge(
         Need::Encrypt => {
             a.delivers = true;
             a.encrypted = true;
+            a.finding = format!("{at} offers STARTTLS ({version})");
             a.result = format!(
-                "{at} offers STARTTLS ({version}); {who} checks no certificate: delivery uses TLS"
+                "{}; {who} checks no certificate: delivery uses TLS",
+                a.finding
             );
         }
         Need::Verify if cert.webpki_valid => {
             a.delivers = true;
             a.encrypted = true;
-            a.result = format!(
-                "{host} presents a certificate valid for {host} (issued by {}, expires {}): delivery uses verified TLS ({version})",
+            a.finding = format!(
+                "{host} presents a certificate valid for {host} (issued by {}, until {})",
                 cert.summary.issuer.as_deref().unwrap_or("an unnamed CA"),
-                cert.not_after.as_deref().unwrap_or("at an unknown date")
+                cert.not_after.as_deref().unwrap_or("an unknown date")
             );
+            a.result = format!("{}: delivery uses verified TLS ({version})", a.finding);
         }
         Need::Verify => {
             let fault = cert.webpki_fault.unwrap_or(CertFault::Other);
@@ -905,10 +935,11 @@ fn judge(
         Need::Dane if cert.tlsa_match == Some(true) => {
             a.delivers = true;
             a.encrypted = true;
-            a.result = format!(
-                "{host} matches its TLSA record {}: delivery uses verified TLS ({version})",
+            a.finding = format!(
+                "{host} matches its TLSA record {}",
                 cert.tlsa_record.as_deref().unwrap_or("")
             );
+            a.result = format!("{}: delivery uses verified TLS ({version})", a.finding);
         }
         Need::Dane => {
             let name = tlsa_name(rule);
@@ -916,7 +947,9 @@ fn judge(
                 Some(record) => format!(
                     "publish \"{name}. TLSA {record}\" for the key {host} presents (keep the old record until the new one has propagated), or put back the certificate whose key the current record names"
                 ),
-                None => format!("install on {host} the certificate whose key the record at {name} names"),
+                None => format!(
+                    "install on {host} the certificate whose key the record at {name} names"
+                ),
             };
             defer(
                 &mut a,
@@ -948,12 +981,43 @@ impl TlsReport {
         } else {
             format!("{}: ", self.applies)
         };
-        self.verdict = format!(
-            "{lead}{} ({}); fix: {}",
-            stop.text, stop.code, stop.fix
-        );
+        self.verdict = format!("{lead}{} ({}); fix: {}", stop.text, stop.code, stop.fix);
         self.fixes.push(stop.fix);
         self
+    }
+
+    /// The policy behind a host's verdict, briefly: `DANE applies (MX
+    /// records signed, TLSA on mx1.example.com)`, `MTA-STS enforce id X`.
+    fn lead(&self, kind: &str) -> String {
+        match (kind, &self.mta_sts) {
+            ("dane", _) => {
+                let with: Vec<&str> = self
+                    .mx
+                    .iter()
+                    .filter(|h| h.tlsa.as_ref().is_some_and(|t| !t.records.is_empty()))
+                    .map(|h| h.host.as_str())
+                    .collect();
+                format!(
+                    "DANE applies (MX records signed, TLSA on {})",
+                    with.join(", ")
+                )
+            }
+            ("mta-sts", s) => format!("MTA-STS enforce id {}", s.id.as_deref().unwrap_or("?")),
+            ("tls_policy", _) => format!(
+                "delivery.tls_policy for {}: {}",
+                self.domain,
+                self.tls_policy.as_deref().unwrap_or("?")
+            ),
+            (_, s) if s.status == StsStatus::Testing => format!(
+                "MTA-STS testing id {} (not enforced)",
+                s.id.as_deref().unwrap_or("?")
+            ),
+            (_, s) if s.status == StsStatus::Failed => format!(
+                "MTA-STS policy unavailable ({}): delivery as without one",
+                s.error.as_ref().map_or("error", |e| e.result_type)
+            ),
+            _ => "no TLS policy applies (delivery.starttls)".into(),
+        }
     }
 
     /// The verdict from the MX hosts' results, in delivery's order.
@@ -986,14 +1050,24 @@ impl TlsReport {
                 };
                 let mut verdict = format!(
                     "{}: {}: delivery will use {} with {how}",
-                    self.applies, h.result, h.host
+                    self.lead(h.policy),
+                    h.finding,
+                    h.host
                 );
                 let skipped: Vec<String> = self.mx[..i]
                     .iter()
-                    .map(|s| format!("{} is passed over ({})", s.host, s.result))
+                    .map(|s| format!("{} is passed over ({})", s.host, s.finding))
                     .collect();
                 if !skipped.is_empty() {
                     verdict.push_str(&format!("; {}", skipped.join("; ")));
+                }
+                let failing: Vec<String> = self.mx[i + 1..]
+                    .iter()
+                    .filter(|s| !s.delivers)
+                    .map(|s| format!("{} would defer if used ({})", s.host, s.finding))
+                    .collect();
+                if !failing.is_empty() {
+                    verdict.push_str(&format!("; {}", failing.join("; ")));
                 }
                 self.verdict = verdict;
             }
@@ -1003,8 +1077,8 @@ impl TlsReport {
                 self.verdict = match first {
                     Some(h) => format!(
                         "{}: {} — delivery to {domain} defers{}{}",
-                        self.applies,
-                        h.result,
+                        self.lead(h.policy),
+                        h.finding,
                         h.code.map(|c| format!(" ({c})")).unwrap_or_default(),
                         h.fix
                             .as_ref()
@@ -1045,10 +1119,17 @@ impl fmt::Display for TlsReport {
                 Some(false) => ", NOT listed in MTA-STS",
                 None => "",
             };
+            let requires = match h.requires {
+                "none" => "no TLS",
+                "opportunistic" => "STARTTLS when offered",
+                "encrypt" => "STARTTLS, any certificate",
+                "verify" => "STARTTLS with a certificate valid for the host",
+                _ => "STARTTLS with a certificate its TLSA records name",
+            };
             writeln!(
                 f,
-                "  mx {} (preference {}): {} requires {}{listed}",
-                h.host, h.preference, h.policy, h.requires
+                "  mx {} (preference {}): {}: {requires}{listed}",
+                h.host, h.preference, h.policy
             )?;
             if let Some(t) = &h.tlsa {
                 if t.records.is_empty() {
@@ -1112,7 +1193,11 @@ impl fmt::Display for TlsReport {
         write!(
             f,
             "{} {}",
-            if self.delivers { "result:" } else { "result: DEFERS:" },
+            if self.delivers {
+                "result:"
+            } else {
+                "result: DEFERS:"
+            },
             self.verdict
         )
     }
@@ -1226,8 +1311,14 @@ mod tests {
 
     #[test]
     fn rules_need_what_delivery_requires() {
-        assert_eq!(Rule::Default(StarttlsPolicy::Opportunistic).need(), Need::Opportunistic);
-        assert_eq!(Rule::Default(StarttlsPolicy::Required).need(), Need::Encrypt);
+        assert_eq!(
+            Rule::Default(StarttlsPolicy::Opportunistic).need(),
+            Need::Opportunistic
+        );
+        assert_eq!(
+            Rule::Default(StarttlsPolicy::Required).need(),
+            Need::Encrypt
+        );
         assert_eq!(Rule::Default(StarttlsPolicy::Disabled).need(), Need::Plain);
         assert_eq!(Rule::Config(TlsLevel::None).need(), Need::Plain);
         assert_eq!(Rule::Config(TlsLevel::Dane).need(), Need::Opportunistic);

@@ -117,10 +117,8 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "herald-tls-check-{}-{nanos}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("herald-tls-check-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&path)?;
         Ok(TempDir(path))
     }
@@ -566,10 +564,7 @@ fn webpki_words(e: &rustls::Error, host: &str, cert: &CertSummary) -> (CertFault
     match c {
         C::NotValidForName | C::NotValidForNameContext { .. } => (
             CertFault::WrongName,
-            format!(
-                "the certificate is for {}, not {host}",
-                cert.names_text()
-            ),
+            format!("the certificate is for {}, not {host}", cert.names_text()),
         ),
         C::Expired | C::ExpiredContext { .. } => (
             CertFault::Expired,
