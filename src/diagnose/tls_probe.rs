@@ -535,11 +535,15 @@ fn dane_match(
     let verifier = DaneVerifier::new(Arc::new(set.clone()), provider);
     match verifier.verify_server_cert(end_entity, intermediates, name, &[], now) {
         Ok(_) => Ok(dane::summary(set)),
-        Err(e) if dane::is_no_match(&e) => Err(format!(
-            "no TLSA record at {} matches the certificate ({})",
-            set.name,
-            dane::summary(set)
-        )),
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(o)))
+            if o.0.downcast_ref::<dane::NoMatch>().is_some() =>
+        {
+            Err(format!(
+                "no TLSA record at {} matches the certificate ({})",
+                set.name,
+                dane::summary(set)
+            ))
+        }
         Err(e) => Err(format!(
             "a DANE-TA record at {} names an issuer in the chain, but the chain check failed: {}",
             set.name,
