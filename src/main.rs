@@ -73,6 +73,13 @@ enum Command {
         #[command(subcommand)]
         command: herald::diagnose::domain_check::DomainCommand,
     },
+    /// Transport security of a destination: `tls check DOMAIN` says which
+    /// TLS policy applies (DANE, MTA-STS, config) and what each MX host
+    /// presents, and whether delivery would succeed.
+    Tls {
+        #[command(subcommand)]
+        command: herald::diagnose::tls_check::TlsCommand,
+    },
     /// Bounces: `bounce parse FILE [--json]` prints what herald reads from
     /// a bounce or complaint and whether it would suppress the address.
     Bounce {
@@ -217,6 +224,7 @@ fn main() -> ExitCode {
         Command::Domain { command } => {
             herald::diagnose::domain_check::cli(command, &cli.config, &rt)
         }
+        Command::Tls { command } => herald::diagnose::tls_check::cli(command, &cli.config, &rt),
         Command::Dnsbl { command } => herald::policy::dnsbl::cli(&cli.config, command, &rt),
         Command::Bounce { command } => herald::bounces::explain::cli(&cli.config, command),
         Command::Loadgen(a) => {

@@ -12,6 +12,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::dns::{SilentDns, TestDns, Zone};
+use common::https::{Answer, PolicyServer};
+use common::pki::Pki;
+use common::submission::{Script, SubmissionServer, TlsMode};
 use herald::config::Config;
 use herald::policy::dkim::Signer;
 use std::net::Ipv4Addr;
@@ -67,13 +70,14 @@ fn keys() -> String {
     .concat()
 }
 
-fn config_text(dns: std::net::SocketAddr, extra: &str) -> String {
+/// `delivery`: more lines for `[delivery]` (the MX port, `[delivery.mta_sts]`).
+fn config_text(dns: std::net::SocketAddr, delivery: &str, extra: &str) -> String {
     format!(
         "[server]\nhostname = \"relay.test\"\n\
          [[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n\
          [dns]\nnameservers = [\"{dns}\"]\ntimeout = \"1s\"\nattempts = 1\n\
          [delivery]\npublic_ips = [\"{HERALD_V4}\", \"{HERALD_V6}\"]\n\
-         {extra}\n{}",
+         {delivery}\n{extra}\n{}",
         keys()
     )
 }
@@ -159,22 +163,54 @@ fn zone() -> Zone {
     z
 }
 
+/// The zone on a test DNS server, and good.test's MTA-STS policy host
+/// and MX host (STARTTLS with a certificate from a test CA).
 struct World {
     dir: tempfile::TempDir,
     dns: TestDns,
+    _pki: Pki,
+    _policy: PolicyServer,
+    _mx: SubmissionServer,
+    delivery: String,
 }
 
 impl World {
     async fn start() -> World {
+        let pki = Pki::new();
+        let policy = PolicyServer::start(
+            Ipv4Addr::new(127, 0, 0, 9),
+            pki.acceptor(&["mta-sts.good.test"]),
+            Answer::policy("version: STSv1\nmode: enforce\nmx: mx.good.test\nmax_age: 86400\n"),
+        )
+        .await;
+        let mx = SubmissionServer::start_at(
+            (Ipv4Addr::new(127, 0, 0, 3), 0).into(),
+            Script {
+                tls: TlsMode::Starttls(pki.acceptor(&["mx.good.test"])),
+                open_relay: true,
+                ..Script::default()
+            },
+        )
+        .await;
+        let delivery = format!(
+            "port = {}\n[delivery.mta_sts]\nca_file = \"{}\"\nhttps_port = {}\nfetch_timeout = \"5s\"\n",
+            mx.port(),
+            pki.ca_file.display(),
+            policy.addr.port()
+        );
         World {
             dir: tempfile::tempdir().unwrap(),
-            dns: TestDns::start(zone()).await,
+            dns: TestDns::start(zone().a("mta-sts.good.test", Ipv4Addr::new(127, 0, 0, 9))).await,
+            _pki: pki,
+            _policy: policy,
+            _mx: mx,
+            delivery,
         }
     }
 
     fn config(&self, extra: &str) -> PathBuf {
         let path = self.dir.path().join(format!("herald-{}.toml", extra.len()));
-        std::fs::write(&path, config_text(self.dns.addr, extra)).unwrap();
+        std::fs::write(&path, config_text(self.dns.addr, &self.delivery, extra)).unwrap();
         path
     }
 }
@@ -262,7 +298,10 @@ async fn a_well_set_up_domain_passes_every_item() {
     );
     r.line("pass", "dmarc", "p=reject");
     r.line("pass", "dmarc-alignment", "DKIM (d=good.test)");
-    r.line("pass", "mta-sts", "not fetched");
+    r.line("pass", "mta-sts", "v=STSv1; id=20261129T000000");
+    r.line("pass", "mta-sts-policy", "mode enforce, mx mx.good.test");
+    r.line("pass", "mta-sts-mx", "mx.good.test is listed");
+    r.line("pass", "mta-sts-cert", "valid for mx.good.test");
     r.line("pass", "tls-rpt", "v=TLSRPTv1");
     assert!(
         r.stdout.contains("result: 0 failed, 0 warning(s)"),
@@ -500,7 +539,7 @@ async fn dns_that_does_not_answer_is_could_not_check_never_a_verdict() {
     let silent = SilentDns::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("herald.toml");
-    std::fs::write(&path, config_text(silent.addr, "")).unwrap();
+    std::fs::write(&path, config_text(silent.addr, "", "")).unwrap();
     let r = run(&path, &["silent.test", "--json"]).await;
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON report");

@@ -8,8 +8,9 @@
 //! `all` qualifier; RFC 7208), DKIM (herald's key published at
 //! `selector._domainkey.DOMAIN`; RFC 6376), DMARC (record, policy, whether
 //! herald's mail aligns; RFC 7489), MTA-STS and TLS-RPT records (RFC 8461,
-//! RFC 8460; the HTTPS policy file is not fetched), and the VERP return-path
-//! domain when one is configured (MX for bounces, SPF, alignment).
+//! RFC 8460), the MTA-STS policy file and each MX host's certificate and
+//! TLSA records ([`super::domain_tls`]), and the VERP return-path domain
+//! when one is configured (MX for bounces, SPF, alignment).
 //!
 //! What it trusts: nothing DNS says. Records are parsed (SPF with
 //! mail-auth's parser) and evaluated here; a lookup that fails temporarily
@@ -51,15 +52,19 @@ pub enum Status {
     Fail,
 }
 
-/// A DNS record to publish.
+/// What to change: a DNS record to publish, a file to serve or a
+/// certificate to install.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Fix {
-    /// Owner name, without the trailing dot.
+    /// Owner name without the trailing dot; for `FILE` its URL, for `CERT`
+    /// the host to install it on.
     pub name: String,
-    /// `TXT` or `MX`.
+    /// `TXT`, `MX` or `TLSA` (DNS records), `FILE` (the MTA-STS policy
+    /// file), `CERT` (a certificate).
     #[serde(rename = "type")]
     pub rtype: String,
-    /// The record's value (one TXT string, unsplit; `10 host.` for MX).
+    /// The record's value (one TXT string, unsplit; `10 host.` for MX;
+    /// `3 1 1 <hex>` for TLSA); the whole file; the certificate wanted.
     pub value: String,
 }
 
@@ -78,7 +83,9 @@ impl Fix {
 pub struct Item {
     /// Stable name: `mx`, `spf`, `spf-lookups`, `spf-herald`, `spf-all`,
     /// `dkim`, `dmarc`, `dmarc-alignment`, `mta-sts`, `tls-rpt`,
-    /// `return-path`, `return-path-mx`, `return-path-spf...`.
+    /// `mta-sts-policy`, `mta-sts-mx`, `mta-sts-cert`, `dane-tlsa` (the last
+    /// three once per MX host), `return-path`, `return-path-mx`,
+    /// `return-path-spf...`.
     pub check: String,
     pub status: Status,
     pub finding: String,
@@ -86,7 +93,12 @@ pub struct Item {
 }
 
 impl Item {
-    fn new(check: &str, status: Status, finding: impl Into<String>, fix: Option<Fix>) -> Item {
+    pub(super) fn new(
+        check: &str,
+        status: Status,
+        finding: impl Into<String>,
+        fix: Option<Fix>,
+    ) -> Item {
         Item {
             check: check.to_string(),
             status,
@@ -95,11 +107,11 @@ impl Item {
         }
     }
 
-    fn pass(check: &str, finding: impl Into<String>) -> Item {
+    pub(super) fn pass(check: &str, finding: impl Into<String>) -> Item {
         Item::new(check, Status::Pass, finding, None)
     }
 
-    fn unknown(check: &str, cause: impl fmt::Display) -> Item {
+    pub(super) fn unknown(check: &str, cause: impl fmt::Display) -> Item {
         Item::new(
             check,
             Status::Warn,
@@ -162,13 +174,25 @@ impl fmt::Display for DomainReport {
                 Status::Fail => "FAIL",
             };
             writeln!(f, "  {status:<5} {:<23} {}", i.check, i.finding)?;
-            if let Some(fix) = &i.fix {
-                let value = if fix.rtype == "TXT" {
-                    format!("\"{}\"", fix.value)
-                } else {
-                    fix.value.clone()
-                };
-                writeln!(f, "{indent}publish: {}. {} {value}", fix.name, fix.rtype)?;
+            match i.fix.as_ref() {
+                Some(fix) if fix.rtype == "FILE" => {
+                    writeln!(f, "{indent}serve:   {} (text/plain):", fix.name)?;
+                    for line in fix.value.lines() {
+                        writeln!(f, "{indent}           {line}")?;
+                    }
+                }
+                Some(fix) if fix.rtype == "CERT" => {
+                    writeln!(f, "{indent}install: on {}: {}", fix.name, fix.value)?;
+                }
+                Some(fix) => {
+                    let value = if fix.rtype == "TXT" {
+                        format!("\"{}\"", fix.value)
+                    } else {
+                        fix.value.clone()
+                    };
+                    writeln!(f, "{indent}publish: {}. {} {value}", fix.name, fix.rtype)?;
+                }
+                None => {}
             }
         }
         write!(
@@ -343,8 +367,11 @@ async fn run(
         spf_alignment,
         return_path.is_some(),
     ));
-    items.push(check_mta_sts(dns, &domain).await);
+    let sts = check_mta_sts(dns, &domain).await;
+    let sts_record_ok = sts.status == Status::Pass;
+    items.push(sts);
     items.push(check_tls_rpt(dns, &domain).await);
+    items.extend(super::domain_tls::check(config, dns, &domain, sts_record_ok).await);
     items.extend(rp_items);
     DomainReport::new(domain, items)
 }
@@ -1788,7 +1815,7 @@ async fn check_mta_sts(dns: &Dns, domain: &str) -> Item {
                     Item::pass(
                         CHECK,
                         format!(
-                            "v=STSv1; id={id} (the policy file at {policy_url} was not fetched: check it separately)"
+                            "v=STSv1; id={id} (the policy file at {policy_url}: see mta-sts-policy)"
                         ),
                     )
                 }

@@ -7,8 +7,11 @@
 //!   AUTH, MAIL FROM), for "my SMTP settings fail".
 //! * [`domain_check`]: `herald domain check`, a sending domain's MX, SPF,
 //!   DKIM, DMARC, MTA-STS and TLS-RPT records, each with the fix.
+//! * [`tls_check`]: `herald tls check`, which TLS policy applies to a
+//!   destination domain (config line, DANE, MTA-STS) and what each MX host
+//!   presents, judged as delivery judges it ([`tls_probe`], [`certinfo`]).
 //!
-//! Both explain what they find with the delivery stage's own table of known
+//! They explain what they find with the delivery stage's own table of known
 //! replies and certificate problems (`deliver::explain`, `deliver::cert`),
 //! so a smarthost's deferral and `smtp-test` say the same thing.
 //!
@@ -17,6 +20,10 @@
 //! (the tenant's SMTP password) are held in [`crate::config::Secret`] and
 //! never printed, logged or put in a report.
 
+pub mod certinfo;
 pub mod domain_check;
+pub mod domain_tls;
 pub mod password;
 pub mod smtp_test;
+pub mod tls_check;
+pub mod tls_probe;
