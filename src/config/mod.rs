@@ -540,6 +540,47 @@ impl DeliveryConfig {
         }
         None
     }
+
+    /// Whether any destination may need DANE's validating resolver.
+    pub fn dane_anywhere(&self) -> bool {
+        self.dane.enabled
+            || self
+                .tls_policy
+                .values()
+                .any(|e| matches!(e.level, TlsLevel::Dane | TlsLevel::DaneOnly))
+    }
+
+    /// What the config says of TLS to `domain`, before any lookup: the
+    /// rules delivery applies and `herald tls check` explains.
+    pub fn tls_plan(&self, domain: &str) -> TlsPlan {
+        let configured = self.tls_policy_for(domain);
+        let overridden = configured.is_some_and(|c| c.overrides_published);
+        TlsPlan {
+            configured,
+            overridden,
+            dane_only: configured.is_some_and(|c| c.level == TlsLevel::DaneOnly),
+            // A `dane` line asks for DANE here; `[delivery.dane] enabled`
+            // everywhere a "!" line does not override published policies.
+            dane: match configured {
+                Some(c) if matches!(c.level, TlsLevel::Dane | TlsLevel::DaneOnly) => true,
+                _ => self.dane.enabled && !overridden,
+            },
+        }
+    }
+}
+
+/// The config's part in the TLS of one destination (see
+/// [`DeliveryConfig::tls_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsPlan {
+    /// Its `[delivery.tls_policy]` entry.
+    pub configured: Option<TlsPolicyEntry>,
+    /// Written with "!": published policies (MTA-STS, DANE) are not used.
+    pub overridden: bool,
+    /// `dane-only`: hosts without DNSSEC-signed TLSA records are not used.
+    pub dane_only: bool,
+    /// DANE is asked for this destination.
+    pub dane: bool,
 }
 
 impl Default for DeliveryConfig {

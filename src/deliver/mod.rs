@@ -170,13 +170,7 @@ fn start_inner(
         )
     });
     // DANE has a resolver of its own, which validates DNSSEC.
-    let dane_asked = config.delivery.dane.enabled
-        || config
-            .delivery
-            .tls_policy
-            .values()
-            .any(|e| matches!(e.level, TlsLevel::Dane | TlsLevel::DaneOnly));
-    let dane = match dane_asked.then(|| {
+    let dane = match config.delivery.dane_anywhere().then(|| {
         config
             .delivery
             .dane
@@ -1129,19 +1123,22 @@ async fn connect_domain_inner(
     // A config line may ask for more than the domain publishes; it asks
     // for less only when written with "!" (and then published policies,
     // MTA-STS and DANE, are not used).
-    let configured = ctx
-        .config
-        .delivery
-        .tls_policy_for(name)
-        .filter(|_| !relaxed);
-    let overridden = relaxed || configured.is_some_and(|c| c.overrides_published);
+    let plan = if relaxed {
+        crate::config::TlsPlan {
+            configured: None,
+            overridden: true,
+            dane_only: false,
+            dane: false,
+        }
+    } else {
+        ctx.config.delivery.tls_plan(name)
+    };
+    let (configured, overridden, dane_only) = (plan.configured, plan.overridden, plan.dane_only);
     // RFC 8461 §2: DANE wins over MTA-STS for a host with TLSA records;
     // MTA-STS still rules the hosts without.
-    let dane_only = configured.is_some_and(|c| c.level == TlsLevel::DaneOnly);
-    let dane = match (&ctx.dane, configured) {
-        (Some(v), Some(c)) if matches!(c.level, TlsLevel::Dane | TlsLevel::DaneOnly) => Some(v),
-        (Some(v), _) if ctx.config.delivery.dane.enabled && !overridden => Some(v),
-        (None, Some(c)) if c.level == TlsLevel::DaneOnly => {
+    let dane = match &ctx.dane {
+        Some(v) if plan.dane => Some(v),
+        None if dane_only => {
             return Err(site_deferral(
                 Reply::new(
                     451,

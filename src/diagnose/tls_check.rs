@@ -245,6 +245,7 @@ struct Plan<'a> {
     configured: Option<TlsPolicyEntry>,
     overridden: bool,
     dane_only: bool,
+    dane: bool,
 }
 
 /// Checks `domain` as delivery would deliver to it now. `Err` only for a
@@ -253,13 +254,15 @@ pub async fn check(config: &Config, domain: &str, opts: &Options) -> Result<TlsR
     let domain = super::domain_check::normalize_domain(domain)?;
     let dns = Dns::new(&config.dns)?;
     let d = &config.delivery;
-    let configured = d.tls_policy_for(&domain);
+    let rules = d.tls_plan(&domain);
+    let configured = rules.configured;
     let plan = Plan {
         config,
         domain: &domain,
         configured,
-        overridden: configured.is_some_and(|c| c.overrides_published),
-        dane_only: configured.is_some_and(|c| c.level == TlsLevel::DaneOnly),
+        overridden: rules.overridden,
+        dane_only: rules.dane_only,
+        dane: rules.dane,
     };
     let mut report = TlsReport {
         domain: domain.clone(),
@@ -449,15 +452,7 @@ pub async fn check(config: &Config, domain: &str, opts: &Options) -> Result<TlsR
 /// deferral when `dane-only` cannot have one.
 async fn dane_for_domain(plan: &Plan<'_>) -> (Option<Dns>, Option<Stop>) {
     let d = &plan.config.delivery;
-    let asked_anywhere = d.dane.enabled
-        || d.tls_policy
-            .values()
-            .any(|e| matches!(e.level, TlsLevel::Dane | TlsLevel::DaneOnly));
-    let here = match plan.configured {
-        Some(c) if matches!(c.level, TlsLevel::Dane | TlsLevel::DaneOnly) => true,
-        _ => d.dane.enabled && !plan.overridden,
-    };
-    if !asked_anywhere || !here {
+    if !plan.dane {
         return (None, None);
     }
     let built = d
