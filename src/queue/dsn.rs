@@ -240,8 +240,9 @@ impl Notification<'_> {
 ///
 /// What is returned (RFC 3461 §4.3): the whole message only with RET=FULL,
 /// when it is at most `max_full` octets and 7-bit (an 8-bit body cannot go
-/// inside a 7-bit report unchanged); otherwise — and without RET — only the
-/// header, with any non-ASCII octet replaced by `?`.
+/// inside a 7-bit report unchanged) and not sent with REQUIRETLS; otherwise
+/// — and without RET — only the header, with any non-ASCII octet replaced
+/// by `?`.
 pub fn build(r: &Notification<'_>) -> Vec<u8> {
     let host = ascii(r.reporting_mta);
     let boundary = format!("{}/{}", r.token, host);
@@ -304,7 +305,10 @@ pub fn build(r: &Notification<'_>) -> Vec<u8> {
     let mut tail: Vec<u8> = Vec::new();
     if !r.original.is_empty() {
         line(&mut out, &format!("--{boundary}"));
+        // RFC 8689 §5: a REQUIRETLS message's body does not travel back in
+        // a report that itself has no such protection; its header does.
         let full = r.envelope.ret == Some(Ret::Full)
+            && !r.envelope.require_tls
             && r.original.len() <= r.max_full
             && r.original.is_ascii();
         if full {
@@ -789,6 +793,13 @@ Message-ID: <invoice-7@acme.test>\r\n\r\nDear customer,\r\nplease find invoice 7
         };
         assert_eq!(inner.subject(), Some("Invoice 7"));
         assert!(inner.body_text(0).unwrap().contains("Dear customer"));
+
+        let mut guarded = env.clone();
+        guarded.require_tls = true;
+        let bytes = build(&report(&guarded, &rcpts, ORIGINAL));
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("text/rfc822-headers"), "{text}");
+        assert!(!text.contains("Dear customer"), "{text}");
 
         let mut small = report(&env, &rcpts, ORIGINAL);
         small.max_full = 100;
