@@ -25,6 +25,10 @@ enum Mx {
     Tls(&'static [&'static str]),
     /// No STARTTLS offered (or stripped by someone on the path).
     Plain,
+    /// STARTTLS with a certificate from the trusted CA that expired.
+    Expired(&'static [&'static str]),
+    /// STARTTLS with a certificate that is its own issuer.
+    SelfSigned(&'static [&'static str]),
 }
 
 struct World {
@@ -90,6 +94,8 @@ async fn world_reporting(
         let tls = match mx {
             Mx::Tls(names) => TlsMode::Starttls(pki.acceptor(names)),
             Mx::Plain => TlsMode::None,
+            Mx::Expired(names) => TlsMode::Starttls(pki.expired_acceptor(names)),
+            Mx::SelfSigned(names) => TlsMode::Starttls(common::pki::self_signed_for(names)),
         };
         let server = SubmissionServer::start_at(
             SocketAddr::from((addr, port)),
@@ -425,6 +431,43 @@ async fn a_tls_report_is_delivered_where_the_policy_it_reports_on_fails() {
                 .iter()
                 .all(|m| m.rcpts != vec!["carol@sts.test".to_string()])
         );
+    })
+    .await;
+}
+
+/// Under enforce, an expired certificate and a self-signed one are refused
+/// like a wrong name, each named for what it is (TLS-RPT result types).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_refuses_expired_and_self_signed_certificates() {
+    common::within(WAIT * 3, "enforce, expired / self-signed", async {
+        for (mx, says, result) in [
+            (
+                Mx::Expired(&["mx1.sts.test"]),
+                "certificate expired",
+                "certificate-expired",
+            ),
+            (
+                Mx::SelfSigned(&["mx1.sts.test"]),
+                "UnknownIssuer",
+                "certificate-not-trusted",
+            ),
+        ] {
+            let w = world("enforce", &["mx1.sts.test"], &[mx]).await;
+            w.send("carol@sts.test").await;
+            let e = w.first("deferred").await;
+            let text = e["smtp"]["text"].as_str().unwrap_or_default();
+            assert!(text.contains("the TLS handshake with mx1.sts.test"), "{e}");
+            assert!(text.contains(says), "{e}");
+            assert_eq!(e["smtp"]["enhanced"], "4.7.5", "{e}");
+            assert!(w.mxs[0].messages().is_empty(), "delivered anyway");
+            let page = w.relay.metrics_page().await;
+            assert!(
+                page.contains(&format!(
+                    "herald_tls_policy_failures_total{{result=\"{result}\"}}"
+                )),
+                "{page}"
+            );
+        }
     })
     .await;
 }

@@ -99,7 +99,13 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
 
 /// An acceptor with a self-signed certificate for 127.0.0.1.
 pub fn self_signed_acceptor() -> TlsAcceptor {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    self_signed_for(&["127.0.0.1"])
+}
+
+/// An acceptor with a self-signed certificate for `names`.
+pub fn self_signed_for(names: &[&str]) -> TlsAcceptor {
+    let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let ck = rcgen::generate_simple_self_signed(names).unwrap();
     acceptor(ck.cert.der().clone(), &ck.key_pair)
 }
 
