@@ -317,25 +317,90 @@ pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     let running = start(config).await?;
-    wait_for_signal().await;
+    // The spool is replayed and every listener accepts: ready (systemd's
+    // Type=notify waits for this before it starts what depends on herald).
+    sd_notify("READY=1\nSTATUS=accepting mail");
+    let watchdog = watchdog_interval().map(|every| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                sd_notify("WATCHDOG=1");
+            }
+        })
+    });
+    wait_for_signal(&running).await;
+    sd_notify("STOPPING=1\nSTATUS=stopping: finishing sessions and deliveries");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     running.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Runs until SIGTERM or SIGINT. SIGUSR1 and SIGHUP reopen the events log
+/// (after `logrotate` moved it).
+async fn wait_for_signal(running: &Running) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) else {
         // Without signal handlers, run until killed.
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => return tracing::info!("SIGTERM received"),
+            _ = int.recv() => return tracing::info!("SIGINT received"),
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received: events log reopened; the config is not re-read (restart herald to apply config changes)");
+                running.queue.reporter().reopen_log();
+            }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1 received: reopening the events log");
+                running.queue.reporter().reopen_log();
+            }
+        }
     }
+}
+
+/// Tells systemd (sd_notify(3)) how herald is doing, when it started herald
+/// with `NOTIFY_SOCKET` set: a datagram to that socket, a path or, after
+/// '@', an abstract name.
+fn sd_notify(state: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| {
+        match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => sock.send_to(state.as_bytes(), &target),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = ?target, error = %e, "cannot notify systemd");
+    }
+}
+
+/// Half of systemd's watchdog timeout (`WATCHDOG_USEC`), when the watchdog
+/// is on for this process.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// `herald check-config`: the checks that need more than the file itself

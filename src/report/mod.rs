@@ -14,6 +14,7 @@ pub mod webhook;
 
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::io::AsyncWriteExt;
@@ -37,6 +38,8 @@ pub struct Reporter {
     /// Counters fed by every event: relaxed atomics, so emit stays cheap.
     metrics: Arc<Metrics>,
     sinks: Arc<RwLock<Vec<Arc<dyn EventSink>>>>,
+    /// Set to have the events log reopened at its path (log rotation).
+    reopen: Arc<AtomicBool>,
 }
 
 impl Default for Reporter {
@@ -51,7 +54,14 @@ impl Reporter {
         Reporter {
             metrics: Default::default(),
             sinks: Default::default(),
+            reopen: Default::default(),
         }
+    }
+
+    /// Has the events log closed and opened again at its path, after what
+    /// was written so far (SIGHUP, SIGUSR1: `logrotate` has moved it).
+    pub fn reopen_log(&self) {
+        self.reopen.store(true, Ordering::Release);
     }
 
     /// A reporter for tools that need no record: events are counted only.
@@ -125,8 +135,13 @@ impl Reporter {
             .open(path)
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_events(file, path.to_path_buf(), rx));
         let reporter = Reporter::new();
+        let task = tokio::spawn(write_events(
+            file,
+            path.to_path_buf(),
+            rx,
+            reporter.reopen.clone(),
+        ));
         reporter.add_sink(Arc::new(EventLog { tx }));
         Ok((reporter, task))
     }
@@ -138,12 +153,14 @@ impl Reporter {
 const WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Appends the queued events every [`WRITE_TICK`] and flushes once per
-/// batch. The log closes when every [`Reporter`] is dropped, after writing
-/// what is left.
+/// batch; when asked to, reopens the file at `path` between two batches,
+/// so every event lands whole in the old file or the new one. The log
+/// closes when every [`Reporter`] is dropped, after writing what is left.
 async fn write_events(
     file: tokio::fs::File,
     path: PathBuf,
     mut rx: mpsc::UnboundedReceiver<Event>,
+    reopen: Arc<AtomicBool>,
 ) {
     let mut out = tokio::io::BufWriter::new(file);
     let mut buf = Vec::new();
@@ -174,6 +191,24 @@ async fn write_events(
         }
         if closed {
             return;
+        }
+        if reopen.swap(false, Ordering::AcqRel) {
+            // Opened before the old one is let go: should that fail, the
+            // events keep going to the old file rather than nowhere.
+            match tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .await
+            {
+                Ok(file) => {
+                    out = tokio::io::BufWriter::new(file);
+                    tracing::info!(path = %path.display(), "events log reopened");
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot reopen the events log; still writing to the old file");
+                }
+            }
         }
     }
 }
