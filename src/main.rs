@@ -8,10 +8,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use herald::config::{self, Config};
 
+/// `herald --version`: the release and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("HERALD_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "herald",
-    version,
+    version = VERSION,
     about = "Outbound SMTP relay for applications"
 )]
 struct Cli {
@@ -92,6 +100,14 @@ enum Command {
         #[command(subcommand)]
         command: herald::policy::dnsbl::DnsblCommand,
     },
+    /// Print a shell completion script: `herald completions bash >
+    /// /etc/bash_completion.d/herald` (also zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `herald man > herald.1`.
+    Man,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +138,20 @@ struct LoadgenArgs {
     /// One connection per message instead of reusing connections.
     #[arg(long)]
     no_reuse: bool,
+}
+
+/// Writes generated text to standard output; a reader that stops early
+/// (`| head`) is not an error.
+fn print_out(what: &str, bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -226,6 +256,23 @@ fn main() -> ExitCode {
         }
         Command::Tls { command } => herald::diagnose::tls_check::cli(command, &cli.config, &rt),
         Command::Dnsbl { command } => herald::policy::dnsbl::cli(&cli.config, command, &rt),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "herald", &mut script);
+            print_out("completions", &script)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => print_out("man", &page),
+                Err(e) => {
+                    eprintln!("herald man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bounce { command } => herald::bounces::explain::cli(&cli.config, command),
         Command::Loadgen(a) => {
             use herald::loadgen::{LoadgenOptions, LoadgenTls};

@@ -1,7 +1,7 @@
 //! `herald check-config` on broken configs: every file in
 //! tests/bad_configs/ names, in its first line (`# expect: ...`), the key
 //! path and reason the command must print; and the shipped default config
-//! must pass.
+//! must pass. Also `--version`, `completions` and `man`.
 
 use std::path::Path;
 use std::process::Command;
@@ -72,4 +72,56 @@ fn shipped_default_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/herald.toml");
     let (ok, output) = check_config(&path);
     assert!(ok, "{output}");
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .output()
+        .expect("run herald");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn version_names_the_commit() {
+    let (ok, out) = run(&["--version"]);
+    assert!(ok);
+    let expected = format!("herald {} (", env!("CARGO_PKG_VERSION"));
+    assert!(out.starts_with(&expected), "{out}");
+    // A commit hash (12 hex digits, maybe +dirty), or "unknown" outside git.
+    let inside = out
+        .trim()
+        .trim_start_matches(&expected)
+        .trim_end_matches(')');
+    let hash = inside.trim_end_matches("+dirty");
+    assert!(
+        inside == "unknown" || (hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{out}"
+    );
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    for (shell, marker) in [
+        ("bash", "_herald()"),
+        ("zsh", "#compdef herald"),
+        ("fish", "complete -c herald"),
+    ] {
+        let (ok, out) = run(&["completions", shell]);
+        assert!(ok, "{shell}");
+        assert!(out.contains(marker), "{shell}: {out}");
+        // Every subcommand is completed.
+        for sub in ["serve", "check-config", "tls", "domain", "queue"] {
+            assert!(out.contains(sub), "{shell} lacks {sub}");
+        }
+    }
+    let (ok, page) = run(&["man"]);
+    assert!(ok);
+    assert!(page.contains(".TH herald 1"), "{page}");
+    assert!(page.contains("check\\-config"), "{page}");
+    let (ok, _) = run(&["completions", "tcsh"]);
+    assert!(!ok, "an unknown shell is refused");
 }
