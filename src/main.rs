@@ -172,7 +172,7 @@ fn main() -> ExitCode {
             let Some(cfg) = load(&cli.config) else {
                 return ExitCode::FAILURE;
             };
-            match rt.block_on(herald::server::run_until_signal(cfg)) {
+            match rt.block_on(herald::server::run_until_signal(cfg, &cli.config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("herald: {e}");

@@ -68,6 +68,8 @@ pub struct Running {
     /// is on; [`TlsReportSender::send_day`] sends a day's at once.
     pub tls_reports: Option<Arc<TlsReportSender>>,
     tls_reports_task: Option<JoinHandle<()>>,
+    /// The receive stage's context for new connections (config reload).
+    receive: receive::Current,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +208,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .with_dkim(dkim),
     );
     let receive_ctx = ctx.clone();
-    let (smtp_addrs, receive_task) = receive::start(ctx).await.map_err(StartError::Listen)?;
+    let receive = receive::Current::new(ctx);
+    let (smtp_addrs, receive_task) = receive::start_current(receive.clone())
+        .await
+        .map_err(StartError::Listen)?;
     let admin_state = AdminState::new(
         &config.admin,
         queue.clone(),
@@ -234,10 +239,92 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         webhooks,
         tls_reports,
         tls_reports_task,
+        receive,
     })
 }
 
+/// The parts of `c` a reload does not apply, as text to compare: they
+/// take effect after a restart. Some bind sockets, open files or start
+/// tasks; the others are read by stages that keep the config they started
+/// with (delivery, webhooks, DSNs).
+fn restart_only_parts(c: &Config) -> Vec<(&'static str, String)> {
+    let tenant_routes: Vec<_> = c
+        .tenants
+        .iter()
+        .map(|t| (&t.name, &t.webhook_url, &t.smarthost))
+        .collect();
+    vec![
+        ("listener", format!("{:?}", c.listeners)),
+        ("server.spool_dir", format!("{:?}", c.server.spool_dir)),
+        ("server.hostname", c.server.hostname.clone()),
+        ("events", format!("{:?}", c.events)),
+        ("admin", format!("{:?}", c.admin)),
+        ("dns", format!("{:?}", c.dns)),
+        ("cluster", format!("{:?}", c.cluster)),
+        ("suppression", format!("{:?}", c.suppression)),
+        ("history", format!("{:?}", c.history)),
+        ("delivery", format!("{:?}", c.delivery)),
+        ("smarthost", format!("{:?}{tenant_routes:?}", c.smarthosts)),
+        ("webhooks", format!("{:?}", c.webhooks)),
+        ("dsn", format!("{:?}", c.dsn)),
+        ("reputation", format!("{:?}", c.reputation)),
+    ]
+}
+
 impl Running {
+    /// Re-reads the config file and applies what can change while running
+    /// to the connections accepted from now on: tenants (passwords, allowed
+    /// senders), the TLS certificate and key, DKIM keys, policy (spam,
+    /// DMARC, DNSBL), rate limits and classification rules. Sessions in
+    /// flight finish with the config they started with. A file that does
+    /// not validate, or a certificate or key that cannot be loaded, changes
+    /// nothing: the error lists every problem. Returns what changed but
+    /// takes effect only after a restart ("delivery changed: takes effect
+    /// after restart").
+    pub fn reload(&self, path: &std::path::Path) -> Result<Vec<String>, ConfigErrors> {
+        let mut fresh = Config::load(path)?;
+        let current = self.receive.get();
+        let old = &current.config;
+        let (was, now) = (restart_only_parts(old), restart_only_parts(&fresh));
+        let pending: Vec<String> = was
+            .iter()
+            .zip(&now)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, _)| format!("{} changed: takes effect after restart", a.0))
+            .collect();
+        // What is bound, open or running stays as it is.
+        fresh.listeners = old.listeners.clone();
+        fresh.server.spool_dir = old.server.spool_dir.clone();
+        fresh.events = old.events.clone();
+        fresh.admin = old.admin.clone();
+        let mut errs = ConfigErrors::default();
+        let tls = if fresh.needs_tls() {
+            match tls::acceptor(&fresh) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    errs.push("tls", e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let dkim = match crate::policy::dkim::Signer::load(&fresh) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                errs.0.extend(e.0);
+                return Err(errs);
+            }
+        };
+        if !errs.0.is_empty() {
+            return Err(errs);
+        }
+        let fresh = Arc::new(fresh);
+        self.receive
+            .replace(Arc::new(current.reloaded(fresh, tls, dkim)));
+        Ok(pending)
+    }
+
     /// Graceful shutdown: stop accepting, let sessions and deliveries in
     /// flight finish within the grace period, leave the rest queued.
     pub async fn shutdown(self) {
@@ -299,8 +386,9 @@ impl Running {
     }
 }
 
-/// `herald serve`: runs until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
+/// `herald serve`: runs until SIGTERM or SIGINT, then shuts down gracefully;
+/// SIGHUP re-reads the config from `path`.
+pub async fn run_until_signal(config: Config, path: &std::path::Path) -> Result<(), StartError> {
     // Each client connection is a file descriptor: take what the hard limit
     // allows before the limits are sized from it.
     if let Some(soft) = crate::receive::admission::raise_fd_limit() {
@@ -329,7 +417,7 @@ pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
             }
         })
     });
-    wait_for_signal(&running).await;
+    wait_for_signal(&running, path).await;
     sd_notify("STOPPING=1\nSTATUS=stopping: finishing sessions and deliveries");
     if let Some(w) = watchdog {
         w.abort();
@@ -339,8 +427,8 @@ pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
 }
 
 /// Runs until SIGTERM or SIGINT. SIGUSR1 and SIGHUP reopen the events log
-/// (after `logrotate` moved it).
-async fn wait_for_signal(running: &Running) {
+/// (after `logrotate` moved it); SIGHUP also reloads the config.
+async fn wait_for_signal(running: &Running, path: &std::path::Path) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
@@ -357,8 +445,23 @@ async fn wait_for_signal(running: &Running) {
             _ = term.recv() => return tracing::info!("SIGTERM received"),
             _ = int.recv() => return tracing::info!("SIGINT received"),
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: events log reopened; the config is not re-read (restart herald to apply config changes)");
                 running.queue.reporter().reopen_log();
+                sd_notify("RELOADING=1");
+                match running.reload(path) {
+                    Ok(pending) => {
+                        for p in &pending {
+                            tracing::warn!(config = %path.display(), "{p}");
+                        }
+                        tracing::info!(config = %path.display(), "SIGHUP: config reloaded for new connections (tenants, TLS certificate, DKIM keys, policy, rate limits); events log reopened");
+                    }
+                    Err(errs) => {
+                        for e in &errs.0 {
+                            tracing::error!(config = %path.display(), "{e}");
+                        }
+                        tracing::error!(config = %path.display(), problems = errs.0.len(), "SIGHUP: the config does not validate; the running config stays");
+                    }
+                }
+                sd_notify("READY=1");
             }
             _ = usr1.recv() => {
                 tracing::info!("SIGUSR1 received: reopening the events log");

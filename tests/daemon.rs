@@ -301,3 +301,49 @@ fn the_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SIGHUP re-reads the config: new connections see the new message size
+/// limit; a file that does not validate is refused and herald runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_for_new_connections() {
+    let dns = TestDns::start(Zone::new("test.")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = write_config(dir.path(), smtp, dns.addr);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let herald = Herald::spawn(
+        &config,
+        &[("NOTIFY_SOCKET", socket_path.display().to_string())],
+    );
+    assert!(next_notice(&sock, "READY").await.starts_with("READY=1"));
+    let size = |r: common::smtp::Reply| r.extension("SIZE").map(str::to_string);
+    let mut c = TestClient::connect(smtp).await;
+    let before = size(c.ehlo("app.test").await);
+
+    let with_limit = |limit: &str| {
+        text.replace(
+            "shutdown_grace = \"2s\"",
+            &format!("shutdown_grace = \"2s\"\nmax_message_size = \"{limit}\""),
+        )
+    };
+    std::fs::write(&config, with_limit("1MiB")).unwrap();
+    herald.signal(libc::SIGHUP);
+    assert_eq!(next_notice(&sock, "RELOADING").await, "RELOADING=1");
+    assert_eq!(next_notice(&sock, "READY again").await, "READY=1");
+    let mut c2 = TestClient::connect(smtp).await;
+    assert_eq!(size(c2.ehlo("app.test").await).as_deref(), Some("1048576"));
+    // The session from before keeps its config.
+    assert_eq!(size(c.ehlo("app.test").await), before);
+
+    std::fs::write(&config, with_limit("a lot")).unwrap();
+    herald.signal(libc::SIGHUP);
+    assert_eq!(next_notice(&sock, "RELOADING").await, "RELOADING=1");
+    assert_eq!(next_notice(&sock, "READY again").await, "READY=1");
+    let mut c3 = TestClient::connect(smtp).await;
+    assert_eq!(size(c3.ehlo("app.test").await).as_deref(), Some("1048576"));
+    let log = herald.log();
+    assert!(log.contains("server.max_message_size"), "{log}");
+    assert!(log.contains("the running config stays"), "{log}");
+}

@@ -180,6 +180,51 @@ impl ReceiveContext {
         self
     }
 
+    /// A context for `config` (re-read and validated), its TLS acceptor and
+    /// DKIM keys, for the connections accepted from now on: tenants and
+    /// their passwords, the certificate, DKIM keys, policy, rate limits and
+    /// classification are the new ones; the queue, the bus, the lists, the
+    /// connection counts and the shutdown signals are this one's. The
+    /// password cache and the count of failed logins start afresh (a
+    /// changed password must not pass from the cache).
+    pub fn reloaded(
+        &self,
+        config: Arc<Config>,
+        tls: Option<TlsAcceptor>,
+        dkim: Arc<crate::policy::dkim::Signer>,
+    ) -> ReceiveContext {
+        let server = &config.server;
+        ReceiveContext {
+            policy: Arc::new(crate::policy::Policy::new(&config, &self.dns, dkim.clone())),
+            verp: crate::verp::Verp::from_config(&config.bounces),
+            limits: self.limits.clone(),
+            receiving: self.receiving.clone(),
+            rate_limits: crate::ratelimit::RateLimits::new(
+                &config,
+                self.reporter.metrics().clone(),
+            ),
+            classifier: crate::deliver::classify::Classifier::new(&config.classification),
+            auth: Authenticator::new(
+                server.auth_failure_window.as_duration(),
+                server.max_auth_failures,
+            ),
+            queue: self.queue.clone(),
+            dns: self.dns.clone(),
+            reporter: self.reporter.clone(),
+            suppressions: self.suppressions.clone(),
+            dkim,
+            control: self.control.clone(),
+            tls,
+            shutdown: self.shutdown.clone(),
+            hard_stop: self.hard_stop.clone(),
+            tls_refusals: self.tls_refusals.clone(),
+            last_refusal_log: AtomicU64::new(0),
+            refusals_unlogged: AtomicU64::new(0),
+            last_accept_error_log: AtomicU64::new(0),
+            config,
+        }
+    }
+
     /// Client connections open now, over all listeners.
     pub fn open_connections(&self) -> usize {
         self.limits.open()
@@ -192,11 +237,44 @@ impl ReceiveContext {
     }
 }
 
+/// The context new connections get; a config reload replaces it, and
+/// sessions keep the one they started with.
+#[derive(Clone)]
+pub struct Current(Arc<std::sync::RwLock<Arc<ReceiveContext>>>);
+
+impl Current {
+    pub fn new(ctx: Arc<ReceiveContext>) -> Current {
+        Current(Arc::new(std::sync::RwLock::new(ctx)))
+    }
+
+    pub fn get(&self) -> Arc<ReceiveContext> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `ctx` (from [`ReceiveContext::reloaded`]) the one new
+    /// connections get.
+    pub fn replace(&self, ctx: Arc<ReceiveContext>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ctx;
+    }
+}
+
 /// Binds every `[[listener]]` and starts accepting. Returns the bound
 /// addresses in config order (a port 0 in the config becomes the port the
 /// OS chose) and a handle that ends once, after shutdown, every session has
 /// finished.
 pub async fn start(ctx: Arc<ReceiveContext>) -> io::Result<(Vec<SocketAddr>, JoinHandle<()>)> {
+    start_current(Current::new(ctx)).await
+}
+
+/// [`start`] with the context taken from `current` for every connection.
+pub async fn start_current(current: Current) -> io::Result<(Vec<SocketAddr>, JoinHandle<()>)> {
+    let ctx = current.get();
     let mut bound = Vec::with_capacity(ctx.config.listeners.len());
     let mut sockets = Vec::with_capacity(ctx.config.listeners.len());
     for (i, l) in ctx.config.listeners.iter().enumerate() {
@@ -221,7 +299,7 @@ pub async fn start(ctx: Arc<ReceiveContext>) -> io::Result<(Vec<SocketAddr>, Joi
     let mut loops = JoinSet::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let span = tracing::info_span!("listener", index = i, address = %bound[i]);
-        loops.spawn(accept_loop(Arc::clone(&ctx), i, socket).instrument(span));
+        loops.spawn(accept_loop(current.clone(), i, socket).instrument(span));
     }
     let handle = tokio::spawn(async move { while loops.join_next().await.is_some() {} });
     Ok((bound, handle))
@@ -229,8 +307,13 @@ pub async fn start(ctx: Arc<ReceiveContext>) -> io::Result<(Vec<SocketAddr>, Joi
 
 /// Accepts connections on one listener until shutdown, then waits for its
 /// sessions (the hickory-dns `ServerFuture` pattern).
-async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener) {
-    let mode = ctx.config.listeners[index].tls;
+async fn accept_loop(current: Current, index: usize, socket: TcpListener) {
+    let ctx = current.get();
+    // Every context shares these: a reload changes neither.
+    let (shutdown, hard_stop) = (ctx.shutdown.clone(), ctx.hard_stop.clone());
+    let grace = ctx.config.server.shutdown_grace.as_duration();
+    drop(ctx);
+    let mode = current.get().config.listeners[index].tls;
     tracing::info!(tls = ?mode, "accepting SMTP connections");
     let mut sessions = JoinSet::new();
     // Kept open so that, out of file descriptors, one can be freed to
@@ -239,20 +322,19 @@ async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener
     loop {
         tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break,
             Some(done) = sessions.join_next(), if !sessions.is_empty() => {
                 if let Err(e) = done && e.is_panic() {
                     tracing::error!(error = %e, "SMTP session panicked");
                 }
             }
             accepted = socket.accept() => match accepted {
-                Ok((tcp, peer)) => connection(&ctx, index, tcp, peer, &mut sessions),
-                Err(e) => accept_failed(&ctx, index, &socket, e, &mut spare).await,
+                Ok((tcp, peer)) => connection(&current.get(), index, tcp, peer, &mut sessions),
+                Err(e) => accept_failed(&current.get(), index, &socket, e, &mut spare).await,
             },
         }
     }
     drop(socket);
-    let grace = ctx.config.server.shutdown_grace.as_duration();
     tracing::info!(
         sessions = sessions.len(),
         "listener closed; waiting for sessions"
@@ -265,7 +347,7 @@ async fn accept_loop(ctx: Arc<ReceiveContext>, index: usize, socket: TcpListener
             sessions = sessions.len(),
             "grace period over; closing sessions"
         );
-        ctx.hard_stop.cancel();
+        hard_stop.cancel();
         if tokio::time::timeout(HARD_STOP_WAIT, drain(&mut sessions))
             .await
             .is_err()
