@@ -100,6 +100,10 @@ enum Command {
         #[command(subcommand)]
         command: herald::policy::dnsbl::DnsblCommand,
     },
+    /// Have the running relay re-read its config file (as SIGHUP does):
+    /// tenants, TLS certificate, DKIM keys, policy and rate limits apply to
+    /// new connections; prints what needs a restart, or every problem.
+    Reload,
     /// Print a shell completion script: `herald completions bash >
     /// /etc/bash_completion.d/herald` (also zsh, fish, elvish, powershell).
     Completions {
@@ -256,6 +260,21 @@ fn main() -> ExitCode {
         }
         Command::Tls { command } => herald::diagnose::tls_check::cli(command, &cli.config, &rt),
         Command::Dnsbl { command } => herald::policy::dnsbl::cli(&cli.config, command, &rt),
+        Command::Reload => {
+            let Some(cfg) = load(&cli.config) else {
+                return ExitCode::FAILURE;
+            };
+            match rt.block_on(herald::admin::cli::reload(&cfg.admin)) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald reload: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();

@@ -212,7 +212,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (smtp_addrs, receive_task) = receive::start_current(receive.clone())
         .await
         .map_err(StartError::Listen)?;
-    let admin_state = AdminState::new(
+    let mut admin_state = AdminState::new(
         &config.admin,
         queue.clone(),
         metrics,
@@ -220,6 +220,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )
     .with_suppressions(suppressions.clone())
     .with_control(control);
+    if let Some(path) = config.source.clone() {
+        let receive = receive.clone();
+        admin_state.reload = Some(Box::new(move || reload_receive(&receive, &path)));
+    }
     let admin = admin::serve(admin_listener, Arc::new(admin_state)).map_err(StartError::Listen)?;
     tracing::info!(listeners = ?smtp_addrs, hostname = %config.server.hostname, "herald is running");
     Ok(Running {
@@ -282,49 +286,58 @@ impl Running {
     /// takes effect only after a restart ("delivery changed: takes effect
     /// after restart").
     pub fn reload(&self, path: &std::path::Path) -> Result<Vec<String>, ConfigErrors> {
-        let mut fresh = Config::load(path)?;
-        let current = self.receive.get();
-        let old = &current.config;
-        let (was, now) = (restart_only_parts(old), restart_only_parts(&fresh));
-        let pending: Vec<String> = was
-            .iter()
-            .zip(&now)
-            .filter(|(a, b)| a.1 != b.1)
-            .map(|(a, _)| format!("{} changed: takes effect after restart", a.0))
-            .collect();
-        // What is bound, open or running stays as it is.
-        fresh.listeners = old.listeners.clone();
-        fresh.server.spool_dir = old.server.spool_dir.clone();
-        fresh.events = old.events.clone();
-        fresh.admin = old.admin.clone();
-        let mut errs = ConfigErrors::default();
-        let tls = if fresh.needs_tls() {
-            match tls::acceptor(&fresh) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    errs.push("tls", e.to_string());
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let dkim = match crate::policy::dkim::Signer::load(&fresh) {
-            Ok(d) => Arc::new(d),
+        reload_receive(&self.receive, path)
+    }
+}
+
+/// [`Running::reload`], for whoever holds the receive stage's context.
+fn reload_receive(
+    receive: &receive::Current,
+    path: &std::path::Path,
+) -> Result<Vec<String>, ConfigErrors> {
+    let mut fresh = Config::load(path)?;
+    let current = receive.get();
+    let old = &current.config;
+    let (was, now) = (restart_only_parts(old), restart_only_parts(&fresh));
+    let pending: Vec<String> = was
+        .iter()
+        .zip(&now)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| format!("{} changed: takes effect after restart", a.0))
+        .collect();
+    // What is bound, open or running stays as it is.
+    fresh.listeners = old.listeners.clone();
+    fresh.server.spool_dir = old.server.spool_dir.clone();
+    fresh.events = old.events.clone();
+    fresh.admin = old.admin.clone();
+    let mut errs = ConfigErrors::default();
+    let tls = if fresh.needs_tls() {
+        match tls::acceptor(&fresh) {
+            Ok(a) => Some(a),
             Err(e) => {
-                errs.0.extend(e.0);
-                return Err(errs);
+                errs.push("tls", e.to_string());
+                None
             }
-        };
-        if !errs.0.is_empty() {
+        }
+    } else {
+        None
+    };
+    let dkim = match crate::policy::dkim::Signer::load(&fresh) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            errs.0.extend(e.0);
             return Err(errs);
         }
-        let fresh = Arc::new(fresh);
-        self.receive
-            .replace(Arc::new(current.reloaded(fresh, tls, dkim)));
-        Ok(pending)
+    };
+    if !errs.0.is_empty() {
+        return Err(errs);
     }
+    let fresh = Arc::new(fresh);
+    receive.replace(Arc::new(current.reloaded(fresh, tls, dkim)));
+    Ok(pending)
+}
 
+impl Running {
     /// Graceful shutdown: stop accepting, let sessions and deliveries in
     /// flight finish within the grace period, leave the rest queued.
     pub async fn shutdown(self) {
@@ -404,6 +417,9 @@ pub async fn run_until_signal(config: Config, path: &std::path::Path) -> Result<
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
+    // Handlers first: a SIGHUP that follows READY at once must reload, not
+    // end the process as its default action would.
+    let signals = Signals::install();
     let running = start(config).await?;
     // The spool is replayed and every listener accepts: ready (systemd's
     // Type=notify waits for this before it starts what depends on herald).
@@ -417,7 +433,11 @@ pub async fn run_until_signal(config: Config, path: &std::path::Path) -> Result<
             }
         })
     });
-    wait_for_signal(&running, path).await;
+    match signals {
+        Some(s) => s.wait(&running, path).await,
+        // Without signal handlers, run until killed.
+        None => std::future::pending::<()>().await,
+    }
     sd_notify("STOPPING=1\nSTATUS=stopping: finishing sessions and deliveries");
     if let Some(w) = watchdog {
         w.abort();
@@ -426,46 +446,61 @@ pub async fn run_until_signal(config: Config, path: &std::path::Path) -> Result<
     Ok(())
 }
 
-/// Runs until SIGTERM or SIGINT. SIGUSR1 and SIGHUP reopen the events log
-/// (after `logrotate` moved it); SIGHUP also reloads the config.
-async fn wait_for_signal(running: &Running, path: &std::path::Path) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return tracing::info!("SIGTERM received"),
-            _ = int.recv() => return tracing::info!("SIGINT received"),
-            _ = hup.recv() => {
-                running.queue.reporter().reopen_log();
-                sd_notify("RELOADING=1");
-                match running.reload(path) {
-                    Ok(pending) => {
-                        for p in &pending {
-                            tracing::warn!(config = %path.display(), "{p}");
+/// The signals `herald serve` answers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Signals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+            usr1: signal(SignalKind::user_defined1()).ok()?,
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT. SIGUSR1 and SIGHUP reopen the events
+    /// log (after `logrotate` moved it); SIGHUP also reloads the config.
+    async fn wait(self, running: &Running, path: &std::path::Path) {
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+            mut usr1,
+        } = self;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return tracing::info!("SIGTERM received"),
+                _ = int.recv() => return tracing::info!("SIGINT received"),
+                _ = hup.recv() => {
+                    running.queue.reporter().reopen_log();
+                    sd_notify("RELOADING=1");
+                    match running.reload(path) {
+                        Ok(pending) => {
+                            for p in &pending {
+                                tracing::warn!(config = %path.display(), "{p}");
+                            }
+                            tracing::info!(config = %path.display(), "SIGHUP: config reloaded for new connections (tenants, TLS certificate, DKIM keys, policy, rate limits); events log reopened");
                         }
-                        tracing::info!(config = %path.display(), "SIGHUP: config reloaded for new connections (tenants, TLS certificate, DKIM keys, policy, rate limits); events log reopened");
-                    }
-                    Err(errs) => {
-                        for e in &errs.0 {
-                            tracing::error!(config = %path.display(), "{e}");
+                        Err(errs) => {
+                            for e in &errs.0 {
+                                tracing::error!(config = %path.display(), "{e}");
+                            }
+                            tracing::error!(config = %path.display(), problems = errs.0.len(), "SIGHUP: the config does not validate; the running config stays");
                         }
-                        tracing::error!(config = %path.display(), problems = errs.0.len(), "SIGHUP: the config does not validate; the running config stays");
                     }
+                    sd_notify("READY=1");
                 }
-                sd_notify("READY=1");
-            }
-            _ = usr1.recv() => {
-                tracing::info!("SIGUSR1 received: reopening the events log");
-                running.queue.reporter().reopen_log();
+                _ = usr1.recv() => {
+                    tracing::info!("SIGUSR1 received: reopening the events log");
+                    running.queue.reporter().reopen_log();
+                }
             }
         }
     }

@@ -48,8 +48,10 @@ retry = ["1h"]
 [events]
 log = "{d}/events.jsonl"
 [admin]
-address = "127.0.0.1:0"
-"#
+address = "127.0.0.1:{admin_port}"
+token = "daemon-test-token-0123456789"
+"#,
+            admin_port = free_port()
         ),
     )
     .unwrap();
@@ -346,4 +348,28 @@ async fn sighup_reloads_the_config_for_new_connections() {
     let log = herald.log();
     assert!(log.contains("server.max_message_size"), "{log}");
     assert!(log.contains("the running config stays"), "{log}");
+
+    // `herald reload` asks the running relay through its admin API.
+    let reload = || {
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("--config")
+            .arg(&config)
+            .arg("reload")
+            .output()
+            .unwrap()
+    };
+    let out = reload();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.max_message_size"), "{err}");
+    std::fs::write(&config, with_limit("2MiB")).unwrap();
+    let out = reload();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("config reloaded"));
+    let mut c4 = TestClient::connect(smtp).await;
+    assert_eq!(size(c4.ehlo("app.test").await).as_deref(), Some("2097152"));
 }

@@ -103,12 +103,26 @@ async fn a_reload_applies_to_new_connections_and_spares_open_ones() {
         c.auth_plain(USER, NEW_PASSWORD).await.assert_code(235);
 
         // What only a restart applies is said so.
+        // Through the admin API, as `herald reload` asks.
         let later = text.replace("connect_timeout = \"2s\"", "connect_timeout = \"7s\"");
         std::fs::write(relay.config_path(), &later).unwrap();
-        let pending = relay.running().reload(&relay.config_path()).unwrap();
+        let (status, body) = common::http::api(&relay, "POST", "/api/reload", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["reloaded"], true, "{body}");
         assert_eq!(
-            pending,
-            vec!["delivery changed: takes effect after restart".to_string()]
+            body["pending_restart"],
+            serde_json::json!(["delivery changed: takes effect after restart"])
+        );
+        std::fs::write(relay.config_path(), &broken).unwrap();
+        let (status, body) = common::http::api(&relay, "POST", "/api/reload", None).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["reloaded"], false, "{body}");
+        let problems = body["problems"].as_array().expect("problems");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.as_str().unwrap_or_default().starts_with("server.shutdown_grace")),
+            "{body}"
         );
     })
     .await;

@@ -527,6 +527,59 @@ pub async fn flush(
     }))
 }
 
+/// What a reload did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReloadResult {
+    pub reloaded: bool,
+    /// "delivery changed: takes effect after restart", ...
+    pub pending_restart: Vec<String>,
+    /// Every problem of a file that does not validate ("key.path: why").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// `POST /api/reload`: re-reads the config file for new connections, as
+/// SIGHUP does. 422 with every problem when the file does not validate (the
+/// running config stays).
+pub async fn reload(
+    _: Authorized,
+    State(st): State<Arc<AdminState>>,
+) -> Result<(StatusCode, Json<ReloadResult>), ApiError> {
+    let Some(reload) = &st.reload else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this relay was started without a config file to read again",
+        ));
+    };
+    Ok(match reload() {
+        Ok(pending_restart) => {
+            tracing::info!(pending = pending_restart.len(), "admin: config reloaded");
+            (
+                StatusCode::OK,
+                Json(ReloadResult {
+                    reloaded: true,
+                    pending_restart,
+                    problems: Vec::new(),
+                }),
+            )
+        }
+        Err(errs) => {
+            tracing::error!(
+                problems = errs.0.len(),
+                "admin: the config does not validate; the running config stays"
+            );
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(ReloadResult {
+                    reloaded: false,
+                    pending_restart: Vec::new(),
+                    problems: errs.0.iter().map(|e| e.to_string()).collect(),
+                }),
+            )
+        }
+    })
+}
+
 /// Unknown paths: a JSON 404 like every other error.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")

@@ -87,6 +87,44 @@ pub enum QueueCommand {
     },
 }
 
+/// `herald reload`: has the running relay re-read its config file
+/// (`POST /api/reload`, as SIGHUP does). What to print; the error lists
+/// every problem of a file that does not validate.
+pub async fn reload(admin: &AdminConfig) -> Result<String, String> {
+    let client = Client::new(admin)?;
+    let (status, body) = tokio::time::timeout(
+        TIMEOUT,
+        client.send(Method::POST, "/api/reload", Vec::new()),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "the admin API at {} did not answer within {}s",
+            client.addr,
+            TIMEOUT.as_secs()
+        )
+    })??;
+    match serde_json::from_slice::<super::api::ReloadResult>(&body) {
+        Ok(r) if r.reloaded => {
+            let mut out = "config reloaded: new connections use it".to_string();
+            for p in r.pending_restart {
+                out.push_str(&format!("\n{p}"));
+            }
+            Ok(out)
+        }
+        Ok(r) => Err(format!(
+            "the config does not validate; the running config stays:\n{}",
+            r.problems.join("\n")
+        )),
+        Err(_) => {
+            let text = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
+            Err(format!("{status}: {text}"))
+        }
+    }
+}
+
 /// Runs one command against the admin API; returns what to print, or the
 /// error to report (exit status non-zero).
 pub async fn run(admin: &AdminConfig, cmd: QueueCommand) -> Result<String, String> {

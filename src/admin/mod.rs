@@ -63,8 +63,14 @@ pub struct AdminState {
     /// Suspensions and paused tenants (`control.rs`); nothing suspended
     /// unless set with [`AdminState::with_control`].
     pub control: crate::control::Control,
+    /// Re-reads the config for new connections (`POST /api/reload`):
+    /// what changed but needs a restart, or every problem of the file.
+    pub reload: Option<Reload>,
     token: Option<Secret>,
 }
+
+/// See [`AdminState::reload`].
+pub type Reload = Box<dyn Fn() -> Result<Vec<String>, crate::config::ConfigErrors> + Send + Sync>;
 
 impl AdminState {
     pub fn new(
@@ -79,6 +85,7 @@ impl AdminState {
             open_connections,
             suppressions: Suppressions::in_memory(),
             control: crate::control::Control::empty(),
+            reload: None,
             token: config.token.clone(),
         }
     }
@@ -103,6 +110,7 @@ impl AdminState {
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
+        .route("/api/reload", post(api::reload))
         .route("/metrics", get(api::metrics))
         .route("/api/queue", get(api::list))
         .route("/api/queue/flush", post(api::flush))

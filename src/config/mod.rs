@@ -153,6 +153,9 @@ pub struct Config {
     pub classification: classification::ClassificationConfig,
     /// `[[smarthost]]`: providers some mail is relayed through.
     pub smarthosts: Vec<smarthost::SmarthostConfig>,
+    /// The file it was read from, which a reload reads again; none for a
+    /// config built from text.
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -932,7 +935,9 @@ impl Config {
                 message: format!("cannot read config file: {e}"),
             }])
         })?;
-        Config::from_toml_str(&text)
+        let mut config = Config::from_toml_str(&text)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates config text.
@@ -1016,6 +1021,7 @@ impl Config {
             reputation: section(&table, "reputation", &mut errs).unwrap_or_default(),
             classification: section(&table, "classification", &mut errs).unwrap_or_default(),
             smarthosts: smarthosts.iter().flatten().cloned().collect(),
+            source: None,
         };
         cfg.validate(&listeners, &tenants, &mut errs);
         smarthost::validate(&smarthosts, &tenants, &mut errs);

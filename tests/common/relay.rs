@@ -157,7 +157,9 @@ token = "{ADMIN_TOKEN}"
     }
 
     async fn boot(&mut self) {
-        let config = Config::from_toml_str(&self.config_text).expect("test config is valid");
+        let mut config = Config::from_toml_str(&self.config_text).expect("test config is valid");
+        // As `Config::load` would: a reload reads this file again.
+        config.source = Some(self.config_path());
         let running = server::start(config).await.expect("relay starts");
         self.submission = running.smtp_addrs[0];
         self.implicit = running.smtp_addrs[1];
