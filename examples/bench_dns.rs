@@ -37,10 +37,7 @@ async fn main() {
     let mut mxs: Vec<(String, Ipv4Addr)> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |what: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{arg} needs {what}"))
-        };
+        let mut value = |what: &str| args.next().unwrap_or_else(|| panic!("{arg} needs {what}"));
         match arg.as_str() {
             "--a" | "--txt" | "--tlsa" => {
                 let v = value("NAME=VALUE");

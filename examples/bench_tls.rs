@@ -120,7 +120,8 @@ fn acceptor(dir: &Path, name: &str) -> TlsAcceptor {
             .expect("reading the certificate")
             .collect::<Result<_, _>>()
             .expect("parsing the certificate");
-    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).expect("reading the key");
+    let key =
+        PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).expect("reading the key");
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -215,7 +216,10 @@ enum End {
     Closed,
 }
 
-async fn smtp_session(acceptor: TlsAcceptor, mut tcp: tokio::net::TcpStream) -> std::io::Result<()> {
+async fn smtp_session(
+    acceptor: TlsAcceptor,
+    mut tcp: tokio::net::TcpStream,
+) -> std::io::Result<()> {
     tcp.write_all(b"220 mx.dest.example ESMTP bench_tls\r\n")
         .await?;
     if let End::Starttls = session(&mut tcp, false).await? {
