@@ -18,11 +18,40 @@ SCENARIOS=${SCENARIOS:-a b c d}
 BENCH=../shared/bench/smtpbench.py
 
 command -v smtp-source >/dev/null || { echo "install postfix (smtp-source, smtp-sink): apt-get install postfix" >&2; exit 1; }
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin herald --example bench_dns
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bin herald --example bench_dns --example bench_tls
 mkdir -p var/bench
 rm -rf var/bench/spool var/bench/events.jsonl
 
-target/release/examples/bench_dns dest.example=127.0.0.2 > var/bench/dns.addr &
+# SINK=tls: deliver to examples/bench_tls instead of smtp-sink: STARTTLS
+# with a certificate for mx.dest.example from a test CA
+# (var/bench/tls/ca.pem, for [delivery.mta_sts] ca_file), and an MTA-STS
+# policy (enforce, mx: mx.dest.example) published for dest.example
+# (_mta-sts TXT, mta-sts.dest.example on 127.0.0.3, HTTPS port 8443).
+# smtpbench.py starts it as it starts smtp-sink, through a shim named
+# smtp-sink first in its PATH (bench_tls prints smtp-sink's counters).
+# SIGNED=1 (with SINK=tls): the DNS zone is DNSSEC-signed with a key of its
+# own, written to var/bench/tls/anchor (for [delivery.dane] trust_anchor),
+# and mx.dest.example has a TLSA 3 1 1 record for the sink's key.
+# Whether herald uses the policy or DANE is up to EXTRA_CONFIG.
+DNS_ARGS=(dest.example=127.0.0.2)
+BENCH_PATH=$PATH
+case "${SINK:-}" in
+  tls)
+    mkdir -p var/bench/tls var/bench/shim
+    SPKI=$(target/release/examples/bench_tls init var/bench/tls)
+    printf '#!/bin/sh\n# started by smtpbench.py in place of smtp-sink (its arguments ignored)\nexec "%s/target/release/examples/bench_tls" serve "%s/var/bench/tls" --smtp 127.0.0.2:2526 --https 127.0.0.3:8443\n' \
+      "$PWD" "$PWD" > var/bench/shim/smtp-sink
+    chmod +x var/bench/shim/smtp-sink
+    BENCH_PATH=$PWD/var/bench/shim:$PATH
+    DNS_ARGS+=(--txt "_mta-sts.dest.example=v=STSv1; id=1;" --a mta-sts.dest.example=127.0.0.3)
+    if [ -n "${SIGNED:-}" ]; then
+      DNS_ARGS+=(--tlsa "_2526._tcp.mx.dest.example=3,1,1,$SPKI" --signed var/bench/tls/anchor)
+    fi ;;
+  "") ;;
+  *) echo "SINK is tls or unset (smtp-sink)" >&2; exit 2 ;;
+esac
+rm -f var/bench/tls/anchor
+target/release/examples/bench_dns "${DNS_ARGS[@]}" > var/bench/dns.addr &
 DNS_PID=$!
 HERALD_PID=
 cleanup() {
@@ -31,6 +60,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 100); do [ -s var/bench/dns.addr ] && break; sleep 0.1; done
+[ -z "${SIGNED:-}" ] || for _ in $(seq 100); do [ -s var/bench/tls/anchor ] && break; sleep 0.1; done
 sed "s/@DNS@/$(cat var/bench/dns.addr)/" benches/herald-bench.toml > var/bench/herald.toml
 # DKIM=rsa-sha256 or DKIM=ed25519: sign every message (smtp-source's From:
 # is sender@bench.example) to measure the relay with signing on.
@@ -60,6 +90,8 @@ case "${POLICY:-}" in
   *) echo "POLICY is off or full" >&2; exit 2 ;;
 esac
 
+if [ -n "${SINK:-}" ]; then LABEL="$LABEL-sink-$SINK${SIGNED:+-signed}"; fi
+
 # EXTRA_CONFIG=FILE: append FILE to the generated config (e.g. a
 # "[delivery.mta_sts] enabled = false" section for an A/B run); its base
 # name is added to the scenario label.
@@ -75,12 +107,17 @@ echo "$HERALD_PID" > var/bench/herald.pid
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
 
 common=(--sizes "$SIZES" --concs "$CONCS" --reps "$REPS" --counts "$COUNTS" --rcpt rcpt@dest.example --out "$OUT")
+# QUIET_WAIT=S: wait at most S seconds for a quiet machine before each run
+# (smtpbench's default 120); WARMUP=N: N unrecorded messages first (herald's
+# connections, DNS and policy caches warm).
+[ -z "${QUIET_WAIT:-}" ] || common+=(--quiet-wait "$QUIET_WAIT")
+[ -z "${WARMUP:-}" ] || common+=(--warmup "$WARMUP")
 for s in $SCENARIOS; do
   case $s in
-    a) python3 $BENCH --scenario a-direct-reuse --target 127.0.0.2:2526 --sink 127.0.0.2:2526 --reuse "${common[@]}" ;;
-    b) python3 $BENCH --scenario b-herald-reuse$LABEL --target 127.0.0.1:2525 --sink 127.0.0.2:2526 --reuse \
+    a) PATH=$BENCH_PATH python3 $BENCH --scenario a-direct-reuse --target 127.0.0.2:2526 --sink 127.0.0.2:2526 --reuse "${common[@]}" ;;
+    b) PATH=$BENCH_PATH python3 $BENCH --scenario b-herald-reuse$LABEL --target 127.0.0.1:2525 --sink 127.0.0.2:2526 --reuse \
          --sut-pidfile var/bench/herald.pid "${common[@]}" ;;
-    c) python3 $BENCH --scenario c-herald-noreuse$LABEL --target 127.0.0.1:2525 --sink 127.0.0.2:2526 \
+    c) PATH=$BENCH_PATH python3 $BENCH --scenario c-herald-noreuse$LABEL --target 127.0.0.1:2525 --sink 127.0.0.2:2526 \
          --sut-pidfile var/bench/herald.pid "${common[@]}" ;;
     d) python3 benches/loadgen_bench.py --sut-pidfile var/bench/herald.pid --sizes "$SIZES" --concs "$CONCS" \
          --reps "$REPS" --counts "$COUNTS" --out "$OUT" ;;
