@@ -22,7 +22,10 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 
 fn hex(text: &str) -> Vec<u8> {
-    assert!(text.len() % 2 == 0, "hex digits come in pairs: {text}");
+    assert!(
+        text.len().is_multiple_of(2),
+        "hex digits come in pairs: {text}"
+    );
     (0..text.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digits"))
