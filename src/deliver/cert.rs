@@ -211,7 +211,7 @@ pub fn is_self_signed(cert: &[u8]) -> bool {
 
 /// One DER element: (tag, contents, what follows). Single-byte tags only,
 /// which is all an X.509 certificate's top levels use.
-fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {

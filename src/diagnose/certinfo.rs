@@ -7,6 +7,7 @@
 //! nothing here decides whether a certificate is valid — rustls and
 //! `deliver::dane` do that. Anything unexpected leaves a field empty.
 
+use crate::deliver::cert::der_next as next;
 use serde::Serialize;
 
 /// The readable parts of one certificate.
@@ -188,29 +189,6 @@ fn time_of(tag: u8, value: &[u8]) -> Option<i64> {
             .assume_utc()
             .unix_timestamp(),
     )
-}
-
-/// One DER element: (tag, contents, what follows). Single-byte tags only,
-/// which is all the parts read here use.
-fn next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
 }
 
 #[cfg(test)]
