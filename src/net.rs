@@ -69,6 +69,37 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
     }
 }
 
+/// The handshake-signature methods of a rustls `ServerCertVerifier`,
+/// delegated to the verifier's [`AcceptAnyCert`] field `$field`: verifiers
+/// that judge certificates their own way (recording, DANE) still check
+/// that the peer holds the key of the certificate it shows.
+macro_rules! signatures_checked_by {
+    ($field:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.$field.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.$field.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$field.supported_verify_schemes()
+        }
+    };
+}
+pub(crate) use signatures_checked_by;
+
 /// Accepts any certificate for any name, but still checks the handshake
 /// signatures against the certificate presented (the peer must hold the
 /// key of the certificate it shows). Opportunistic TLS (RFC 7435) uses it,
