@@ -6,46 +6,19 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::dane::{Mx, Tlsa, mx, start_mxs};
 use common::dns::{TestDns, Zone, ZoneKey};
 use common::https::{Answer, PolicyServer};
 use common::mx::ip;
-use common::pki::{Pki, sha256};
+use common::pki::Pki;
 use common::relay::{Setup, TestRelay, field};
-use common::submission::{Script, SubmissionServer, TlsMode};
+use common::submission::SubmissionServer;
 use herald::report::tlsrpt::UtcDay;
 
 const WAIT: Duration = Duration::from_secs(30);
 const DOMAIN: &str = "dane.test";
-
-/// What an MX host's TLSA records say of the certificate it presents.
-#[derive(Clone, Copy)]
-enum Tlsa {
-    /// `3 1 1`: the SHA-256 of its public key (DANE-EE).
-    EeKey,
-    /// `3 1 1` of another key.
-    EeOther,
-    /// `2 0 1`: the SHA-256 of its issuer's certificate (DANE-TA), which the
-    /// server sends in its chain.
-    TaIssuer,
-    /// `1 1 1` (PKIX-EE): unusable for SMTP.
-    PkixOnly,
-    /// No TLSA records.
-    None,
-}
-
-/// One MX host: the names on its certificate (none: no STARTTLS) and its
-/// TLSA records.
-struct Mx {
-    names: &'static [&'static str],
-    tlsa: Tlsa,
-}
-
-const fn mx(names: &'static [&'static str], tlsa: Tlsa) -> Mx {
-    Mx { names, tlsa }
-}
 
 /// How the world around the relay is set up.
 #[derive(Default)]
@@ -91,50 +64,7 @@ async fn world(mxs: &[Mx], options: Options) -> World {
     if options.mta_sts.is_some() {
         zone = zone.txt(&format!("_mta-sts.{DOMAIN}"), "v=STSv1; id=20261208T1;");
     }
-    let mut servers = Vec::new();
-    let mut issued = Vec::new();
-    let mut port = 0;
-    for (n, m) in mxs.iter().enumerate() {
-        let host = format!("mx{}.{DOMAIN}", n + 1);
-        let addr = ip(2 + n as u8);
-        zone = zone.mx(DOMAIN, 10 * (n as u16 + 1), &host).a(&host, addr);
-        let tls = if m.names.is_empty() {
-            issued.push(None);
-            TlsMode::None
-        } else {
-            let i = pki.issue_chain(m.names, false, matches!(m.tlsa, Tlsa::TaIssuer));
-            let acceptor = i.acceptor.clone();
-            issued.push(Some(i));
-            TlsMode::Starttls(acceptor)
-        };
-        let server = SubmissionServer::start_at(
-            SocketAddr::from((addr, port)),
-            Script {
-                tls,
-                open_relay: true,
-                requiretls: options.requiretls,
-                ..Script::default()
-            },
-        )
-        .await;
-        port = server.port();
-        servers.push(server);
-    }
-    for (n, m) in mxs.iter().enumerate() {
-        let name = format!("_{port}._tcp.mx{}.{DOMAIN}", n + 1);
-        let i = issued[n].as_ref();
-        let spki = i.map(|i| i.spki.clone()).unwrap_or_else(|| vec![1; 32]);
-        zone = match m.tlsa {
-            Tlsa::EeKey => zone.tlsa(&name, 3, 1, 1, &sha256(&spki)),
-            Tlsa::EeOther => zone.tlsa(&name, 3, 1, 1, &sha256(b"another key")),
-            Tlsa::TaIssuer => {
-                let ca = i.map(|i| i.ca_cert.clone()).unwrap_or_default();
-                zone.tlsa(&name, 2, 0, 1, &sha256(&ca))
-            }
-            Tlsa::PkixOnly => zone.tlsa(&name, 1, 1, 1, &sha256(&spki)),
-            Tlsa::None => zone,
-        };
-    }
+    let (zone, servers, port) = start_mxs(&pki, DOMAIN, mxs, zone, options.requiretls).await;
     let key = ZoneKey::generate();
     let dns = if options.bogus {
         TestDns::start_signed(zone, &ZoneKey::generate()).await

@@ -7,41 +7,21 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::dane::{Mx, Tlsa, mx, start_mxs};
 use common::dns::{TestDns, Zone, ZoneKey};
 use common::https::{Answer, PolicyServer};
 use common::mx::ip;
-use common::pki::{Pki, sha256};
-use common::submission::{Script, SubmissionServer, TlsMode};
+use common::pki::Pki;
+use common::submission::SubmissionServer;
 use serde_json::Value;
 
 /// Bound on one run of the binary (each SMTP step inside is bounded by
 /// `--timeout 5s`, the policy fetch by `fetch_timeout`).
 const RUN_LIMIT: Duration = Duration::from_secs(60);
-
-/// What an MX host's TLSA records say of its certificate.
-#[derive(Clone, Copy, PartialEq)]
-enum Tlsa {
-    /// `3 1 1` of its own key.
-    EeKey,
-    /// `3 1 1` of another key.
-    EeOther,
-    None,
-}
-
-/// One MX host: the names on its certificate (none: no STARTTLS).
-struct Mx {
-    names: &'static [&'static str],
-    tlsa: Tlsa,
-}
-
-const fn mx(names: &'static [&'static str], tlsa: Tlsa) -> Mx {
-    Mx { names, tlsa }
-}
 
 #[derive(Default)]
 struct Options {
@@ -76,41 +56,7 @@ async fn world(domain: &str, mxs: &[Mx], options: Options) -> World {
     if options.policy.is_some() {
         zone = zone.txt(&format!("_mta-sts.{domain}"), "v=STSv1; id=20261208T1;");
     }
-    let mut servers = Vec::new();
-    let mut spkis = Vec::new();
-    let mut port = 0;
-    for (n, m) in mxs.iter().enumerate() {
-        let host = format!("mx{}.{domain}", n + 1);
-        let addr = ip(2 + n as u8);
-        zone = zone.mx(domain, 10 * (n as u16 + 1), &host).a(&host, addr);
-        let tls = if m.names.is_empty() {
-            spkis.push(vec![1; 32]);
-            TlsMode::None
-        } else {
-            let i = pki.issue_chain(m.names, false, false);
-            spkis.push(i.spki.clone());
-            TlsMode::Starttls(i.acceptor)
-        };
-        let server = SubmissionServer::start_at(
-            SocketAddr::from((addr, port)),
-            Script {
-                tls,
-                open_relay: true,
-                ..Script::default()
-            },
-        )
-        .await;
-        port = server.port();
-        servers.push(server);
-    }
-    for (n, m) in mxs.iter().enumerate() {
-        let name = format!("_{port}._tcp.mx{}.{domain}", n + 1);
-        zone = match m.tlsa {
-            Tlsa::EeKey => zone.tlsa(&name, 3, 1, 1, &sha256(&spkis[n])),
-            Tlsa::EeOther => zone.tlsa(&name, 3, 1, 1, &sha256(b"another key")),
-            Tlsa::None => zone,
-        };
-    }
+    let (zone, servers, port) = start_mxs(&pki, domain, mxs, zone, false).await;
     let key = ZoneKey::generate();
     let dns = if options.bogus {
         TestDns::start_signed(zone, &ZoneKey::generate()).await

@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 //! Shared support for herald's integration tests. Use with `mod common;` in a test file.
 //!
+//! * [`dane`]: MX hosts with certificates and the TLSA records that name them (or not).
 //! * [`dns`]: an in-process authoritative DNS server ([`dns::TestDns`], [`dns::Zone`]), a
 //!   DNS server that never answers ([`dns::SilentDns`]) and a resolver pointed at either.
 //! * [`mx`]: scriptable recipient MX sinks on 127.0.0.x ([`mx::MxSink`], [`mx::reserve_port`]).
@@ -15,6 +16,7 @@
 //!
 //! Rules: loopback addresses only, no sleeps as synchronisation, every wait bounded.
 
+pub mod dane;
 pub mod dkim;
 pub mod dns;
 pub mod http;
