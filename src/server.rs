@@ -252,23 +252,50 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// tasks; the others are read by stages that keep the config they started
 /// with (delivery, webhooks, DSNs).
 fn restart_only_parts(c: &Config) -> Vec<(&'static str, String)> {
+    // Debug hides secrets; a changed one must be seen too (these strings
+    // are compared, never shown).
+    let secret = |s: Option<&crate::config::Secret>| s.map(|s| s.expose().to_string());
     let tenant_routes: Vec<_> = c
         .tenants
         .iter()
-        .map(|t| (&t.name, &t.webhook_url, &t.smarthost))
+        .map(|t| {
+            (
+                &t.name,
+                &t.webhook_url,
+                secret(t.webhook_secret.as_ref()),
+                &t.smarthost,
+            )
+        })
         .collect();
+    let smarthost_passwords: Vec<_> = c.smarthosts.iter().map(|s| s.password.expose()).collect();
     vec![
         ("listener", format!("{:?}", c.listeners)),
         ("server.spool_dir", format!("{:?}", c.server.spool_dir)),
         ("server.hostname", c.server.hostname.clone()),
         ("events", format!("{:?}", c.events)),
-        ("admin", format!("{:?}", c.admin)),
+        (
+            "admin",
+            format!("{:?}{:?}", c.admin, secret(c.admin.token.as_ref())),
+        ),
+        // VERP addresses are made by delivery and read by the bounce
+        // listener: both must keep one secret until a restart.
+        (
+            "bounces",
+            format!(
+                "{:?}{:?}",
+                c.bounces,
+                secret(c.bounces.verp_secret.as_ref())
+            ),
+        ),
         ("dns", format!("{:?}", c.dns)),
         ("cluster", format!("{:?}", c.cluster)),
         ("suppression", format!("{:?}", c.suppression)),
         ("history", format!("{:?}", c.history)),
         ("delivery", format!("{:?}", c.delivery)),
-        ("smarthost", format!("{:?}{tenant_routes:?}", c.smarthosts)),
+        (
+            "smarthost",
+            format!("{:?}{smarthost_passwords:?}{tenant_routes:?}", c.smarthosts),
+        ),
         ("webhooks", format!("{:?}", c.webhooks)),
         ("dsn", format!("{:?}", c.dsn)),
         ("reputation", format!("{:?}", c.reputation)),
@@ -310,6 +337,7 @@ fn reload_receive(
     fresh.server.spool_dir = old.server.spool_dir.clone();
     fresh.events = old.events.clone();
     fresh.admin = old.admin.clone();
+    fresh.bounces = old.bounces.clone();
     let mut errs = ConfigErrors::default();
     let tls = if fresh.needs_tls() {
         match tls::acceptor(&fresh) {

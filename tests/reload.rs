@@ -103,6 +103,16 @@ async fn a_reload_applies_to_new_connections_and_spares_open_ones() {
         c.auth_plain(USER, NEW_PASSWORD).await.assert_code(235);
 
         // What only a restart applies is said so.
+        // A changed secret is seen although Debug hides it; the admin API
+        // keeps its token until a restart.
+        let retokened = text.replace(common::relay::ADMIN_TOKEN, "another-admin-token-0123456789");
+        std::fs::write(relay.config_path(), &retokened).unwrap();
+        let pending = relay.running().reload(&relay.config_path()).unwrap();
+        assert_eq!(
+            pending,
+            vec!["admin changed: takes effect after restart".to_string()]
+        );
+
         // Through the admin API, as `herald reload` asks.
         let later = text.replace("connect_timeout = \"2s\"", "connect_timeout = \"7s\"");
         std::fs::write(relay.config_path(), &later).unwrap();
